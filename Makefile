@@ -1,0 +1,37 @@
+# Two commands: `make run` (install everything, start the daemon) and `make test` (install, run the tests).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CONFIG ?= config/llm_config.yaml
+
+.PHONY: run test install models lint bench clean
+
+run: install
+	$(PY) -m model_manager --config $(CONFIG)
+
+test: install
+	$(PY) -m pytest -q
+
+install: $(VENV)/.installed models
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "Python 3.11 or newer is needed"; exit 1; }
+	@command -v cmake >/dev/null && command -v c++ >/dev/null || \
+		{ echo "llama-cpp-python builds from source: sudo apt-get install -y build-essential cmake python3-venv python3-dev"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+models: $(VENV)/.installed
+	$(PY) scripts/install_models.py --dest models
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: install
+	$(PY) bench/transport.py
+
+clean:
+	rm -rf $(VENV) models run

@@ -1,0 +1,34 @@
+"""Client library for the ModelManagerAgent: ``from model_client import ModelClient``."""
+
+from model_client.client import Completion, Conversation, ModelClient, Stream
+from model_client.errors import (
+    BadRequest,
+    Busy,
+    ContextOverflow,
+    InternalError,
+    ModelFailed,
+    ModelLoadFailed,
+    ModelManagerError,
+    ModelNotFound,
+    Timeout,
+    UnknownOp,
+    UnsupportedVersion,
+)
+
+__all__ = [
+    "BadRequest",
+    "Busy",
+    "Completion",
+    "ContextOverflow",
+    "Conversation",
+    "InternalError",
+    "ModelClient",
+    "ModelFailed",
+    "ModelLoadFailed",
+    "ModelManagerError",
+    "ModelNotFound",
+    "Stream",
+    "Timeout",
+    "UnknownOp",
+    "UnsupportedVersion",
+]

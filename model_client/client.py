@@ -1,0 +1,235 @@
+"""``ModelClient``: what agents import to use the manager's models; ``Conversation`` keeps a chat's messages.
+
+The client speaks through a DEALER socket so that it can receive streamed chunks. Reliability is the zguide's
+Lazy Pirate pattern: wait for a reply with a timeout; on timeout close the socket (dropping any late reply),
+reconnect and resend, a bounded number of times, and only for ops that are safe to repeat. A client object is
+meant for one thread; give each thread its own.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from model_client import protocol
+from model_client.endpoints import default_endpoint
+from model_client.errors import Timeout, error_from_wire
+
+
+@dataclass
+class Completion:
+    """A finished generation: text plus usage and timings as the manager reported them."""
+
+    text: str
+    finish_reason: str
+    model: str
+    usage: dict[str, int]
+    timings: dict[str, float]
+
+    @classmethod
+    def from_result(cls, result: dict[str, Any]) -> Completion:
+        return cls(
+            text=result["text"],
+            finish_reason=result["finish_reason"],
+            model=result["model"],
+            usage=result["usage"],
+            timings=result["timings"],
+        )
+
+
+class Stream:
+    """Iterate for text pieces as the model produces them; ``result`` holds the Completion at the end."""
+
+    def __init__(self, pieces: Iterator[str | Completion]) -> None:
+        self._pieces = pieces
+        self.result: Completion | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for piece in self._pieces:
+            if isinstance(piece, Completion):
+                self.result = piece
+            else:
+                yield piece
+
+    def text(self) -> str:
+        return "".join(self)
+
+
+class ModelClient:
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        timeout: float = 120.0,
+        retries: int = 3,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.endpoint = endpoint or default_endpoint()
+        self.timeout = timeout
+        self.retries = retries
+        self.ctx = context or zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+
+    # ----- plumbing -------------------------------------------------------------------------------------------
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.endpoint)
+            self._sock = sock
+        return self._sock
+
+    def _reset(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def close(self) -> None:
+        self._reset()
+
+    def __enter__(self) -> ModelClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _receive(self, request_id: str, timeout: float) -> protocol.Reply:
+        """The next reply to ``request_id``; replies to requests abandoned earlier are skipped."""
+        sock = self._socket()
+        while True:
+            if not sock.poll(timeout * 1000):
+                raise Timeout(f"no reply from {self.endpoint} within {timeout} s", endpoint=self.endpoint)
+            frames = sock.recv_multipart()
+            reply = protocol.decode_reply(frames[1:] if frames and frames[0] == b"" else frames)
+            if reply.id in (request_id, None):
+                return reply
+
+    def _send(self, request: protocol.Request) -> None:
+        self._socket().send_multipart([b"", *protocol.encode_request(request)])
+
+    def request(self, op: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+        """Send one request and return its result, raising the typed error the manager answered with."""
+        request = protocol.Request(op=op, args=args or {})
+        timeout = self.timeout if timeout is None else timeout
+        attempts = 1 + (self.retries if op in protocol.IDEMPOTENT_OPS else 0)
+        for attempt in range(attempts):
+            self._send(request)
+            try:
+                reply = self._receive(request.id, timeout)
+            except Timeout:
+                self._reset()  # Lazy Pirate: a fresh socket, so a late reply cannot be taken for the next one
+                if attempt + 1 == attempts:
+                    raise
+                continue
+            while not reply.is_final:  # a streamed request answered here: keep only the final reply
+                reply = self._receive(request.id, timeout)
+            return self._result(reply)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _result(reply: protocol.Reply) -> Any:
+        if reply.type == protocol.REPLY_ERROR:
+            raise error_from_wire(reply.body)
+        return reply.body
+
+    def _stream(self, op: str, args: dict[str, Any], timeout: float) -> Iterator[str | Completion]:
+        request = protocol.Request(op=op, args={**args, "stream": True})
+        self._send(request)
+        try:
+            while True:
+                reply = self._receive(request.id, timeout)
+                if reply.is_final:
+                    yield Completion.from_result(self._result(reply))
+                    return
+                yield reply.body["text"]
+        except BaseException:
+            self._reset()  # abandoning the stream: later chunks must not reach the next request
+            raise
+
+    # ----- the API --------------------------------------------------------------------------------------------
+
+    def ping(self, timeout: float = 5.0) -> dict[str, Any]:
+        return self.request("ping", timeout=timeout)
+
+    def status(self) -> dict[str, Any]:
+        return self.request("status")
+
+    def models(self) -> list[dict[str, Any]]:
+        return self.request("models")["models"]
+
+    def load(self, model: str) -> dict[str, Any]:
+        return self.request("load", {"model": model})
+
+    def unload(self, model: str) -> dict[str, Any]:
+        return self.request("unload", {"model": model})
+
+    def chat(
+        self,
+        model: str,
+        messages: list[dict[str, str]],
+        conversation_id: str | None = None,
+        stream: bool = False,
+        timeout: float | None = None,
+        **params: Any,
+    ) -> Completion | Stream:
+        """Chat with ``model``; ``params`` are sampling parameters named as llama.cpp names them."""
+        args = {"model": model, "messages": messages, "conversation_id": conversation_id, **params}
+        return self._generate("chat", args, stream, timeout)
+
+    def complete(
+        self,
+        model: str,
+        prompt: str,
+        conversation_id: str | None = None,
+        stream: bool = False,
+        timeout: float | None = None,
+        **params: Any,
+    ) -> Completion | Stream:
+        args = {"model": model, "prompt": prompt, "conversation_id": conversation_id, **params}
+        return self._generate("complete", args, stream, timeout)
+
+    def _generate(self, op: str, args: dict[str, Any], stream: bool, timeout: float | None) -> Completion | Stream:
+        timeout = self.timeout if timeout is None else timeout
+        if stream:
+            return Stream(self._stream(op, args, timeout))
+        return Completion.from_result(self.request(op, args, timeout))
+
+
+@dataclass
+class Conversation:
+    """A chat's message list and a stable ``conversation_id``, so the manager can reuse its cached context."""
+
+    client: ModelClient
+    model: str
+    system: str | None = None
+    conversation_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    messages: list[dict[str, str]] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.system and not self.messages:
+            self.messages.append({"role": "system", "content": self.system})
+
+    def say(self, text: str, **params: Any) -> Completion:
+        self.messages.append({"role": "user", "content": text})
+        reply = self.client.chat(self.model, self.messages, self.conversation_id, **{**self.params, **params})
+        assert isinstance(reply, Completion)
+        self.messages.append({"role": "assistant", "content": reply.text})
+        return reply
+
+    def stream(self, text: str, **params: Any) -> Iterator[str]:
+        """Yield the reply's pieces; the full reply joins the history once the stream ends."""
+        self.messages.append({"role": "user", "content": text})
+        stream = self.client.chat(
+            self.model, self.messages, self.conversation_id, stream=True, **{**self.params, **params}
+        )
+        assert isinstance(stream, Stream)
+        pieces = []
+        for piece in stream:
+            pieces.append(piece)
+            yield piece
+        self.messages.append({"role": "assistant", "content": "".join(pieces)})

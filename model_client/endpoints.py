@@ -1,0 +1,43 @@
+"""Where the manager listens: from an argument, else ``MM_ENDPOINT``, else the config's ``endpoints`` section.
+
+Relative ``ipc://`` paths in the YAML are relative to the YAML file's directory, so a checkout can be moved.
+This module reads only the ``endpoints`` section, so clients need not know the manager's config schema.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "config" / "llm_config.yaml"
+
+
+def config_path() -> Path:
+    return Path(os.environ.get("MM_CONFIG", DEFAULT_CONFIG))
+
+
+def resolve_endpoint(endpoint: str, base_dir: Path) -> str:
+    """Make a relative ``ipc://`` path absolute against ``base_dir``; other transports pass unchanged."""
+    if endpoint.startswith("ipc://"):
+        path = Path(endpoint[len("ipc://") :])
+        if not path.is_absolute():
+            return f"ipc://{(base_dir / path).resolve()}"
+    return endpoint
+
+
+def configured_endpoints(path: Path | None = None) -> dict[str, str]:
+    path = path or config_path()
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh) or {}
+    section = data.get("endpoints") or {}
+    return {name: resolve_endpoint(str(value), path.parent) for name, value in section.items()}
+
+
+def default_endpoint(kind: str = "requests") -> str:
+    """The endpoint a client uses when none is given: ``MM_ENDPOINT`` (requests only), else the config."""
+    if kind == "requests" and os.environ.get("MM_ENDPOINT"):
+        return os.environ["MM_ENDPOINT"]
+    return configured_endpoints()[kind]

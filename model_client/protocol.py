@@ -1,0 +1,206 @@
+"""Wire protocol between clients and the ModelManagerAgent (see docs/protocol.md).
+
+A message is a ZeroMQ multipart message: an empty delimiter frame (REQ sockets add it themselves, DEALER
+clients send it), one msgpack envelope, then zero or more binary payload frames (audio) that never travel
+inside msgpack. Arguments of each op are typed structs, so the manager and the client validate with the same
+code and the manager's errors name the field that was wrong.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import msgpack
+import msgspec
+
+from model_client.errors import BadRequest, ModelManagerError, UnknownOp, UnsupportedVersion
+
+PROTOCOL_VERSION = 1
+
+REPLY_RESULT = "result"
+REPLY_ERROR = "error"
+REPLY_CHUNK = "chunk"
+
+
+class _Args(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Base of op arguments: unknown fields are errors, not silently ignored."""
+
+
+class NoArgs(_Args):
+    pass
+
+
+class ModelArgs(_Args, kw_only=True):
+    model: str
+
+
+class Message(msgspec.Struct, forbid_unknown_fields=True):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class GenerationArgs(_Args, kw_only=True):
+    """Sampling parameters, named as llama.cpp names them."""
+
+    model: str
+    conversation_id: str | None = None
+    stream: bool = False
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 256
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=5.0)] = 0.7
+    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.95
+    top_k: Annotated[int, msgspec.Meta(ge=0)] = 40
+    min_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.05
+    repeat_penalty: Annotated[float, msgspec.Meta(ge=0.0)] = 1.0
+    seed: int | None = None
+    stop: list[str] = []
+
+
+class ChatArgs(GenerationArgs, kw_only=True):
+    messages: Annotated[list[Message], msgspec.Meta(min_length=1)]
+
+
+class CompleteArgs(GenerationArgs, kw_only=True):
+    prompt: str
+
+
+OP_ARGS: dict[str, type[_Args]] = {
+    "ping": NoArgs,
+    "status": NoArgs,
+    "models": NoArgs,
+    "load": ModelArgs,
+    "unload": ModelArgs,
+    "chat": ChatArgs,
+    "complete": CompleteArgs,
+}
+OPS: tuple[str, ...] = tuple(OP_ARGS)
+# Ops a client may send again after a timeout without changing anything twice (Lazy Pirate retries).
+IDEMPOTENT_OPS = frozenset({"ping", "status", "models", "load", "unload"})
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    op: str
+    args: dict[str, Any]
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    payloads: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One reply message: a final ``result``, a typed ``error``, or a streamed ``chunk``."""
+
+    id: str | None
+    type: str
+    body: Any
+    payloads: tuple[bytes, ...] = ()
+
+    @property
+    def is_final(self) -> bool:
+        return self.type != REPLY_CHUNK
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpack(frame: bytes) -> Any:
+    try:
+        return msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise BadRequest(f"envelope is not valid msgpack: {exc}") from None
+
+
+def encode_request(request: Request) -> list[bytes]:
+    """Frames after the empty delimiter: the envelope, then the binary payloads."""
+    envelope = {"v": PROTOCOL_VERSION, "id": request.id, "op": request.op, "args": request.args}
+    return [_pack(envelope), *request.payloads]
+
+
+def decode_request(frames: list[bytes]) -> Request:
+    """Parse the envelope; errors carry the request id when the envelope had a usable one."""
+    if not frames:
+        raise BadRequest("message has no envelope frame")
+    envelope = _unpack(frames[0])
+    if not isinstance(envelope, dict):
+        raise BadRequest(f"envelope must be a map, got {type(envelope).__name__}")
+    request_id = envelope.get("id")
+    if not isinstance(request_id, str) or not request_id:
+        raise BadRequest("envelope field 'id' must be a non-empty string")
+    try:
+        return _checked_request(envelope, request_id, frames[1:])
+    except ModelManagerError as exc:
+        exc.request_id = request_id
+        raise
+
+
+def _checked_request(envelope: dict[Any, Any], request_id: str, payloads: list[bytes]) -> Request:
+    unknown = set(envelope) - {"v", "id", "op", "args"}
+    if unknown:
+        raise BadRequest(f"unknown envelope fields: {sorted(map(str, unknown))}")
+    version = envelope.get("v")
+    if version != PROTOCOL_VERSION:
+        raise UnsupportedVersion(f"protocol version {version!r} is not supported", supported=PROTOCOL_VERSION)
+    op = envelope.get("op")
+    if not isinstance(op, str):
+        raise BadRequest("envelope field 'op' must be a string")
+    if op not in OP_ARGS:
+        raise UnknownOp(f"unknown op {op!r}", ops=list(OPS))
+    args = envelope.get("args", {})
+    if not isinstance(args, dict):
+        raise BadRequest("envelope field 'args' must be a map")
+    return Request(op=op, args=args, id=request_id, payloads=tuple(payloads))
+
+
+def parse_args(op: str, args: dict[str, Any]) -> Any:
+    """Validate an op's arguments into its typed struct; the error names the offending field."""
+    try:
+        return msgspec.convert(args, OP_ARGS[op], strict=False)
+    except KeyError:
+        raise UnknownOp(f"unknown op {op!r}", ops=list(OPS)) from None
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid arguments for {op!r}: {exc}") from None
+
+
+def args_to_dict(args: _Args) -> dict[str, Any]:
+    return msgspec.to_builtins(args)
+
+
+def encode_result(request_id: str | None, result: Any, payloads: tuple[bytes, ...] = ()) -> list[bytes]:
+    return [_pack({"v": PROTOCOL_VERSION, "id": request_id, "type": REPLY_RESULT, "result": result}), *payloads]
+
+
+def encode_chunk(request_id: str, chunk: dict[str, Any], payloads: tuple[bytes, ...] = ()) -> list[bytes]:
+    return [_pack({"v": PROTOCOL_VERSION, "id": request_id, "type": REPLY_CHUNK, "chunk": chunk}), *payloads]
+
+
+def encode_error(request_id: str | None, error: ModelManagerError) -> list[bytes]:
+    return [_pack({"v": PROTOCOL_VERSION, "id": request_id, "type": REPLY_ERROR, "error": error.to_wire()})]
+
+
+def decode_reply(frames: list[bytes]) -> Reply:
+    envelope = _unpack(frames[0])
+    if not isinstance(envelope, dict) or envelope.get("type") not in (REPLY_RESULT, REPLY_ERROR, REPLY_CHUNK):
+        raise BadRequest(f"malformed reply envelope: {envelope!r:.200}")
+    kind = envelope["type"]
+    return Reply(id=envelope.get("id"), type=kind, body=envelope.get(kind), payloads=tuple(frames[1:]))
+
+
+# Events on the manager's PUB socket: frame 0 is the topic, frame 1 a msgpack map with ``event`` and ``time``.
+EVENT_MODEL_LOADED = "model.loaded"
+EVENT_MODEL_UNLOADED = "model.unloaded"
+EVENT_MODEL_FAILED = "model.failed"
+EVENT_HEARTBEAT = "manager.heartbeat"
+
+
+def encode_event(topic: str, body: dict[str, Any], now: float) -> list[bytes]:
+    return [topic.encode(), _pack({"v": PROTOCOL_VERSION, "event": topic, "time": now, **body})]
+
+
+def decode_event(frames: list[bytes]) -> tuple[str, dict[str, Any]]:
+    return frames[0].decode(), _unpack(frames[1])

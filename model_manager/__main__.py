@@ -1,0 +1,30 @@
+"""``python -m model_manager --config config/llm_config.yaml``: load the config, set up logs, serve."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from model_client.endpoints import config_path
+from model_manager.agent import ModelManagerAgent
+from model_manager.config import ConfigError, load_config
+from model_manager.logs import configure_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="model_manager", description="The ModelManagerAgent daemon.")
+    parser.add_argument("--config", default=str(config_path()), help="YAML config (default: %(default)s)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides the config")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"model_manager: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(args.log_level or config.manager.log_level)
+    ModelManagerAgent(config, args.config).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

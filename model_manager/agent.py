@@ -1,0 +1,501 @@
+"""The ModelManagerAgent: one socket loop that never waits on a model.
+
+Clients talk to a ROUTER socket (REQ and DEALER clients both work); workers talk to a second ROUTER socket,
+one DEALER each (the zguide's load-balancing broker shape). Every state change of a model happens here, in one
+thread, driven by messages: a client request, a worker's ``ready``/``loaded``/``chunk``/``done``, or a worker's
+exit seen by the periodic housekeeping. Requests to one model wait in its bounded queue; different models run in
+their own processes, so they run in parallel.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import msgspec
+import structlog
+import zmq
+
+from model_client import protocol
+from model_client.errors import (
+    BadRequest,
+    Busy,
+    InternalError,
+    ModelFailed,
+    ModelLoadFailed,
+    ModelManagerError,
+    ModelNotFound,
+    Timeout,
+    error_from_wire,
+)
+from model_manager.config import Config
+from model_manager.slots import Job, ModelSlot, ModelState, Waiter
+from model_manager.workers import WorkerHandle, WorkerPool
+
+VERSION = "0.1.0"
+TICK_S = 0.05
+SHUTDOWN_GRACE_S = 5.0
+SPARE_RESTART_BACKOFF_S = 5.0
+
+log = structlog.get_logger("model_manager")
+
+
+def ipc_path(endpoint: str) -> Path | None:
+    return Path(endpoint[len("ipc://") :]) if endpoint.startswith("ipc://") else None
+
+
+def prepare_ipc_dir(endpoint: str) -> None:
+    """ipc sockets live in a directory only this user can enter (mode 0700)."""
+    path = ipc_path(endpoint)
+    if path is not None:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+class ModelManagerAgent:
+    def __init__(self, config: Config, config_path: str = "") -> None:
+        self.config = config
+        self.config_path = config_path
+        self.started_at = time.time()
+        self.stopping = False
+        self.ctx = zmq.Context()
+        endpoints = config.endpoints
+        for endpoint in (endpoints.requests, endpoints.events, endpoints.workers):
+            prepare_ipc_dir(endpoint)
+        self.frontend = self.ctx.socket(zmq.ROUTER)
+        self.frontend.setsockopt(zmq.LINGER, 0)
+        self.frontend.setsockopt(zmq.MAXMSGSIZE, config.limits.max_message_bytes)
+        self.frontend.bind(endpoints.requests)
+        self.events = self.ctx.socket(zmq.PUB)
+        self.events.setsockopt(zmq.LINGER, 0)
+        self.events.bind(endpoints.events)
+        self.backend = self.ctx.socket(zmq.ROUTER)
+        self.backend.setsockopt(zmq.LINGER, 1000)
+        self.backend.bind(endpoints.workers)
+        self.pool = WorkerPool(self.backend, endpoints.workers, config.manager.spare_workers)
+        self.slots = {name: ModelSlot(name=name, spec=spec) for name, spec in config.models.items()}
+        self.handlers: dict[str, Callable[[list[bytes], protocol.Request, Any], None]] = {
+            "ping": self._op_ping,
+            "status": self._op_status,
+            "models": self._op_models,
+            "load": self._op_load,
+            "unload": self._op_unload,
+            "chat": self._op_generate,
+            "complete": self._op_generate,
+        }
+        self._next_tick = 0.0
+        self._next_heartbeat = 0.0
+        self._spares_paused_until = 0.0
+
+    # ----- the loop -------------------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        signal.signal(signal.SIGTERM, self._request_stop)
+        signal.signal(signal.SIGINT, self._request_stop)
+        self.pool.refill()
+        log.info(
+            "manager_started",
+            pid=os.getpid(),
+            requests=self.config.endpoints.requests,
+            events=self.config.endpoints.events,
+            models=list(self.slots),
+            config=self.config_path,
+        )
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        shutdown_deadline: float | None = None
+        while True:
+            ready = dict(poller.poll(TICK_S * 1000))
+            if self.backend in ready:
+                self._drain(self.backend, self._on_worker_message)
+            if self.frontend in ready:
+                self._drain(self.frontend, self._on_client_message)
+            now = time.monotonic()
+            if now >= self._next_tick:
+                self._next_tick = now + TICK_S
+                self._housekeeping(now)
+            if self.stopping:
+                shutdown_deadline = shutdown_deadline or now + SHUTDOWN_GRACE_S
+                if now > shutdown_deadline or not any(slot.busy for slot in self.slots.values()):
+                    break
+        self._shutdown()
+
+    def _request_stop(self, signum: int, _frame: Any) -> None:
+        if not self.stopping:
+            log.info("manager_stopping", signal=signal.Signals(signum).name)
+        self.stopping = True
+
+    @staticmethod
+    def _drain(sock: zmq.Socket, handle: Callable[[list[bytes]], None], limit: int = 256) -> None:
+        for _ in range(limit):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handle(frames)
+
+    def _shutdown(self) -> None:
+        stopped = ModelFailed("the model manager shut down before this request ran")
+        for slot in self.slots.values():
+            for job in [*([slot.running] if slot.running else []), *slot.queue]:
+                self._reply_error(job.route, job.request_id, stopped)
+            slot.queue.clear()
+        self.pool.close(self.config.manager.unload_timeout_s)
+        for sock in (self.frontend, self.events, self.backend):
+            sock.close(linger=0)
+        self.ctx.term()
+        endpoints = self.config.endpoints
+        for endpoint in (endpoints.requests, endpoints.events, endpoints.workers):
+            path = ipc_path(endpoint)
+            if path is not None:
+                path.unlink(missing_ok=True)
+        log.info("manager_stopped")
+
+    # ----- replies and events ---------------------------------------------------------------------------------
+
+    def _send(self, route: list[bytes], frames: list[bytes]) -> None:
+        self.frontend.send_multipart(route + frames, copy=False)
+
+    def _reply(self, route: list[bytes], request_id: str | None, result: Any) -> None:
+        self._send(route, protocol.encode_result(request_id, result))
+
+    def _reply_error(self, route: list[bytes], request_id: str | None, error: ModelManagerError) -> None:
+        self._send(route, protocol.encode_error(request_id, error))
+
+    def _publish(self, topic: str, **body: Any) -> None:
+        self.events.send_multipart(protocol.encode_event(topic, body, time.time()))
+
+    # ----- client requests ------------------------------------------------------------------------------------
+
+    def _on_client_message(self, frames: list[bytes]) -> None:
+        try:
+            delimiter = frames.index(b"", 1)
+        except ValueError:
+            self._reply_error(frames[:1] + [b""], None, BadRequest("missing the empty delimiter frame"))
+            return
+        route, body = frames[: delimiter + 1], frames[delimiter + 1 :]
+        try:
+            request = protocol.decode_request(body)
+            args = protocol.parse_args(request.op, request.args)
+        except ModelManagerError as exc:
+            log.info("request_rejected", id=exc.request_id, code=exc.code, message=exc.message)
+            self._reply_error(route, exc.request_id, exc)
+            return
+        try:
+            self.handlers[request.op](route, request, args)
+        except ModelManagerError as exc:
+            log.info("request_failed", id=request.id, op=request.op, code=exc.code, message=exc.message)
+            self._reply_error(route, request.id, exc)
+        except Exception as exc:  # a bug here must not take the daemon down with it
+            log.exception("request_crashed", id=request.id, op=request.op)
+            self._reply_error(route, request.id, InternalError(f"{type(exc).__name__}: {exc}"))
+
+    def _slot(self, name: str) -> ModelSlot:
+        slot = self.slots.get(name)
+        if slot is None:
+            raise ModelNotFound(f"model {name!r} is not in the catalogue", model=name, available=sorted(self.slots))
+        return slot
+
+    def _op_ping(self, route: list[bytes], request: protocol.Request, _args: Any) -> None:
+        self._reply(route, request.id, {"pong": True, "protocol": protocol.PROTOCOL_VERSION, "pid": os.getpid()})
+
+    def _op_status(self, route: list[bytes], request: protocol.Request, _args: Any) -> None:
+        self._reply(route, request.id, self.status())
+
+    def _op_models(self, route: list[bytes], request: protocol.Request, _args: Any) -> None:
+        self._reply(route, request.id, {"models": [self._catalogue_entry(slot) for slot in self.slots.values()]})
+
+    def _op_load(self, route: list[bytes], request: protocol.Request, args: protocol.ModelArgs) -> None:
+        slot = self._slot(args.model)
+        if slot.state is ModelState.READY:
+            self._reply(route, request.id, self._model_status(slot, time.time()))
+            return
+        slot.load_waiters.append(Waiter(route, request.id))
+        if slot.state in (ModelState.UNLOADED, ModelState.FAILED):
+            self._start_load(slot)
+
+    def _op_unload(self, route: list[bytes], request: protocol.Request, args: protocol.ModelArgs) -> None:
+        slot = self._slot(args.model)
+        if slot.state in (ModelState.UNLOADED, ModelState.FAILED) and not slot.busy:
+            self._reply(route, request.id, self._model_status(slot, time.time()))
+            return
+        slot.unload_waiters.append(Waiter(route, request.id))
+        self._maybe_unload(slot)
+
+    def _op_generate(self, route: list[bytes], request: protocol.Request, args: protocol.GenerationArgs) -> None:
+        limit = self.config.limits.max_tokens
+        if args.max_tokens > limit:
+            raise BadRequest(f"max_tokens {args.max_tokens} is over the limit of {limit}", max_tokens=limit)
+        slot = self._slot(args.model)
+        if len(slot.queue) >= slot.spec.max_queue:
+            raise Busy(f"model {slot.name!r} has {len(slot.queue)} requests queued", queued=len(slot.queue))
+        slot.queue.append(Job(route=route, request_id=request.id, op=request.op, args=protocol.args_to_dict(args)))
+        self._pump(slot)
+
+    # ----- model life cycle -----------------------------------------------------------------------------------
+
+    def _start_load(self, slot: ModelSlot) -> None:
+        slot.state = ModelState.LOADING
+        slot.load_started_at = time.monotonic()
+        slot.worker = self.pool.take(slot.name)
+        log.info("model_loading", model=slot.name, worker=slot.worker.id, spare=slot.worker.ready)
+        if slot.worker.ready:
+            self._send_load(slot)
+
+    def _send_load(self, slot: ModelSlot) -> None:
+        assert slot.worker is not None
+        self.pool.send(slot.worker, {"cmd": "load", "spec": msgspec.to_builtins(slot.spec)})
+
+    def _pump(self, slot: ModelSlot) -> None:
+        """Start the next queued request if the model can take it; start a load if the model is not there."""
+        if not slot.queue or self.stopping and slot.state is not ModelState.READY:
+            return
+        if slot.state in (ModelState.UNLOADED, ModelState.FAILED):
+            self._start_load(slot)
+        elif slot.state is ModelState.READY and slot.running is None:
+            job = slot.queue.popleft()
+            job.started_at = time.monotonic()
+            slot.running = job
+            assert slot.worker is not None
+            self.pool.send(slot.worker, {"cmd": "run", "rid": job.request_id, "op": job.op, "args": job.args})
+
+    def _maybe_unload(self, slot: ModelSlot, reason: str = "requested") -> None:
+        if slot.state is ModelState.READY and not slot.busy and slot.worker is not None:
+            slot.state = ModelState.UNLOADING
+            slot.unload_reason = reason
+            self.pool.end(slot.worker, self.config.manager.unload_timeout_s)
+            log.info("model_unloading", model=slot.name, reason=reason)
+
+    def _finish(self, slot: ModelSlot) -> None:
+        slot.running = None
+        slot.last_used = time.time()
+        slot.requests_served += 1
+        if slot.unload_waiters:
+            self._maybe_unload(slot)
+        self._pump(slot)
+
+    def _fail_load(self, slot: ModelSlot, error: ModelManagerError) -> None:
+        """Every request that needed this load gets ``error``; the model shows ``failed`` until asked again."""
+        if slot.worker is not None:
+            self.pool.end(slot.worker, self.config.manager.unload_timeout_s)
+        slot.worker, slot.state, slot.last_error, slot.info = None, ModelState.FAILED, error.to_wire(), {}
+        log.error("model_load_failed", model=slot.name, code=error.code, message=error.message)
+        self._publish(protocol.EVENT_MODEL_FAILED, model=slot.name, reason="load", error=error.to_wire())
+        while slot.queue:
+            job = slot.queue.popleft()
+            self._reply_error(job.route, job.request_id, error)
+        for waiter in slot.load_waiters:
+            self._reply_error(waiter.route, waiter.request_id, error)
+        slot.load_waiters.clear()
+        self._answer_unload_waiters(slot)
+
+    def _answer_unload_waiters(self, slot: ModelSlot) -> None:
+        status = self._model_status(slot, time.time())
+        for waiter in slot.unload_waiters:
+            self._reply(waiter.route, waiter.request_id, status)
+        slot.unload_waiters.clear()
+
+    # ----- worker messages ------------------------------------------------------------------------------------
+
+    def _on_worker_message(self, frames: list[bytes]) -> None:
+        handle = self.pool.by_id.get(frames[0].decode())
+        if handle is None or len(frames) != 2:
+            return
+        message = msgpack.unpackb(frames[1], raw=False)
+        event = message.get("evt")
+        if event == "ready":
+            handle.ready = True
+        slot = self.slots.get(handle.model) if handle.model else None
+        if slot is None or slot.worker is not handle:
+            return
+        if event == "ready" and slot.state is ModelState.LOADING:
+            self._send_load(slot)
+        elif event == "loaded":
+            self._on_loaded(slot, message["info"])
+        elif event == "load_failed":
+            self._fail_load(slot, error_from_wire(message["error"]))
+        elif event in ("chunk", "done", "failed"):
+            job = slot.running
+            if job is None or job.request_id != message.get("rid"):
+                return
+            if event == "chunk":
+                if job.stream:
+                    self._send(job.route, protocol.encode_chunk(job.request_id, message["chunk"]))
+                return
+            if event == "done":
+                self._reply(job.route, job.request_id, self._final_result(slot, job, message["result"]))
+                self._log_request(slot, job, "ok")
+            else:
+                error = error_from_wire(message["error"])
+                self._reply_error(job.route, job.request_id, error)
+                self._log_request(slot, job, error.code)
+            self._finish(slot)
+
+    def _on_loaded(self, slot: ModelSlot, info: dict[str, Any]) -> None:
+        slot.state, slot.info, slot.last_error = ModelState.READY, info, None
+        slot.last_used = time.time()
+        if info.get("quantization") not in (None, slot.spec.quantization):
+            log.warning(
+                "quantization_label_mismatch", model=slot.name, config=slot.spec.quantization, gguf=info["quantization"]
+            )
+        log.info("model_loaded", model=slot.name, pid=info.get("pid"), load_ms=info.get("load_ms"))
+        self._publish(protocol.EVENT_MODEL_LOADED, model=slot.name, device=self._device(slot), info=info)
+        status = self._model_status(slot, time.time())
+        for waiter in slot.load_waiters:
+            self._reply(waiter.route, waiter.request_id, status)
+        slot.load_waiters.clear()
+        if slot.unload_waiters and not slot.queue:
+            self._maybe_unload(slot)
+        self._pump(slot)
+
+    def _final_result(self, slot: ModelSlot, job: Job, result: dict[str, Any]) -> dict[str, Any]:
+        assert job.started_at is not None
+        result["model"] = slot.name
+        result["timings"]["queue_ms"] = round((job.started_at - job.received_at) * 1000, 2)
+        return result
+
+    def _log_request(self, slot: ModelSlot, job: Job, outcome: str) -> None:
+        log.info(
+            "request_done",
+            id=job.request_id,
+            op=job.op,
+            model=slot.name,
+            outcome=outcome,
+            ms=round((time.monotonic() - job.received_at) * 1000, 2),
+            conversation_id=job.args.get("conversation_id"),
+        )
+
+    # ----- housekeeping: worker exits, time limits, idle models, heartbeat ------------------------------------
+
+    def _housekeeping(self, now: float) -> None:
+        for handle, code in self.pool.reap():
+            self._on_worker_exit(handle, code)
+        limits, manager = self.config.limits, self.config.manager
+        wall = time.time()
+        for slot in self.slots.values():
+            worker = slot.worker
+            if worker is None or worker.exit_deadline is not None:
+                continue
+            if slot.running and slot.running.started_at and now - slot.running.started_at > limits.request_timeout_s:
+                slot.unload_reason = "request_timeout"
+                log.error("request_timed_out", model=slot.name, id=slot.running.request_id)
+                worker.kill()
+            elif slot.state is ModelState.LOADING and slot.load_started_at and now - slot.load_started_at > manager.load_timeout_s:
+                slot.unload_reason = "load_timeout"
+                worker.kill()
+            elif slot.state is ModelState.READY and not slot.busy and slot.spec.idle_ttl_s >= 0:
+                if (slot.idle_for(wall) or 0.0) >= slot.spec.idle_ttl_s:
+                    self._maybe_unload(slot, reason="idle")
+        if not self.stopping and now >= self._spares_paused_until:
+            self.pool.refill()
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + manager.heartbeat_s
+            self._publish(protocol.EVENT_HEARTBEAT, **self._heartbeat())
+
+    def _on_worker_exit(self, handle: WorkerHandle, code: int) -> None:
+        slot = self.slots.get(handle.model) if handle.model else None
+        if slot is None or slot.worker is not handle:
+            if handle.model is None and not handle.ready and not self.stopping:
+                log.error("spare_worker_died", worker=handle.id, exit_code=code)
+                self._spares_paused_until = time.monotonic() + SPARE_RESTART_BACKOFF_S
+            return
+        slot.worker = None
+        if slot.state is ModelState.UNLOADING:
+            slot.state, slot.info = ModelState.UNLOADED, {}
+            log.info("model_unloaded", model=slot.name, reason=slot.unload_reason, exit_code=code)
+            self._publish(protocol.EVENT_MODEL_UNLOADED, model=slot.name, reason=slot.unload_reason)
+            self._answer_unload_waiters(slot)
+            self._pump(slot)
+        elif slot.state is ModelState.LOADING:
+            reason = "timed out" if slot.unload_reason == "load_timeout" else f"exited with code {code}"
+            self._fail_load(slot, ModelLoadFailed(f"worker for {slot.name!r} {reason} while loading", exit_code=code))
+        else:
+            self._on_worker_crash(slot, code)
+
+    def _on_worker_crash(self, slot: ModelSlot, code: int) -> None:
+        """The worker died under a loaded model: its request fails, queued ones get a fresh worker."""
+        job = slot.running
+        if slot.unload_reason == "request_timeout":
+            error: ModelManagerError = Timeout(
+                f"request ran past {self.config.limits.request_timeout_s} s", limit_s=self.config.limits.request_timeout_s
+            )
+        else:
+            error = ModelFailed(f"worker for {slot.name!r} exited with code {code}", exit_code=code)
+        slot.state, slot.info, slot.last_error, slot.running = ModelState.FAILED, {}, error.to_wire(), None
+        slot.unload_reason = "requested"
+        log.error("model_failed", model=slot.name, exit_code=code, code=error.code)
+        self._publish(protocol.EVENT_MODEL_FAILED, model=slot.name, reason="worker_exit", error=error.to_wire())
+        if job is not None:
+            self._reply_error(job.route, job.request_id, error)
+            self._log_request(slot, job, error.code)
+        self._answer_unload_waiters(slot)
+        self._pump(slot)
+
+    # ----- visibility -----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _device(slot: ModelSlot) -> str:
+        return "cpu" if slot.spec.n_gpu_layers == 0 else f"cuda:{slot.spec.gpu or 0}"
+
+    def _model_status(self, slot: ModelSlot, now: float) -> dict[str, Any]:
+        idle = slot.idle_for(now)
+        ttl = slot.spec.idle_ttl_s
+        loaded = slot.state is ModelState.READY
+        return {
+            "name": slot.name,
+            "kind": slot.spec.kind,
+            "state": slot.state.value,
+            "device": self._device(slot),
+            "pid": slot.worker.pid if slot.worker else None,
+            "quantization": slot.info.get("quantization", slot.spec.quantization),
+            "n_ctx": slot.spec.n_ctx,
+            "size_bytes": slot.info.get("size_bytes"),
+            "load_ms": slot.info.get("load_ms"),
+            "in_flight": int(slot.running is not None),
+            "queued": len(slot.queue),
+            "requests": slot.requests_served,
+            "last_used": slot.last_used,
+            "idle_s": round(idle, 1) if idle is not None and loaded else None,
+            "ttl_s": ttl,
+            "ttl_left_s": round(max(0.0, ttl - idle), 1) if idle is not None and loaded and ttl >= 0 else None,
+            "last_error": slot.last_error,
+        }
+
+    def _catalogue_entry(self, slot: ModelSlot) -> dict[str, Any]:
+        spec = slot.spec
+        path = Path(spec.path)
+        return {
+            **msgspec.to_builtins(spec),
+            "name": slot.name,
+            "state": slot.state.value,
+            "file_exists": path.is_file(),
+            "file_bytes": path.stat().st_size if path.is_file() else None,
+        }
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        return {
+            "manager": {
+                "version": VERSION,
+                "pid": os.getpid(),
+                "uptime_s": round(now - self.started_at, 1),
+                "config": self.config_path,
+                "endpoints": msgspec.to_builtins(self.config.endpoints),
+                "workers": len(self.pool.by_id),
+                "spare_workers": sum(1 for w in self.pool.spares() if w.ready),
+                "stopping": self.stopping,
+            },
+            "models": [self._model_status(slot, now) for slot in self.slots.values()],
+        }
+
+    def _heartbeat(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "models": {name: slot.state.value for name, slot in self.slots.items()},
+        }

@@ -1,0 +1,35 @@
+"""Model engines behind one interface. Only worker processes import a backend, so an engine crash ends a worker.
+
+Each backend loads one model and runs the ops of its kind; ``emit`` sends a streamed chunk to the client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from model_manager.config import ModelSpec
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+class Backend(Protocol):
+    def load(self, spec: ModelSpec) -> dict[str, Any]:
+        """Load the model; return facts about it (load time, quantization, sizes). Raise ModelLoadFailed."""
+
+    def run(self, op: str, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """Serve one request; stream chunks through ``emit`` and return the final result."""
+
+
+def warm_up(kind: str) -> None:
+    """Import the engine of ``kind`` ahead of time, so a spare worker's load costs only the model's own."""
+    if kind == "llm":
+        import model_manager.backends.gguf  # noqa: F401
+
+
+def create_backend(kind: str) -> Backend:
+    if kind == "llm":
+        from model_manager.backends.gguf import GGUFBackend
+
+        return GGUFBackend()
+    raise ValueError(f"no backend for model kind {kind!r}")

@@ -1,0 +1,221 @@
+"""GGUF LLMs through llama-cpp-python: chat (the GGUF's own chat template) and plain completion.
+
+The token loop is ours rather than ``create_completion``'s so that time to first token, token counts and the
+tokens reused from the context (``cached_tokens``) are exact, and stop strings never leak into a stream.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import gguf
+import llama_cpp
+from llama_cpp import Llama
+from llama_cpp import llama_chat_format
+from llama_cpp.llama_chat_format import ChatFormatter, Jinja2ChatFormatter
+
+from model_client.errors import BadRequest, ContextOverflow, ModelLoadFailed
+from model_manager.backends import Emit
+from model_manager.config import ModelSpec
+
+# Used when a GGUF carries no chat template and the YAML names no ``chat_format`` (base models).
+FALLBACK_CHAT_FORMAT = "chatml"
+
+
+def quantization_label(file_type: int | None) -> str:
+    """The GGUF ``general.file_type`` as llama.cpp names it (``Q4_1``, ``Q4_K_M``, ``F16``)."""
+    if file_type is None:
+        return "unknown"
+    try:
+        return gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_")
+    except ValueError:
+        return f"file_type_{file_type}"
+
+
+class GGUFBackend:
+    def __init__(self) -> None:
+        self.llm: Llama | None = None
+        self.spec: ModelSpec | None = None
+        self.formatter: ChatFormatter | None = None
+
+    def load(self, spec: ModelSpec) -> dict[str, Any]:
+        if not os.path.isfile(spec.path):
+            raise ModelLoadFailed(f"model file not found: {spec.path}", path=spec.path)
+        started = time.perf_counter()
+        try:
+            llm = Llama(
+                model_path=spec.path,
+                n_ctx=spec.n_ctx,
+                n_gpu_layers=spec.n_gpu_layers,
+                main_gpu=spec.gpu or 0,
+                split_mode=0 if spec.gpu is not None else 1,  # LLAMA_SPLIT_MODE_NONE pins to main_gpu
+                n_threads=spec.n_threads,
+                n_batch=spec.n_batch,
+                verbose=False,
+            )
+        except Exception as exc:  # llama.cpp reports every load problem as a plain ValueError
+            raise ModelLoadFailed(f"llama.cpp could not load {spec.path}: {exc}", path=spec.path) from None
+        self.llm, self.spec = llm, spec
+        self.formatter = self._chat_formatter(llm, spec.chat_format)
+        file_type = llm.metadata.get("general.file_type")
+        return {
+            "load_ms": round((time.perf_counter() - started) * 1000, 1),
+            "quantization": quantization_label(int(file_type) if file_type is not None else None),
+            "n_ctx": llm.n_ctx(),
+            "n_ctx_train": llm._model.n_ctx_train(),
+            "n_params": llm._model.n_params(),
+            "size_bytes": llm._model.size(),
+            "architecture": llm.metadata.get("general.architecture", ""),
+        }
+
+    @staticmethod
+    def _chat_formatter(llm: Llama, chat_format: str | None) -> ChatFormatter:
+        """The YAML's ``chat_format`` (a llama-cpp-python format name), else the GGUF's template, else ChatML."""
+        template = llm.metadata.get("tokenizer.chat_template")
+        if chat_format is None and template:
+            eos = llm._model.token_get_text(llm.token_eos()) if llm.token_eos() >= 0 else ""
+            bos = llm._model.token_get_text(llm.token_bos()) if llm.token_bos() >= 0 else ""
+            return Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos, stop_token_ids=[llm.token_eos()])
+        name = chat_format or FALLBACK_CHAT_FORMAT
+        formatter = getattr(llama_chat_format, "format_" + name.replace("-", "_"), None)
+        if formatter is None:
+            raise ModelLoadFailed(f"unknown chat_format {name!r}", chat_format=name)
+        return formatter
+
+    def run(self, op: str, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        assert self.llm is not None and self.formatter is not None
+        if op == "chat":
+            formatted = self.formatter(messages=args["messages"])
+            stops = [*([formatted.stop] if isinstance(formatted.stop, str) else formatted.stop or []), *args["stop"]]
+            tokens = self.llm.tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special, special=True)
+        elif op == "complete":
+            stops = list(args["stop"])
+            tokens = self.llm.tokenize(args["prompt"].encode(), add_bos=True, special=False)
+        else:
+            raise BadRequest(f"op {op!r} is not served by an llm")
+        return self._generate(tokens, stops, args, emit)
+
+    def _generate(self, prompt: list[int], stops: list[str], args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        llm = self.llm
+        assert llm is not None
+        n_ctx = llm.n_ctx()
+        if len(prompt) >= n_ctx:
+            raise ContextOverflow(
+                f"prompt is {len(prompt)} tokens, the context holds {n_ctx}", prompt_tokens=len(prompt), n_ctx=n_ctx
+            )
+        max_new = min(args["max_tokens"], n_ctx - len(prompt))
+        # llama-cpp-python re-evaluates the last prompt token when the whole prompt is cached.
+        cached = min(_common_prefix(llm.input_ids[: llm.n_tokens].tolist(), prompt), len(prompt) - 1)
+        if args.get("seed") is not None:
+            llm.set_seed(args["seed"])
+        stream = args["stream"]
+        started = time.perf_counter()
+        first_token_at: float | None = None
+        text = _StopText(stops)
+        completion_tokens = 0
+        finish_reason = "length"
+        stopped_by_string = False
+        pending = bytearray()
+        for token in llm.generate(
+            prompt,
+            temp=args["temperature"],
+            top_p=args["top_p"],
+            top_k=args["top_k"],
+            min_p=args["min_p"],
+            repeat_penalty=args["repeat_penalty"],
+        ):
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+                finish_reason = "stop"
+                break
+            completion_tokens += 1
+            pending += llm.detokenize([token], prev_tokens=None)
+            piece = _decode_complete_utf8(pending)
+            if piece:
+                released, stopped = text.feed(piece)
+                if released and stream:
+                    emit({"text": released})
+                if stopped:
+                    finish_reason, stopped_by_string = "stop", True
+                    break
+            if completion_tokens >= max_new:
+                break
+        if not stopped_by_string and (tail := text.flush()) and stream:
+            emit({"text": tail})
+        ended = time.perf_counter()
+        first_token_at = first_token_at or ended
+        decode_s = ended - first_token_at
+        return {
+            "text": text.released,
+            "finish_reason": finish_reason,
+            "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens, "cached_tokens": cached},
+            "timings": {
+                "ttft_ms": round((first_token_at - started) * 1000, 2),
+                "total_ms": round((ended - started) * 1000, 2),
+                "tokens_per_s": round((completion_tokens - 1) / decode_s, 2) if completion_tokens > 1 and decode_s else 0.0,
+            },
+        }
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _decode_complete_utf8(buffer: bytearray) -> str:
+    """Take the longest valid UTF-8 prefix out of ``buffer``; a multi-byte character split across tokens waits."""
+    for cut in range(len(buffer), max(len(buffer) - 4, -1), -1):
+        try:
+            text = buffer[:cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        del buffer[:cut]
+        return text
+    text = buffer.decode("utf-8", errors="replace")
+    buffer.clear()
+    return text
+
+
+class _StopText:
+    """Accumulates generated text and releases only what cannot be the start of a stop string."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.released = ""
+        self.pending = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        self.pending += piece
+        for stop in self.stops:
+            at = self.pending.find(stop)
+            if at >= 0:
+                out = self.pending[:at]
+                self.released += out
+                self.pending = ""
+                return out, True
+        keep = self._held_suffix()
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep :]
+        self.released += out
+        return out, False
+
+    def _held_suffix(self) -> int:
+        """Length of the longest tail of ``pending`` that is a proper prefix of some stop string."""
+        for size in range(min(self.hold, len(self.pending)), 0, -1):
+            tail = self.pending[-size:]
+            if any(stop.startswith(tail) for stop in self.stops):
+                return size
+        return 0
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        self.released += out
+        return out

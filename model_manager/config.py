@@ -1,0 +1,122 @@
+"""Load and validate ``config/llm_config.yaml`` once, into typed structs.
+
+Validation is msgspec's: unknown keys are errors, and every error names the key path (``$.models.x.n_ctx``)
+and the problem. Per-model fields left out take the ``defaults`` section's value, so the rest of the manager
+sees one fully resolved ``ModelSpec`` per model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+import yaml
+
+from model_client.endpoints import resolve_endpoint
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+ModelName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
+
+
+class ConfigError(ValueError):
+    """The YAML is unreadable or invalid; the message names the file, the key and the problem."""
+
+
+class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class Endpoints(_Section):
+    requests: str = "ipc://../run/manager.sock"
+    events: str = "ipc://../run/events.sock"
+    workers: str = "ipc://../run/workers.sock"
+
+
+class Defaults(_Section):
+    n_ctx: PositiveInt = 2048
+    n_gpu_layers: int = 0
+    n_threads: PositiveInt | None = None
+    n_batch: PositiveInt = 512
+    idle_ttl_s: float = 300.0
+    priority: int = 50
+    max_queue: PositiveInt = 32
+
+
+class Limits(_Section):
+    max_message_bytes: PositiveInt = 16 * 1024 * 1024
+    max_tokens: PositiveInt = 4096
+    request_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+
+
+class ManagerSettings(_Section):
+    spare_workers: Annotated[int, msgspec.Meta(ge=0, le=4)] = 1
+    heartbeat_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    load_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0
+    unload_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class ModelSpec(_Section):
+    """One catalogue entry. ``None`` fields take the ``defaults`` value when the config is loaded."""
+
+    kind: Literal["llm"]
+    path: str
+    quantization: str
+    n_ctx: PositiveInt | None = None
+    n_gpu_layers: int | None = None
+    gpu: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    n_threads: PositiveInt | None = None
+    n_batch: PositiveInt | None = None
+    idle_ttl_s: float | None = None
+    priority: int | None = None
+    max_queue: PositiveInt | None = None
+    chat_format: str | None = None
+    description: str = ""
+
+
+class Config(_Section, rename={"enable_legacy_models": "ENABLE_LEGACY_MODELS"}):
+    enable_legacy_models: bool = False
+    endpoints: Endpoints = msgspec.field(default_factory=Endpoints)
+    defaults: Defaults = msgspec.field(default_factory=Defaults)
+    limits: Limits = msgspec.field(default_factory=Limits)
+    manager: ManagerSettings = msgspec.field(default_factory=ManagerSettings)
+    models: dict[ModelName, ModelSpec] = {}
+
+
+def _resolve_model(spec: ModelSpec, defaults: Defaults, base_dir: Path) -> ModelSpec:
+    filled = {
+        name: getattr(defaults, name) if getattr(spec, name) is None else getattr(spec, name)
+        for name in ("n_ctx", "n_gpu_layers", "n_threads", "n_batch", "idle_ttl_s", "priority", "max_queue")
+    }
+    path = Path(spec.path).expanduser()
+    if not path.is_absolute():
+        path = (base_dir / path).resolve()
+    return msgspec.structs.replace(spec, path=str(path), **filled)
+
+
+def parse_config(text: str, base_dir: Path, source: str = "<string>") -> Config:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    try:
+        config = msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    endpoints = Endpoints(
+        **{name: resolve_endpoint(getattr(config.endpoints, name), base_dir) for name in Endpoints.__struct_fields__}
+    )
+    models = {name: _resolve_model(spec, config.defaults, base_dir) for name, spec in config.models.items()}
+    return msgspec.structs.replace(config, endpoints=endpoints, models=models)
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    return parse_config(text, path.resolve().parent, source=str(path))

@@ -1,0 +1,115 @@
+"""Manager side of the worker processes: start them, keep spares warm, hand them out, end them."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import zmq
+
+from model_client.endpoints import REPO_ROOT
+
+
+@dataclass
+class WorkerHandle:
+    id: str
+    proc: subprocess.Popen
+    started_at: float = field(default_factory=time.monotonic)
+    ready: bool = False
+    model: str | None = None
+    exit_deadline: float | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def exited(self) -> int | None:
+        return self.proc.poll()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+
+
+class WorkerPool:
+    """Starts workers that connect back to the manager's worker ROUTER socket and keeps ``spares`` warm."""
+
+    def __init__(self, sock: zmq.Socket, endpoint: str, spares: int, kind: str = "llm") -> None:
+        self.sock = sock
+        self.endpoint = endpoint
+        self.spares_wanted = spares
+        self.kind = kind
+        self.by_id: dict[str, WorkerHandle] = {}
+        self._ids = itertools.count(1)
+
+    def spawn(self) -> WorkerHandle:
+        worker_id = f"w{os.getpid()}-{next(self._ids)}"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "model_manager.worker", "--endpoint", self.endpoint, "--id", worker_id, "--kind", self.kind],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=False,
+        )
+        handle = WorkerHandle(id=worker_id, proc=proc)
+        self.by_id[worker_id] = handle
+        return handle
+
+    def spares(self) -> list[WorkerHandle]:
+        return [w for w in self.by_id.values() if w.model is None and w.exit_deadline is None]
+
+    def refill(self) -> None:
+        for _ in range(self.spares_wanted - len(self.spares())):
+            self.spawn()
+
+    def take(self, model: str) -> WorkerHandle:
+        """A spare for ``model`` (ready ones first); a fresh worker when there is none."""
+        spares = sorted(self.spares(), key=lambda w: not w.ready)
+        handle = spares[0] if spares else self.spawn()
+        handle.model = model
+        return handle
+
+    def send(self, handle: WorkerHandle, message: dict[str, Any]) -> None:
+        self.sock.send_multipart([handle.id.encode(), msgpack.packb(message, use_bin_type=True)])
+
+    def end(self, handle: WorkerHandle, grace_s: float) -> None:
+        """Ask the worker to exit; ``reap`` kills it if it is still there after ``grace_s``."""
+        if handle.exit_deadline is None:
+            handle.exit_deadline = time.monotonic() + grace_s
+            if handle.ready:
+                self.send(handle, {"cmd": "exit"})
+            else:
+                handle.proc.terminate()
+
+    def reap(self) -> list[tuple[WorkerHandle, int]]:
+        """Forget workers that have exited, killing those past their exit deadline; return (handle, code)."""
+        now = time.monotonic()
+        gone = []
+        for handle in list(self.by_id.values()):
+            code = handle.exited()
+            if code is None and handle.exit_deadline is not None and now > handle.exit_deadline:
+                handle.kill()
+                code = handle.proc.wait()
+            if code is not None:
+                del self.by_id[handle.id]
+                gone.append((handle, code))
+        return gone
+
+    def close(self, grace_s: float) -> None:
+        for handle in self.by_id.values():
+            self.end(handle, grace_s)
+        deadline = time.monotonic() + grace_s
+        for handle in self.by_id.values():
+            try:
+                handle.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                handle.kill()
+                handle.proc.wait()
+        self.by_id.clear()
