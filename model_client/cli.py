@@ -1,0 +1,115 @@
+"""``mm``: look at and drive the model manager from a shell (``mm status`` is the ``ollama ps`` of this product)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from model_client.client import Conversation, ModelClient
+from model_client.errors import ModelManagerError
+
+
+def _size(n: int | None) -> str:
+    if not n:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return "-"
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def format_status(status: dict[str, Any]) -> str:
+    headers = ("MODEL", "DEVICE", "SIZE", "STATE", "IDLE", "TTL LEFT", "REQUESTS", "QUEUE", "PID")
+    rows = [
+        (
+            m["name"],
+            m["device"],
+            _size(m["size_bytes"]),
+            m["state"] + (f" ({m['last_error']['code']})" if m.get("last_error") else ""),
+            _ago(m["idle_s"]),
+            _ago(m["ttl_left_s"]) if m["ttl_s"] >= 0 else "forever",
+            str(m["requests"]),
+            f"{m['in_flight']}+{m['queued']}",
+            str(m["pid"] or "-"),
+        )
+        for m in status["models"]
+    ]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
+    manager = status["manager"]
+    lines.append(f"\nmanager pid {manager['pid']}, up {_ago(manager['uptime_s'])}, {manager['workers']} workers")
+    return "\n".join(lines)
+
+
+def _chat(client: ModelClient, model: str, system: str | None) -> None:
+    conversation = Conversation(client, model, system=system)
+    print(f"chatting with {model} (conversation {conversation.conversation_id[:8]}); Ctrl-D to end", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return
+        if not line.strip():
+            continue
+        started = time.perf_counter()
+        for piece in conversation.stream(line):
+            print(piece, end="", flush=True)
+        print(f"\n[{time.perf_counter() - started:.2f} s]", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mm", description="Talk to the model manager.")
+    parser.add_argument("--endpoint", help="manager endpoint (default: MM_ENDPOINT, else the config)")
+    parser.add_argument("--timeout", type=float, default=120.0)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("ping", help="check that the manager answers")
+    sub.add_parser("status", help="what is loaded where")
+    sub.add_parser("models", help="the catalogue")
+    for name in ("load", "unload"):
+        sub.add_parser(name, help=f"{name} a model").add_argument("model")
+    chat = sub.add_parser("chat", help="interactive, streamed chat")
+    chat.add_argument("model")
+    chat.add_argument("--system", help="system prompt")
+    args = parser.parse_args(argv)
+
+    with ModelClient(args.endpoint, timeout=args.timeout) as client:
+        try:
+            if args.command == "ping":
+                started = time.perf_counter()
+                reply = client.ping()
+                print(f"pong from pid {reply['pid']} in {(time.perf_counter() - started) * 1000:.2f} ms")
+            elif args.command == "status":
+                print(format_status(client.status()))
+            elif args.command == "models":
+                for model in client.models():
+                    exists = "" if model["file_exists"] else "  (file missing)"
+                    print(f"{model['name']:<20} {model['kind']:<5} {model['quantization']:<8} {model['path']}{exists}")
+            elif args.command in ("load", "unload"):
+                result = getattr(client, args.command)(args.model)
+                print(f"{result['name']}: {result['state']}")
+            elif args.command == "chat":
+                _chat(client, args.model, args.system)
+        except ModelManagerError as exc:
+            print(f"mm: {exc.code}: {exc.message}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

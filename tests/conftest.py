@@ -1,0 +1,192 @@
+"""Fixtures that start the real manager process on ipc:// sockets in a temporary directory, with real models."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+import zmq
+
+from model_client import ModelClient, protocol
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = REPO / "models"
+SMOLLM2 = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA = MODELS / "gemma-3-270m-q4_k_m.gguf"
+
+GREEDY = {"temperature": 0.0, "seed": 1}
+
+
+def base_config(run_dir: Path) -> dict:
+    """A config like the shipped one, on sockets of its own, with extra catalogue entries for the tests."""
+    smollm2 = {"kind": "llm", "path": str(SMOLLM2), "quantization": "Q4_1", "n_ctx": 2048, "idle_ttl_s": -1}
+    corrupt = run_dir / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + os.urandom(4096))
+    truncated = run_dir / "truncated.gguf"
+    with open(SMOLLM2, "rb") as src:
+        truncated.write_bytes(src.read(2 * 1024 * 1024))
+    return {
+        "ENABLE_LEGACY_MODELS": False,
+        "endpoints": {
+            "requests": f"ipc://{run_dir}/manager.sock",
+            "events": f"ipc://{run_dir}/events.sock",
+            "workers": f"ipc://{run_dir}/workers.sock",
+        },
+        "limits": {"max_message_bytes": 1024 * 1024, "max_tokens": 512, "request_timeout_s": 60},
+        "manager": {"heartbeat_s": 0.5, "log_level": "debug"},
+        "models": {
+            "smollm2": smollm2,
+            "gemma3-270m": {
+                "kind": "llm",
+                "path": str(GEMMA),
+                "quantization": "Q4_K_M",
+                "chat_format": "gemma",
+                "idle_ttl_s": -1,
+            },
+            "smollm2-small-ctx": {**smollm2, "n_ctx": 128},
+            "smollm2-short-queue": {**smollm2, "max_queue": 2},
+            "smollm2-quick-idle": {**smollm2, "idle_ttl_s": 0.3},
+            "corrupt": {**smollm2, "path": str(corrupt)},
+            "truncated": {**smollm2, "path": str(truncated)},
+            "missing": {**smollm2, "path": str(run_dir / "no-such-model.gguf")},
+        },
+    }
+
+
+class ManagerProcess:
+    """The real daemon as a subprocess; its JSON log lines go to ``log_path``."""
+
+    def __init__(self, run_dir: Path, config: dict) -> None:
+        self.run_dir = run_dir
+        self.config = config
+        self.config_path = run_dir / "llm_config.yaml"
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.endpoint = config["endpoints"]["requests"]
+        self.events_endpoint = config["endpoints"]["events"]
+        self.log_path = run_dir / "manager.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> None:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "model_manager", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=log,
+                env=env,
+                cwd=REPO,
+            )
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self.client(timeout=0.5, retries=0) as client:
+            while True:
+                assert self.proc is not None and self.proc.poll() is None, self.log_tail()
+                try:
+                    client.ping(timeout=0.5)
+                    return
+                except Exception:
+                    client.close()
+                    if time.monotonic() > deadline:
+                        raise
+
+    def client(self, **kwargs) -> ModelClient:
+        return ModelClient(self.endpoint, **kwargs)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def subscribe(self, ctx: zmq.Context | None = None) -> zmq.Socket:
+        sock = (ctx or zmq.Context.instance()).socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SUBSCRIBE, b"model.")
+        sock.connect(self.events_endpoint)
+        return sock
+
+
+def collect_events(sock: zmq.Socket, until: float) -> list[dict]:
+    """Model events received until ``until`` (monotonic seconds)."""
+    events = []
+    while (left := until - time.monotonic()) > 0:
+        if sock.poll(left * 1000):
+            events.append(protocol.decode_event(sock.recv_multipart())[1])
+    return events
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(interval)
+
+
+def model_status(client: ModelClient, name: str) -> dict:
+    return next(m for m in client.status()["models"] if m["name"] == name)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _models_installed() -> None:
+    missing = [p for p in (SMOLLM2, GEMMA) if not p.is_file()]
+    if missing:
+        pytest.exit(f"models missing ({missing}); run `make test`, which installs them first", returncode=2)
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    # ipc:// paths must stay short (about 100 bytes), so not under pytest's long tmp_path.
+    path = Path(tempfile.mkdtemp(prefix="mm-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def manager() -> Iterator[ManagerProcess]:
+    """One daemon shared by a test module (model loads are the slow part)."""
+    path = Path(tempfile.mkdtemp(prefix="mm-"))
+    process = ManagerProcess(path, base_config(path))
+    process.start()
+    yield process
+    process.stop()
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def fresh_manager(run_dir: Path) -> Iterator[ManagerProcess]:
+    """A daemon of the test's own, for tests that kill or restart it."""
+    process = ManagerProcess(run_dir, base_config(run_dir))
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def client(manager: ManagerProcess) -> Iterator[ModelClient]:
+    with manager.client(timeout=60) as c:
+        yield c
