@@ -181,13 +181,12 @@ class ModelManagerAgent:
         route, body = frames[: delimiter + 1], frames[delimiter + 1 :]
         try:
             request = protocol.decode_request(body)
-            args = protocol.parse_args(request.op, request.args)
         except ModelManagerError as exc:
             log.info("request_rejected", id=exc.request_id, code=exc.code, message=exc.message)
             self._reply_error(route, exc.request_id, exc)
             return
         try:
-            self.handlers[request.op](route, request, args)
+            self.handlers[request.op](route, request, protocol.parse_args(request.op, request.args))
         except ModelManagerError as exc:
             log.info("request_failed", id=request.id, op=request.op, code=exc.code, message=exc.message)
             self._reply_error(route, request.id, exc)
@@ -453,7 +452,7 @@ class ModelManagerAgent:
             "device": self._device(slot),
             "pid": slot.worker.pid if slot.worker else None,
             "quantization": slot.info.get("quantization", slot.spec.quantization),
-            "n_ctx": slot.spec.n_ctx,
+            "n_ctx": slot.info.get("n_ctx", slot.spec.n_ctx),
             "size_bytes": slot.info.get("size_bytes"),
             "load_ms": slot.info.get("load_ms"),
             "in_flight": int(slot.running is not None),

@@ -95,6 +95,16 @@ def _resolve_model(spec: ModelSpec, defaults: Defaults, base_dir: Path) -> Model
     return msgspec.structs.replace(spec, path=str(path), **filled)
 
 
+def _convert(value: object, type_: type, source: str, at: str):
+    """msgspec.convert whose error names the whole key path (msgspec writes ``[...]`` for mapping keys)."""
+    try:
+        return msgspec.convert(value, type_)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        message = message.replace("`$", f"`{at}") if "`$" in message else f"{message} - at `{at}`"
+        raise ConfigError(f"{source}: {message}") from None
+
+
 def parse_config(text: str, base_dir: Path, source: str = "<string>") -> Config:
     try:
         data = yaml.safe_load(text)
@@ -102,10 +112,14 @@ def parse_config(text: str, base_dir: Path, source: str = "<string>") -> Config:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys")
-    try:
-        config = msgspec.convert(data, Config)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+    models = data.pop("models", None) or {}
+    if not isinstance(models, dict):
+        raise ConfigError(f"{source}: Expected `object`, got `{type(models).__name__}` - at `$.models`")
+    config = _convert(data, Config, source, "$")
+    config.models = {
+        _convert(name, ModelName, source, f"$.models, the name {name!r}"): _convert(spec, ModelSpec, source, f"$.models.{name}")
+        for name, spec in models.items()
+    }
     endpoints = Endpoints(
         **{name: resolve_endpoint(getattr(config.endpoints, name), base_dir) for name in Endpoints.__struct_fields__}
     )
