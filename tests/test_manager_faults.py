@@ -90,7 +90,12 @@ def test_malformed_envelopes_get_typed_errors(manager, dealer, frame: bytes, cod
 
 
 def test_errors_name_the_wrong_field(dealer) -> None:
-    envelope = {"v": 1, "id": "typed", "op": "chat", "args": {"model": "smollm2", "messages": QUESTION, "max_tokens": "ten"}}
+    envelope = {
+        "v": 1,
+        "id": "typed",
+        "op": "chat",
+        "args": {"model": "smollm2", "messages": QUESTION, "max_tokens": "ten"},
+    }
     reply = raw_exchange(dealer, msgpack.packb(envelope))
     assert reply.id == "typed" and reply.body["code"] == "bad_request"
     assert "max_tokens" in reply.body["message"]

@@ -132,9 +132,7 @@ def test_first_use_loads_once_for_concurrent_requests(fresh_manager: ManagerProc
         assert model_status(c, "smollm2")["state"] == "unloaded"
     with ThreadPoolExecutor(max_workers=2) as pool:
         replies = list(
-            pool.map(
-                lambda _: fresh_manager.client().chat("smollm2", QUESTION, max_tokens=4, **GREEDY), range(2)
-            )
+            pool.map(lambda _: fresh_manager.client().chat("smollm2", QUESTION, max_tokens=4, **GREEDY), range(2))
         )
     assert all(r.text for r in replies)
     loaded = [e for e in collect_events(events, time.monotonic() + 0.5) if e["event"] == "model.loaded"]

@@ -9,8 +9,9 @@ from model_client import errors, protocol
 
 
 def test_request_round_trip_keeps_payload_frames_out_of_msgpack() -> None:
-    request = protocol.Request(op="chat", args={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
-                               payloads=(b"\x00audio",))
+    request = protocol.Request(
+        op="chat", args={"model": "m", "messages": [{"role": "user", "content": "hi"}]}, payloads=(b"\x00audio",)
+    )
     frames = protocol.encode_request(request)
     assert frames[1] == b"\x00audio"
     assert b"audio" not in frames[0]

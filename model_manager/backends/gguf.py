@@ -12,8 +12,7 @@ from typing import Any
 
 import gguf
 import llama_cpp
-from llama_cpp import Llama
-from llama_cpp import llama_chat_format
+from llama_cpp import Llama, llama_chat_format
 from llama_cpp.llama_chat_format import ChatFormatter, Jinja2ChatFormatter
 
 from model_client.errors import BadRequest, ContextOverflow, ModelLoadFailed
@@ -155,14 +154,16 @@ class GGUFBackend:
             "timings": {
                 "ttft_ms": round((first_token_at - started) * 1000, 2),
                 "total_ms": round((ended - started) * 1000, 2),
-                "tokens_per_s": round((completion_tokens - 1) / decode_s, 2) if completion_tokens > 1 and decode_s else 0.0,
+                "tokens_per_s": round((completion_tokens - 1) / decode_s, 2)
+                if completion_tokens > 1 and decode_s
+                else 0.0,
             },
         }
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1
