@@ -19,6 +19,7 @@ from model_client import (
     ModelFailed,
     ModelLoadFailed,
     ModelNotFound,
+    Timeout,
     UnknownOp,
     UnsupportedVersion,
     protocol,
@@ -253,3 +254,21 @@ def test_sigterm_lets_the_request_in_flight_finish(fresh_manager: ManagerProcess
     thread.join(30)
     assert result and not isinstance(result[0], Exception), result
     assert fresh_manager.proc.wait(20) == 0
+
+
+def test_a_request_past_its_time_limit_gets_timeout(run_dir) -> None:
+    from tests.conftest import base_config
+
+    config = base_config(run_dir)
+    config["limits"]["request_timeout_s"] = 0.5
+    manager = ManagerProcess(run_dir, config)
+    manager.start()
+    try:
+        with manager.client(timeout=60) as c:
+            c.load("smollm2")
+            with pytest.raises(Timeout) as err:
+                c.chat("smollm2", QUESTION, max_tokens=500, **GREEDY)  # several seconds of decoding
+            assert err.value.details["limit_s"] == 0.5
+            assert c.chat("smollm2", QUESTION, max_tokens=2).text is not None, "a fresh worker serves the next one"
+    finally:
+        assert manager.stop() == 0
