@@ -211,3 +211,19 @@ def _alive(pid: int) -> bool:
             return fh.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_conversation_keeps_history_and_reuses_the_context(client: ModelClient) -> None:
+    from model_client import Conversation
+
+    chat = Conversation(
+        client, "smollm2", system="You answer in one short sentence.", params={"max_tokens": 16, **GREEDY}
+    )
+    first = chat.say("My name is Ada. Remember it.")
+    second = chat.say("What is my name?")
+    assert [m["role"] for m in chat.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert chat.messages[2]["content"] == first.text and chat.messages[4]["content"] == second.text
+    assert second.usage["prompt_tokens"] > first.usage["prompt_tokens"]
+    assert second.usage["cached_tokens"] >= first.usage["prompt_tokens"] - 1, "turn 2 extends what turn 1 left"
+    streamed = "".join(chat.stream("Thank you."))
+    assert chat.messages[-1] == {"role": "assistant", "content": streamed}
