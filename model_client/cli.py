@@ -31,27 +31,52 @@ def _ago(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [headers, *rows]]
+
+
 def format_status(status: dict[str, Any]) -> str:
-    headers = ("MODEL", "DEVICE", "SIZE", "STATE", "IDLE", "TTL LEFT", "REQUESTS", "QUEUE", "PID")
-    rows = [
-        (
-            m["name"],
-            m["device"],
-            _size(m["size_bytes"]),
-            m["state"] + (f" ({m['last_error']['code']})" if m.get("last_error") else ""),
-            _ago(m["idle_s"]),
-            _ago(m["ttl_left_s"]) if m["ttl_s"] >= 0 else "forever",
-            str(m["requests"]),
-            f"{m['in_flight']}+{m['queued']}",
-            str(m["pid"] or "-"),
-        )
-        for m in status["models"]
-    ]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [headers, *rows]]
+    """Two tables: models (like ``ollama ps``) and devices, then one line about the manager."""
+    models = _table(
+        ("MODEL", "DEVICE", "SIZE", "STATE", "IDLE", "TTL LEFT", "REQUESTS", "QUEUE", "PID"),
+        [
+            (
+                m["name"],
+                m["device"] or "-",
+                _size(m["size_bytes"] or m["measured_bytes"] or m["estimated_bytes"]),
+                m["state"] + (f" ({m['last_error']['code']})" if m.get("last_error") else ""),
+                _ago(m["idle_s"]),
+                "pinned" if m.get("pinned") else _ago(m["ttl_left_s"]) if m["ttl_s"] >= 0 else "forever",
+                str(m["requests"]),
+                f"{m['in_flight']}+{m['queued']}",
+                str(m["pid"] or "-"),
+            )
+            for m in status["models"]
+        ],
+    )
+    devices = status.get("devices") or {"list": [], "mode": "?"}
+    device_rows = _table(
+        ("DEVICE", "NAME", "TOTAL", "OTHERS", "RESERVED", "FREE", "MODELS"),
+        [
+            (
+                d["id"],
+                d["name"],
+                _size(d["total_bytes"]),
+                _size(d["used_by_others_bytes"]),
+                _size(d["reserved_bytes"]),
+                _size(d["free_bytes"]),
+                str(d["models"]),
+            )
+            for d in devices["list"]
+        ],
+    )
+    mode = devices["mode"] + (" (SIMULATED devices)" if devices.get("simulated") else "")
+    if devices.get("reason"):
+        mode += f": {devices['reason']}"
     manager = status["manager"]
-    lines.append(f"\nmanager pid {manager['pid']}, up {_ago(manager['uptime_s'])}, {manager['workers']} workers")
-    return "\n".join(lines)
+    footer = f"manager pid {manager['pid']}, up {_ago(manager['uptime_s'])}, {manager['workers']} workers; devices {mode}"
+    return "\n".join([*models, "", *device_rows, "", footer])
 
 
 def _chat(client: ModelClient, model: str, system: str | None) -> None:

@@ -63,6 +63,12 @@ class ContextOverflow(ModelManagerError):
     code = "context_overflow"
 
 
+class InsufficientMemory(ModelManagerError):
+    """No device can hold the model, even after evicting what may be evicted; details say what is free where."""
+
+    code = "insufficient_memory"
+
+
 class Busy(ModelManagerError):
     """The model's queue is full: retry later."""
 
@@ -89,6 +95,7 @@ ERRORS_BY_CODE: dict[str, type[ModelManagerError]] = {
         ModelLoadFailed,
         ModelFailed,
         ContextOverflow,
+        InsufficientMemory,
         Busy,
         Timeout,
         InternalError,

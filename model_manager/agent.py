@@ -25,6 +25,7 @@ from model_client import protocol
 from model_client.errors import (
     BadRequest,
     Busy,
+    InsufficientMemory,
     InternalError,
     ModelFailed,
     ModelLoadFailed,
@@ -33,8 +34,11 @@ from model_client.errors import (
     Timeout,
     error_from_wire,
 )
-from model_manager.config import Config
+from model_manager.config import Config, ModelSpec
+from model_manager.memory import MIB, MemoryAccounting
+from model_manager.scheduler import Decision, decay_demand, idle_expired
 from model_manager.slots import Job, ModelSlot, ModelState, Waiter
+from model_manager.status import catalogue_entry, device_entry, model_entry
 from model_manager.workers import WorkerHandle, WorkerPool
 
 VERSION = "0.1.0"
@@ -77,6 +81,7 @@ class ModelManagerAgent:
         self.backend.setsockopt(zmq.LINGER, 1000)
         self.backend.bind(endpoints.workers)
         self.pool = WorkerPool(self.backend, endpoints.workers, config.manager.spare_workers)
+        self.memory = MemoryAccounting(config, self.pool)
         self.slots = {name: ModelSlot(name=name, spec=spec) for name, spec in config.models.items()}
         self.handlers: dict[str, Callable[[list[bytes], protocol.Request, Any], None]] = {
             "ping": self._op_ping,
@@ -97,6 +102,8 @@ class ModelManagerAgent:
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
         self.pool.refill()
+        for slot in self.slots.values():
+            slot.want_loaded = slot.spec.preload
         log.info(
             "manager_started",
             pid=os.getpid(),
@@ -104,7 +111,9 @@ class ModelManagerAgent:
             events=self.config.endpoints.events,
             models=list(self.slots),
             config=self.config_path,
+            devices=self.memory.inventory.mode,
         )
+        self._schedule()
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
@@ -145,6 +154,7 @@ class ModelManagerAgent:
                 self._reply_error(job.route, job.request_id, stopped)
             slot.queue.clear()
         self.pool.close(self.config.manager.unload_timeout_s)
+        self.memory.close()
         for sock in (self.frontend, self.events, self.backend):
             sock.close(linger=0)
         self.ctx.term()
@@ -206,7 +216,7 @@ class ModelManagerAgent:
         self._reply(route, request.id, self.status())
 
     def _op_models(self, route: list[bytes], request: protocol.Request, _args: Any) -> None:
-        self._reply(route, request.id, {"models": [self._catalogue_entry(slot) for slot in self.slots.values()]})
+        self._reply(route, request.id, {"models": [catalogue_entry(slot) for slot in self.slots.values()]})
 
     def _op_load(self, route: list[bytes], request: protocol.Request, args: protocol.ModelArgs) -> None:
         slot = self._slot(args.model)
@@ -214,8 +224,7 @@ class ModelManagerAgent:
             self._reply(route, request.id, self._model_status(slot, time.time()))
             return
         slot.load_waiters.append(Waiter(route, request.id))
-        if slot.state in (ModelState.UNLOADED, ModelState.FAILED):
-            self._start_load(slot)
+        self._pump(slot)
 
     def _op_unload(self, route: list[bytes], request: protocol.Request, args: protocol.ModelArgs) -> None:
         slot = self._slot(args.model)
@@ -233,29 +242,78 @@ class ModelManagerAgent:
         if len(slot.queue) >= slot.spec.max_queue:
             raise Busy(f"model {slot.name!r} has {len(slot.queue)} requests queued", queued=len(slot.queue))
         slot.queue.append(Job(route=route, request_id=request.id, op=request.op, args=protocol.args_to_dict(args)))
+        now = time.monotonic()
+        half_life = self.config.scheduler.demand_half_life_s
+        slot.demand = decay_demand(slot.demand, now - slot.last_used_mono, half_life) + 1.0
         self._pump(slot)
 
     # ----- model life cycle -----------------------------------------------------------------------------------
 
-    def _start_load(self, slot: ModelSlot) -> None:
-        slot.state = ModelState.LOADING
+    def _schedule(self) -> None:
+        """Place every model that waits to be loaded, or evict to make room, or give up on it (see scheduler)."""
+        now = time.monotonic()
+        pending = [
+            s for s in self.slots.values() if s.state in (ModelState.UNLOADED, ModelState.FAILED) and s.wants_load
+        ]
+        for slot in sorted(pending, key=lambda s: (-s.spec.priority, s.pending_since or now)):
+            slot.pending_since = slot.pending_since or now
+            try:
+                needs = self.memory.needs(slot)
+            except ModelManagerError as exc:
+                self._fail_load(slot, exc)
+                continue
+            if needs is None:
+                continue  # the GGUF header is being read
+            decision = self.memory.plan(slot, list(self.slots.values()), needs, now)
+            slot.plan = decision
+            if decision.action == "place":
+                self._start_load(slot, self.memory.place(slot, decision, needs))
+            elif decision.action == "evict":
+                log.info("evicting", model=slot.name, victims=decision.evict, device=decision.device_ids[0])
+                for victim in decision.evict:
+                    self._maybe_unload(self.slots[victim], reason="pressure")
+            elif decision.action == "fail" or now - slot.pending_since > self.config.scheduler.wait_for_memory_s:
+                self._fail_load(slot, self._insufficient_memory(slot, decision))
+
+    @staticmethod
+    def _insufficient_memory(slot: ModelSlot, decision: Decision) -> InsufficientMemory:
+        free = {device: round(bytes_ / MIB, 1) for device, bytes_ in decision.free.items()}
+        return InsufficientMemory(
+            f"{slot.name!r} needs {decision.need / MIB:.0f} MiB: {decision.reason or 'waited too long for memory'}",
+            model=slot.name,
+            needed_mib=round(decision.need / MIB, 1),
+            free_mib=free,
+        )
+
+    def _start_load(self, slot: ModelSlot, spec: ModelSpec) -> None:
+        slot.state, slot.plan, slot.pending_since = ModelState.LOADING, None, None
         slot.load_started_at = time.monotonic()
+        slot.load_spec = spec
         slot.worker = self.pool.take(slot.name)
-        log.info("model_loading", model=slot.name, worker=slot.worker.id, spare=slot.worker.ready)
+        log.info(
+            "model_loading",
+            model=slot.name,
+            device="+".join(slot.placements),
+            reserved_mib=round(sum(slot.placements.values()) / MIB, 1),
+            worker=slot.worker.id,
+            spare=slot.worker.ready,
+        )
         if slot.worker.ready:
             self._send_load(slot)
 
     def _send_load(self, slot: ModelSlot) -> None:
-        assert slot.worker is not None
-        self.pool.send(slot.worker, {"cmd": "load", "spec": msgspec.to_builtins(slot.spec)})
+        assert slot.worker is not None and slot.load_spec is not None
+        warm = slot.want_loaded and slot.spec.preload
+        self.pool.send(slot.worker, {"cmd": "load", "spec": msgspec.to_builtins(slot.load_spec), "warm": warm})
 
     def _pump(self, slot: ModelSlot) -> None:
-        """Start the next queued request if the model can take it; start a load if the model is not there."""
-        if not slot.queue or self.stopping and slot.state is not ModelState.READY:
+        """Start the next queued request if the model can take it; ask for a load if the model is not there."""
+        if self.stopping and slot.state is not ModelState.READY:
             return
         if slot.state in (ModelState.UNLOADED, ModelState.FAILED):
-            self._start_load(slot)
-        elif slot.state is ModelState.READY and slot.running is None:
+            if slot.wants_load:
+                self._schedule()
+        elif slot.state is ModelState.READY and slot.running is None and slot.queue:
             job = slot.queue.popleft()
             job.started_at = time.monotonic()
             slot.running = job
@@ -271,17 +329,20 @@ class ModelManagerAgent:
 
     def _finish(self, slot: ModelSlot) -> None:
         slot.running = None
-        slot.last_used = time.time()
+        slot.last_used, slot.last_used_mono = time.time(), time.monotonic()
         slot.requests_served += 1
         if slot.unload_waiters:
             self._maybe_unload(slot)
         self._pump(slot)
+        if not slot.busy:
+            self._schedule()  # a model that stopped being busy may now be evicted for one that waits
 
     def _fail_load(self, slot: ModelSlot, error: ModelManagerError) -> None:
         """Every request that needed this load gets ``error``; the model shows ``failed`` until asked again."""
         if slot.worker is not None:
             self.pool.end(slot.worker, self.config.manager.unload_timeout_s)
         slot.worker, slot.state, slot.last_error, slot.info = None, ModelState.FAILED, error.to_wire(), {}
+        slot.placements, slot.plan, slot.pending_since, slot.want_loaded = {}, None, None, False
         log.error("model_load_failed", model=slot.name, code=error.code, message=error.message)
         self._publish(protocol.EVENT_MODEL_FAILED, model=slot.name, reason="load", error=error.to_wire())
         while slot.queue:
@@ -308,6 +369,8 @@ class ModelManagerAgent:
         event = message.get("evt")
         if event == "ready":
             handle.ready = True
+            if handle.model is None:
+                self.memory.spare_ready(message.get("rss"))
         slot = self.slots.get(handle.model) if handle.model else None
         if slot is None or slot.worker is not handle:
             return
@@ -335,14 +398,15 @@ class ModelManagerAgent:
             self._finish(slot)
 
     def _on_loaded(self, slot: ModelSlot, info: dict[str, Any]) -> None:
-        slot.state, slot.info, slot.last_error = ModelState.READY, info, None
-        slot.last_used = time.time()
+        slot.state, slot.info, slot.last_error, slot.want_loaded = ModelState.READY, info, None, False
+        slot.last_used, slot.last_used_mono = time.time(), time.monotonic()
+        self.memory.loaded(slot, info["pid"], info.get("rss_bytes"))
         if info.get("quantization") not in (None, slot.spec.quantization):
             log.warning(
                 "quantization_label_mismatch", model=slot.name, config=slot.spec.quantization, gguf=info["quantization"]
             )
         log.info("model_loaded", model=slot.name, pid=info.get("pid"), load_ms=info.get("load_ms"))
-        self._publish(protocol.EVENT_MODEL_LOADED, model=slot.name, device=self._device(slot), info=info)
+        self._publish(protocol.EVENT_MODEL_LOADED, model=slot.name, device="+".join(slot.placements), info=info)
         status = self._model_status(slot, time.time())
         for waiter in slot.load_waiters:
             self._reply(waiter.route, waiter.request_id, status)
@@ -390,9 +454,12 @@ class ModelManagerAgent:
             ):
                 slot.unload_reason = "load_timeout"
                 worker.kill()
-            elif slot.state is ModelState.READY and not slot.busy and slot.spec.idle_ttl_s >= 0:
-                if (slot.idle_for(wall) or 0.0) >= slot.spec.idle_ttl_s:
+            elif slot.state is ModelState.READY and not slot.busy:
+                if idle_expired(slot.idle_for(wall), slot.spec.idle_ttl_s, slot.spec.pinned):
                     self._maybe_unload(slot, reason="idle")
+        self.memory.prune_releasing(now)
+        if any(s.wants_load and s.state in (ModelState.UNLOADED, ModelState.FAILED) for s in self.slots.values()):
+            self._schedule()
         if not self.stopping and now >= self._spares_paused_until:
             self.pool.refill()
         if now >= self._next_heartbeat:
@@ -407,12 +474,14 @@ class ModelManagerAgent:
                 self._spares_paused_until = time.monotonic() + SPARE_RESTART_BACKOFF_S
             return
         slot.worker = None
+        self.memory.unloaded(slot, handle.pid)
         if slot.state is ModelState.UNLOADING:
             slot.state, slot.info = ModelState.UNLOADED, {}
             log.info("model_unloaded", model=slot.name, reason=slot.unload_reason, exit_code=code)
             self._publish(protocol.EVENT_MODEL_UNLOADED, model=slot.name, reason=slot.unload_reason)
             self._answer_unload_waiters(slot)
             self._pump(slot)
+            self._schedule()
         elif slot.state is ModelState.LOADING:
             reason = "timed out" if slot.unload_reason == "load_timeout" else f"exited with code {code}"
             self._fail_load(slot, ModelLoadFailed(f"worker for {slot.name!r} {reason} while loading", exit_code=code))
@@ -433,6 +502,7 @@ class ModelManagerAgent:
         slot.unload_reason = "requested"
         log.error("model_failed", model=slot.name, exit_code=code, code=error.code)
         self._publish(protocol.EVENT_MODEL_FAILED, model=slot.name, reason="worker_exit", error=error.to_wire())
+        self._publish(protocol.EVENT_MODEL_UNLOADED, model=slot.name, reason="error")
         if job is not None:
             self._reply_error(job.route, job.request_id, error)
             self._log_request(slot, job, error.code)
@@ -441,44 +511,8 @@ class ModelManagerAgent:
 
     # ----- visibility -----------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _device(slot: ModelSlot) -> str:
-        return "cpu" if slot.spec.n_gpu_layers == 0 else f"cuda:{slot.spec.gpu or 0}"
-
     def _model_status(self, slot: ModelSlot, now: float) -> dict[str, Any]:
-        idle = slot.idle_for(now)
-        ttl = slot.spec.idle_ttl_s
-        loaded = slot.state is ModelState.READY
-        return {
-            "name": slot.name,
-            "kind": slot.spec.kind,
-            "state": slot.state.value,
-            "device": self._device(slot),
-            "pid": slot.worker.pid if slot.worker else None,
-            "quantization": slot.info.get("quantization", slot.spec.quantization),
-            "n_ctx": slot.info.get("n_ctx", slot.spec.n_ctx),
-            "size_bytes": slot.info.get("size_bytes"),
-            "load_ms": slot.info.get("load_ms"),
-            "in_flight": int(slot.running is not None),
-            "queued": len(slot.queue),
-            "requests": slot.requests_served,
-            "last_used": slot.last_used,
-            "idle_s": round(idle, 1) if idle is not None and loaded else None,
-            "ttl_s": ttl,
-            "ttl_left_s": round(max(0.0, ttl - idle), 1) if idle is not None and loaded and ttl >= 0 else None,
-            "last_error": slot.last_error,
-        }
-
-    def _catalogue_entry(self, slot: ModelSlot) -> dict[str, Any]:
-        spec = slot.spec
-        path = Path(spec.path)
-        return {
-            **msgspec.to_builtins(spec),
-            "name": slot.name,
-            "state": slot.state.value,
-            "file_exists": path.is_file(),
-            "file_bytes": path.stat().st_size if path.is_file() else None,
-        }
+        return model_entry(slot, now)
 
     def status(self) -> dict[str, Any]:
         now = time.time()
@@ -493,7 +527,11 @@ class ModelManagerAgent:
                 "spare_workers": sum(1 for w in self.pool.spares() if w.ready),
                 "stopping": self.stopping,
             },
-            "models": [self._model_status(slot, now) for slot in self.slots.values()],
+            "devices": {
+                **self.memory.inventory.describe(),
+                "list": [device_entry(view) for view in self.memory.views(list(self.slots.values()))],
+            },
+            "models": [model_entry(slot, now) for slot in self.slots.values()],
         }
 
     def _heartbeat(self) -> dict[str, Any]:

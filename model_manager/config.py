@@ -55,6 +55,35 @@ class ManagerSettings(_Section):
     load_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0
     unload_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    state_dir: str = "../run/state"  # measured model sizes and cached GGUF facts survive restarts here
+
+
+class SimulatedGpu(_Section, kw_only=True):
+    name: str = "simulated GPU"
+    total_mib: PositiveInt
+    used_by_others_mib: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class DeviceSettings(_Section):
+    """Where models may go. ``simulated`` GPUs drive placement on a machine without them (never implicitly)."""
+
+    mode: Literal["auto", "cpu-only", "simulated"] = "auto"
+    simulated: list[SimulatedGpu] = []
+    simulated_host_mib: PositiveInt | None = None  # simulated mode only: pretend the host has this much RAM
+    gpu_headroom_mib: Annotated[int, msgspec.Meta(ge=0)] = 256  # left free on every GPU
+    host_headroom_mib: Annotated[int, msgspec.Meta(ge=0)] = 1024  # left to the OS and other programs
+    cuda_context_mib: Annotated[int, msgspec.Meta(ge=0)] = 300  # each GPU worker's CUDA context, until measured
+    allow_cpu_fallback: bool = True  # a GPU model that fits no GPU runs on the CPU rather than failing
+    allow_split: bool = False  # split a model over several GPUs (tensor_split) when no single one holds it
+    max_loaded_models: Annotated[int, msgspec.Meta(ge=0)] = 0  # per device; 0 = no limit
+    memory_release_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+
+
+class SchedulerSettings(_Section):
+    hold_after_use_s: Annotated[float, msgspec.Meta(ge=0)] = 2.0  # a model that just served is not evicted yet...
+    max_wait_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0  # ...unless a request has waited this long
+    wait_for_memory_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0  # then `insufficient_memory`
+    demand_half_life_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0  # how fast past requests stop counting
 
 
 class ModelSpec(_Section):
@@ -72,6 +101,9 @@ class ModelSpec(_Section):
     priority: int | None = None
     max_queue: PositiveInt | None = None
     chat_format: str | None = None
+    tensor_split: list[float] | None = None  # set by the scheduler when a model is split over GPUs
+    pinned: bool = False  # never evicted
+    preload: bool = False  # loaded and warmed up when the manager starts
     description: str = ""
 
 
@@ -81,6 +113,8 @@ class Config(_Section, rename={"enable_legacy_models": "ENABLE_LEGACY_MODELS"}):
     defaults: Defaults = msgspec.field(default_factory=Defaults)
     limits: Limits = msgspec.field(default_factory=Limits)
     manager: ManagerSettings = msgspec.field(default_factory=ManagerSettings)
+    devices: DeviceSettings = msgspec.field(default_factory=DeviceSettings)
+    scheduler: SchedulerSettings = msgspec.field(default_factory=SchedulerSettings)
     models: dict[ModelName, ModelSpec] = {}
 
 
@@ -89,10 +123,12 @@ def _resolve_model(spec: ModelSpec, defaults: Defaults, base_dir: Path) -> Model
         name: getattr(defaults, name) if getattr(spec, name) is None else getattr(spec, name)
         for name in ("n_ctx", "n_gpu_layers", "n_threads", "n_batch", "idle_ttl_s", "priority", "max_queue")
     }
-    path = Path(spec.path).expanduser()
-    if not path.is_absolute():
-        path = (base_dir / path).resolve()
-    return msgspec.structs.replace(spec, path=str(path), **filled)
+    return msgspec.structs.replace(spec, path=str(_resolve_path(spec.path, base_dir)), **filled)
+
+
+def _resolve_path(value: str, base_dir: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base_dir / path).resolve()
 
 
 def _convert(value: object, type_: type, source: str, at: str):
@@ -122,11 +158,14 @@ def parse_config(text: str, base_dir: Path, source: str = "<string>") -> Config:
         )
         for name, spec in models.items()
     }
+    if config.devices.mode == "simulated" and not config.devices.simulated:
+        raise ConfigError(f"{source}: devices.mode is simulated but devices.simulated lists no GPU - at `$.devices`")
+    manager = msgspec.structs.replace(config.manager, state_dir=str(_resolve_path(config.manager.state_dir, base_dir)))
     endpoints = Endpoints(
         **{name: resolve_endpoint(getattr(config.endpoints, name), base_dir) for name in Endpoints.__struct_fields__}
     )
     models = {name: _resolve_model(spec, config.defaults, base_dir) for name, spec in config.models.items()}
-    return msgspec.structs.replace(config, endpoints=endpoints, models=models)
+    return msgspec.structs.replace(config, endpoints=endpoints, models=models, manager=manager)
 
 
 def load_config(path: str | Path) -> Config:

@@ -9,6 +9,8 @@ from enum import StrEnum
 from typing import Any
 
 from model_manager.config import ModelSpec
+from model_manager.footprint import Estimate
+from model_manager.scheduler import Decision
 from model_manager.workers import WorkerHandle
 
 
@@ -56,14 +58,29 @@ class ModelSlot:
     unload_waiters: list[Waiter] = field(default_factory=list)
     unload_reason: str = "requested"
     load_started_at: float | None = None
+    load_spec: ModelSpec | None = None  # the spec as placed (device overrides applied)
     info: dict[str, Any] = field(default_factory=dict)
     last_error: dict[str, Any] | None = None
     last_used: float | None = None  # wall-clock seconds
+    last_used_mono: float = 0.0
     requests_served: int = 0
+    demand: float = 0.0  # requests, decayed over time (the scheduler's "recent demand")
+    want_loaded: bool = False  # preload: load without a request waiting
+    # Placement: where the model is (or is going), and what it reserves there.
+    placements: dict[str, int] = field(default_factory=dict)
+    tensor_split: tuple[float, ...] | None = None
+    estimate: Estimate | None = None
+    measured: int | None = None
+    plan: Decision | None = None  # the scheduler's last answer while the model waits for memory
+    pending_since: float | None = None
 
     @property
     def busy(self) -> bool:
         return self.running is not None or bool(self.queue)
+
+    @property
+    def wants_load(self) -> bool:
+        return bool(self.queue or self.load_waiters or self.want_loaded)
 
     def idle_for(self, now: float) -> float | None:
         return None if self.last_used is None or self.busy else max(0.0, now - self.last_used)

@@ -54,7 +54,7 @@ class Worker:
         self.sock.send(msgpack.packb(message, use_bin_type=True))
 
     def serve(self) -> None:
-        self.send({"evt": "ready", "pid": os.getpid()})
+        self.send({"evt": "ready", "pid": os.getpid(), "rss": resident_bytes()})
         while True:
             if not self.sock.poll(PARENT_CHECK_MS):
                 if os.getppid() != self.parent:
@@ -63,23 +63,26 @@ class Worker:
             message = msgpack.unpackb(self.sock.recv(), raw=False)
             cmd = message.get("cmd")
             if cmd == "load":
-                self._load(message["spec"])
+                self._load(message["spec"], message.get("warm", False))
             elif cmd == "run":
                 self._run(message["rid"], message["op"], message["args"])
             elif cmd == "exit":
                 return
 
-    def _load(self, spec_map: dict[str, Any]) -> None:
+    def _load(self, spec_map: dict[str, Any], warm: bool) -> None:
         try:
             spec = msgspec.convert(spec_map, ModelSpec)
             self.backend = create_backend(spec.kind)
             info = self.backend.load(spec)
+            if warm:
+                self.backend.warm_up()
         except ModelManagerError as exc:
             self.send({"evt": "load_failed", "error": exc.to_wire()})
         except Exception as exc:
             self.send({"evt": "load_failed", "error": ModelLoadFailed(f"{type(exc).__name__}: {exc}").to_wire()})
         else:
             info["pid"] = os.getpid()
+            info["rss_bytes"] = resident_bytes()
             self.send({"evt": "loaded", "info": info})
 
     def _run(self, rid: str, op: str, args: dict[str, Any]) -> None:
@@ -100,6 +103,12 @@ class Worker:
             self.send({"evt": "done", "rid": rid, "result": result})
 
 
+def resident_bytes() -> int:
+    """This process's resident memory (VmRSS), read without importing psutil into every worker."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="model worker (started by the model manager)")
     parser.add_argument("--endpoint", required=True)
@@ -113,8 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         worker.serve()
     finally:
-        worker.sock.close()
+        worker.sock.close(linger=1000)
         worker.ctx.term()
+    # Skip the interpreter's teardown: the model's memory goes back as soon as the process is gone.
+    os._exit(0)
 
 
 if __name__ == "__main__":

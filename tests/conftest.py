@@ -26,8 +26,25 @@ GEMMA = MODELS / "gemma-3-270m-q4_k_m.gguf"
 GREEDY = {"temperature": 0.0, "seed": 1}
 
 
+FACTS_CACHE = Path(tempfile.gettempdir()) / "mm-test-gguf-facts"
+
+
+def gguf_facts_cache() -> Path:
+    """GGUF header facts of the test models, read once per machine (parsing Gemma's vocabulary takes seconds)."""
+    from model_manager.footprint import FootprintStore
+
+    store = FootprintStore(FACTS_CACHE)
+    for path in (SMOLLM2, GEMMA):
+        store.read_now(str(path))
+    store.close()
+    return store.facts_path
+
+
 def base_config(run_dir: Path) -> dict:
     """A config like the shipped one, on sockets of its own, with extra catalogue entries for the tests."""
+    state = run_dir / "state"
+    state.mkdir(exist_ok=True)
+    shutil.copy(gguf_facts_cache(), state / "gguf_facts.json")
     smollm2 = {"kind": "llm", "path": str(SMOLLM2), "quantization": "Q4_1", "n_ctx": 2048, "idle_ttl_s": -1}
     corrupt = run_dir / "corrupt.gguf"
     corrupt.write_bytes(b"GGUF" + os.urandom(4096))
@@ -42,7 +59,7 @@ def base_config(run_dir: Path) -> dict:
             "workers": f"ipc://{run_dir}/workers.sock",
         },
         "limits": {"max_message_bytes": 1024 * 1024, "max_tokens": 512, "request_timeout_s": 60},
-        "manager": {"heartbeat_s": 0.5, "log_level": "debug"},
+        "manager": {"heartbeat_s": 0.5, "log_level": "debug", "state_dir": str(state)},
         "models": {
             "smollm2": smollm2,
             "gemma3-270m": {

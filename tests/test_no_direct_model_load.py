@@ -14,13 +14,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
 import msgpack
 import pytest
 
 from model_client import protocol
 from model_manager.backends.gguf import quantization_label
 from model_manager.config import load_config
+from model_manager.footprint import FootprintStore
+from tests.conftest import FACTS_CACHE
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_CONFIG = REPO / "config" / "llm_config.yaml"
@@ -124,8 +125,7 @@ def test_the_shipped_config_validates_and_names_real_models() -> None:
     for name, spec in config.models.items():
         path = Path(spec.path)
         assert path.is_file(), f"{name}: {path} is missing (the set-up command installs it)"
-        file_type = gguf.GGUFReader(path).fields["general.file_type"]
-        label = quantization_label(int(file_type.parts[file_type.data[0]][0]))
+        label = quantization_label(FootprintStore(FACTS_CACHE).read_now(str(path)).file_type)
         assert spec.quantization == label, f"{name}: the YAML says {spec.quantization}, the GGUF says {label}"
 
 

@@ -17,6 +17,9 @@ class Backend(Protocol):
     def load(self, spec: ModelSpec) -> dict[str, Any]:
         """Load the model; return facts about it (load time, quantization, sizes). Raise ModelLoadFailed."""
 
+    def warm_up(self) -> None:
+        """Run the smallest request once, so the first real one finds every buffer in place."""
+
     def run(self, op: str, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         """Serve one request; stream chunks through ``emit`` and return the final result."""
 

@@ -50,6 +50,7 @@ class GGUFBackend:
                 n_gpu_layers=spec.n_gpu_layers,
                 main_gpu=spec.gpu or 0,
                 split_mode=0 if spec.gpu is not None else 1,  # LLAMA_SPLIT_MODE_NONE pins to main_gpu
+                tensor_split=spec.tensor_split,
                 n_threads=spec.n_threads,
                 n_batch=spec.n_batch,
                 verbose=False,
@@ -82,6 +83,11 @@ class GGUFBackend:
         if formatter is None:
             raise ModelLoadFailed(f"unknown chat_format {name!r}", chat_format=name)
         return formatter
+
+    def warm_up(self) -> None:
+        assert self.llm is not None
+        bos = self.llm.token_bos()
+        next(iter(self.llm.generate([bos if bos >= 0 else 0], temp=0.0)))
 
     def run(self, op: str, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         assert self.llm is not None and self.formatter is not None

@@ -1,0 +1,212 @@
+"""What a model costs in memory: estimated from its GGUF header before loading, measured after, kept on disk.
+
+The estimate (MiB figures measured with llama.cpp's own buffer report on SmolLM2-135M and Gemma 3 270M):
+
+- weights: the tensor bytes in the file, for the share of layers that go to the device;
+- KV cache: ``n_layer * n_ctx * n_head_kv * (head_dim_k + head_dim_v) * 2`` bytes (f16 K and V; llama.cpp pads
+  ``n_ctx`` to 256 and allocates the whole cache at load, sliding-window layers included);
+- compute buffers: on a GPU the whole reservation is allocated, dominated by the logits of one micro-batch,
+  ``n_vocab * n_ubatch * 4``; on the CPU the same buffer is reserved but only its small activation part is ever
+  touched, so we count ``n_ubatch * (n_embd + n_ff) * 16`` plus one row of logits;
+- overhead: the vocabulary and bookkeeping, ``8 MiB + 150 bytes per vocabulary entry``, plus, per worker process,
+  its interpreter (measured on the spare worker) on the CPU or a CUDA context (``devices.cuda_context_mib``) on a GPU.
+
+On this machine the CPU estimate lands within 10% of the worker's measured resident memory for both models; after
+the first load the measured figure replaces the estimate, and is saved so that a restarted manager starts from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import structlog
+
+MIB = 1024 * 1024
+DEFAULT_WORKER_BASE = 64 * MIB
+KV_BYTES_PER_VALUE = 2  # f16 cache
+CTX_PADDING = 256
+
+log = structlog.get_logger("model_manager.footprint")
+
+
+@dataclass(frozen=True)
+class GgufFacts:
+    """The few header values the estimate needs, read without loading any tensor."""
+
+    architecture: str
+    tensor_bytes: int
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    n_vocab: int
+    file_type: int | None
+
+
+def read_gguf_facts(path: str) -> GgufFacts:
+    """Parse the header with the ``gguf`` package (slow on large vocabularies, hence the cache)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+
+    def field(name: str, default=None):
+        item = reader.fields.get(name)
+        return default if item is None else item.contents()
+
+    arch = field("general.architecture", "llama")
+    n_embd = int(field(f"{arch}.embedding_length", 0))
+    n_head = int(field(f"{arch}.attention.head_count", 1) or 1)
+    n_head_kv = field(f"{arch}.attention.head_count_kv", n_head)
+    n_head_kv = int(max(n_head_kv) if isinstance(n_head_kv, list) else n_head_kv)
+    n_ff = field(f"{arch}.feed_forward_length", 4 * n_embd)
+    n_ff = int(max(n_ff) if isinstance(n_ff, list) else n_ff)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    n_vocab = int(field(f"{arch}.vocab_size", len(tokens.data) if tokens is not None else 32000))
+    return GgufFacts(
+        architecture=arch,
+        tensor_bytes=sum(int(t.n_bytes) for t in reader.tensors),
+        n_layer=int(field(f"{arch}.block_count", 1)),
+        n_embd=n_embd,
+        n_ff=n_ff,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim_k=int(field(f"{arch}.attention.key_length", n_embd // n_head)),
+        head_dim_v=int(field(f"{arch}.attention.value_length", n_embd // n_head)),
+        n_vocab=n_vocab,
+        file_type=field("general.file_type"),
+    )
+
+
+@dataclass(frozen=True)
+class Estimate:
+    total: int
+    weights: int
+    kv_cache: int
+    compute: int
+    overhead: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def estimate_gguf(
+    facts: GgufFacts,
+    n_ctx: int,
+    n_batch: int,
+    on_gpu: bool,
+    n_gpu_layers: int,
+    process_overhead: int,
+) -> Estimate:
+    """Bytes the model will hold on its device: on a GPU the offloaded share, on the CPU all of it."""
+    n_ctx = -(-n_ctx // CTX_PADDING) * CTX_PADDING
+    n_ubatch = min(n_batch, 512)
+    share = 1.0
+    if on_gpu and n_gpu_layers >= 0:
+        share = min(1.0, n_gpu_layers / max(1, facts.n_layer))
+    weights = int(facts.tensor_bytes * share)
+    kv = int(
+        facts.n_layer * share * n_ctx * facts.n_head_kv * (facts.head_dim_k + facts.head_dim_v) * KV_BYTES_PER_VALUE
+    )
+    activations = n_ubatch * (facts.n_embd + facts.n_ff) * 16
+    logits = facts.n_vocab * 4 * (n_ubatch if on_gpu else 1)
+    overhead = 8 * MIB + facts.n_vocab * 150 + process_overhead
+    compute = activations + logits
+    return Estimate(
+        total=weights + kv + compute + overhead, weights=weights, kv_cache=kv, compute=compute, overhead=overhead
+    )
+
+
+class FootprintStore:
+    """GGUF facts by file identity and measured sizes by model set-up, in ``state_dir`` as JSON files.
+
+    Header parsing runs on one background thread so the socket loop never waits on it.
+    """
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.dir = Path(state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.facts_path = self.dir / "gguf_facts.json"
+        self.measured_path = self.dir / "footprints.json"
+        self._facts: dict[str, dict] = _read_json(self.facts_path)
+        self._measured: dict[str, dict] = _read_json(self.measured_path)
+        self._pending: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gguf-facts")
+
+    @staticmethod
+    def file_key(path: str) -> str | None:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None
+        return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+
+    def facts(self, path: str) -> GgufFacts | None:
+        """The file's facts if known; otherwise start reading them in the background and return None."""
+        key = self.file_key(path)
+        if key is None:
+            return None
+        with self._lock:
+            if key in self._facts:
+                return GgufFacts(**self._facts[key])
+            if key not in self._pending:
+                self._pending[key] = self._pool.submit(self._read, key, path)
+        return None
+
+    def facts_failed(self, path: str) -> str | None:
+        """Why reading the header failed (a corrupt file), or None."""
+        key = self.file_key(path)
+        future = self._pending.get(key) if key else None
+        if future is not None and future.done() and future.exception() is not None:
+            return str(future.exception())
+        return None
+
+    def read_now(self, path: str) -> GgufFacts:
+        """Read (or take from the cache) the file's facts, blocking: for tools and tests, not the socket loop."""
+        key = self.file_key(path)
+        assert key is not None, f"{path} does not exist"
+        if key not in self._facts:
+            self._read(key, path)
+        return GgufFacts(**self._facts[key])
+
+    def _read(self, key: str, path: str) -> None:
+        facts = read_gguf_facts(path)
+        with self._lock:
+            self._facts[key] = asdict(facts)
+            _write_json(self.facts_path, self._facts)
+        log.info("gguf_facts_read", path=path, n_layer=facts.n_layer, tensor_mib=round(facts.tensor_bytes / MIB, 1))
+
+    def measured(self, key: str) -> int | None:
+        entry = self._measured.get(key)
+        return int(entry["bytes"]) if entry else None
+
+    def remember_measured(self, key: str, size: int, estimate: int | None) -> None:
+        self._measured[key] = {"bytes": int(size), "estimate": estimate}
+        _write_json(self.measured_path, self._measured)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write atomically, so a crash mid-write never leaves a half file behind."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1, sort_keys=True)
+    os.replace(tmp, path)

@@ -1,0 +1,198 @@
+"""Memory accounting: what each model needs, what it holds where, and memory on its way back after an unload.
+
+It joins the device inventory, the footprint store and the scheduler's policy: the agent asks ``plan`` for a
+waiting model and carries out the decision; it reports loads and worker exits here so the books stay right.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import msgspec
+import structlog
+
+from model_client.errors import ModelLoadFailed
+from model_manager.config import Config, ModelSpec
+from model_manager.devices import Device, open_inventory, process_rss
+from model_manager.footprint import DEFAULT_WORKER_BASE, MIB, FootprintStore, estimate_gguf
+from model_manager.scheduler import Decision, DeviceView, PlacementRequest, Resident, device_views, plan_placement
+from model_manager.slots import ModelSlot, ModelState
+from model_manager.workers import WorkerPool
+
+DEFAULT_LOAD_MS = 1000.0
+log = structlog.get_logger("model_manager.memory")
+
+
+@dataclass
+class Releasing:
+    """A GPU worker that has exited, whose memory NVML has not shown back yet."""
+
+    name: str
+    pid: int
+    placements: dict[str, int]
+    deadline: float
+
+
+class MemoryAccounting:
+    def __init__(self, config: Config, pool: WorkerPool) -> None:
+        self.config = config
+        self.pool = pool
+        self.inventory = open_inventory(config.devices)
+        self.store = FootprintStore(config.manager.state_dir)
+        self.worker_base = DEFAULT_WORKER_BASE
+        self.releasing: list[Releasing] = []
+
+    # ----- sizes ----------------------------------------------------------------------------------------------
+
+    def runs_on_gpu(self, device: Device) -> bool:
+        """Simulated GPUs account models as they really run: on the CPU."""
+        return device.kind == "gpu" and not device.simulated
+
+    def measured_key(self, spec: ModelSpec, on_gpu: bool) -> str:
+        file_key = self.store.file_key(spec.path) or spec.path
+        where = f"gpu:{spec.n_gpu_layers}" if on_gpu else "cpu"
+        return f"{file_key}|ctx={spec.n_ctx}|batch={spec.n_batch}|{where}"
+
+    def needs(self, slot: ModelSlot) -> tuple[int, int] | None:
+        """(bytes on a GPU, bytes on the CPU) for ``slot``; None while its header is still being read.
+
+        Raises ModelLoadFailed when the file is missing or its header unreadable.
+        """
+        spec = slot.spec
+        if not os.path.isfile(spec.path):
+            raise ModelLoadFailed(f"model file not found: {spec.path}", path=spec.path)
+        facts = self.store.facts(spec.path)
+        if facts is None:
+            failure = self.store.facts_failed(spec.path)
+            if failure:
+                raise ModelLoadFailed(f"cannot read the GGUF header of {spec.path}: {failure}", path=spec.path)
+            return None
+        context = self.config.devices.cuda_context_mib * MIB
+        simulated = self.inventory.mode == "simulated"
+        on_gpu = spec.n_gpu_layers != 0 and not simulated
+        est_cpu = estimate_gguf(facts, spec.n_ctx, spec.n_batch, False, 0, self.worker_base)
+        est_gpu = estimate_gguf(facts, spec.n_ctx, spec.n_batch, True, spec.n_gpu_layers, context)
+        slot.estimate = est_gpu if on_gpu else est_cpu
+        cpu = self.store.measured(self.measured_key(spec, False)) or est_cpu.total
+        gpu = cpu if simulated else self.store.measured(self.measured_key(spec, True)) or est_gpu.total
+        slot.measured = self.store.measured(self.measured_key(spec, on_gpu))
+        return gpu, cpu
+
+    # ----- the books ------------------------------------------------------------------------------------------
+
+    def devices(self) -> list[Device]:
+        return self.inventory.devices(w.pid for w in self.pool.by_id.values())
+
+    def residents(self, slots: list[ModelSlot]) -> list[Resident]:
+        held = [
+            Resident(
+                name=slot.name,
+                placements=slot.placements,
+                priority=slot.spec.priority,
+                pinned=slot.spec.pinned,
+                busy=slot.busy,
+                unloading=slot.state is ModelState.UNLOADING,
+                loading=slot.state is ModelState.LOADING,
+                last_used=slot.last_used_mono,
+                load_ms=float(slot.info.get("load_ms") or DEFAULT_LOAD_MS),
+                demand=slot.demand,
+            )
+            for slot in slots
+            if slot.placements and slot.state in (ModelState.LOADING, ModelState.READY, ModelState.UNLOADING)
+        ]
+        for gone in self.releasing:
+            held.append(Resident(gone.name, gone.placements, 0, False, False, True, False, 0.0, DEFAULT_LOAD_MS, 0.0))
+        return held
+
+    def views(self, slots: list[ModelSlot]) -> list[DeviceView]:
+        return device_views(self.devices(), self.residents(slots), self.config.devices)
+
+    def plan(self, slot: ModelSlot, slots: list[ModelSlot], needs: tuple[int, int], now: float) -> Decision:
+        waited = now - slot.pending_since if slot.pending_since is not None else 0.0
+        request = PlacementRequest(
+            name=slot.name,
+            need_gpu=needs[0],
+            need_cpu=needs[1],
+            wants_gpu=slot.spec.n_gpu_layers != 0,
+            pinned_gpu=slot.spec.gpu,
+            waited_s=waited,
+        )
+        return plan_placement(
+            request, self.devices(), self.residents(slots), self.config.devices, self.config.scheduler, now
+        )
+
+    def place(self, slot: ModelSlot, decision: Decision, needs: tuple[int, int]) -> ModelSpec:
+        """Reserve the decision's memory for ``slot``; return the spec the worker loads with."""
+        by_id = {d.id: d for d in self.devices()}
+        chosen = [by_id[i] for i in decision.device_ids]
+        on_gpu = any(self.runs_on_gpu(d) for d in chosen)
+        fractions = decision.tensor_split or (1.0,)
+        need = needs[0] if chosen[0].kind == "gpu" else needs[1]
+        slot.placements = {d.id: int(need * f) for d, f in zip(chosen, fractions, strict=True)}
+        slot.tensor_split = decision.tensor_split
+        if not on_gpu:  # the host, or a simulated GPU: the model really runs on the CPU
+            return msgspec.structs.replace(slot.spec, n_gpu_layers=0, gpu=None, tensor_split=None)
+        if decision.tensor_split:
+            split = [0.0] * (1 + max(d.index or 0 for d in chosen))
+            for device, fraction in zip(chosen, decision.tensor_split, strict=True):
+                split[device.index or 0] = fraction
+            return msgspec.structs.replace(slot.spec, gpu=None, tensor_split=split)
+        return msgspec.structs.replace(slot.spec, gpu=chosen[0].index)
+
+    def loaded(self, slot: ModelSlot, pid: int, rss: int | None) -> None:
+        """Measure what the model really takes, log it against the estimate, and keep it for next time."""
+        on_gpu = any(d.id in slot.placements and self.runs_on_gpu(d) for d in self.devices())
+        if on_gpu:
+            per_device = {k: v for k, v in self.inventory.gpu_memory_of(pid).items() if k in slot.placements}
+            measured = sum(per_device.values())
+            if per_device:
+                slot.placements = per_device
+        else:
+            measured = rss or process_rss(pid)
+            slot.placements = {device: measured for device in slot.placements}
+        if not measured:
+            return
+        estimate = slot.estimate.total if slot.estimate else None
+        slot.measured = measured
+        key = self.measured_key(slot.spec, on_gpu)
+        self.store.remember_measured(key, measured, estimate)
+        log.info(
+            "model_measured",
+            model=slot.name,
+            device="+".join(slot.placements),
+            estimate_mib=round(estimate / MIB, 1) if estimate else None,
+            measured_mib=round(measured / MIB, 1),
+            ratio=round(measured / estimate, 3) if estimate else None,
+        )
+
+    def unloaded(self, slot: ModelSlot, pid: int) -> None:
+        """On a real GPU, keep the model's memory booked until NVML shows it back (bounded)."""
+        gpu_ids = {d.id for d in self.devices() if self.runs_on_gpu(d)}
+        on_gpu = {k: v for k, v in slot.placements.items() if k in gpu_ids}
+        if on_gpu:
+            deadline = time.monotonic() + self.config.devices.memory_release_timeout_s
+            self.releasing.append(Releasing(slot.name, pid, on_gpu, deadline))
+        slot.placements, slot.tensor_split = {}, None
+
+    def prune_releasing(self, now: float) -> bool:
+        """Drop bookings whose memory is back; return True if any was dropped."""
+        kept = []
+        for gone in self.releasing:
+            if not self.inventory.gpu_memory_of(gone.pid):
+                continue
+            if now > gone.deadline:
+                log.warning("memory_release_timeout", model=gone.name, pid=gone.pid)
+                continue
+            kept.append(gone)
+        changed = len(kept) != len(self.releasing)
+        self.releasing = kept
+        return changed
+
+    def spare_ready(self, rss: int | None) -> None:
+        if rss:
+            self.worker_base = rss
+
+    def close(self) -> None:
+        self.store.close()

@@ -1,0 +1,202 @@
+"""The whole placement and eviction policy, in one place, as pure functions over a snapshot.
+
+The agent describes the world (devices, what each model reserves where, which models are busy) and asks
+``plan_placement`` where a model should go; the answer is one ``Decision``: place it, evict these first, wait,
+or fail with ``insufficient_memory``. ``eviction_order`` and ``idle_expired`` hold the rest of the policy, so every
+load and unload decision can be read here.
+
+Rules, in order:
+1. A model pinned to a GPU (``gpu: N``) goes there or nowhere. A model with ``n_gpu_layers: 0`` goes to the CPU.
+   Any other model goes to the GPU with the most memory free after reservations, then (``allow_split``) split
+   over several GPUs, then (``allow_cpu_fallback``) to the CPU.
+2. On each candidate device, first without evicting anything, then evicting the cheapest models to lose:
+   lower ``priority`` first, then the least cost of reloading (measured load time x recent demand, where demand
+   decays with ``demand_half_life_s``), then the least recently used.
+3. Never evicted: ``pinned`` models, models with requests in flight or queued, models being loaded, and (against
+   thrashing) a model that served a request less than ``hold_after_use_s`` ago, unless the waiting request has
+   waited ``max_wait_s``.
+4. If memory would be enough once busy or held models are done, or once models already unloading have gone, wait
+   (the agent fails the request after ``wait_for_memory_s``). If not even that: ``insufficient_memory`` now.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from model_manager.config import DeviceSettings, SchedulerSettings
+from model_manager.devices import Device
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A model that holds (or is about to hold) memory on a device."""
+
+    name: str
+    placements: dict[str, int]  # device id -> bytes reserved there
+    priority: int
+    pinned: bool
+    busy: bool  # requests in flight or queued
+    unloading: bool
+    loading: bool
+    last_used: float  # monotonic seconds
+    load_ms: float
+    demand: float
+
+
+@dataclass(frozen=True)
+class PlacementRequest:
+    name: str
+    need_gpu: int  # bytes on a GPU
+    need_cpu: int  # bytes on the CPU
+    wants_gpu: bool
+    pinned_gpu: int | None
+    waited_s: float
+
+
+@dataclass
+class Decision:
+    action: str  # "place", "evict", "wait" or "fail"
+    device_ids: tuple[str, ...] = ()
+    tensor_split: tuple[float, ...] | None = None
+    evict: list[str] = field(default_factory=list)
+    need: int = 0
+    reason: str = ""
+    free: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    device: Device
+    reserved: int
+    headroom: int
+    loaded: int
+
+    @property
+    def free(self) -> int:
+        return self.device.total - self.device.used_by_others - self.reserved - self.headroom
+
+
+def device_views(devices: list[Device], residents: list[Resident], settings: DeviceSettings) -> list[DeviceView]:
+    views = []
+    for device in devices:
+        on_it = [r.placements[device.id] for r in residents if device.id in r.placements]
+        headroom = (settings.gpu_headroom_mib if device.kind == "gpu" else settings.host_headroom_mib) * MIB
+        views.append(DeviceView(device, sum(on_it), headroom, len(on_it)))
+    return views
+
+
+def reload_cost(resident: Resident) -> float:
+    return resident.load_ms * resident.demand
+
+
+def eviction_order(residents: list[Resident]) -> list[Resident]:
+    """Cheapest to lose first: priority, then reload cost (load time x demand), then least recently used."""
+    return sorted(residents, key=lambda r: (r.priority, reload_cost(r), r.last_used))
+
+
+def decay_demand(demand: float, elapsed_s: float, half_life_s: float) -> float:
+    return demand * math.pow(0.5, elapsed_s / half_life_s)
+
+
+def _evictable(r: Resident, now: float, waited_s: float, sched: SchedulerSettings, ignore_busy: bool) -> bool:
+    if r.pinned or r.unloading or r.loading:
+        return False
+    if ignore_busy:
+        return True
+    held = now - r.last_used < sched.hold_after_use_s and waited_s < sched.max_wait_s
+    return not r.busy and not held
+
+
+def _candidates(request: PlacementRequest, views: list[DeviceView], settings: DeviceSettings) -> list[DeviceView]:
+    gpus = sorted((v for v in views if v.device.kind == "gpu"), key=lambda v: v.free, reverse=True)
+    host = [v for v in views if v.device.kind == "cpu"]
+    if request.pinned_gpu is not None:
+        return [v for v in gpus if v.device.index == request.pinned_gpu]
+    if not request.wants_gpu:
+        return host
+    return gpus + (host if settings.allow_cpu_fallback else [])
+
+
+def _need(request: PlacementRequest, view: DeviceView) -> int:
+    return request.need_gpu if view.device.kind == "gpu" else request.need_cpu
+
+
+def plan_placement(
+    request: PlacementRequest,
+    devices: list[Device],
+    residents: list[Resident],
+    settings: DeviceSettings,
+    sched: SchedulerSettings,
+    now: float,
+) -> Decision:
+    views = device_views(devices, residents, settings)
+    candidates = _candidates(request, views, settings)
+    free = {v.device.id: v.free for v in views}
+    if not candidates:
+        where = f"GPU {request.pinned_gpu}" if request.pinned_gpu is not None else "a GPU or the CPU"
+        return Decision("fail", need=request.need_gpu, reason=f"{where} is not available", free=free)
+    max_loaded = settings.max_loaded_models
+
+    def count_ok(view: DeviceView, evicted: int = 0) -> bool:
+        return not max_loaded or view.loaded - evicted < max_loaded
+
+    # 1. A device with room now.
+    for view in candidates:
+        if _need(request, view) <= view.free and count_ok(view):
+            return Decision("place", (view.device.id,), need=_need(request, view), free=free)
+    # 2. Evict the cheapest models on one device.
+    waited = request.waited_s
+    for view in candidates:
+        need = _need(request, view)
+        evictable = [
+            r for r in residents if view.device.id in r.placements and _evictable(r, now, waited, sched, False)
+        ]
+        victims, room = [], view.free
+        for r in eviction_order(evictable):
+            if room >= need and count_ok(view, len(victims)):
+                break
+            victims.append(r.name)
+            room += r.placements[view.device.id]
+        if room >= need and count_ok(view, len(victims)) and victims:
+            return Decision("evict", (view.device.id,), evict=victims, need=need, free=free)
+    # 3. Split over several GPUs, without evicting.
+    gpus = [v for v in candidates if v.device.kind == "gpu" and v.free > 0 and count_ok(v)]
+    if settings.allow_split and request.pinned_gpu is None and len(gpus) > 1:
+        context = settings.cuda_context_mib * MIB
+        usable = {v.device.id: v.free - context for v in gpus if v.free > context}
+        weights_and_kv = request.need_gpu - context
+        if len(usable) > 1 and sum(usable.values()) >= weights_and_kv:
+            total = sum(usable.values())
+            ids = tuple(sorted(usable))
+            return Decision(
+                "place",
+                ids,
+                tensor_split=tuple(round(usable[i] / total, 4) for i in ids),
+                need=request.need_gpu,
+                free=free,
+            )
+    # 4. Wait for busy, held or unloading models, or give up.
+    for view in candidates:
+        need = _need(request, view)
+        releasable = sum(
+            r.placements[view.device.id]
+            for r in residents
+            if view.device.id in r.placements and (r.unloading or _evictable(r, now, waited, sched, True))
+        )
+        if view.free + releasable >= need:
+            return Decision("wait", (view.device.id,), need=need, reason="memory is held by models in use", free=free)
+    need = min(_need(request, v) for v in candidates)
+    return Decision(
+        "fail",
+        need=need,
+        reason="no device can hold the model, even after evicting every model that may be evicted",
+        free=free,
+    )
+
+
+def idle_expired(idle_s: float | None, ttl_s: float, pinned: bool) -> bool:
+    """Keep-alive: ``ttl_s`` 0 unloads after each request, -1 never; pinned models stay."""
+    return not pinned and ttl_s >= 0 and idle_s is not None and idle_s >= ttl_s

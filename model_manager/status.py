@@ -1,0 +1,73 @@
+"""What ``status`` and ``models`` report: plain maps built from the manager's state, nothing decided here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from model_manager.devices import Device
+from model_manager.scheduler import DeviceView
+from model_manager.slots import ModelSlot, ModelState
+
+
+def device_entry(view: DeviceView) -> dict[str, Any]:
+    device: Device = view.device
+    return {
+        "id": device.id,
+        "name": device.name,
+        "kind": device.kind,
+        "simulated": device.simulated,
+        "total_bytes": device.total,
+        "used_by_others_bytes": device.used_by_others,
+        "reserved_bytes": view.reserved,
+        "headroom_bytes": view.headroom,
+        "free_bytes": max(0, view.free),
+        "models": view.loaded,
+    }
+
+
+def model_entry(slot: ModelSlot, now: float) -> dict[str, Any]:
+    idle = slot.idle_for(now)
+    ttl = slot.spec.idle_ttl_s
+    loaded = slot.state is ModelState.READY
+    ttl_left = None
+    if idle is not None and loaded and ttl >= 0 and not slot.spec.pinned:
+        ttl_left = round(max(0.0, ttl - idle), 1)
+    waiting = slot.plan.reason if slot.plan is not None and slot.state is ModelState.UNLOADED else None
+    return {
+        "name": slot.name,
+        "kind": slot.spec.kind,
+        "state": slot.state.value,
+        "device": "+".join(slot.placements) or None,
+        "pid": slot.worker.pid if slot.worker else None,
+        "quantization": slot.info.get("quantization", slot.spec.quantization),
+        "n_ctx": slot.info.get("n_ctx", slot.spec.n_ctx),
+        "size_bytes": sum(slot.placements.values()) or None,
+        "estimated_bytes": slot.estimate.total if slot.estimate else None,
+        "measured_bytes": slot.measured,
+        "load_ms": slot.info.get("load_ms"),
+        "pinned": slot.spec.pinned,
+        "priority": slot.spec.priority,
+        "in_flight": int(slot.running is not None),
+        "queued": len(slot.queue),
+        "requests": slot.requests_served,
+        "last_used": slot.last_used,
+        "idle_s": round(idle, 1) if idle is not None and loaded else None,
+        "ttl_s": ttl,
+        "ttl_left_s": ttl_left,
+        "waiting_for": waiting,
+        "last_error": slot.last_error,
+    }
+
+
+def catalogue_entry(slot: ModelSlot) -> dict[str, Any]:
+    path = Path(slot.spec.path)
+    return {
+        **msgspec.to_builtins(slot.spec),
+        "name": slot.name,
+        "state": slot.state.value,
+        "file_exists": path.is_file(),
+        "file_bytes": path.stat().st_size if path.is_file() else None,
+    }
