@@ -75,7 +75,8 @@ def format_status(status: dict[str, Any]) -> str:
     if devices.get("reason"):
         mode += f": {devices['reason']}"
     manager = status["manager"]
-    footer = f"manager pid {manager['pid']}, up {_ago(manager['uptime_s'])}, {manager['workers']} workers; devices {mode}"
+    footer = f"manager pid {manager['pid']}, up {_ago(manager['uptime_s'])}, {manager['workers']} workers"
+    footer += f"; devices {mode}"
     return "\n".join([*models, "", *device_rows, "", footer])
 
 

@@ -278,8 +278,9 @@ class ModelManagerAgent:
     @staticmethod
     def _insufficient_memory(slot: ModelSlot, decision: Decision) -> InsufficientMemory:
         free = {device: round(bytes_ / MIB, 1) for device, bytes_ in decision.free.items()}
+        reason = f"waited too long; {decision.reason}" if decision.action == "wait" else decision.reason
         return InsufficientMemory(
-            f"{slot.name!r} needs {decision.need / MIB:.0f} MiB: {decision.reason or 'waited too long for memory'}",
+            f"{slot.name!r} needs {decision.need / MIB:.0f} MiB: {reason}",
             model=slot.name,
             needed_mib=round(decision.need / MIB, 1),
             free_mib=free,

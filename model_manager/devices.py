@@ -51,7 +51,7 @@ class Inventory:
 
     def host(self, our_pids: Iterable[int]) -> Device:
         memory = psutil.virtual_memory()
-        ours = sum(process_rss(pid) for pid in our_pids)
+        ours = sum(process_anon_rss(pid) for pid in our_pids)
         others = max(0, memory.total - memory.available - ours)
         return Device(id=HOST, kind="cpu", name="host RAM", index=None, total=memory.total, used_by_others=others)
 
@@ -178,6 +178,15 @@ def _try_nvml(settings: DeviceSettings) -> Inventory:
     inventory = Inventory(settings)
     inventory.reason = reason
     return inventory
+
+
+def process_anon_rss(pid: int) -> int:
+    """Resident memory that is not file-backed: mapped model files are page cache, already outside `available`."""
+    try:
+        info = psutil.Process(pid).memory_info()
+    except psutil.Error:
+        return 0
+    return max(0, info.rss - info.shared)
 
 
 def process_rss(pid: int) -> int:

@@ -102,12 +102,13 @@ def decay_demand(demand: float, elapsed_s: float, half_life_s: float) -> float:
 
 
 def _evictable(r: Resident, now: float, waited_s: float, sched: SchedulerSettings, ignore_busy: bool) -> bool:
-    if r.pinned or r.unloading or r.loading:
+    if r.pinned:
         return False
-    if ignore_busy:
+    if ignore_busy:  # what will become evictable once its requests, its load or its hold are over
         return True
-    held = now - r.last_used < sched.hold_after_use_s and waited_s < sched.max_wait_s
-    return not r.busy and not held
+    if r.unloading or r.loading or r.busy:
+        return False
+    return now - r.last_used >= sched.hold_after_use_s or waited_s >= sched.max_wait_s
 
 
 def _candidates(request: PlacementRequest, views: list[DeviceView], settings: DeviceSettings) -> list[DeviceView]:
@@ -184,7 +185,7 @@ def plan_placement(
         releasable = sum(
             r.placements[view.device.id]
             for r in residents
-            if view.device.id in r.placements and (r.unloading or _evictable(r, now, waited, sched, True))
+            if view.device.id in r.placements and _evictable(r, now, waited, sched, True)
         )
         if view.free + releasable >= need:
             return Decision("wait", (view.device.id,), need=need, reason="memory is held by models in use", free=free)

@@ -1,0 +1,249 @@
+"""Memory management against the real daemon and real models, on a simulated GPU too small for both models.
+
+Measured here on the CPU: SmolLM2 takes about 210 MiB in its worker and Gemma 3 270M about 380 MiB, so a 500 MiB
+simulated GPU holds either one, never both.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from model_client import InsufficientMemory
+from model_manager.config import DeviceSettings
+from model_manager.devices import open_inventory
+from tests.conftest import GREEDY, ManagerProcess, base_config, collect_events, model_status, wait_for
+
+QUESTION = [{"role": "user", "content": "Say one word."}]
+SIM_GPU_MIB = 500
+
+
+def simulated_config(run_dir: Path, **scheduler) -> dict:
+    config = base_config(run_dir)
+    config["devices"] = {
+        "mode": "simulated",
+        "simulated": [{"name": "sim-gpu", "total_mib": SIM_GPU_MIB}],
+        "gpu_headroom_mib": 0,
+        "allow_cpu_fallback": False,
+    }
+    config["scheduler"] = {"hold_after_use_s": 0.0, "max_wait_s": 10.0, "wait_for_memory_s": 30.0, **scheduler}
+    for name in ("smollm2", "gemma3-270m"):
+        config["models"][name]["n_gpu_layers"] = -1
+    config["models"]["gemma-long-ctx"] = {**config["models"]["gemma3-270m"], "n_ctx": 32768}
+    return config
+
+
+def start(run_dir: Path, config: dict) -> ManagerProcess:
+    manager = ManagerProcess(run_dir, config)
+    manager.start()
+    return manager
+
+
+@pytest.fixture
+def sim(run_dir: Path):
+    manager = start(run_dir, simulated_config(run_dir))
+    yield manager
+    manager.stop()
+
+
+def model_events(events) -> list[tuple[str, str, str | None]]:
+    return [(e["event"], e["model"], e.get("reason")) for e in collect_events(events, time.monotonic() + 0.5)]
+
+
+def test_simulated_devices_are_visible_as_such(sim: ManagerProcess) -> None:
+    with sim.client() as c:
+        devices = c.status()["devices"]
+    assert devices["mode"] == "simulated" and devices["simulated"] is True
+    gpu = next(d for d in devices["list"] if d["kind"] == "gpu")
+    assert gpu["id"] == "sim:0" and gpu["simulated"] is True and gpu["total_bytes"] == SIM_GPU_MIB * 1024 * 1024
+    assert '"event": "devices_simulated"' in sim.log_path.read_text()
+
+
+def test_alternating_models_that_cannot_coreside_all_succeed(sim: ManagerProcess) -> None:
+    events = sim.subscribe()
+    time.sleep(0.3)
+    with sim.client(timeout=60) as c:
+        for model in ("smollm2", "gemma3-270m", "smollm2", "gemma3-270m"):
+            assert c.chat(model, QUESTION, max_tokens=3, **GREEDY).text is not None
+            status = c.status()
+            ready = [m["name"] for m in status["models"] if m["state"] == "ready"]
+            assert ready == [model], "only the model in use holds the simulated GPU"
+            assert model_status(c, model)["device"] == "sim:0"
+    assert model_events(events) == [
+        ("model.loaded", "smollm2", None),
+        ("model.unloaded", "smollm2", "pressure"),
+        ("model.loaded", "gemma3-270m", None),
+        ("model.unloaded", "gemma3-270m", "pressure"),
+        ("model.loaded", "smollm2", None),
+        ("model.unloaded", "smollm2", "pressure"),
+        ("model.loaded", "gemma3-270m", None),
+    ]
+    events.close()
+
+
+def test_a_pinned_model_is_never_evicted(run_dir: Path) -> None:
+    config = simulated_config(run_dir)
+    config["models"]["smollm2"]["pinned"] = True
+    manager = start(run_dir, config)
+    try:
+        with manager.client(timeout=60) as c:
+            pid = c.load("smollm2")["pid"]
+            with pytest.raises(InsufficientMemory) as err:
+                c.chat("gemma3-270m", QUESTION, max_tokens=3)
+            assert err.value.details["needed_mib"] > 300
+            assert "sim:0" in err.value.details["free_mib"]
+            smollm2 = model_status(c, "smollm2")
+            assert smollm2["state"] == "ready" and smollm2["pid"] == pid
+            assert smollm2["ttl_left_s"] is None, "pinned models have no keep-alive countdown"
+    finally:
+        manager.stop()
+
+
+def test_a_model_fitting_nowhere_gets_insufficient_memory_at_once(sim: ManagerProcess) -> None:
+    with sim.client(timeout=60) as c:
+        started = time.monotonic()
+        with pytest.raises(InsufficientMemory) as err:
+            c.chat("gemma-long-ctx", QUESTION, max_tokens=3)
+        assert time.monotonic() - started < 5
+        assert err.value.details["needed_mib"] > SIM_GPU_MIB
+        assert set(err.value.details["free_mib"]) == {"cpu", "sim:0"}
+        assert c.chat("smollm2", QUESTION, max_tokens=2).text is not None, "the next request works"
+
+
+def test_a_model_with_a_request_in_flight_is_not_unloaded_under_it(sim: ManagerProcess) -> None:
+    events = sim.subscribe()
+    time.sleep(0.3)
+    finished: dict[str, float] = {}
+
+    def long_stream() -> None:
+        with sim.client(timeout=60) as c:
+            text = c.chat("smollm2", QUESTION, stream=True, max_tokens=120, temperature=0.8, seed=3).text()
+            assert text
+            finished["smollm2"] = time.time()
+
+    with sim.client(timeout=60) as c:
+        c.load("smollm2")
+        thread = threading.Thread(target=long_stream)
+        thread.start()
+        wait_for(lambda: model_status(c, "smollm2")["in_flight"] == 1, interval=0.01)
+        reply = c.chat("gemma3-270m", QUESTION, max_tokens=2)
+        thread.join()
+    assert "smollm2" in finished, "the streamed request finished normally"
+    assert reply.timings["queue_ms"] > 100, "gemma waited for smollm2's request instead of evicting it"
+    unloaded = [e for e in collect_events(events, time.monotonic() + 0.5) if e["event"] == "model.unloaded"]
+    assert unloaded[0]["model"] == "smollm2" and unloaded[0]["reason"] == "pressure"
+    assert unloaded[0]["time"] >= finished["smollm2"] - 0.05
+    events.close()
+
+
+def test_a_request_waits_for_memory_only_so_long(run_dir: Path) -> None:
+    manager = start(run_dir, simulated_config(run_dir, wait_for_memory_s=0.5))
+    try:
+        with manager.client(timeout=60) as c:
+            c.load("smollm2")
+            stream = c.chat("smollm2", QUESTION, stream=True, max_tokens=400, temperature=0.8, seed=3)
+            pieces = iter(stream)
+            next(pieces)
+            with manager.client(timeout=60) as other:
+                started = time.monotonic()
+                with pytest.raises(InsufficientMemory, match="waited too long"):
+                    other.chat("gemma3-270m", QUESTION, max_tokens=2)
+                assert 0.4 < time.monotonic() - started < 5
+            assert "".join(pieces) is not None and stream.result is not None
+    finally:
+        manager.stop()
+
+
+def test_a_model_that_just_served_is_held_against_thrashing(run_dir: Path) -> None:
+    manager = start(run_dir, simulated_config(run_dir, hold_after_use_s=1.5, max_wait_s=30))
+    try:
+        with manager.client(timeout=60) as c:
+            c.chat("smollm2", QUESTION, max_tokens=2)
+            reply = c.chat("gemma3-270m", QUESTION, max_tokens=2)
+            assert reply.timings["queue_ms"] >= 1000, "smollm2 was held for hold_after_use_s before eviction"
+    finally:
+        manager.stop()
+
+
+def test_a_request_that_waited_too_long_overrides_the_hold(run_dir: Path) -> None:
+    manager = start(run_dir, simulated_config(run_dir, hold_after_use_s=30, max_wait_s=0.5))
+    try:
+        with manager.client(timeout=60) as c:
+            c.chat("smollm2", QUESTION, max_tokens=2)
+            reply = c.chat("gemma3-270m", QUESTION, max_tokens=2)
+            assert 400 <= reply.timings["queue_ms"] < 10_000
+    finally:
+        manager.stop()
+
+
+def test_preloaded_models_are_ready_before_any_request(run_dir: Path) -> None:
+    config = base_config(run_dir)
+    config["models"]["smollm2"]["preload"] = True
+    manager = start(run_dir, config)
+    try:
+        with manager.client() as c:
+            wait_for(lambda: model_status(c, "smollm2")["state"] == "ready", timeout=20)
+            assert model_status(c, "smollm2")["requests"] == 0
+            assert model_status(c, "gemma3-270m")["state"] == "unloaded"
+    finally:
+        manager.stop()
+
+
+def test_estimates_match_measured_sizes_and_survive_a_restart(run_dir: Path) -> None:
+    """On the CPU the header estimate is within 15% of the worker's measured resident memory."""
+    manager = start(run_dir, base_config(run_dir))
+    try:
+        with manager.client(timeout=60) as c:
+            for model in ("smollm2", "gemma3-270m"):
+                c.chat(model, QUESTION, max_tokens=2)
+                status = model_status(c, model)
+                ratio = status["measured_bytes"] / status["estimated_bytes"]
+                assert 0.85 <= ratio <= 1.15, (model, ratio)
+                assert status["size_bytes"] == status["measured_bytes"], "the measured size is what is reserved"
+            measured = model_status(c, "smollm2")["measured_bytes"]
+    finally:
+        manager.stop()
+    assert '"event": "model_measured"' in manager.log_path.read_text()
+    restarted = start(run_dir, manager.config)
+    try:
+        with restarted.client() as c:
+            c.chat("smollm2", QUESTION, max_tokens=1)
+            assert model_status(c, "smollm2")["measured_bytes"] is not None
+        log = restarted.log_path.read_text()
+        assert f'"reserved_mib": {round(measured / 1024 / 1024, 1)}' in log, "the restart reserved the measured size"
+    finally:
+        restarted.stop()
+
+
+def test_device_inventory_against_the_real_nvml_library() -> None:
+    inventory = open_inventory(DeviceSettings(mode="auto"))
+    devices = inventory.devices([])
+    assert devices[0].id == "cpu" and devices[0].total > 0
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        gpus = pynvml.nvmlDeviceGetCount()
+    except Exception as exc:
+        assert inventory.mode == "cpu-only"
+        assert type(exc).__name__ in inventory.reason, "the reason names what NVML said"
+        assert [d.kind for d in devices] == ["cpu"]
+    else:
+        assert inventory.mode == ("nvml" if gpus else "cpu-only")
+        assert len([d for d in devices if d.kind == "gpu"]) == gpus
+        assert all(d.total > 0 for d in devices)
+    explicit = open_inventory(DeviceSettings(mode="cpu-only"))
+    assert explicit.describe() == {"mode": "cpu-only", "simulated": False, "reason": "devices.mode is cpu-only"}
+
+
+def test_status_shows_devices_and_sizes(sim: ManagerProcess) -> None:
+    from model_client.cli import format_status
+
+    with sim.client(timeout=60) as c:
+        c.load("smollm2")
+        text = format_status(c.status())
+    assert "sim:0" in text and "SIMULATED" in text
+    assert "RESERVED" in text and "FREE" in text

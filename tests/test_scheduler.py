@@ -1,0 +1,126 @@
+"""The placement and eviction policy on its own: every rule of model_manager/scheduler.py, one test each."""
+
+from __future__ import annotations
+
+from model_manager.config import DeviceSettings, SchedulerSettings
+from model_manager.devices import Device
+from model_manager.scheduler import PlacementRequest, Resident, eviction_order, idle_expired, plan_placement
+
+MIB = 1024 * 1024
+NOW = 1000.0
+SETTINGS = DeviceSettings(gpu_headroom_mib=0, host_headroom_mib=0, cuda_context_mib=0)
+SCHED = SchedulerSettings(hold_after_use_s=2.0, max_wait_s=10.0)
+
+
+def gpu(index: int, total_mib: int, others_mib: int = 0) -> Device:
+    return Device(f"cuda:{index}", "gpu", f"GPU {index}", index, total_mib * MIB, others_mib * MIB)
+
+
+HOST = Device("cpu", "cpu", "host", None, 16000 * MIB, 0)
+
+
+def resident(name: str, device: str, mib: int, **kw) -> Resident:
+    values = dict(
+        priority=50, pinned=False, busy=False, unloading=False, loading=False, last_used=0.0, load_ms=1000, demand=1.0
+    )
+    values.update(kw)
+    return Resident(name=name, placements={device: mib * MIB}, **values)
+
+
+def request(mib: int, wants_gpu: bool = True, pinned_gpu: int | None = None, waited_s: float = 0.0) -> PlacementRequest:
+    return PlacementRequest("new", mib * MIB, mib * MIB, wants_gpu, pinned_gpu, waited_s)
+
+
+def plan(req, devices, residents, settings=SETTINGS, sched=SCHED):
+    return plan_placement(req, devices, residents, settings, sched, NOW)
+
+
+def test_best_fit_is_the_gpu_with_most_free_memory() -> None:
+    decision = plan(request(3000), [HOST, gpu(0, 8192, others_mib=4000), gpu(1, 6144)], [])
+    assert (decision.action, decision.device_ids) == ("place", ("cuda:1",))
+
+
+def test_reservations_count_as_used() -> None:
+    decision = plan(request(3000), [HOST, gpu(0, 8192), gpu(1, 6144)], [resident("a", "cuda:0", 6000)])
+    assert decision.device_ids == ("cuda:1",)
+
+
+def test_pinned_gpu_is_the_only_candidate() -> None:
+    decision = plan(request(3000, pinned_gpu=0), [HOST, gpu(0, 8192, others_mib=6000), gpu(1, 6144)], [])
+    assert decision.action == "fail" and decision.free["cuda:1"] == 6144 * MIB
+    missing = plan(request(10, pinned_gpu=5), [HOST, gpu(0, 8192)], [])
+    assert missing.action == "fail" and "GPU 5" in missing.reason
+
+
+def test_cpu_models_go_to_the_host_and_gpu_models_fall_back_to_it_when_allowed() -> None:
+    assert plan(request(100, wants_gpu=False), [HOST, gpu(0, 8192)], []).device_ids == ("cpu",)
+    assert plan(request(9000), [HOST, gpu(0, 8192)], []).device_ids == ("cpu",)
+    strict = DeviceSettings(gpu_headroom_mib=0, host_headroom_mib=0, allow_cpu_fallback=False)
+    assert plan(request(9000), [HOST, gpu(0, 8192)], [], settings=strict).action == "fail"
+
+
+def test_eviction_takes_the_cheapest_first_and_only_as_many_as_needed() -> None:
+    residents = [
+        resident("important", "cuda:0", 3000, priority=90, last_used=1),
+        resident("often-used", "cuda:0", 2000, demand=20.0, last_used=2),
+        resident("rarely-used", "cuda:0", 2000, demand=1.0, last_used=3),
+    ]
+    decision = plan(request(2500), [gpu(0, 8192)], residents)
+    assert decision.action == "evict" and decision.evict == ["rarely-used"]
+    decision = plan(request(4500), [gpu(0, 8192)], residents)
+    assert decision.evict == ["rarely-used", "often-used"]
+
+
+def test_equal_demand_and_load_time_degrade_to_least_recently_used() -> None:
+    residents = [resident("newer", "x", 1, last_used=50), resident("older", "x", 1, last_used=10)]
+    assert [r.name for r in eviction_order(residents)] == ["older", "newer"]
+
+
+def test_pinned_busy_and_loading_models_are_never_evicted() -> None:
+    residents = [resident("pinned", "cuda:0", 8000, pinned=True)]
+    assert plan(request(1000), [gpu(0, 8192)], residents).action == "fail"
+    for flag in ("busy", "loading"):
+        decision = plan(request(1000), [gpu(0, 8192)], [resident("m", "cuda:0", 8000, **{flag: True})])
+        assert decision.action == "wait", flag
+
+
+def test_a_model_that_just_served_is_held_unless_the_request_waited_too_long() -> None:
+    just_used = [resident("m", "cuda:0", 8000, last_used=NOW - 0.5)]
+    assert plan(request(1000), [gpu(0, 8192)], just_used).action == "wait"
+    assert plan(request(1000, waited_s=11), [gpu(0, 8192)], just_used).evict == ["m"]
+    long_ago = [resident("m", "cuda:0", 8000, last_used=NOW - 5)]
+    assert plan(request(1000), [gpu(0, 8192)], long_ago).evict == ["m"]
+
+
+def test_memory_being_released_means_wait_not_more_evictions() -> None:
+    residents = [resident("going", "cuda:0", 6000, unloading=True), resident("idle", "cuda:0", 2000)]
+    assert plan(request(5000), [gpu(0, 8192)], residents).action == "wait"
+
+
+def test_too_big_for_everything_fails_with_what_is_free_where() -> None:
+    decision = plan(request(20000), [HOST, gpu(0, 8192), gpu(1, 6144)], [])
+    assert decision.action == "fail" and decision.need == 20000 * MIB
+    assert decision.free == {"cpu": 16000 * MIB, "cuda:0": 8192 * MIB, "cuda:1": 6144 * MIB}
+
+
+def test_split_over_gpus_only_when_allowed_and_no_single_gpu_fits() -> None:
+    split = DeviceSettings(
+        gpu_headroom_mib=0, host_headroom_mib=0, cuda_context_mib=0, allow_split=True, allow_cpu_fallback=False
+    )
+    decision = plan(request(10000), [gpu(0, 8192), gpu(1, 6144)], [], settings=split)
+    assert decision.action == "place" and decision.device_ids == ("cuda:0", "cuda:1")
+    assert abs(sum(decision.tensor_split) - 1.0) < 1e-3 and decision.tensor_split[0] > decision.tensor_split[1]
+    assert plan(request(5000), [gpu(0, 8192), gpu(1, 6144)], [], settings=split).device_ids == ("cuda:0",)
+
+
+def test_max_loaded_models_per_device() -> None:
+    limited = DeviceSettings(gpu_headroom_mib=0, host_headroom_mib=0, max_loaded_models=1)
+    decision = plan(request(10), [gpu(0, 8192)], [resident("a", "cuda:0", 10)], settings=limited)
+    assert decision.evict == ["a"]
+
+
+def test_keep_alive_rules() -> None:
+    assert idle_expired(0.0, 0, pinned=False), "ttl 0 unloads after each request"
+    assert not idle_expired(10_000.0, -1, pinned=False), "ttl -1 never unloads"
+    assert not idle_expired(10_000.0, 5, pinned=True), "pinned models stay"
+    assert idle_expired(6.0, 5, pinned=False) and not idle_expired(4.0, 5, pinned=False)
