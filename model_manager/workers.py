@@ -25,6 +25,7 @@ class WorkerHandle:
     ready: bool = False
     model: str | None = None
     exit_deadline: float | None = None
+    pidfd: int | None = None  # readable once the process has exited (Linux), so exits are seen at once
 
     @property
     def pid(self) -> int:
@@ -41,8 +42,9 @@ class WorkerHandle:
 class WorkerPool:
     """Starts workers that connect back to the manager's worker ROUTER socket and keeps ``spares`` warm."""
 
-    def __init__(self, sock: zmq.Socket, endpoint: str, spares: int, kind: str = "llm") -> None:
+    def __init__(self, sock: zmq.Socket, endpoint: str, spares: int, poller: zmq.Poller, kind: str = "llm") -> None:
         self.sock = sock
+        self.poller = poller
         self.endpoint = endpoint
         self.spares_wanted = spares
         self.kind = kind
@@ -69,6 +71,11 @@ class WorkerPool:
             start_new_session=False,
         )
         handle = WorkerHandle(id=worker_id, proc=proc)
+        try:
+            handle.pidfd = os.pidfd_open(proc.pid)
+            self.poller.register(handle.pidfd, zmq.POLLIN)
+        except (AttributeError, OSError):
+            pass  # no pidfd here: the periodic reap still sees the exit, a tick later
         self.by_id[worker_id] = handle
         return handle
 
@@ -109,8 +116,15 @@ class WorkerPool:
                 code = handle.proc.wait()
             if code is not None:
                 del self.by_id[handle.id]
+                self._forget_pidfd(handle)
                 gone.append((handle, code))
         return gone
+
+    def _forget_pidfd(self, handle: WorkerHandle) -> None:
+        if handle.pidfd is not None:
+            self.poller.unregister(handle.pidfd)
+            os.close(handle.pidfd)
+            handle.pidfd = None
 
     def close(self, grace_s: float) -> None:
         for handle in self.by_id.values():
@@ -122,4 +136,5 @@ class WorkerPool:
             except subprocess.TimeoutExpired:
                 handle.kill()
                 handle.proc.wait()
+            self._forget_pidfd(handle)
         self.by_id.clear()
