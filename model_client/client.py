@@ -22,13 +22,14 @@ from model_client.errors import Timeout, error_from_wire
 
 @dataclass
 class Completion:
-    """A finished generation: text plus usage and timings as the manager reported them."""
+    """A finished generation: text plus usage, timings and context handling as the manager reported them."""
 
     text: str
     finish_reason: str
     model: str
     usage: dict[str, int]
     timings: dict[str, float]
+    context: dict[str, Any] = field(default_factory=dict)  # overflow policy, and how many old turns it dropped
 
     @classmethod
     def from_result(cls, result: dict[str, Any]) -> Completion:
@@ -38,6 +39,7 @@ class Completion:
             model=result["model"],
             usage=result["usage"],
             timings=result["timings"],
+            context=result.get("context", {}),
         )
 
 
@@ -169,6 +171,10 @@ class ModelClient:
     def unload(self, model: str) -> dict[str, Any]:
         return self.request("unload", {"model": model})
 
+    def drop_conversation(self, model: str, conversation_id: str) -> bool:
+        """Forget a conversation's cached state (in RAM and on disk); True if there was one."""
+        return self.request("conversation.drop", {"model": model, "conversation_id": conversation_id})["dropped"]
+
     def chat(
         self,
         model: str,
@@ -222,6 +228,10 @@ class Conversation:
         assert isinstance(reply, Completion)
         self.messages.append({"role": "assistant", "content": reply.text})
         return reply
+
+    def drop(self) -> bool:
+        """Forget the manager's cached state of this conversation (the messages here stay)."""
+        return self.client.drop_conversation(self.model, self.conversation_id)
 
     def stream(self, text: str, **params: Any) -> Iterator[str]:
         """Yield the reply's pieces; the full reply joins the history once the stream ends."""

@@ -55,6 +55,7 @@ class GenerationArgs(_Args, kw_only=True):
     repeat_penalty: Annotated[float, msgspec.Meta(ge=0.0)] = 1.0
     seed: int | None = None
     stop: list[str] = []
+    cache: bool = True  # reuse the KV cache (the conversation's, or the live context's); false: evaluate it all
 
 
 class ChatArgs(GenerationArgs, kw_only=True):
@@ -65,6 +66,11 @@ class CompleteArgs(GenerationArgs, kw_only=True):
     prompt: str
 
 
+class ConversationArgs(_Args, kw_only=True):
+    model: str
+    conversation_id: Annotated[str, msgspec.Meta(min_length=1)]
+
+
 OP_ARGS: dict[str, type[_Args]] = {
     "ping": NoArgs,
     "status": NoArgs,
@@ -73,10 +79,11 @@ OP_ARGS: dict[str, type[_Args]] = {
     "unload": ModelArgs,
     "chat": ChatArgs,
     "complete": CompleteArgs,
+    "conversation.drop": ConversationArgs,
 }
 OPS: tuple[str, ...] = tuple(OP_ARGS)
 # Ops a client may send again after a timeout without changing anything twice (Lazy Pirate retries).
-IDEMPOTENT_OPS = frozenset({"ping", "status", "models", "load", "unload"})
+IDEMPOTENT_OPS = frozenset({"ping", "status", "models", "load", "unload", "conversation.drop"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ from model_client.errors import (
     error_from_wire,
 )
 from model_manager.config import Config, ModelSpec
+from model_manager.kvcache import spill_path
 from model_manager.memory import MIB, MemoryAccounting
 from model_manager.scheduler import Decision, decay_demand, idle_expired
 from model_manager.slots import Job, ModelSlot, ModelState, Waiter
@@ -95,6 +96,7 @@ class ModelManagerAgent:
             "unload": self._op_unload,
             "chat": self._op_generate,
             "complete": self._op_generate,
+            "conversation.drop": self._op_drop_conversation,
         }
         self._next_tick = 0.0
         self._next_heartbeat = 0.0
@@ -242,7 +244,9 @@ class ModelManagerAgent:
         limit = self.config.limits.max_tokens
         if args.max_tokens > limit:
             raise BadRequest(f"max_tokens {args.max_tokens} is over the limit of {limit}", max_tokens=limit)
-        slot = self._slot(args.model)
+        self._enqueue(self._slot(args.model), route, request, args)
+
+    def _enqueue(self, slot: ModelSlot, route: list[bytes], request: protocol.Request, args: Any) -> None:
         if len(slot.queue) >= slot.spec.max_queue:
             raise Busy(f"model {slot.name!r} has {len(slot.queue)} requests queued", queued=len(slot.queue))
         slot.queue.append(Job(route=route, request_id=request.id, op=request.op, args=protocol.args_to_dict(args)))
@@ -250,6 +254,22 @@ class ModelManagerAgent:
         half_life = self.config.scheduler.demand_half_life_s
         slot.demand = decay_demand(slot.demand, now - slot.last_used_mono, half_life) + 1.0
         self._pump(slot)
+
+    def _op_drop_conversation(
+        self, route: list[bytes], request: protocol.Request, args: protocol.ConversationArgs
+    ) -> None:
+        """A loaded model's worker drops the state itself (in turn with its requests); otherwise only a spilled
+        file can exist, and the manager deletes it."""
+        slot = self._slot(args.model)
+        if slot.state in (ModelState.READY, ModelState.LOADING):
+            self._enqueue(slot, route, request, args)
+            return
+        dropped = False
+        if self.config.kv_cache.spill_dir:
+            path = spill_path(self.config.kv_cache.spill_dir, slot.name, args.conversation_id)
+            dropped = path.exists()
+            path.unlink(missing_ok=True)
+        self._reply(route, request.id, {"dropped": dropped, "conversation_id": args.conversation_id})
 
     # ----- model life cycle -----------------------------------------------------------------------------------
 
@@ -309,7 +329,16 @@ class ModelManagerAgent:
     def _send_load(self, slot: ModelSlot) -> None:
         assert slot.worker is not None and slot.load_spec is not None
         warm = slot.want_loaded and slot.spec.preload
-        self.pool.send(slot.worker, {"cmd": "load", "spec": msgspec.to_builtins(slot.load_spec), "warm": warm})
+        self.pool.send(
+            slot.worker,
+            {
+                "cmd": "load",
+                "name": slot.name,
+                "spec": msgspec.to_builtins(slot.load_spec),
+                "warm": warm,
+                "kv": msgspec.to_builtins(self.config.kv_cache),
+            },
+        )
 
     def _pump(self, slot: ModelSlot) -> None:
         """Start the next queued request if the model can take it; ask for a load if the model is not there."""
@@ -385,6 +414,8 @@ class ModelManagerAgent:
             self._on_loaded(slot, message["info"])
         elif event == "load_failed":
             self._fail_load(slot, error_from_wire(message["error"]))
+        elif event == "idle":
+            slot.kv_stats = message.get("kv") or {}
         elif event in ("chunk", "done", "failed"):
             job = slot.running
             if job is None or job.request_id != message.get("rid"):
@@ -423,7 +454,8 @@ class ModelManagerAgent:
     def _final_result(self, slot: ModelSlot, job: Job, result: dict[str, Any]) -> dict[str, Any]:
         assert job.started_at is not None
         result["model"] = slot.name
-        result["timings"]["queue_ms"] = round((job.started_at - job.received_at) * 1000, 2)
+        if "timings" in result:
+            result["timings"]["queue_ms"] = round((job.started_at - job.received_at) * 1000, 2)
         return result
 
     def _log_request(self, slot: ModelSlot, job: Job, outcome: str) -> None:

@@ -41,6 +41,7 @@ class Defaults(_Section):
     idle_ttl_s: float = 300.0
     priority: int = 50
     max_queue: PositiveInt = 32
+    context_overflow: Literal["error", "truncate"] = "error"
 
 
 class Limits(_Section):
@@ -79,6 +80,16 @@ class DeviceSettings(_Section):
     memory_release_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
 
 
+class KvCacheSettings(_Section):
+    """Saved KV-cache states of conversations (``conversation_id``), per model, in its worker's RAM."""
+
+    enabled: bool = True
+    budget_mib: Annotated[int, msgspec.Meta(ge=0)] = 512  # per model; least recently used states go first
+    ttl_s: Annotated[float, msgspec.Meta(gt=0)] = 3600.0  # unused this long: out of RAM (to disk if spilling)
+    spill_dir: str | None = "../run/kv"  # null: no disk; else evicted states are kept here, across restarts
+    disk_ttl_s: Annotated[float, msgspec.Meta(gt=0)] = 7 * 86400.0
+
+
 class SchedulerSettings(_Section):
     hold_after_use_s: Annotated[float, msgspec.Meta(ge=0)] = 2.0  # a model that just served is not evicted yet...
     max_wait_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0  # ...unless a request has waited this long
@@ -101,6 +112,9 @@ class ModelSpec(_Section):
     priority: int | None = None
     max_queue: PositiveInt | None = None
     chat_format: str | None = None
+    # A conversation longer than n_ctx: `error` (context_overflow) or `truncate` (drop the oldest turns, keep
+    # the system prompt).
+    context_overflow: Literal["error", "truncate"] | None = None
     tensor_split: list[float] | None = None  # set by the scheduler when a model is split over GPUs
     pinned: bool = False  # never evicted
     preload: bool = False  # loaded and warmed up when the manager starts
@@ -115,13 +129,23 @@ class Config(_Section, rename={"enable_legacy_models": "ENABLE_LEGACY_MODELS"}):
     manager: ManagerSettings = msgspec.field(default_factory=ManagerSettings)
     devices: DeviceSettings = msgspec.field(default_factory=DeviceSettings)
     scheduler: SchedulerSettings = msgspec.field(default_factory=SchedulerSettings)
+    kv_cache: KvCacheSettings = msgspec.field(default_factory=KvCacheSettings)
     models: dict[ModelName, ModelSpec] = {}
 
 
 def _resolve_model(spec: ModelSpec, defaults: Defaults, base_dir: Path) -> ModelSpec:
     filled = {
         name: getattr(defaults, name) if getattr(spec, name) is None else getattr(spec, name)
-        for name in ("n_ctx", "n_gpu_layers", "n_threads", "n_batch", "idle_ttl_s", "priority", "max_queue")
+        for name in (
+            "n_ctx",
+            "n_gpu_layers",
+            "n_threads",
+            "n_batch",
+            "idle_ttl_s",
+            "priority",
+            "max_queue",
+            "context_overflow",
+        )
     }
     return msgspec.structs.replace(spec, path=str(_resolve_path(spec.path, base_dir)), **filled)
 
@@ -161,11 +185,14 @@ def parse_config(text: str, base_dir: Path, source: str = "<string>") -> Config:
     if config.devices.mode == "simulated" and not config.devices.simulated:
         raise ConfigError(f"{source}: devices.mode is simulated but devices.simulated lists no GPU - at `$.devices`")
     manager = msgspec.structs.replace(config.manager, state_dir=str(_resolve_path(config.manager.state_dir, base_dir)))
+    kv_cache = config.kv_cache
+    if kv_cache.spill_dir:
+        kv_cache = msgspec.structs.replace(kv_cache, spill_dir=str(_resolve_path(kv_cache.spill_dir, base_dir)))
     endpoints = Endpoints(
         **{name: resolve_endpoint(getattr(config.endpoints, name), base_dir) for name in Endpoints.__struct_fields__}
     )
     models = {name: _resolve_model(spec, config.defaults, base_dir) for name, spec in config.models.items()}
-    return msgspec.structs.replace(config, endpoints=endpoints, models=models, manager=manager)
+    return msgspec.structs.replace(config, endpoints=endpoints, models=models, manager=manager, kv_cache=kv_cache)
 
 
 def load_config(path: str | Path) -> Config:

@@ -35,6 +35,15 @@ class Releasing:
     deadline: float
 
 
+def _with_kv_states(slot: ModelSlot) -> dict[str, int]:
+    """Saved conversation states live in the worker's RAM: count them on the host, wherever the model is."""
+    if not slot.kv_bytes:
+        return slot.placements
+    placements = dict(slot.placements)
+    placements["cpu"] = placements.get("cpu", 0) + slot.kv_bytes
+    return placements
+
+
 class MemoryAccounting:
     def __init__(self, config: Config, pool: WorkerPool) -> None:
         self.config = config
@@ -89,7 +98,7 @@ class MemoryAccounting:
         held = [
             Resident(
                 name=slot.name,
-                placements=slot.placements,
+                placements=_with_kv_states(slot),
                 priority=slot.spec.priority,
                 pinned=slot.spec.pinned,
                 busy=slot.busy,

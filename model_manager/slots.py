@@ -71,12 +71,17 @@ class ModelSlot:
     tensor_split: tuple[float, ...] | None = None
     estimate: Estimate | None = None
     measured: int | None = None
+    kv_stats: dict[str, int] = field(default_factory=dict)  # the worker's saved conversation states
     plan: Decision | None = None  # the scheduler's last answer while the model waits for memory
     pending_since: float | None = None
 
     @property
     def busy(self) -> bool:
         return self.running is not None or bool(self.queue)
+
+    @property
+    def kv_bytes(self) -> int:
+        return int(self.kv_stats.get("bytes", 0))
 
     @property
     def wants_load(self) -> bool:

@@ -58,6 +58,7 @@ def model_entry(slot: ModelSlot, now: float) -> dict[str, Any]:
         "ttl_s": ttl,
         "ttl_left_s": ttl_left,
         "waiting_for": waiting,
+        "kv_cache": slot.kv_stats or None,
         "last_error": slot.last_error,
     }
 

@@ -25,7 +25,7 @@ import zmq
 
 from model_client.errors import InternalError, ModelLoadFailed, ModelManagerError
 from model_manager.backends import Backend, create_backend, warm_up
-from model_manager.config import ModelSpec
+from model_manager.config import KvCacheSettings, ModelSpec
 
 PARENT_CHECK_MS = 1000
 
@@ -63,17 +63,20 @@ class Worker:
             message = msgpack.unpackb(self.sock.recv(), raw=False)
             cmd = message.get("cmd")
             if cmd == "load":
-                self._load(message["spec"], message.get("warm", False))
+                self._load(message["spec"], message.get("warm", False), message.get("name", "model"), message.get("kv"))
             elif cmd == "run":
                 self._run(message["rid"], message["op"], message["args"])
             elif cmd == "exit":
+                if self.backend is not None:
+                    self.backend.unload()
                 return
 
-    def _load(self, spec_map: dict[str, Any], warm: bool) -> None:
+    def _load(self, spec_map: dict[str, Any], warm: bool, name: str, kv_map: dict[str, Any] | None) -> None:
         try:
             spec = msgspec.convert(spec_map, ModelSpec)
+            kv = msgspec.convert(kv_map, KvCacheSettings) if kv_map else None
             self.backend = create_backend(spec.kind)
-            info = self.backend.load(spec)
+            info = self.backend.load(spec, name, kv)
             if warm:
                 self.backend.warm_up()
         except ModelManagerError as exc:
@@ -101,6 +104,9 @@ class Worker:
             self.send({"evt": "failed", "rid": rid, "error": error.to_wire()})
         else:
             self.send({"evt": "done", "rid": rid, "result": result})
+        # The reply is out: now save the conversation's state, off the request's critical path.
+        self.backend.after_reply()
+        self.send({"evt": "idle", "kv": self.backend.kv_stats()})
 
 
 def resident_bytes() -> int:

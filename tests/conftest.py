@@ -60,6 +60,7 @@ def base_config(run_dir: Path) -> dict:
         },
         "limits": {"max_message_bytes": 1024 * 1024, "max_tokens": 512, "request_timeout_s": 60},
         "manager": {"heartbeat_s": 0.5, "log_level": "debug", "state_dir": str(state)},
+        "kv_cache": {"spill_dir": str(run_dir / "kv")},
         "models": {
             "smollm2": smollm2,
             "gemma3-270m": {

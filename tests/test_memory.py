@@ -19,6 +19,7 @@ from tests.conftest import GREEDY, ManagerProcess, base_config, collect_events, 
 
 QUESTION = [{"role": "user", "content": "Say one word."}]
 SIM_GPU_MIB = 500
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"  # greedy decoding keeps counting: a reliably long request
 
 
 def simulated_config(run_dir: Path, **scheduler) -> dict:
@@ -120,7 +121,7 @@ def test_a_model_with_a_request_in_flight_is_not_unloaded_under_it(sim: ManagerP
 
     def long_stream() -> None:
         with sim.client(timeout=60) as c:
-            text = c.chat("smollm2", QUESTION, stream=True, max_tokens=120, temperature=0.8, seed=3).text()
+            text = c.complete("smollm2", COUNTING, stream=True, max_tokens=120, **GREEDY).text()
             assert text
             finished["smollm2"] = time.time()
 
@@ -144,7 +145,7 @@ def test_a_request_waits_for_memory_only_so_long(run_dir: Path) -> None:
     try:
         with manager.client(timeout=60) as c:
             c.load("smollm2")
-            stream = c.chat("smollm2", QUESTION, stream=True, max_tokens=400, temperature=0.8, seed=3)
+            stream = c.complete("smollm2", COUNTING, stream=True, max_tokens=400, **GREEDY)
             pieces = iter(stream)
             next(pieces)
             with manager.client(timeout=60) as other:

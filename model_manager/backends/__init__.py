@@ -8,13 +8,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from model_manager.config import ModelSpec
+from model_manager.config import KvCacheSettings, ModelSpec
 
 Emit = Callable[[dict[str, Any]], None]
 
 
 class Backend(Protocol):
-    def load(self, spec: ModelSpec) -> dict[str, Any]:
+    def load(self, spec: ModelSpec, name: str, kv: KvCacheSettings | None) -> dict[str, Any]:
         """Load the model; return facts about it (load time, quantization, sizes). Raise ModelLoadFailed."""
 
     def warm_up(self) -> None:
@@ -22,6 +22,15 @@ class Backend(Protocol):
 
     def run(self, op: str, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         """Serve one request; stream chunks through ``emit`` and return the final result."""
+
+    def after_reply(self) -> None:
+        """Work that can wait until the reply is sent (saving a conversation's state)."""
+
+    def kv_stats(self) -> dict[str, int] | None:
+        """Saved conversation states: count, bytes in RAM, files on disk; None if the kind keeps none."""
+
+    def unload(self) -> None:
+        """Called before an orderly exit."""
 
 
 def warm_up(kind: str) -> None:
