@@ -73,6 +73,7 @@ class ConversationStore:
             if saved is None:
                 return None
             self.states[conversation_id] = saved
+            self._fit_budget(keep=conversation_id)
         self.states.move_to_end(conversation_id)
         saved.last_used = time.monotonic()
         return saved
