@@ -191,6 +191,7 @@ class GGUFBackend:
         if llm.n_tokens > self.batch_evaluated:
             llm._ctx.kv_cache_seq_rm(-1, self.batch_evaluated, -1)
             llm.n_tokens = self.batch_evaluated
+            llm._requires_eval = True  # the logits at hand are the last reply token's, not the prompt's
         if self.store is None:
             return
         if conversation_id is not None and llm.n_tokens > 0:
