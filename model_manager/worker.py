@@ -105,7 +105,7 @@ class Worker:
         else:
             self.send({"evt": "done", "rid": rid, "result": result})
         # The reply is out: now save the conversation's state, off the request's critical path.
-        self.backend.after_reply()
+        self.backend.after_reply(idle=not self.sock.poll(0))
         self.send({"evt": "idle", "kv": self.backend.kv_stats()})
 
 

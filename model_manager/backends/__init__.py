@@ -23,7 +23,7 @@ class Backend(Protocol):
     def run(self, op: str, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         """Serve one request; stream chunks through ``emit`` and return the final result."""
 
-    def after_reply(self) -> None:
+    def after_reply(self, idle: bool) -> None:
         """Work that can wait until the reply is sent (saving a conversation's state)."""
 
     def kv_stats(self) -> dict[str, int] | None:

@@ -11,12 +11,13 @@ the new prompt than the live context does, then evaluates only the new tokens. P
 (about 25 MB) and saves and restores in a few milliseconds, while ``save_state`` also copies the logits array
 (n_ctx x n_vocab floats, 400 MB at n_ctx 2048) on every save.
 
-Exactness: a reply's tokens are decoded one at a time, and a KV cache built from a run of such single-token
-decodes is not bit-identical to one built by batch evaluation (measured on SmolLM2: after 16 single decodes the
-next logits differed by up to 0.5, enough to flip greedy choices; batch evaluation split at any point was exact).
-So after each reply the context keeps only the prompt's cells, and the next turn evaluates the previous reply
-again in its batch: turn N still costs only the tokens it adds, and the reply is token for token the reply
-without reuse.
+Exactness: with temperature 0 a reply with reuse must be token for token the reply without it. llama.cpp's CPU
+attention is bit-identical however a prompt is split into batches, but not after runs of one-token decodes
+(measured on SmolLM2: two replies' worth of decoded tokens in the cache flipped a greedy choice of the third turn;
+batch evaluation split at any point was exact). So the cells of a reply's decoded tokens are dropped after the
+reply and the tokens evaluated again as one batch: right away when the worker is idle, else in the
+conversation's next turn. Cells are only ever dropped by reloading the kept ones into a cleared cache, so the
+cache has the shape a fresh evaluation gives it.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class GGUFBackend:
         self.store: ConversationStore | None = None
         self.live_conversation: str | None = None  # the conversation whose tokens the context holds
         self.to_save: str | None = None  # saved after the reply is sent, off the request's critical path
-        self.batch_evaluated = 0  # context cells computed by batch evaluation (the last prompt)
+        self.prompt_len = 0  # the last prompt: the context cells that batch evaluation computed
 
     def load(self, spec: ModelSpec, name: str = "model", kv: KvCacheSettings | None = None) -> dict[str, Any]:
         if not os.path.isfile(spec.path):
@@ -157,48 +158,75 @@ class GGUFBackend:
         return {"dropped": dropped, "conversation_id": conversation_id}
 
     def _prepare_context(self, conversation_id: str | None, prompt: list[int], reuse: bool) -> None:
-        """Put into the context whatever shares the longest prefix with ``prompt``: the live context or the
-        conversation's saved state."""
+        """Leave in the context the longest prefix of ``prompt`` that the live context or the conversation's
+        saved state holds, in canonical cell layout, so that only the rest is evaluated."""
         llm = self.llm
         assert llm is not None
-        if not reuse:
-            llm.reset()
-            self.live_conversation = None
-            return
-        if self.store is None or conversation_id is None or conversation_id == self.live_conversation:
-            return
-        saved = self.store.get(conversation_id)
-        if saved is None:
-            return
-        live = _common_prefix(llm.input_ids[: llm.n_tokens].tolist(), prompt)
-        if _common_prefix(saved.tokens, prompt) <= live:
-            return
-        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
-        buffer = (ctypes.c_uint8 * len(saved.state)).from_buffer_copy(saved.state)
-        if not llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, buffer, len(saved.state), 0):
-            llm.reset()
-            return
-        llm.input_ids[: len(saved.tokens)] = saved.tokens
-        llm.n_tokens = len(saved.tokens)
-        llm._requires_eval = True
-        self.live_conversation = conversation_id
+        live_tokens = llm.input_ids[: llm.n_tokens].tolist()
+        live = _common_prefix(live_tokens, prompt) if reuse else 0
+        saved = self.store.get(conversation_id) if reuse and self.store and conversation_id else None
+        keep = min(max(live, _common_prefix(saved.tokens, prompt) if saved else 0), len(prompt) - 1)
+        if keep <= 0:
+            self._clear_cells()
+        elif saved is not None and keep > live:
+            self._load_cells(saved.tokens, saved.state)
+        if 0 < keep < llm.n_tokens:
+            self._truncate_cells(keep)
+        self.live_conversation = conversation_id if reuse else None
 
-    def after_reply(self) -> None:
-        """Keep only batch-evaluated cells, save the conversation just served, let old states expire."""
+    def _clear_cells(self) -> None:
+        llm = self.llm
+        assert llm is not None
+        llm._ctx.kv_cache_clear()
+        llm.n_tokens, llm._requires_eval = 0, True
+
+    def _load_cells(self, tokens: list[int], state: bytes) -> None:
+        llm = self.llm
+        assert llm is not None
+        self._clear_cells()
+        buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, buffer, len(state), 0):
+            llm.input_ids[: len(tokens)] = tokens
+            llm.n_tokens = len(tokens)
+        else:
+            self._clear_cells()
+
+    def _cell_state(self) -> bytes:
+        llm = self.llm
+        assert llm is not None
+        size = llama_cpp.llama_state_seq_get_size(llm._ctx.ctx, 0)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(llm._ctx.ctx, buffer, size, 0)
+        return bytes(buffer[:written])
+
+    def _truncate_cells(self, keep: int) -> None:
+        """Keep the first ``keep`` tokens. Removing cells in place leaves llama.cpp's cache bookkeeping (its
+        high-water mark) as it was, and attention over a differently shaped cache is not bit-identical; so the
+        kept cells are reloaded into a cleared cache instead."""
+        llm = self.llm
+        assert llm is not None
+        llm._ctx.kv_cache_seq_rm(-1, keep, -1)
+        tokens = llm.input_ids[:keep].tolist()
+        self._load_cells(tokens, self._cell_state())
+
+    def after_reply(self, idle: bool = True) -> None:
+        """Make the context exact again, save the conversation just served, let old states expire.
+
+        The reply's tokens were decoded one at a time; they are dropped from the cache and, when no request is
+        waiting, evaluated again as one batch now. Under load that is left to the conversation's next turn.
+        """
         llm, conversation_id, self.to_save = self.llm, self.to_save, None
         if llm is None:
             return
-        if llm.n_tokens > self.batch_evaluated:
-            llm._ctx.kv_cache_seq_rm(-1, self.batch_evaluated, -1)
-            llm.n_tokens = self.batch_evaluated
-            llm._requires_eval = True  # the logits at hand are the last reply token's, not the prompt's
+        if 0 < self.prompt_len < llm.n_tokens:
+            reply = llm.input_ids[self.prompt_len : llm.n_tokens].tolist()
+            self._truncate_cells(self.prompt_len)
+            if idle:
+                llm.eval(reply)
         if self.store is None:
             return
         if conversation_id is not None and llm.n_tokens > 0:
-            size = llama_cpp.llama_state_seq_get_size(llm._ctx.ctx, 0)
-            buffer = (ctypes.c_uint8 * size)()
-            written = llama_cpp.llama_state_seq_get_data(llm._ctx.ctx, buffer, size, 0)
-            self.store.put(conversation_id, llm.input_ids[: llm.n_tokens].tolist(), bytes(buffer[:written]))
+            self.store.put(conversation_id, llm.input_ids[: llm.n_tokens].tolist(), self._cell_state())
         self.store.expire()
 
     def kv_stats(self) -> dict[str, int] | None:
@@ -264,7 +292,7 @@ class GGUFBackend:
             emit({"text": tail})
         ended = time.perf_counter()
         first_token_at = first_token_at or ended
-        self.batch_evaluated = len(prompt)
+        self.prompt_len = len(prompt)
         if args.get("cache", True):
             self.live_conversation = self.to_save = conversation_id
         else:

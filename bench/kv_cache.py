@@ -1,0 +1,150 @@
+"""Conversations that stay fast: eight conversations interleaved round-robin on one model, ten turns each, run
+twice against the same daemon: with KV reuse (``conversation_id``) and with reuse disabled (``cache: false``).
+
+Time to first token is measured at the client, from sending the request to the first streamed piece, so it
+includes restoring the conversation's state. With temperature 0 both runs produce the same replies (the reuse is
+exact), so both see the same histories.
+
+Prints a table, then one JSON line of figures. Run: ``.venv/bin/python bench/kv_cache.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from model_client import ModelClient  # noqa: E402
+
+SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SYSTEM = "You are a friendly assistant in a kitchen. Answer in two or three sentences."
+TOPICS = ["apricots", "bread", "coffee", "dumplings", "eggs", "fennel", "garlic", "honey"]
+REPORTED_TURNS = (1, 5, 10)
+
+
+def user_turn(conversation: int, turn: int) -> str:
+    """About 60 tokens of a user's message, different for every conversation and turn."""
+    topic = TOPICS[conversation % len(TOPICS)]
+    return (
+        f"This is message {turn + 1} about {topic}. I am planning a dinner for six friends next Saturday and "
+        f"I would like to use {topic} in at least one of the dishes. One guest does not eat meat and another "
+        f"one cannot have nuts. What would you suggest for step {turn + 1} of the preparation, and why?"
+    )
+
+
+def start_daemon(run_dir: Path, threads: int) -> subprocess.Popen:
+    config = {
+        "endpoints": {k: f"ipc://{run_dir}/{k}.sock" for k in ("requests", "events", "workers")},
+        "manager": {"log_level": "warning", "state_dir": str(run_dir / "state")},
+        "kv_cache": {"budget_mib": 1024, "spill_dir": None},
+        "models": {
+            "smollm2": {
+                "kind": "llm",
+                "path": str(SMOLLM2),
+                "quantization": "Q4_1",
+                "n_ctx": 2048,
+                "n_threads": threads,
+                "idle_ttl_s": -1,
+            }
+        },
+    }
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    return subprocess.Popen(
+        [sys.executable, "-m", "model_manager", "--config", str(run_dir / "config.yaml")],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+
+
+def run(client: ModelClient, conversations: int, turns: int, reuse: bool, tag: str):
+    """Returns per turn: TTFT of every conversation (ms), prompt tokens, and the replies' texts."""
+    histories = [[{"role": "system", "content": SYSTEM}] for _ in range(conversations)]
+    ttft: list[list[float]] = [[] for _ in range(turns)]
+    prompt_tokens: list[list[int]] = [[] for _ in range(turns)]
+    replies: list[str] = []
+    for turn in range(turns):
+        for conv in range(conversations):
+            histories[conv].append({"role": "user", "content": user_turn(conv, turn)})
+            started = time.perf_counter()
+            stream = client.chat(
+                "smollm2",
+                histories[conv],
+                conversation_id=f"{tag}-{conv}" if reuse else None,
+                cache=reuse,
+                stream=True,
+                max_tokens=48,
+                temperature=0.0,
+            )
+            first = None
+            for _ in stream:
+                first = first or time.perf_counter()
+            assert stream.result is not None
+            ttft[turn].append(((first or time.perf_counter()) - started) * 1000)
+            prompt_tokens[turn].append(stream.result.usage["prompt_tokens"])
+            histories[conv].append({"role": "assistant", "content": stream.result.text})
+            replies.append(stream.result.text)
+    return ttft, prompt_tokens, replies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--conversations", type=int, default=8)
+    parser.add_argument("--turns", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+
+    run_dir = Path(tempfile.mkdtemp(prefix="mm-kv-"))
+    daemon = start_daemon(run_dir, args.threads)
+    try:
+        client = ModelClient(f"ipc://{run_dir}/requests.sock", timeout=300, retries=20)
+        client.ping(timeout=1.0)
+        client.load("smollm2")
+        reuse_ttft, history, reuse_replies = run(client, args.conversations, args.turns, True, "reuse")
+        kv = next(m for m in client.status()["models"] if m["name"] == "smollm2")["kv_cache"]
+        plain_ttft, _, plain_replies = run(client, args.conversations, args.turns, False, "plain")
+        client.close()
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+    median = [statistics.median(t) for t in reuse_ttft]
+    plain = [statistics.median(t) for t in plain_ttft]
+    tokens = [round(statistics.mean(t)) for t in history]
+    last = args.turns - 1
+    print(f"{'turn':>5}{'history tokens':>16}{'TTFT reuse ms':>15}{'TTFT no reuse ms':>18}{'speed-up':>10}")
+    for turn in (t - 1 for t in REPORTED_TURNS if t <= args.turns):
+        print(
+            f"{turn + 1:>5}{tokens[turn]:>16}{median[turn]:>15.1f}{plain[turn]:>18.1f}{plain[turn] / median[turn]:>10.2f}"
+        )
+    print(f"saved states: {kv['conversations']} conversations, {kv['bytes'] / 2**20:.1f} MiB in RAM")
+    figures = {
+        "ttft_turn10_reuse_ms": round(median[last], 1),
+        "ttft_turn10_noreuse_ms": round(plain[last], 1),
+        "turn10_speedup": round(plain[last] / median[last], 2),
+        "history_tokens_turn10": tokens[last],
+        "state_bytes_per_conversation": round(kv["bytes"] / max(1, kv["conversations"])),
+        "ttft_growth": round(median[last] / median[0], 3),
+        "ttft_turn1_reuse_ms": round(median[0], 1),
+        "ttft_turn5_reuse_ms": round(median[min(4, last)], 1),
+        "replies_identical": reuse_replies == plain_replies,
+        "conversations": args.conversations,
+        "turns": args.turns,
+    }
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
