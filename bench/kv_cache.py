@@ -126,9 +126,8 @@ def main() -> None:
     last = args.turns - 1
     print(f"{'turn':>5}{'history tokens':>16}{'TTFT reuse ms':>15}{'TTFT no reuse ms':>18}{'speed-up':>10}")
     for turn in (t - 1 for t in REPORTED_TURNS if t <= args.turns):
-        print(
-            f"{turn + 1:>5}{tokens[turn]:>16}{median[turn]:>15.1f}{plain[turn]:>18.1f}{plain[turn] / median[turn]:>10.2f}"
-        )
+        speedup = plain[turn] / median[turn]
+        print(f"{turn + 1:>5}{tokens[turn]:>16}{median[turn]:>15.1f}{plain[turn]:>18.1f}{speedup:>10.2f}")
     print(f"saved states: {kv['conversations']} conversations, {kv['bytes'] / 2**20:.1f} MiB in RAM")
     figures = {
         "ttft_turn10_reuse_ms": round(median[last], 1),

@@ -31,6 +31,13 @@ def _ago(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def _conversations(kv: dict[str, int] | None) -> str:
+    if not kv:
+        return "-"
+    spilled = f" +{kv['spilled']} on disk" if kv.get("spilled") else ""
+    return f"{kv['conversations']} ({_size(kv['bytes'])}){spilled}"
+
+
 def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [headers, *rows]]
@@ -39,7 +46,7 @@ def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
 def format_status(status: dict[str, Any]) -> str:
     """Two tables: models (like ``ollama ps``) and devices, then one line about the manager."""
     models = _table(
-        ("MODEL", "DEVICE", "SIZE", "STATE", "IDLE", "TTL LEFT", "REQUESTS", "QUEUE", "PID"),
+        ("MODEL", "DEVICE", "SIZE", "STATE", "IDLE", "TTL LEFT", "REQUESTS", "QUEUE", "CONVERSATIONS", "PID"),
         [
             (
                 m["name"],
@@ -50,6 +57,7 @@ def format_status(status: dict[str, Any]) -> str:
                 "pinned" if m.get("pinned") else _ago(m["ttl_left_s"]) if m["ttl_s"] >= 0 else "forever",
                 str(m["requests"]),
                 f"{m['in_flight']}+{m['queued']}",
+                _conversations(m.get("kv_cache")),
                 str(m["pid"] or "-"),
             )
             for m in status["models"]
