@@ -68,7 +68,7 @@ def start_daemon(run_dir: Path, threads: int) -> subprocess.Popen:
     )
 
 
-def run(client: ModelClient, conversations: int, turns: int, reuse: bool, tag: str):
+def run(client: ModelClient, conversations: int, turns: int, reuse: bool, tag: str, think_s: float = 0.0):
     """Returns per turn: TTFT of every conversation (ms), prompt tokens, and the replies' texts."""
     histories = [[{"role": "system", "content": SYSTEM}] for _ in range(conversations)]
     ttft: list[list[float]] = [[] for _ in range(turns)]
@@ -77,6 +77,7 @@ def run(client: ModelClient, conversations: int, turns: int, reuse: bool, tag: s
     for turn in range(turns):
         for conv in range(conversations):
             histories[conv].append({"role": "user", "content": user_turn(conv, turn)})
+            time.sleep(think_s)  # the user speaking: the manager is idle meanwhile
             started = time.perf_counter()
             stream = client.chat(
                 "smollm2",
@@ -103,6 +104,9 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--think-ms", type=float, default=0.0, help="pause before each request, as a user speaking (default: none)"
+    )
     args = parser.parse_args()
 
     run_dir = Path(tempfile.mkdtemp(prefix="mm-kv-"))
@@ -111,9 +115,10 @@ def main() -> None:
         client = ModelClient(f"ipc://{run_dir}/requests.sock", timeout=300, retries=20)
         client.ping(timeout=1.0)
         client.load("smollm2")
-        reuse_ttft, history, reuse_replies = run(client, args.conversations, args.turns, True, "reuse")
+        think = args.think_ms / 1000
+        reuse_ttft, history, reuse_replies = run(client, args.conversations, args.turns, True, "reuse", think)
         kv = next(m for m in client.status()["models"] if m["name"] == "smollm2")["kv_cache"]
-        plain_ttft, _, plain_replies = run(client, args.conversations, args.turns, False, "plain")
+        plain_ttft, _, plain_replies = run(client, args.conversations, args.turns, False, "plain", think)
         client.close()
     finally:
         daemon.terminate()
@@ -139,6 +144,7 @@ def main() -> None:
         "ttft_turn1_reuse_ms": round(median[0], 1),
         "ttft_turn5_reuse_ms": round(median[min(4, last)], 1),
         "replies_identical": reuse_replies == plain_replies,
+        "think_ms": args.think_ms,
         "conversations": args.conversations,
         "turns": args.turns,
     }

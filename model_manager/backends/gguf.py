@@ -197,7 +197,7 @@ class GGUFBackend:
         size = llama_cpp.llama_state_seq_get_size(llm._ctx.ctx, 0)
         buffer = (ctypes.c_uint8 * size)()
         written = llama_cpp.llama_state_seq_get_data(llm._ctx.ctx, buffer, size, 0)
-        return bytes(buffer[:written])
+        return ctypes.string_at(buffer, written)  # one memcpy (slicing a ctypes array builds a list of ints)
 
     def _truncate_cells(self, keep: int) -> None:
         """Keep the first ``keep`` tokens. Removing cells in place leaves llama.cpp's cache bookkeeping (its
