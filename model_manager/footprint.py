@@ -94,9 +94,6 @@ class Estimate:
     compute: int
     overhead: int
 
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
-
 
 def estimate_gguf(
     facts: GgufFacts,
