@@ -13,22 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
+from bench.daemon import SMOLLM2, llm_entry, running_daemon  # noqa: E402
 from model_client import ModelClient  # noqa: E402
 
-SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEM = "You are a friendly assistant in a kitchen. Answer in two or three sentences."
 TOPICS = ["apricots", "bread", "coffee", "dumplings", "eggs", "fennel", "garlic", "honey"]
 REPORTED_TURNS = (1, 5, 10)
@@ -41,30 +35,6 @@ def user_turn(conversation: int, turn: int) -> str:
         f"This is message {turn + 1} about {topic}. I am planning a dinner for six friends next Saturday and "
         f"I would like to use {topic} in at least one of the dishes. One guest does not eat meat and another "
         f"one cannot have nuts. What would you suggest for step {turn + 1} of the preparation, and why?"
-    )
-
-
-def start_daemon(run_dir: Path, threads: int) -> subprocess.Popen:
-    config = {
-        "endpoints": {k: f"ipc://{run_dir}/{k}.sock" for k in ("requests", "events", "workers")},
-        "manager": {"log_level": "warning", "state_dir": str(run_dir / "state")},
-        "kv_cache": {"budget_mib": 1024, "spill_dir": None},
-        "models": {
-            "smollm2": {
-                "kind": "llm",
-                "path": str(SMOLLM2),
-                "quantization": "Q4_1",
-                "n_ctx": 2048,
-                "n_threads": threads,
-                "idle_ttl_s": -1,
-            }
-        },
-    }
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    return subprocess.Popen(
-        [sys.executable, "-m", "model_manager", "--config", str(run_dir / "config.yaml")],
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
     )
 
 
@@ -109,21 +79,16 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    run_dir = Path(tempfile.mkdtemp(prefix="mm-kv-"))
-    daemon = start_daemon(run_dir, args.threads)
-    try:
-        client = ModelClient(f"ipc://{run_dir}/requests.sock", timeout=300, retries=20)
-        client.ping(timeout=1.0)
+    config = {
+        "kv_cache": {"budget_mib": 1024, "spill_dir": None},
+        "models": {"smollm2": llm_entry(SMOLLM2, "Q4_1", args.threads)},
+    }
+    with running_daemon(config) as client:
         client.load("smollm2")
         think = args.think_ms / 1000
         reuse_ttft, history, reuse_replies = run(client, args.conversations, args.turns, True, "reuse", think)
         kv = next(m for m in client.status()["models"] if m["name"] == "smollm2")["kv_cache"]
         plain_ttft, _, plain_replies = run(client, args.conversations, args.turns, False, "plain", think)
-        client.close()
-    finally:
-        daemon.terminate()
-        daemon.wait(30)
-        shutil.rmtree(run_dir, ignore_errors=True)
 
     median = [statistics.median(t) for t in reuse_ttft]
     plain = [statistics.median(t) for t in plain_ttft]

@@ -15,31 +15,23 @@ import argparse
 import gc
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
+from bench.daemon import GEMMA, SMOLLM2, llm_entry, running_daemon  # noqa: E402
 from model_client import ModelClient  # noqa: E402
 
-SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-GEMMA = REPO / "models" / "gemma-3-270m-q4_k_m.gguf"
 SETTLE_S = 1.0  # pause between cases, as between turns of a conversation: the spare worker is ready again
 
 
-def start_daemon(run_dir: Path, threads: int) -> subprocess.Popen:
-    model = {"kind": "llm", "n_ctx": 2048, "n_gpu_layers": -1, "n_threads": threads, "idle_ttl_s": -1}
-    config = {
-        "endpoints": {k: f"ipc://{run_dir}/{k}.sock" for k in ("requests", "events", "workers")},
-        "manager": {"log_level": "warning", "state_dir": str(run_dir / "state")},
+def daemon_config(threads: int) -> dict:
+    """A simulated 500 MiB GPU that holds SmolLM2 or Gemma 3 270M, never both."""
+    gpu = {"n_gpu_layers": -1}
+    return {
         "devices": {
             "mode": "simulated",
             "simulated": [{"name": "sim-gpu", "total_mib": 500}],
@@ -48,16 +40,10 @@ def start_daemon(run_dir: Path, threads: int) -> subprocess.Popen:
         },
         "scheduler": {"hold_after_use_s": 0},
         "models": {
-            "smollm2": {**model, "path": str(SMOLLM2), "quantization": "Q4_1"},
-            "gemma3-270m": {**model, "path": str(GEMMA), "quantization": "Q4_K_M", "chat_format": "gemma"},
+            "smollm2": llm_entry(SMOLLM2, "Q4_1", threads, **gpu),
+            "gemma3-270m": llm_entry(GEMMA, "Q4_K_M", threads, chat_format="gemma", **gpu),
         },
     }
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    return subprocess.Popen(
-        [sys.executable, "-m", "model_manager", "--config", str(run_dir / "config.yaml")],
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-    )
 
 
 def ttft_ms(client: ModelClient, turn: int) -> float:
@@ -98,12 +84,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
 
-    run_dir = Path(tempfile.mkdtemp(prefix="mm-swap-"))
-    daemon = start_daemon(run_dir, args.threads)
     loaded, cold, evict, pure_load, pure_unload = [], [], [], [], []
-    try:
-        client = ModelClient(f"ipc://{run_dir}/requests.sock", timeout=120, retries=20)
-        client.ping(timeout=1.0)
+    with running_daemon(daemon_config(args.threads)) as client:
         for name in ("gemma3-270m", "smollm2"):  # measure both once, so every later reservation is exact
             client.load(name)
             client.unload(name)
@@ -127,11 +109,6 @@ def main() -> None:
             load_ms, unload_ms = in_process_ms(args.threads)
             pure_load.append(load_ms)
             pure_unload.append(unload_ms)
-        client.close()
-    finally:
-        daemon.terminate()
-        daemon.wait(30)
-        shutil.rmtree(run_dir, ignore_errors=True)
 
     med = {
         k: statistics.median(v)

@@ -16,21 +16,19 @@ import multiprocessing
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
 import zmq
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.daemon import SMOLLM2 as MODEL_PATH  # noqa: E402
+from bench.daemon import llm_entry, running_daemon  # noqa: E402
 from model_client import ModelClient  # noqa: E402
 
-MODEL_PATH = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "Here is a long story about a lighthouse keeper and the sea.\n\nOnce upon a time,"
 
 
@@ -115,30 +113,6 @@ def stream_direct(llm, max_tokens: int) -> tuple[float, str, int]:
     return decode_rate(times, tokens), text, tokens
 
 
-def start_daemon(run_dir: Path, threads: int) -> subprocess.Popen:
-    config = {
-        "endpoints": {k: f"ipc://{run_dir}/{k}.sock" for k in ("requests", "events", "workers")},
-        "manager": {"log_level": "warning"},
-        "models": {
-            "smollm2": {
-                "kind": "llm",
-                "path": str(MODEL_PATH),
-                "quantization": "Q4_1",
-                "n_ctx": 2048,
-                "n_threads": threads,
-                "idle_ttl_s": -1,
-            }
-        },
-    }
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "model_manager", "--config", str(run_dir / "config.yaml")],
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-    )
-    return proc
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--pings", type=int, default=3000)
@@ -147,12 +121,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
 
-    run_dir = Path(tempfile.mkdtemp(prefix="mm-bench-"))
-    daemon = start_daemon(run_dir, args.threads)
-    try:
-        client = ModelClient(f"ipc://{run_dir}/requests.sock", timeout=120, retries=20)
-        client.ping(timeout=1.0)
-        ping, raw = bench_pings(client, f"ipc://{run_dir}/echo.sock", args.pings)
+    config = {"models": {"smollm2": llm_entry(MODEL_PATH, "Q4_1", args.threads)}}
+    with running_daemon(config) as client:
+        echo_dir = Path(tempfile.mkdtemp(prefix="mm-echo-"))
+        ping, raw = bench_pings(client, f"ipc://{echo_dir}/echo.sock", args.pings)
+        shutil.rmtree(echo_dir, ignore_errors=True)
 
         from llama_cpp import Llama  # the in-process baseline, on purpose
 
@@ -169,11 +142,6 @@ def main() -> None:
             rate, direct_text, _ = stream_direct(llm, args.tokens)
             direct_rates.append(rate)
             same_text &= daemon_text == direct_text
-        client.close()
-    finally:
-        daemon.terminate()
-        daemon.wait(30)
-        shutil.rmtree(run_dir, ignore_errors=True)
 
     figures = {
         "ping_p50_us": round(statistics.median(ping), 1),

@@ -212,8 +212,9 @@ class GGUFBackend:
     def after_reply(self, idle: bool = True) -> None:
         """Make the context exact again, save the conversation just served, let old states expire.
 
-        The reply's tokens were decoded one at a time; they are dropped from the cache and, when no request is
-        waiting, evaluated again as one batch now. Under load that is left to the conversation's next turn.
+        The reply's tokens were decoded one at a time; they are dropped from the cache and, for a conversation
+        when no request is waiting, evaluated again as one batch now. Under load that is left to the
+        conversation's next turn.
         """
         llm, conversation_id, self.to_save = self.llm, self.to_save, None
         if llm is None:
@@ -221,7 +222,7 @@ class GGUFBackend:
         if 0 < self.prompt_len < llm.n_tokens:
             reply = llm.input_ids[self.prompt_len : llm.n_tokens].tolist()
             self._truncate_cells(self.prompt_len)
-            if idle:
+            if idle and conversation_id is not None:  # only a conversation's next turn needs them
                 llm.eval(reply)
         if self.store is None:
             return

@@ -1,0 +1,60 @@
+"""The real daemon for a benchmark: its own temporary directory and sockets, a client, and a clean stop."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from model_client import ModelClient  # noqa: E402
+
+SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA = REPO / "models" / "gemma-3-270m-q4_k_m.gguf"
+
+
+def llm_entry(path: Path, quantization: str, threads: int, **extra: object) -> dict:
+    return {
+        "kind": "llm",
+        "path": str(path),
+        "quantization": quantization,
+        "n_ctx": 2048,
+        "n_threads": threads,
+        "idle_ttl_s": -1,
+        **extra,
+    }
+
+
+@contextmanager
+def running_daemon(config: dict) -> Iterator[ModelClient]:
+    """Start ``python -m model_manager`` on ``config`` (endpoints and state are filled in) and yield a client."""
+    run_dir = Path(tempfile.mkdtemp(prefix="mm-bench-"))
+    config = {
+        **config,
+        "endpoints": {k: f"ipc://{run_dir}/{k}.sock" for k in ("requests", "events", "workers")},
+        "manager": {"log_level": "warning", "state_dir": str(run_dir / "state"), **config.get("manager", {})},
+    }
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "model_manager", "--config", str(run_dir / "config.yaml")],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    client = ModelClient(f"ipc://{run_dir}/requests.sock", timeout=300, retries=20)
+    try:
+        client.ping(timeout=1.0)
+        yield client
+    finally:
+        client.close()
+        daemon.terminate()
+        daemon.wait(30)
+        shutil.rmtree(run_dir, ignore_errors=True)
