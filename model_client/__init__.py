@@ -1,12 +1,14 @@
 """Client library for the ModelManagerAgent: ``from model_client import ModelClient``."""
 
-from model_client.client import Completion, Conversation, ModelClient, Stream
+from model_client.audio import Audio
+from model_client.client import Completion, Conversation, ModelClient, Speech, SpeechStream, Stream, Transcript
 from model_client.errors import (
     BadRequest,
     Busy,
     ContextOverflow,
     InsufficientMemory,
     InternalError,
+    InvalidAudio,
     ModelFailed,
     ModelLoadFailed,
     ModelManagerError,
@@ -17,6 +19,10 @@ from model_client.errors import (
 )
 
 __all__ = [
+    "Audio",
+    "Speech",
+    "SpeechStream",
+    "Transcript",
     "BadRequest",
     "Busy",
     "Completion",
@@ -24,6 +30,7 @@ __all__ = [
     "Conversation",
     "InsufficientMemory",
     "InternalError",
+    "InvalidAudio",
     "ModelClient",
     "ModelFailed",
     "ModelLoadFailed",

@@ -16,8 +16,9 @@ from typing import Any
 import zmq
 
 from model_client import protocol
+from model_client.audio import Audio, read_wav
 from model_client.endpoints import default_endpoint
-from model_client.errors import Timeout, error_from_wire
+from model_client.errors import InternalError, Timeout, error_from_wire
 
 
 @dataclass
@@ -59,6 +60,53 @@ class Stream:
 
     def text(self) -> str:
         return "".join(self)
+
+
+@dataclass
+class Transcript:
+    """What Whisper heard: the text, its timed segments, the language and the clip's length."""
+
+    text: str
+    segments: list[dict[str, Any]]
+    language: str
+    duration_s: float
+    model: str
+    timings: dict[str, float]
+
+    @classmethod
+    def from_result(cls, result: dict[str, Any]) -> Transcript:
+        return cls(
+            text=result["text"],
+            segments=result["segments"],
+            language=result["language"],
+            duration_s=result["duration_s"],
+            model=result["model"],
+            timings=result["timings"],
+        )
+
+
+@dataclass
+class Speech:
+    """Synthesized speech: the audio (PCM, ``to_wav()`` for a file) and how long it took to make."""
+
+    audio: Audio
+    model: str
+    timings: dict[str, float]
+
+
+class SpeechStream:
+    """Iterate for the audio of each sentence as it is made; ``result`` holds the final report at the end."""
+
+    def __init__(self, chunks: Iterator[Audio | dict[str, Any]]) -> None:
+        self._chunks = chunks
+        self.result: dict[str, Any] | None = None
+
+    def __iter__(self) -> Iterator[Audio]:
+        for chunk in self._chunks:
+            if isinstance(chunk, dict):
+                self.result = chunk
+            else:
+                yield chunk
 
 
 class ModelClient:
@@ -117,7 +165,17 @@ class ModelClient:
 
     def request(self, op: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
         """Send one request and return its result, raising the typed error the manager answered with."""
-        request = protocol.Request(op=op, args=args or {})
+        return self._result(self.call(op, args, timeout))
+
+    def call(
+        self,
+        op: str,
+        args: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        payloads: tuple[bytes, ...] = (),
+    ) -> protocol.Reply:
+        """Send one request (with binary payload frames) and return its final reply, result or error."""
+        request = protocol.Request(op=op, args=args or {}, payloads=payloads)
         timeout = self.timeout if timeout is None else timeout
         attempts = 1 + (self.retries if op in protocol.IDEMPOTENT_OPS else 0)
         for attempt in range(attempts):
@@ -131,7 +189,7 @@ class ModelClient:
                 continue
             while not reply.is_final:  # a streamed request answered here: keep only the final reply
                 reply = self._receive(request.id, timeout)
-            return self._result(reply)
+            return reply
         raise AssertionError("unreachable")
 
     @staticmethod
@@ -199,6 +257,54 @@ class ModelClient:
     ) -> Completion | Stream:
         args = {"model": model, "prompt": prompt, "conversation_id": conversation_id, **params}
         return self._generate("complete", args, stream, timeout)
+
+    def transcribe(
+        self, audio: bytes, model: str | None = None, timeout: float | None = None, **options: Any
+    ) -> Transcript:
+        """Transcribe an audio file's bytes (WAV, FLAC, MP3, OGG, ...); ``options``: language, beam_size,
+        vad_filter, word_timestamps."""
+        reply = self.call("transcribe", {"model": model, **options}, timeout, payloads=(audio,))
+        return Transcript.from_result(self._result(reply))
+
+    def transcribe_pcm(self, audio: Audio, model: str | None = None, timeout: float | None = None, **options: Any):
+        """Transcribe raw little-endian PCM."""
+        pcm = {"format": "pcm", "sample_rate": audio.sample_rate, "sample_width": audio.sample_width}
+        return self.transcribe(audio.pcm, model, timeout, channels=audio.channels, **pcm, **options)
+
+    def synthesize(
+        self, text: str, voice: str | None = None, speed: float = 1.0, timeout: float | None = None, **options: Any
+    ) -> Speech:
+        """Speak ``text`` with ``voice`` (a tts model of the catalogue; None: the first); one reply, all audio."""
+        args = {"text": text, "voice": voice, "speed": speed, "format": "wav", **options}
+        reply = self.call("synthesize", args, timeout)
+        result = self._result(reply)
+        if not reply.payloads:
+            raise InternalError("the synthesize reply carried no audio frame")
+        return Speech(audio=read_wav(reply.payloads[0]), model=result["model"], timings=result["timings"])
+
+    def synthesize_stream(
+        self, text: str, voice: str | None = None, speed: float = 1.0, timeout: float | None = None, **options: Any
+    ) -> SpeechStream:
+        """Speak ``text``, one PCM chunk per sentence as soon as it is made."""
+        timeout = self.timeout if timeout is None else timeout
+        args = {"text": text, "voice": voice, "speed": speed, "format": "pcm", "stream": True, **options}
+        return SpeechStream(self._speech_chunks(args, timeout))
+
+    def _speech_chunks(self, args: dict[str, Any], timeout: float) -> Iterator[Audio | dict[str, Any]]:
+        request = protocol.Request(op="synthesize", args=args)
+        self._send(request)
+        try:
+            while True:
+                reply = self._receive(request.id, timeout)
+                if reply.is_final:
+                    yield self._result(reply)
+                    return
+                chunk = reply.body
+                pcm = reply.payloads[0] if reply.payloads else b""
+                yield Audio(pcm, chunk["sample_rate"], chunk.get("sample_width", 2), chunk.get("channels", 1))
+        except BaseException:
+            self._reset()
+            raise
 
     def _generate(self, op: str, args: dict[str, Any], stream: bool, timeout: float | None) -> Completion | Stream:
         timeout = self.timeout if timeout is None else timeout

@@ -33,6 +33,12 @@ class BadRequest(ModelManagerError):
     code = "bad_request"
 
 
+class InvalidAudio(BadRequest):
+    """The audio cannot be decoded, is empty, or is longer than the configured maximum."""
+
+    code = "invalid_audio"
+
+
 class UnknownOp(ModelManagerError):
     code = "unknown_op"
 
@@ -89,6 +95,7 @@ ERRORS_BY_CODE: dict[str, type[ModelManagerError]] = {
     cls.code: cls
     for cls in (
         BadRequest,
+        InvalidAudio,
         UnknownOp,
         UnsupportedVersion,
         ModelNotFound,

@@ -71,6 +71,33 @@ class ConversationArgs(_Args, kw_only=True):
     conversation_id: Annotated[str, msgspec.Meta(min_length=1)]
 
 
+class TranscribeArgs(_Args, kw_only=True):
+    """Audio travels in the one binary frame after the envelope: a WAV/FLAC/MP3/OGG file's bytes (``format:
+    auto``), or raw little-endian integer PCM (``format: pcm``) described by the three ``pcm`` fields."""
+
+    model: str | None = None  # a catalogue model of kind stt; None: the first one
+    format: Literal["auto", "pcm"] = "auto"
+    sample_rate: Annotated[int, msgspec.Meta(ge=1000, le=384_000)] = 16000
+    sample_width: Literal[1, 2, 4] = 2  # bytes per sample (1: unsigned 8-bit, 2: s16, 4: s32)
+    channels: Annotated[int, msgspec.Meta(ge=1, le=8)] = 1
+    language: Annotated[str, msgspec.Meta(min_length=2, max_length=8)] | None = None  # None: detect
+    beam_size: Annotated[int, msgspec.Meta(ge=1, le=10)] = 1
+    vad_filter: bool = False  # drop silence with the Silero VAD before transcribing
+    word_timestamps: bool = False
+
+
+class SynthesizeArgs(_Args, kw_only=True):
+    """Text to speech. ``format: wav``: one reply carrying a WAV file; ``format: pcm``: raw s16 PCM, streamed
+    as one chunk per sentence when ``stream`` is true (DEALER clients), else in one reply."""
+
+    text: str
+    voice: str | None = None  # a catalogue model of kind tts; None: the first one
+    speed: Annotated[float, msgspec.Meta(ge=0.25, le=4.0)] = 1.0  # Piper's length scale is divided by this
+    speaker: Annotated[int, msgspec.Meta(ge=0)] | None = None  # multi-speaker voices
+    format: Literal["wav", "pcm"] = "wav"
+    stream: bool = False
+
+
 OP_ARGS: dict[str, type[_Args]] = {
     "ping": NoArgs,
     "status": NoArgs,
@@ -80,10 +107,12 @@ OP_ARGS: dict[str, type[_Args]] = {
     "chat": ChatArgs,
     "complete": CompleteArgs,
     "conversation.drop": ConversationArgs,
+    "transcribe": TranscribeArgs,
+    "synthesize": SynthesizeArgs,
 }
 OPS: tuple[str, ...] = tuple(OP_ARGS)
 # Ops a client may send again after a timeout without changing anything twice (Lazy Pirate retries).
-IDEMPOTENT_OPS = frozenset({"ping", "status", "models", "load", "unload", "conversation.drop"})
+IDEMPOTENT_OPS = frozenset({"ping", "status", "models", "load", "unload", "conversation.drop", "transcribe"})
 
 
 @dataclass(frozen=True, slots=True)

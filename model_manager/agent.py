@@ -27,6 +27,7 @@ from model_client.errors import (
     Busy,
     InsufficientMemory,
     InternalError,
+    InvalidAudio,
     ModelFailed,
     ModelLoadFailed,
     ModelManagerError,
@@ -34,6 +35,7 @@ from model_client.errors import (
     Timeout,
     error_from_wire,
 )
+from model_manager.backends import PAYLOAD
 from model_manager.config import Config, ModelSpec
 from model_manager.kvcache import spill_path
 from model_manager.memory import MIB, MemoryAccounting
@@ -49,6 +51,12 @@ SPARE_RESTART_BACKOFF_S = 5.0
 SPARE_REFILL_MAX_DELAY_S = 10.0
 
 log = structlog.get_logger("model_manager")
+
+
+def _take_payload(body: dict[str, Any]) -> tuple[bytes, ...]:
+    """Binary data a worker put in a result or chunk leaves the map and travels as its own frame."""
+    payload = body.pop(PAYLOAD, None)
+    return (payload,) if payload is not None else ()
 
 
 def ipc_path(endpoint: str) -> Path | None:
@@ -97,6 +105,8 @@ class ModelManagerAgent:
             "chat": self._op_generate,
             "complete": self._op_generate,
             "conversation.drop": self._op_drop_conversation,
+            "transcribe": self._op_transcribe,
+            "synthesize": self._op_synthesize,
         }
         self._next_tick = 0.0
         self._next_heartbeat = 0.0
@@ -156,7 +166,7 @@ class ModelManagerAgent:
     def _shutdown(self) -> None:
         stopped = ModelFailed("the model manager shut down before this request ran")
         for slot in self.slots.values():
-            for job in [*([slot.running] if slot.running else []), *slot.queue]:
+            for job in [*slot.running.values(), *slot.queue]:
                 self._reply_error(job.route, job.request_id, stopped)
             slot.queue.clear()
         self.pool.close(self.config.manager.unload_timeout_s)
@@ -244,12 +254,51 @@ class ModelManagerAgent:
         limit = self.config.limits.max_tokens
         if args.max_tokens > limit:
             raise BadRequest(f"max_tokens {args.max_tokens} is over the limit of {limit}", max_tokens=limit)
-        self._enqueue(self._slot(args.model), route, request, args)
+        self._enqueue(self._kind_slot(args.model, "llm", request.op), route, request, args)
 
-    def _enqueue(self, slot: ModelSlot, route: list[bytes], request: protocol.Request, args: Any) -> None:
+    def _op_transcribe(self, route: list[bytes], request: protocol.Request, args: protocol.TranscribeArgs) -> None:
+        slot = self._kind_slot(args.model, "stt", request.op)
+        if len(request.payloads) != 1:
+            raise BadRequest(
+                f"transcribe takes the audio in one binary frame after the envelope, got {len(request.payloads)}"
+            )
+        if not request.payloads[0]:
+            raise InvalidAudio("the audio frame is empty")
+        self._enqueue(slot, route, request, args, audio=request.payloads[0])
+
+    def _op_synthesize(self, route: list[bytes], request: protocol.Request, args: protocol.SynthesizeArgs) -> None:
+        if not args.text.strip():
+            raise BadRequest("text is empty: there is nothing to say")
+        limit = self.config.limits.max_text_chars
+        if len(args.text) > limit:
+            raise BadRequest(f"text is {len(args.text)} characters, over the limit of {limit}", max_text_chars=limit)
+        if args.stream and args.format != "pcm":
+            raise BadRequest("streamed speech is raw PCM: ask for format 'pcm' with stream, or 'wav' without")
+        try:
+            slot = self._kind_slot(args.voice, "tts", request.op)
+        except ModelNotFound as exc:
+            voices = [name for name, s in self.slots.items() if s.spec.kind == "tts"]
+            message = f"voice {args.voice!r} is not in the catalogue"
+            raise ModelNotFound(message, voice=args.voice, available=voices) from exc
+        self._enqueue(slot, route, request, args)
+
+    def _kind_slot(self, name: str | None, kind: str, op: str) -> ModelSlot:
+        """The named catalogue model, which must be of ``kind``; None: the catalogue's first model of it."""
+        if name is None:
+            for slot in self.slots.values():
+                if slot.spec.kind == kind:
+                    return slot
+            raise ModelNotFound(f"the catalogue has no {kind} model for {op!r}", kind=kind)
+        slot = self._slot(name)
+        if slot.spec.kind != kind:
+            raise BadRequest(f"{op!r} needs a model of kind {kind}; {name!r} is {slot.spec.kind}", model=name)
+        return slot
+
+    def _enqueue(self, slot: ModelSlot, route: list[bytes], request: protocol.Request, args: Any, **extra: Any) -> None:
         if len(slot.queue) >= slot.spec.max_queue:
             raise Busy(f"model {slot.name!r} has {len(slot.queue)} requests queued", queued=len(slot.queue))
-        slot.queue.append(Job(route=route, request_id=request.id, op=request.op, args=protocol.args_to_dict(args)))
+        job_args = protocol.args_to_dict(args) | extra
+        slot.queue.append(Job(route=route, request_id=request.id, op=request.op, args=job_args))
         now = time.monotonic()
         half_life = self.config.scheduler.demand_half_life_s
         slot.demand = decay_demand(slot.demand, now - slot.last_used_mono, half_life) + 1.0
@@ -260,7 +309,7 @@ class ModelManagerAgent:
     ) -> None:
         """A loaded model's worker drops the state itself (in turn with its requests); otherwise only a spilled
         file can exist, and the manager deletes it."""
-        slot = self._slot(args.model)
+        slot = self._kind_slot(args.model, "llm", request.op)
         if slot.state in (ModelState.READY, ModelState.LOADING):
             self._enqueue(slot, route, request, args)
             return
@@ -314,7 +363,7 @@ class ModelManagerAgent:
         slot.state, slot.plan, slot.pending_since = ModelState.LOADING, None, None
         slot.load_started_at = time.monotonic()
         slot.load_spec = spec
-        slot.worker = self.pool.take(slot.name)
+        slot.worker = self.pool.take(slot.name, slot.spec.kind)
         log.info(
             "model_loading",
             model=slot.name,
@@ -337,6 +386,7 @@ class ModelManagerAgent:
                 "spec": msgspec.to_builtins(slot.load_spec),
                 "warm": warm,
                 "kv": msgspec.to_builtins(self.config.kv_cache),
+                "limits": msgspec.to_builtins(self.config.limits),
             },
         )
 
@@ -347,12 +397,13 @@ class ModelManagerAgent:
         if slot.state in (ModelState.UNLOADED, ModelState.FAILED):
             if slot.wants_load:
                 self._schedule()
-        elif slot.state is ModelState.READY and slot.running is None and slot.queue:
-            job = slot.queue.popleft()
-            job.started_at = time.monotonic()
-            slot.running = job
+        elif slot.state is ModelState.READY:
             assert slot.worker is not None
-            self.pool.send(slot.worker, {"cmd": "run", "rid": job.request_id, "op": job.op, "args": job.args})
+            while slot.queue and len(slot.running) < slot.capacity:
+                job = slot.queue.popleft()
+                job.started_at = time.monotonic()
+                slot.running[job.request_id] = job
+                self.pool.send(slot.worker, {"cmd": "run", "rid": job.request_id, "op": job.op, "args": job.args})
 
     def _maybe_unload(self, slot: ModelSlot, reason: str = "requested") -> None:
         if slot.state is ModelState.READY and not slot.busy and slot.worker is not None:
@@ -361,8 +412,8 @@ class ModelManagerAgent:
             self.pool.end(slot.worker, self.config.manager.unload_timeout_s)
             log.info("model_unloading", model=slot.name, reason=reason)
 
-    def _finish(self, slot: ModelSlot) -> None:
-        slot.running = None
+    def _finish(self, slot: ModelSlot, job: Job) -> None:
+        slot.running.pop(job.request_id, None)
         slot.last_used, slot.last_used_mono = time.time(), time.monotonic()
         slot.requests_served += 1
         if slot.unload_waiters:
@@ -417,21 +468,24 @@ class ModelManagerAgent:
         elif event == "idle":
             slot.kv_stats = message.get("kv") or {}
         elif event in ("chunk", "done", "failed"):
-            job = slot.running
-            if job is None or job.request_id != message.get("rid"):
+            job = slot.running.get(message.get("rid"))
+            if job is None:
                 return
             if event == "chunk":
                 if job.stream:
-                    self._send(job.route, protocol.encode_chunk(job.request_id, message["chunk"]))
+                    chunk = message["chunk"]
+                    payloads = _take_payload(chunk)
+                    self._send(job.route, protocol.encode_chunk(job.request_id, chunk, payloads))
                 return
             if event == "done":
-                self._reply(job.route, job.request_id, self._final_result(slot, job, message["result"]))
+                result = self._final_result(slot, job, message["result"])
+                self._send(job.route, protocol.encode_result(job.request_id, result, _take_payload(result)))
                 self._log_request(slot, job, "ok")
             else:
                 error = error_from_wire(message["error"])
                 self._reply_error(job.route, job.request_id, error)
                 self._log_request(slot, job, error.code)
-            self._finish(slot)
+            self._finish(slot, job)
 
     def _on_loaded(self, slot: ModelSlot, info: dict[str, Any]) -> None:
         slot.state, slot.info, slot.last_error, slot.want_loaded = ModelState.READY, info, None, False
@@ -483,9 +537,10 @@ class ModelManagerAgent:
             worker = slot.worker
             if worker is None or worker.exit_deadline is not None:
                 continue
-            if slot.running and slot.running.started_at and now - slot.running.started_at > limits.request_timeout_s:
+            late = [j for j in slot.running.values() if j.started_at and now - j.started_at > limits.request_timeout_s]
+            if late:
                 slot.unload_reason = "request_timeout"
-                log.error("request_timed_out", model=slot.name, id=slot.running.request_id)
+                log.error("request_timed_out", model=slot.name, id=late[0].request_id)
                 worker.kill()
             elif (
                 slot.state is ModelState.LOADING
@@ -540,8 +595,8 @@ class ModelManagerAgent:
             self._on_worker_crash(slot, code)
 
     def _on_worker_crash(self, slot: ModelSlot, code: int) -> None:
-        """The worker died under a loaded model: its request fails, queued ones get a fresh worker."""
-        job = slot.running
+        """The worker died under a loaded model: its requests fail, queued ones get a fresh worker."""
+        jobs = list(slot.running.values())
         if slot.unload_reason == "request_timeout":
             error: ModelManagerError = Timeout(
                 f"request ran past {self.config.limits.request_timeout_s} s",
@@ -549,12 +604,12 @@ class ModelManagerAgent:
             )
         else:
             error = ModelFailed(f"worker for {slot.name!r} exited with code {code}", exit_code=code)
-        slot.state, slot.info, slot.last_error, slot.running = ModelState.FAILED, {}, error.to_wire(), None
+        slot.state, slot.info, slot.last_error, slot.running = ModelState.FAILED, {}, error.to_wire(), {}
         slot.unload_reason = "requested"
         log.error("model_failed", model=slot.name, exit_code=code, code=error.code)
         self._publish(protocol.EVENT_MODEL_FAILED, model=slot.name, reason="worker_exit", error=error.to_wire())
         self._publish(protocol.EVENT_MODEL_UNLOADED, model=slot.name, reason="error")
-        if job is not None:
+        for job in jobs:
             self._reply_error(job.route, job.request_id, error)
             self._log_request(slot, job, error.code)
         self._answer_unload_waiters(slot)

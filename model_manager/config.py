@@ -8,7 +8,7 @@ sees one fully resolved ``ModelSpec`` per model.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
@@ -48,6 +48,8 @@ class Limits(_Section):
     max_message_bytes: PositiveInt = 16 * 1024 * 1024
     max_tokens: PositiveInt = 4096
     request_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    max_audio_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0  # longest clip `transcribe` accepts
+    max_text_chars: PositiveInt = 10_000  # longest text `synthesize` accepts
 
 
 class ManagerSettings(_Section):
@@ -98,11 +100,15 @@ class SchedulerSettings(_Section):
 
 
 class ModelSpec(_Section):
-    """One catalogue entry. ``None`` fields take the ``defaults`` value when the config is loaded."""
+    """One catalogue entry. ``None`` fields take the ``defaults`` value when the config is loaded.
 
-    kind: Literal["llm"]
+    ``llm``: a GGUF file (llama-cpp-python). ``stt``: a faster-whisper (CTranslate2) model directory. ``tts``: a
+    Piper voice, the ``.onnx`` file with its ``.onnx.json`` beside it; the model's name is the voice's name.
+    """
+
+    kind: Literal["llm", "stt", "tts"]
     path: str
-    quantization: str
+    quantization: str | None = None  # llm: required, as the GGUF header reports it
     n_ctx: PositiveInt | None = None
     n_gpu_layers: int | None = None
     gpu: Annotated[int, msgspec.Meta(ge=0)] | None = None
@@ -119,6 +125,16 @@ class ModelSpec(_Section):
     pinned: bool = False  # never evicted
     preload: bool = False  # loaded and warmed up when the manager starts
     description: str = ""
+    # Speech models (stt, tts): where they run and how.
+    device: Literal["cpu", "cuda"] = "cpu"  # cuda: on a GPU when one has room (else the CPU, if allowed)
+    compute_type: str = "default"  # stt: CTranslate2's int8, int8_float16, float16, float32, default
+    batch_size: PositiveInt = 1  # stt: concurrent transcriptions run together, at most this many...
+    batch_wait_ms: Annotated[float, msgspec.Meta(ge=0)] = 10.0  # ...collected for at most this long
+    speaker: Annotated[int, msgspec.Meta(ge=0)] | None = None  # tts: the speaker of a multi-speaker voice
+
+    @property
+    def wants_gpu(self) -> bool:
+        return self.n_gpu_layers != 0 if self.kind == "llm" else self.device == "cuda"
 
 
 class Config(_Section, rename={"enable_legacy_models": "ENABLE_LEGACY_MODELS"}):
@@ -131,6 +147,10 @@ class Config(_Section, rename={"enable_legacy_models": "ENABLE_LEGACY_MODELS"}):
     scheduler: SchedulerSettings = msgspec.field(default_factory=SchedulerSettings)
     kv_cache: KvCacheSettings = msgspec.field(default_factory=KvCacheSettings)
     models: dict[ModelName, ModelSpec] = {}
+    # Sections read by the other daemons (services, agents); each validates its own.
+    services: dict[str, Any] = {}
+    personas: dict[str, Any] = {}
+    routing: dict[str, Any] = {}
 
 
 def _resolve_model(spec: ModelSpec, defaults: Defaults, base_dir: Path) -> ModelSpec:
@@ -192,6 +212,9 @@ def parse_config(text: str, base_dir: Path, source: str = "<string>") -> Config:
         **{name: resolve_endpoint(getattr(config.endpoints, name), base_dir) for name in Endpoints.__struct_fields__}
     )
     models = {name: _resolve_model(spec, config.defaults, base_dir) for name, spec in config.models.items()}
+    for name, spec in models.items():
+        if spec.kind == "llm" and not spec.quantization:
+            raise ConfigError(f"{source}: an llm needs `quantization` (as its GGUF header says) - at `$.models.{name}`")
     return msgspec.structs.replace(config, endpoints=endpoints, models=models, manager=manager, kv_cache=kv_cache)
 
 

@@ -16,7 +16,7 @@ import structlog
 from model_client.errors import ModelLoadFailed
 from model_manager.config import Config, ModelSpec
 from model_manager.devices import Device, open_inventory, process_rss
-from model_manager.footprint import DEFAULT_WORKER_BASE, MIB, FootprintStore, estimate_gguf
+from model_manager.footprint import DEFAULT_WORKER_BASE, MIB, FootprintStore, estimate_gguf, estimate_speech
 from model_manager.scheduler import Decision, DeviceView, PlacementRequest, Resident, device_views, plan_placement
 from model_manager.slots import ModelSlot, ModelState
 from model_manager.workers import WorkerPool
@@ -62,6 +62,8 @@ class MemoryAccounting:
     def measured_key(self, spec: ModelSpec, on_gpu: bool) -> str:
         file_key = self.store.file_key(spec.path) or spec.path
         where = f"gpu:{spec.n_gpu_layers}" if on_gpu else "cpu"
+        if spec.kind != "llm":
+            return f"{file_key}|{spec.kind}|{spec.compute_type}|batch={spec.batch_size}|{where}"
         return f"{file_key}|ctx={spec.n_ctx}|batch={spec.n_batch}|{where}"
 
     def needs(self, slot: ModelSlot) -> tuple[int, int] | None:
@@ -70,6 +72,8 @@ class MemoryAccounting:
         Raises ModelLoadFailed when the file is missing or its header unreadable.
         """
         spec = slot.spec
+        if spec.kind != "llm":
+            return self._speech_needs(slot)
         if not os.path.isfile(spec.path):
             raise ModelLoadFailed(f"model file not found: {spec.path}", path=spec.path)
         facts = self.store.facts(spec.path)
@@ -80,9 +84,26 @@ class MemoryAccounting:
             return None
         context = self.config.devices.cuda_context_mib * MIB
         simulated = self.inventory.mode == "simulated"
-        on_gpu = spec.n_gpu_layers != 0 and not simulated
+        on_gpu = spec.wants_gpu and not simulated
         est_cpu = estimate_gguf(facts, spec.n_ctx, spec.n_batch, False, 0, self.worker_base)
         est_gpu = estimate_gguf(facts, spec.n_ctx, spec.n_batch, True, spec.n_gpu_layers, context)
+        slot.estimate = est_gpu if on_gpu else est_cpu
+        cpu = self.store.measured(self.measured_key(spec, False)) or est_cpu.total
+        gpu = cpu if simulated else self.store.measured(self.measured_key(spec, True)) or est_gpu.total
+        slot.measured = self.store.measured(self.measured_key(spec, on_gpu))
+        return gpu, cpu
+
+    def _speech_needs(self, slot: ModelSlot) -> tuple[int, int]:
+        spec = slot.spec
+        exists = os.path.isdir(spec.path) if spec.kind == "stt" else os.path.isfile(spec.path)
+        if not exists:
+            what = "model directory" if spec.kind == "stt" else "voice file"
+            raise ModelLoadFailed(f"{what} not found: {spec.path}", path=spec.path)
+        simulated = self.inventory.mode == "simulated"
+        on_gpu = spec.wants_gpu and not simulated
+        context = self.config.devices.cuda_context_mib * MIB
+        est_cpu = estimate_speech(spec.kind, spec.path, spec.compute_type, False, self.worker_base)
+        est_gpu = estimate_speech(spec.kind, spec.path, spec.compute_type, True, context)
         slot.estimate = est_gpu if on_gpu else est_cpu
         cpu = self.store.measured(self.measured_key(spec, False)) or est_cpu.total
         gpu = cpu if simulated else self.store.measured(self.measured_key(spec, True)) or est_gpu.total
@@ -124,9 +145,10 @@ class MemoryAccounting:
             name=slot.name,
             need_gpu=needs[0],
             need_cpu=needs[1],
-            wants_gpu=slot.spec.n_gpu_layers != 0,
+            wants_gpu=slot.spec.wants_gpu,
             pinned_gpu=slot.spec.gpu,
             waited_s=waited,
+            splittable=slot.spec.kind == "llm",
         )
         return plan_placement(
             request, self.devices(), self.residents(slots), self.config.devices, self.config.scheduler, now
@@ -142,7 +164,7 @@ class MemoryAccounting:
         slot.placements = {d.id: int(need * f) for d, f in zip(chosen, fractions, strict=True)}
         slot.tensor_split = decision.tensor_split
         if not on_gpu:  # the host, or a simulated GPU: the model really runs on the CPU
-            return msgspec.structs.replace(slot.spec, n_gpu_layers=0, gpu=None, tensor_split=None)
+            return msgspec.structs.replace(slot.spec, n_gpu_layers=0, gpu=None, tensor_split=None, device="cpu")
         if decision.tensor_split:
             split = [0.0] * (1 + max(d.index or 0 for d in chosen))
             for device, fraction in zip(chosen, decision.tensor_split, strict=True):

@@ -7,8 +7,8 @@ load and unload decision can be read here.
 
 Rules, in order:
 1. A model pinned to a GPU (``gpu: N``) goes there or nowhere. A model with ``n_gpu_layers: 0`` goes to the CPU.
-   Any other model goes to the GPU with the most memory free after reservations, then (``allow_split``) split
-   over several GPUs, then (``allow_cpu_fallback``) to the CPU.
+   Any other model goes to the GPU with the most memory free after reservations, then (``allow_split``, LLMs
+   only) split over several GPUs, then (``allow_cpu_fallback``) to the CPU.
 2. On each candidate device, first without evicting anything, then evicting the cheapest models to lose:
    lower ``priority`` first, then the least cost of reloading (measured load time x recent demand, where demand
    decays with ``demand_half_life_s``), then the least recently used.
@@ -54,6 +54,7 @@ class PlacementRequest:
     wants_gpu: bool
     pinned_gpu: int | None
     waited_s: float
+    splittable: bool = True  # llama.cpp can split a model over GPUs; the speech engines cannot
 
 
 @dataclass
@@ -165,7 +166,7 @@ def plan_placement(
             return Decision("evict", (view.device.id,), evict=victims, need=need, free=free)
     # 3. Split over several GPUs, without evicting.
     gpus = [v for v in candidates if v.device.kind == "gpu" and v.free > 0 and count_ok(v)]
-    if settings.allow_split and request.pinned_gpu is None and len(gpus) > 1:
+    if settings.allow_split and request.splittable and request.pinned_gpu is None and len(gpus) > 1:
         context = settings.cuda_context_mib * MIB
         usable = {v.device.id: v.free - context for v in gpus if v.free > context}
         weights_and_kv = request.need_gpu - context

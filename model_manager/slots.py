@@ -53,7 +53,7 @@ class ModelSlot:
     state: ModelState = ModelState.UNLOADED
     worker: WorkerHandle | None = None
     queue: deque[Job] = field(default_factory=deque)
-    running: Job | None = None
+    running: dict[str, Job] = field(default_factory=dict)  # by request id; several for a batching model
     load_waiters: list[Waiter] = field(default_factory=list)
     unload_waiters: list[Waiter] = field(default_factory=list)
     unload_reason: str = "requested"
@@ -77,7 +77,7 @@ class ModelSlot:
 
     @property
     def busy(self) -> bool:
-        return self.running is not None or bool(self.queue)
+        return bool(self.running) or bool(self.queue)
 
     @property
     def kv_bytes(self) -> int:
@@ -86,6 +86,11 @@ class ModelSlot:
     @property
     def wants_load(self) -> bool:
         return bool(self.queue or self.load_waiters or self.want_loaded)
+
+    @property
+    def capacity(self) -> int:
+        """Requests the worker may hold at once: its batch size for a batching model, else one."""
+        return self.spec.batch_size if self.spec.kind == "stt" else 1
 
     def idle_for(self, now: float) -> float | None:
         return None if self.last_used is None or self.busy else max(0.0, now - self.last_used)

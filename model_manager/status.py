@@ -50,7 +50,7 @@ def model_entry(slot: ModelSlot, now: float) -> dict[str, Any]:
         "load_ms": slot.info.get("load_ms"),
         "pinned": slot.spec.pinned,
         "priority": slot.spec.priority,
-        "in_flight": int(slot.running is not None),
+        "in_flight": len(slot.running),
         "queued": len(slot.queue),
         "requests": slot.requests_served,
         "last_used": slot.last_used,

@@ -1,7 +1,8 @@
 """The per-model worker process: one backend, one DEALER socket to the manager's worker ROUTER.
 
 A worker starts as a spare (interpreter up, engine imported), is told to ``load`` one model, then serves
-``run`` commands one at a time until told to ``exit``. Ending the process is what gives all the model's memory
+``run`` commands until told to ``exit``: one at a time, or, for a backend's batchable ops, as many as arrive
+within its batch wait (up to its batch size), run together. Ending the process is what gives all the model's memory
 back; a native abort inside the engine ends this process only, and the manager sees it die.
 
 Messages (msgpack maps), manager -> worker: ``{cmd: load, spec}``, ``{cmd: run, rid, op, args}``,
@@ -16,7 +17,9 @@ import ctypes
 import os
 import signal
 import sys
+import time
 import traceback
+from collections import deque
 from typing import Any
 
 import msgpack
@@ -49,21 +52,37 @@ class Worker:
         self.parent = os.getppid()
         self.kind = kind
         self.backend: Backend | None = None
+        self.pending: deque[dict[str, Any]] = deque()  # read while collecting a batch, handled after it
 
     def send(self, message: dict[str, Any]) -> None:
         self.sock.send(msgpack.packb(message, use_bin_type=True))
 
+    def _next(self, timeout_ms: float) -> dict[str, Any] | None:
+        if self.pending:
+            return self.pending.popleft()
+        if not self.sock.poll(timeout_ms):
+            return None
+        return msgpack.unpackb(self.sock.recv(), raw=False)
+
     def serve(self) -> None:
         self.send({"evt": "ready", "pid": os.getpid(), "rss": resident_bytes()})
         while True:
-            if not self.sock.poll(PARENT_CHECK_MS):
+            message = self._next(PARENT_CHECK_MS)
+            if message is None:
                 if os.getppid() != self.parent:
                     return
                 continue
-            message = msgpack.unpackb(self.sock.recv(), raw=False)
             cmd = message.get("cmd")
             if cmd == "load":
-                self._load(message["spec"], message.get("warm", False), message.get("name", "model"), message.get("kv"))
+                self._load(
+                    message["spec"],
+                    message.get("warm", False),
+                    message.get("name", "model"),
+                    message.get("kv"),
+                    message.get("limits"),
+                )
+            elif cmd == "run" and self.backend is not None and message["op"] in self.backend.batchable_ops:
+                self._run_batch(self._collect(message))
             elif cmd == "run":
                 self._run(message["rid"], message["op"], message["args"])
             elif cmd == "exit":
@@ -71,13 +90,21 @@ class Worker:
                     self.backend.unload()
                 return
 
-    def _load(self, spec_map: dict[str, Any], warm: bool, name: str, kv_map: dict[str, Any] | None) -> None:
+    def _load(
+        self,
+        spec_map: dict[str, Any],
+        warm: bool,
+        name: str,
+        kv_map: dict[str, Any] | None,
+        limits: dict[str, Any] | None,
+    ) -> None:
         try:
             spec = msgspec.convert(spec_map, ModelSpec)
             kv = msgspec.convert(kv_map, KvCacheSettings) if kv_map else None
             self.backend = create_backend(spec.kind)
-            info = self.backend.load(spec, name, kv)
-            if warm:
+            info = self.backend.load(spec, name, kv, limits)
+            # Speech models always run once at load: cheap, and the measured size then includes working buffers.
+            if warm or spec.kind != "llm":
                 self.backend.warm_up()
         except ModelManagerError as exc:
             self.send({"evt": "load_failed", "error": exc.to_wire()})
@@ -105,8 +132,43 @@ class Worker:
         else:
             self.send({"evt": "done", "rid": rid, "result": result})
         # The reply is out: now save the conversation's state, off the request's critical path.
-        self.backend.after_reply(idle=not self.sock.poll(0))
+        self.backend.after_reply(idle=not self.pending and not self.sock.poll(0))
         self.send({"evt": "idle", "kv": self.backend.kv_stats()})
+
+    def _collect(self, first: dict[str, Any]) -> list[dict[str, Any]]:
+        """``first`` and the runs of the same op that arrive within the batch wait, up to the batch size.
+        Anything else read meanwhile is kept, in order, for after the batch."""
+        assert self.backend is not None
+        batch = [first]
+        deadline = time.monotonic() + self.backend.batch_wait_s
+        while len(batch) < self.backend.batch_size:
+            left_ms = (deadline - time.monotonic()) * 1000
+            if left_ms <= 0 or not self.sock.poll(left_ms):
+                break
+            message = msgpack.unpackb(self.sock.recv(), raw=False)
+            if message.get("cmd") == "run" and message.get("op") == first["op"]:
+                batch.append(message)
+            else:
+                self.pending.append(message)
+        return batch
+
+    def _run_batch(self, batch: list[dict[str, Any]]) -> None:
+        assert self.backend is not None
+        op = batch[0]["op"]
+        try:
+            outcomes = self.backend.run_batch(op, [message["args"] for message in batch])
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            outcomes = [exc] * len(batch)
+        for message, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, ModelManagerError):
+                self.send({"evt": "failed", "rid": message["rid"], "error": outcome.to_wire()})
+            elif isinstance(outcome, Exception):
+                error = InternalError(f"{type(outcome).__name__}: {outcome}")
+                self.send({"evt": "failed", "rid": message["rid"], "error": error.to_wire()})
+            else:
+                self.send({"evt": "done", "rid": message["rid"], "result": outcome})
+        self.send({"evt": "idle", "kv": None})
 
 
 def resident_bytes() -> int:

@@ -21,6 +21,7 @@ from model_client.endpoints import REPO_ROOT
 class WorkerHandle:
     id: str
     proc: subprocess.Popen
+    kind: str = "llm"  # the engine it imported ahead of time
     started_at: float = field(default_factory=time.monotonic)
     ready: bool = False
     model: str | None = None
@@ -51,7 +52,7 @@ class WorkerPool:
         self.by_id: dict[str, WorkerHandle] = {}
         self._ids = itertools.count(1)
 
-    def spawn(self) -> WorkerHandle:
+    def spawn(self, kind: str | None = None) -> WorkerHandle:
         worker_id = f"w{os.getpid()}-{next(self._ids)}"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
         proc = subprocess.Popen(
@@ -64,13 +65,13 @@ class WorkerPool:
                 "--id",
                 worker_id,
                 "--kind",
-                self.kind,
+                kind or self.kind,
             ],
             env=env,
             stdin=subprocess.DEVNULL,
             start_new_session=False,
         )
-        handle = WorkerHandle(id=worker_id, proc=proc)
+        handle = WorkerHandle(id=worker_id, proc=proc, kind=kind or self.kind)
         try:
             handle.pidfd = os.pidfd_open(proc.pid)
             self.poller.register(handle.pidfd, zmq.POLLIN)
@@ -83,13 +84,14 @@ class WorkerPool:
         return [w for w in self.by_id.values() if w.model is None and w.exit_deadline is None]
 
     def refill(self) -> None:
-        for _ in range(self.spares_wanted - len(self.spares())):
+        """Spares are kept for LLMs, the models that come and go; a speech model starts its own worker."""
+        for _ in range(self.spares_wanted - sum(1 for w in self.spares() if w.kind == self.kind)):
             self.spawn()
 
-    def take(self, model: str) -> WorkerHandle:
-        """A spare for ``model`` (ready ones first); a fresh worker when there is none."""
-        spares = sorted(self.spares(), key=lambda w: not w.ready)
-        handle = spares[0] if spares else self.spawn()
+    def take(self, model: str, kind: str) -> WorkerHandle:
+        """A spare that imported ``kind``'s engine for ``model`` (ready ones first); else a fresh worker."""
+        spares = sorted((w for w in self.spares() if w.kind == kind), key=lambda w: not w.ready)
+        handle = spares[0] if spares else self.spawn(kind)
         handle.model = model
         return handle
 

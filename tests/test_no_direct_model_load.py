@@ -121,10 +121,16 @@ def test_the_legacy_flag_lets_direct_loading_pass(tmp_path: Path) -> None:
 def test_the_shipped_config_validates_and_names_real_models() -> None:
     config = load_config(SHIPPED_CONFIG)
     assert config.enable_legacy_models is False
-    assert {"smollm2", "gemma3-270m"} <= set(config.models)
+    assert {"smollm2", "gemma3-270m", "whisper-tiny.en", "joe"} <= set(config.models)
     for name, spec in config.models.items():
         path = Path(spec.path)
+        if spec.kind == "stt":
+            assert (path / "model.bin").is_file(), f"{name}: {path} is not a faster-whisper model directory"
+            continue
         assert path.is_file(), f"{name}: {path} is missing (the set-up command installs it)"
+        if spec.kind == "tts":
+            assert Path(f"{spec.path}.json").is_file(), f"{name}: the voice's .onnx.json is missing"
+            continue
         label = quantization_label(FootprintStore(FACTS_CACHE).read_now(str(path)).file_type)
         assert spec.quantization == label, f"{name}: the YAML says {spec.quantization}, the GGUF says {label}"
 

@@ -11,10 +11,18 @@ from typing import Any, Protocol
 from model_manager.config import KvCacheSettings, ModelSpec
 
 Emit = Callable[[dict[str, Any]], None]
+# A result or chunk may carry binary data (audio) under this key: the manager sends it as its own frame.
+PAYLOAD = "_payload"
 
 
 class Backend(Protocol):
-    def load(self, spec: ModelSpec, name: str, kv: KvCacheSettings | None) -> dict[str, Any]:
+    batchable_ops: frozenset[str]  # ops whose concurrent requests the worker collects for ``run_batch``
+    batch_size: int  # at most this many per batch...
+    batch_wait_s: float  # ...collected for at most this long after the first
+
+    def load(
+        self, spec: ModelSpec, name: str, kv: KvCacheSettings | None, limits: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Load the model; return facts about it (load time, quantization, sizes). Raise ModelLoadFailed."""
 
     def warm_up(self) -> None:
@@ -22,6 +30,9 @@ class Backend(Protocol):
 
     def run(self, op: str, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         """Serve one request; stream chunks through ``emit`` and return the final result."""
+
+    def run_batch(self, op: str, batch: list[dict[str, Any]]) -> list[dict[str, Any] | Exception]:
+        """Serve several requests of a batchable op together; one result or error per request, in order."""
 
     def after_reply(self, idle: bool) -> None:
         """Work that can wait until the reply is sent (saving a conversation's state)."""
@@ -35,8 +46,7 @@ class Backend(Protocol):
 
 def warm_up(kind: str) -> None:
     """Import the engine of ``kind`` ahead of time, so a spare worker's load costs only the model's own."""
-    if kind == "llm":
-        import model_manager.backends.gguf  # noqa: F401
+    create_backend(kind)
 
 
 def create_backend(kind: str) -> Backend:
@@ -44,4 +54,12 @@ def create_backend(kind: str) -> Backend:
         from model_manager.backends.gguf import GGUFBackend
 
         return GGUFBackend()
+    if kind == "stt":
+        from model_manager.backends.whisper import WhisperBackend
+
+        return WhisperBackend()
+    if kind == "tts":
+        from model_manager.backends.piper import PiperBackend
+
+        return PiperBackend()
     raise ValueError(f"no backend for model kind {kind!r}")

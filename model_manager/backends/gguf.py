@@ -52,6 +52,10 @@ def quantization_label(file_type: int | None) -> str:
 
 
 class GGUFBackend:
+    batchable_ops: frozenset[str] = frozenset()  # one context, one request at a time
+    batch_size = 1
+    batch_wait_s = 0.0
+
     def __init__(self) -> None:
         self.llm: Llama | None = None
         self.spec: ModelSpec | None = None
@@ -61,7 +65,13 @@ class GGUFBackend:
         self.to_save: str | None = None  # saved after the reply is sent, off the request's critical path
         self.prompt_len = 0  # the last prompt: the context cells that batch evaluation computed
 
-    def load(self, spec: ModelSpec, name: str = "model", kv: KvCacheSettings | None = None) -> dict[str, Any]:
+    def load(
+        self,
+        spec: ModelSpec,
+        name: str = "model",
+        kv: KvCacheSettings | None = None,
+        limits: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         if not os.path.isfile(spec.path):
             raise ModelLoadFailed(f"model file not found: {spec.path}", path=spec.path)
         started = time.perf_counter()
