@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from model_client.client import Conversation, ModelClient
-from model_client.errors import ModelManagerError
+from model_client.errors import BadRequest, ModelManagerError
 
 
 def _size(n: int | None) -> str:
@@ -46,10 +47,11 @@ def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
 def format_status(status: dict[str, Any]) -> str:
     """Two tables: models (like ``ollama ps``) and devices, then one line about the manager."""
     models = _table(
-        ("MODEL", "DEVICE", "SIZE", "STATE", "IDLE", "TTL LEFT", "REQUESTS", "QUEUE", "CONVERSATIONS", "PID"),
+        ("MODEL", "KIND", "DEVICE", "SIZE", "STATE", "IDLE", "TTL LEFT", "REQUESTS", "QUEUE", "CONVERSATIONS", "PID"),
         [
             (
                 m["name"],
+                m.get("kind", "llm"),
                 m["device"] or "-",
                 _size(m["size_bytes"] or m["measured_bytes"] or m["estimated_bytes"]),
                 m["state"] + (f" ({m['last_error']['code']})" if m.get("last_error") else ""),
@@ -105,6 +107,22 @@ def _chat(client: ModelClient, model: str, system: str | None) -> None:
         print(f"\n[{time.perf_counter() - started:.2f} s]", file=sys.stderr)
 
 
+def _transcribe(client: ModelClient, args: argparse.Namespace) -> None:
+    try:
+        audio = args.file.read_bytes()
+    except OSError as exc:
+        raise BadRequest(f"cannot read {args.file}: {exc.strerror}") from None
+    options = {"language": args.language, "beam_size": args.beam_size, "vad_filter": args.vad}
+    transcript = client.transcribe(audio, model=args.model, **options)
+    if args.segments:
+        for segment in transcript.segments:
+            print(f"[{segment['start']:7.2f} -> {segment['end']:7.2f}] {segment['text']}")
+    else:
+        print(transcript.text)
+    took = transcript.timings.get("total_ms", 0.0) + transcript.timings.get("queue_ms", 0.0)
+    print(f"[{transcript.duration_s:.2f} s of audio, {transcript.language}, {took:.0f} ms]", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mm", description="Talk to the model manager.")
     parser.add_argument("--endpoint", help="manager endpoint (default: MM_ENDPOINT, else the config)")
@@ -118,6 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     chat = sub.add_parser("chat", help="interactive, streamed chat")
     chat.add_argument("model")
     chat.add_argument("--system", help="system prompt")
+    transcribe = sub.add_parser("transcribe", help="speech to text of an audio file (WAV, FLAC, MP3, OGG, ...)")
+    transcribe.add_argument("file", type=Path)
+    transcribe.add_argument("--model", help="an stt model of the catalogue (default: the first)")
+    transcribe.add_argument("--language", help="e.g. en (default: detected)")
+    transcribe.add_argument("--beam-size", type=int, default=1)
+    transcribe.add_argument("--vad", action="store_true", help="skip silence with the VAD")
+    transcribe.add_argument("--segments", action="store_true", help="print each segment with its times")
+    say = sub.add_parser("say", help="text to speech into a WAV file")
+    say.add_argument("text")
+    say.add_argument("-o", "--output", type=Path, default=Path("say.wav"), help="WAV file to write (say.wav)")
+    say.add_argument("--voice", help="a tts model of the catalogue (default: the first)")
+    say.add_argument("--speed", type=float, default=1.0)
     args = parser.parse_args(argv)
 
     with ModelClient(args.endpoint, timeout=args.timeout) as client:
@@ -131,12 +161,23 @@ def main(argv: list[str] | None = None) -> int:
             elif args.command == "models":
                 for model in client.models():
                     exists = "" if model["file_exists"] else "  (file missing)"
-                    print(f"{model['name']:<20} {model['kind']:<5} {model['quantization']:<8} {model['path']}{exists}")
+                    label = model["quantization"] or model.get("compute_type") or "-"
+                    print(f"{model['name']:<20} {model['kind']:<5} {label:<8} {model['path']}{exists}")
             elif args.command in ("load", "unload"):
                 result = getattr(client, args.command)(args.model)
                 print(f"{result['name']}: {result['state']}")
             elif args.command == "chat":
                 _chat(client, args.model, args.system)
+            elif args.command == "transcribe":
+                _transcribe(client, args)
+            elif args.command == "say":
+                speech = client.synthesize(args.text, voice=args.voice, speed=args.speed)
+                args.output.write_bytes(speech.audio.to_wav())
+                timings = speech.timings
+                print(
+                    f"{args.output}: {speech.audio.duration_s:.2f} s of speech ({speech.model}), "
+                    f"first audio {timings['first_chunk_ms']:.0f} ms, made in {timings['synth_ms']:.0f} ms"
+                )
         except ModelManagerError as exc:
             print(f"mm: {exc.code}: {exc.message}", file=sys.stderr)
             return 1

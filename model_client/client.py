@@ -274,13 +274,19 @@ class ModelClient:
     def synthesize(
         self, text: str, voice: str | None = None, speed: float = 1.0, timeout: float | None = None, **options: Any
     ) -> Speech:
-        """Speak ``text`` with ``voice`` (a tts model of the catalogue; None: the first); one reply, all audio."""
+        """Speak ``text`` with ``voice`` (a tts model of the catalogue; None: the first); one reply, all audio
+        (``format="pcm"`` in ``options`` asks for raw PCM instead of a WAV file; either way ``audio`` is PCM)."""
         args = {"text": text, "voice": voice, "speed": speed, "format": "wav", **options}
         reply = self.call("synthesize", args, timeout)
         result = self._result(reply)
         if not reply.payloads:
             raise InternalError("the synthesize reply carried no audio frame")
-        return Speech(audio=read_wav(reply.payloads[0]), model=result["model"], timings=result["timings"])
+        payload = reply.payloads[0]
+        if result["format"] == "pcm":
+            audio = Audio(payload, result["sample_rate"], result["sample_width"], result["channels"])
+        else:
+            audio = read_wav(payload)
+        return Speech(audio=audio, model=result["model"], timings=result["timings"])
 
     def synthesize_stream(
         self, text: str, voice: str | None = None, speed: float = 1.0, timeout: float | None = None, **options: Any

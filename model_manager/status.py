@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 
 from model_manager.devices import Device
+from model_manager.footprint import files_bytes
 from model_manager.scheduler import DeviceView
 from model_manager.slots import ModelSlot, ModelState
 
@@ -69,6 +70,6 @@ def catalogue_entry(slot: ModelSlot) -> dict[str, Any]:
         **msgspec.to_builtins(slot.spec),
         "name": slot.name,
         "state": slot.state.value,
-        "file_exists": path.is_file(),
-        "file_bytes": path.stat().st_size if path.is_file() else None,
+        "file_exists": path.exists(),
+        "file_bytes": files_bytes(str(path)) if path.exists() else None,
     }

@@ -22,6 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
 SMOLLM2 = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA = MODELS / "gemma-3-270m-q4_k_m.gguf"
+WHISPER = MODELS / "whisper-tiny.en"
+VOICE = MODELS / "piper" / "en_US-joe-medium.onnx"
+MAX_AUDIO_S = 30
 
 GREEDY = {"temperature": 0.0, "seed": 1}
 
@@ -58,7 +61,12 @@ def base_config(run_dir: Path) -> dict:
             "events": f"ipc://{run_dir}/events.sock",
             "workers": f"ipc://{run_dir}/workers.sock",
         },
-        "limits": {"max_message_bytes": 1024 * 1024, "max_tokens": 512, "request_timeout_s": 60},
+        "limits": {
+            "max_message_bytes": 4 * 1024 * 1024,
+            "max_tokens": 512,
+            "request_timeout_s": 60,
+            "max_audio_s": MAX_AUDIO_S,
+        },
         "manager": {"heartbeat_s": 0.5, "log_level": "debug", "state_dir": str(state)},
         "kv_cache": {"spill_dir": str(run_dir / "kv")},
         "models": {
@@ -76,6 +84,15 @@ def base_config(run_dir: Path) -> dict:
             "corrupt": {**smollm2, "path": str(corrupt)},
             "truncated": {**smollm2, "path": str(truncated)},
             "missing": {**smollm2, "path": str(run_dir / "no-such-model.gguf")},
+            "whisper": {
+                "kind": "stt",
+                "path": str(WHISPER),
+                "compute_type": "int8",
+                "batch_size": 4,
+                "batch_wait_ms": 50,
+                "idle_ttl_s": -1,
+            },
+            "joe": {"kind": "tts", "path": str(VOICE), "idle_ttl_s": -1},
         },
     }
 

@@ -25,7 +25,7 @@ def test_ping_load_status_unload(manager: ManagerProcess) -> None:
     assert "pong from pid" in mm(manager, "ping").stdout
     assert mm(manager, "load", "smollm2").stdout.strip() == "smollm2: ready"
     status = mm(manager, "status").stdout.splitlines()
-    assert status[0].split()[:4] == ["MODEL", "DEVICE", "SIZE", "STATE"]
+    assert status[0].split()[:5] == ["MODEL", "KIND", "DEVICE", "SIZE", "STATE"]
     assert any(line.startswith("smollm2 ") and " ready " in line for line in status)
     assert mm(manager, "unload", "smollm2").stdout.strip() == "smollm2: unloaded"
 
