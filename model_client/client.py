@@ -163,9 +163,15 @@ class ModelClient:
     def _send(self, request: protocol.Request) -> None:
         self._socket().send_multipart([b"", *protocol.encode_request(request)])
 
-    def request(self, op: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+    def request(
+        self,
+        op: str,
+        args: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        payloads: tuple[bytes, ...] = (),
+    ) -> Any:
         """Send one request and return its result, raising the typed error the manager answered with."""
-        return self._result(self.call(op, args, timeout))
+        return self._result(self.call(op, args, timeout, payloads))
 
     def call(
         self,

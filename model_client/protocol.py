@@ -158,8 +158,9 @@ def encode_request(request: Request) -> list[bytes]:
     return [_pack(envelope), *request.payloads]
 
 
-def decode_request(frames: list[bytes]) -> Request:
-    """Parse the envelope; errors carry the request id when the envelope had a usable one."""
+def decode_request(frames: list[bytes], ops: dict[str, type[_Args]] | None = None) -> Request:
+    """Parse the envelope; errors carry the request id when the envelope had a usable one. ``ops``: the op
+    table of the daemon that reads it (the manager's by default)."""
     if not frames:
         raise BadRequest("message has no envelope frame")
     envelope = _unpack(frames[0])
@@ -169,13 +170,15 @@ def decode_request(frames: list[bytes]) -> Request:
     if not isinstance(request_id, str) or not request_id:
         raise BadRequest("envelope field 'id' must be a non-empty string")
     try:
-        return _checked_request(envelope, request_id, frames[1:])
+        return _checked_request(envelope, request_id, frames[1:], OP_ARGS if ops is None else ops)
     except ModelManagerError as exc:
         exc.request_id = request_id
         raise
 
 
-def _checked_request(envelope: dict[Any, Any], request_id: str, payloads: list[bytes]) -> Request:
+def _checked_request(
+    envelope: dict[Any, Any], request_id: str, payloads: list[bytes], ops: dict[str, type[_Args]]
+) -> Request:
     unknown = set(envelope) - {"v", "id", "op", "args"}
     if unknown:
         raise BadRequest(f"unknown envelope fields: {sorted(map(str, unknown))}")
@@ -185,20 +188,21 @@ def _checked_request(envelope: dict[Any, Any], request_id: str, payloads: list[b
     op = envelope.get("op")
     if not isinstance(op, str):
         raise BadRequest("envelope field 'op' must be a string")
-    if op not in OP_ARGS:
-        raise UnknownOp(f"unknown op {op!r}", ops=list(OPS))
+    if op not in ops:
+        raise UnknownOp(f"unknown op {op!r}", ops=list(ops))
     args = envelope.get("args", {})
     if not isinstance(args, dict):
         raise BadRequest("envelope field 'args' must be a map")
     return Request(op=op, args=args, id=request_id, payloads=tuple(payloads))
 
 
-def parse_args(op: str, args: dict[str, Any]) -> Any:
+def parse_args(op: str, args: dict[str, Any], ops: dict[str, type[_Args]] | None = None) -> Any:
     """Validate an op's arguments into its typed struct; the error names the offending field."""
+    ops = OP_ARGS if ops is None else ops
     try:
-        return msgspec.convert(args, OP_ARGS[op], strict=False)
+        return msgspec.convert(args, ops[op], strict=False)
     except KeyError:
-        raise UnknownOp(f"unknown op {op!r}", ops=list(OPS)) from None
+        raise UnknownOp(f"unknown op {op!r}", ops=list(ops)) from None
     except msgspec.ValidationError as exc:
         raise BadRequest(f"invalid arguments for {op!r}: {exc}") from None
 
@@ -234,8 +238,9 @@ EVENT_MODEL_FAILED = "model.failed"
 EVENT_HEARTBEAT = "manager.heartbeat"
 
 
-def encode_event(topic: str, body: dict[str, Any], now: float) -> list[bytes]:
-    return [topic.encode(), _pack({"v": PROTOCOL_VERSION, "event": topic, "time": now, **body})]
+def encode_event(topic: str, body: dict[str, Any], now: float, payloads: tuple[bytes, ...] = ()) -> list[bytes]:
+    """Frame 0 the topic, frame 1 the msgpack body, then binary payloads (the services' audio)."""
+    return [topic.encode(), _pack({"v": PROTOCOL_VERSION, "event": topic, "time": now, **body}), *payloads]
 
 
 def decode_event(frames: list[bytes]) -> tuple[str, dict[str, Any]]:

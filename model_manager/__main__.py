@@ -6,9 +6,9 @@ import argparse
 import sys
 
 from model_client.endpoints import config_path
+from model_client.logs import configure_logging
 from model_manager.agent import ModelManagerAgent
 from model_manager.config import ConfigError, load_config
-from model_manager.logs import configure_logging
 
 
 def main(argv: list[str] | None = None) -> int:

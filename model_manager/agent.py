@@ -13,7 +13,6 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -22,6 +21,7 @@ import structlog
 import zmq
 
 from model_client import protocol
+from model_client.endpoints import prepare_ipc_dir, remove_ipc_file
 from model_client.errors import (
     BadRequest,
     Busy,
@@ -57,17 +57,6 @@ def _take_payload(body: dict[str, Any]) -> tuple[bytes, ...]:
     """Binary data a worker put in a result or chunk leaves the map and travels as its own frame."""
     payload = body.pop(PAYLOAD, None)
     return (payload,) if payload is not None else ()
-
-
-def ipc_path(endpoint: str) -> Path | None:
-    return Path(endpoint[len("ipc://") :]) if endpoint.startswith("ipc://") else None
-
-
-def prepare_ipc_dir(endpoint: str) -> None:
-    """ipc sockets live in a directory only this user can enter (mode 0700)."""
-    path = ipc_path(endpoint)
-    if path is not None:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
 class ModelManagerAgent:
@@ -176,9 +165,7 @@ class ModelManagerAgent:
         self.ctx.term()
         endpoints = self.config.endpoints
         for endpoint in (endpoints.requests, endpoints.events, endpoints.workers):
-            path = ipc_path(endpoint)
-            if path is not None:
-                path.unlink(missing_ok=True)
+            remove_ipc_file(endpoint)
         log.info("manager_stopped")
 
     # ----- replies and events ---------------------------------------------------------------------------------

@@ -162,6 +162,59 @@ class ManagerProcess:
         return sock
 
 
+class DaemonProcess:
+    """A service or agent daemon (``python -m <module> --config ...``) as a subprocess, logging to a file."""
+
+    def __init__(self, module: str, config_path: Path, endpoint: str, log_path: Path, *extra: str) -> None:
+        self.module = module
+        self.config_path = config_path
+        self.endpoint = endpoint  # its request socket, answered with ping when ready
+        self.log_path = log_path
+        self.extra = extra
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> DaemonProcess:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", self.module, "--config", str(self.config_path), *self.extra],
+                stdout=log,
+                stderr=log,
+                env=env,
+                cwd=REPO,
+            )
+        deadline = time.monotonic() + timeout
+        with ModelClient(self.endpoint, timeout=0.5, retries=0) as client:
+            while True:
+                assert self.proc.poll() is None, self.log_path.read_text(errors="replace")[-3000:]
+                try:
+                    client.request("ping", timeout=0.5)
+                    return self
+                except Exception:
+                    client.close()
+                    if time.monotonic() > deadline:
+                        raise
+
+    def stop(self, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def subscriber(endpoint: str, *topics: str) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    for topic in topics:
+        sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    sock.connect(endpoint)
+    return sock
+
+
 def collect_events(sock: zmq.Socket, until: float) -> list[dict]:
     """Model events received until ``until`` (monotonic seconds)."""
     events = []
@@ -188,7 +241,7 @@ def model_status(client: ModelClient, name: str) -> dict:
 
 @pytest.fixture(scope="session", autouse=True)
 def _models_installed() -> None:
-    missing = [p for p in (SMOLLM2, GEMMA) if not p.is_file()]
+    missing = [p for p in (SMOLLM2, GEMMA, WHISPER / "model.bin", VOICE) if not p.is_file()]
     if missing:
         pytest.exit(f"models missing ({missing}); run `make test`, which installs them first", returncode=2)
 

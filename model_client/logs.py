@@ -1,4 +1,5 @@
-"""structlog set up in one place: one JSON object per line on stderr, with a timestamp and a level."""
+"""structlog set up in one place for every daemon (manager, services, agents): one JSON object per line on
+stderr, with a timestamp and a level."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Text to speech: ``tts.say`` in, ``tts.audio`` out (``python -m services.tts``)."""

@@ -1,0 +1,198 @@
+"""The TTS service: text in (``tts.say`` from any publisher, or a direct request), audio out on ``tts.audio``.
+
+Its SUB socket is bound, so any number of agents connect their PUB sockets to it and publish ``tts.say``. Each
+utterance is one streamed ``synthesize`` request to the manager; every sentence's PCM is published under
+``tts.audio`` the moment it arrives (a player starts while the rest is still being made), then a last message
+with ``final: true``. With ``output_dir`` set, the utterance is also written there as a WAV file.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+import zmq
+
+from model_client import protocol
+from model_client.audio import pcm_to_wav
+from model_client.dispatcher import Dispatcher
+from model_client.endpoints import prepare_ipc_dir, remove_ipc_file
+from model_client.errors import BadRequest, InternalError, ModelManagerError
+from model_client.services import TOPIC_AUDIO, TOPIC_SAY, TTS_OPS, SayArgs, TtsSettings
+
+TICK_S = 0.1
+
+log = structlog.get_logger("services.tts")
+
+
+def _file_safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:64] or "session"
+
+
+class TtsService:
+    def __init__(self, settings: TtsSettings, manager_endpoint: str) -> None:
+        self.settings = settings
+        self.ctx = zmq.Context()
+        for endpoint in (settings.requests, settings.say, settings.events):
+            prepare_ipc_dir(endpoint)
+        self.frontend = self.ctx.socket(zmq.ROUTER)
+        self.frontend.setsockopt(zmq.LINGER, 0)
+        self.frontend.bind(settings.requests)
+        self.say = self.ctx.socket(zmq.SUB)
+        self.say.setsockopt(zmq.LINGER, 0)
+        self.say.setsockopt(zmq.SUBSCRIBE, TOPIC_SAY.encode())
+        self.say.bind(settings.say)
+        self.events = self.ctx.socket(zmq.PUB)
+        self.events.setsockopt(zmq.LINGER, 0)
+        self.events.bind(settings.events)
+        self.poller = zmq.Poller()
+        self.poller.register(self.frontend, zmq.POLLIN)
+        self.poller.register(self.say, zmq.POLLIN)
+        self.manager = Dispatcher(manager_endpoint, self.poller, timeout=settings.manager_timeout_s, context=self.ctx)
+        self.output_dir = Path(settings.output_dir) if settings.output_dir else None
+        if self.output_dir:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.utterance_ids = itertools.count(1)
+        self.stopping = False
+
+    def serve(self) -> None:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        log.info("tts_started", requests=self.settings.requests, say=self.settings.say, events=self.settings.events)
+        while not self.stopping or self.manager.pending:
+            ready = dict(self.poller.poll(TICK_S * 1000))
+            if self.frontend in ready:
+                while self.frontend.get(zmq.EVENTS) & zmq.POLLIN:
+                    self._on_request(self.frontend.recv_multipart())
+            if self.say in ready:
+                while self.say.get(zmq.EVENTS) & zmq.POLLIN:
+                    self._on_say(self.say.recv_multipart())
+            if self.manager.sock in ready:
+                self.manager.on_readable()
+            self.manager.check()
+        self.manager.close()
+        for sock in (self.frontend, self.say, self.events):
+            sock.close(linger=0)
+        self.ctx.term()
+        for endpoint in (self.settings.requests, self.settings.say, self.settings.events):
+            remove_ipc_file(endpoint)
+        log.info("tts_stopped")
+
+    def _stop(self, _signum: int, _frame: Any) -> None:
+        self.stopping = True
+
+    # ----- input ----------------------------------------------------------------------------------------------
+
+    def _on_say(self, frames: list[bytes]) -> None:
+        """A published ``tts.say``: nobody waits for an answer, so a bad one is logged and dropped."""
+        try:
+            _topic, body = protocol.decode_event(frames)
+            fields = {k: v for k, v in body.items() if k in SayArgs.__struct_fields__}
+            args = msgspec.convert(fields, SayArgs)
+            self._speak(args)
+        except (ModelManagerError, msgspec.ValidationError, ValueError, IndexError) as exc:
+            log.warning("say_rejected", error=str(exc))
+
+    def _on_request(self, frames: list[bytes]) -> None:
+        try:
+            delimiter = frames.index(b"", 1)
+        except ValueError:
+            return
+        route, body = frames[: delimiter + 1], frames[delimiter + 1 :]
+        request_id = None
+        try:
+            request = protocol.decode_request(body, TTS_OPS)
+            request_id = request.id
+            args = protocol.parse_args(request.op, request.args, TTS_OPS)
+            if request.op == "ping":
+                self._send(route, protocol.encode_result(request.id, {"pong": True, "service": "tts"}))
+            else:
+                self._speak(args, route, request.id)
+        except ModelManagerError as exc:
+            self._send(route, protocol.encode_error(exc.request_id or request_id, exc))
+        except Exception as exc:  # a bug must not end the service
+            log.exception("request_crashed")
+            self._send(route, protocol.encode_error(request_id, InternalError(f"{type(exc).__name__}: {exc}")))
+
+    # ----- speaking -------------------------------------------------------------------------------------------
+
+    def _speak(self, args: SayArgs, route: list[bytes] | None = None, request_id: str | None = None) -> None:
+        if not args.text.strip():
+            raise BadRequest("text is empty: there is nothing to say")
+        utterance_id = f"{args.session_id}-{next(self.utterance_ids)}"
+        received = time.monotonic()
+        parts: list[bytes] = []
+        first: dict[str, float] = {}
+        meta = {"session_id": args.session_id, "utterance_id": utterance_id}
+
+        def on_chunk(chunk: dict[str, Any], payloads: tuple[bytes, ...]) -> None:
+            pcm = payloads[0] if payloads else b""
+            first.setdefault("ms", (time.monotonic() - received) * 1000)
+            parts.append(pcm)
+            event = {
+                **meta,
+                "seq": chunk["seq"],
+                "final": False,
+                "sample_rate": chunk["sample_rate"],
+                "sample_width": chunk["sample_width"],
+                "channels": chunk["channels"],
+            }
+            self.events.send_multipart(protocol.encode_event(TOPIC_AUDIO, event, time.time(), (pcm,)))
+
+        def on_result(result: dict[str, Any], _payloads: tuple[bytes, ...]) -> None:
+            total_ms = (time.monotonic() - received) * 1000
+            timings = {
+                **result["timings"],
+                "first_audio_ms": round(first.get("ms", total_ms), 2),
+                "service_ms": round(total_ms, 2),
+            }
+            pcm = b"".join(parts)
+            wav_path = None
+            if self.output_dir is not None:
+                wav_path = self.output_dir / f"{_file_safe(utterance_id)}.wav"
+                wav_path.write_bytes(pcm_to_wav(pcm, result["sample_rate"], result["sample_width"], result["channels"]))
+            final = {
+                **meta,
+                "seq": len(parts),
+                "final": True,
+                "text": args.text,
+                "voice": result["model"],
+                "sample_rate": result["sample_rate"],
+                "sample_width": result["sample_width"],
+                "channels": result["channels"],
+                "duration_s": result["duration_s"],
+                "timings": timings,
+                "wav": str(wav_path) if wav_path else None,
+            }
+            self.events.send_multipart(protocol.encode_event(TOPIC_AUDIO, final, time.time()))
+            log.info("spoken", utterance_id=utterance_id, audio_s=result["duration_s"], **timings)
+            if route is not None:
+                payloads = ()
+                if args.return_audio:
+                    payloads = (pcm_to_wav(pcm, result["sample_rate"], result["sample_width"], result["channels"]),)
+                self._send(route, protocol.encode_result(request_id, final, payloads))
+
+        def on_error(error: ModelManagerError) -> None:
+            log.warning("synthesis_failed", utterance_id=utterance_id, code=error.code, message=error.message)
+            failed = {**meta, "final": True, "error": error.to_wire()}
+            self.events.send_multipart(protocol.encode_event(TOPIC_AUDIO, failed, time.time()))
+            if route is not None:
+                self._send(route, protocol.encode_error(request_id, error))
+
+        request = {
+            "text": args.text,
+            "voice": args.voice or self.settings.voice,
+            "speed": args.speed,
+            "format": "pcm",
+            "stream": True,
+        }
+        self.manager.submit("synthesize", request, on_result, on_error, on_chunk=on_chunk)
+
+    def _send(self, route: list[bytes], frames: list[bytes]) -> None:
+        self.frontend.send_multipart(route + frames)
