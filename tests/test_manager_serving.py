@@ -185,9 +185,9 @@ def test_status_table_reads_like_ollama_ps(client: ModelClient) -> None:
     client.load("smollm2")
     table = format_status(client.status())
     header, *rows = table.splitlines()
-    assert header.split()[:4] == ["MODEL", "DEVICE", "SIZE", "STATE"]
+    assert header.split()[:5] == ["MODEL", "KIND", "DEVICE", "SIZE", "STATE"]
     row = next(r for r in rows if r.startswith("smollm2 "))
-    assert "cpu" in row and "ready" in row and "MB" in row
+    assert " llm " in row and "cpu" in row and "ready" in row and "MB" in row
 
 
 def test_raw_envelope_with_binary_payload_frames_is_accepted(manager: ManagerProcess) -> None:
