@@ -32,6 +32,7 @@ lint: install
 
 bench: install
 	$(PY) bench/transport.py
+	$(PY) bench/speech.py
 
 clean:
 	rm -rf $(VENV) models run

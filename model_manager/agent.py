@@ -478,7 +478,7 @@ class ModelManagerAgent:
         slot.state, slot.info, slot.last_error, slot.want_loaded = ModelState.READY, info, None, False
         slot.last_used, slot.last_used_mono = time.time(), time.monotonic()
         self.memory.loaded(slot, info["pid"], info.get("rss_bytes"))
-        if info.get("quantization") not in (None, slot.spec.quantization):
+        if slot.spec.kind == "llm" and info.get("quantization") not in (None, slot.spec.quantization):
             log.warning(
                 "quantization_label_mismatch", model=slot.name, config=slot.spec.quantization, gguf=info["quantization"]
             )
