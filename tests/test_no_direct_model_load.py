@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
+import msgspec
 import pytest
 
 from model_client import protocol
+from model_client.services import STT_OPS, TOPIC_AUDIO, TOPIC_SAY, TOPIC_TRANSCRIPT, TTS_OPS, SayArgs
 from model_manager.backends.gguf import quantization_label
 from model_manager.config import load_config
 from model_manager.footprint import FootprintStore
@@ -87,6 +89,17 @@ def test_nothing_outside_the_manager_loads_a_model() -> None:
     guard(REPO, SHIPPED_CONFIG)
 
 
+def test_the_speech_services_import_no_model_library() -> None:
+    files = sorted((REPO / "services").rglob("*.py"))
+    assert len(files) >= 6 and any(f.name == "service.py" for f in files)
+    for path in files:
+        assert not violations_in(path.read_text(encoding="utf-8"), path), path
+    planted = "import numpy\nfrom faster_whisper.vad import get_speech_timestamps\n"
+    assert [str(v.what) for v in violations_in(planted, Path("services/stt/x.py"))] == [
+        "from faster_whisper.vad import ..."
+    ]
+
+
 def _planted_tree(root: Path, legacy: bool) -> Path:
     (root / "agents").mkdir(parents=True)
     (root / "model_manager" / "backends").mkdir(parents=True)
@@ -145,8 +158,10 @@ def test_every_protocol_doc_example_decodes_with_the_protocol_module() -> None:
     for kind, text in examples:
         envelope = msgpack.packb(json.loads(text))
         if kind == "request":
-            request = protocol.decode_request([envelope])
-            protocol.parse_args(request.op, request.args)
+            op = json.loads(text)["op"]
+            ops = STT_OPS if op.startswith("stt.") else TTS_OPS if op.startswith("tts.") else protocol.OP_ARGS
+            request = protocol.decode_request([envelope], ops)
+            protocol.parse_args(request.op, request.args, ops)
         elif kind == "reply":
             reply = protocol.decode_reply([envelope])
             assert reply.id and reply.body is not None
@@ -157,7 +172,12 @@ def test_every_protocol_doc_example_decodes_with_the_protocol_module() -> None:
                 protocol.EVENT_MODEL_UNLOADED,
                 protocol.EVENT_MODEL_FAILED,
                 protocol.EVENT_HEARTBEAT,
+                TOPIC_TRANSCRIPT,
+                TOPIC_SAY,
+                TOPIC_AUDIO,
             )
+            if topic == TOPIC_SAY:
+                msgspec.convert({k: v for k, v in body.items() if k not in ("v", "event", "time")}, SayArgs)
 
 
 def test_every_error_code_is_documented() -> None:
