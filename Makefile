@@ -1,13 +1,21 @@
-# Two commands: `make run` (install everything, start the daemon) and `make test` (install, run the tests).
+# Two commands: `make run` (install everything, start the whole stack under supervisord) and `make test`
+# (install, run the tests).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 CONFIG ?= config/llm_config.yaml
 
-.PHONY: run test install models lint bench clean
+.PHONY: run manager status test install models lint bench clean
 
 run: install
+	mkdir -p run/logs
+	$(VENV)/bin/supervisord -c supervisord.conf
+
+manager: install
 	$(PY) -m model_manager --config $(CONFIG)
+
+status:
+	$(VENV)/bin/supervisorctl -c supervisord.conf status
 
 test: install
 	$(PY) -m pytest -q
@@ -33,6 +41,7 @@ lint: install
 bench: install
 	$(PY) bench/transport.py
 	$(PY) bench/speech.py
+	$(PY) bench/voice_turn.py
 
 clean:
 	rm -rf $(VENV) models run

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 from model_client.client import Conversation, ModelClient
 from model_client.errors import BadRequest, ModelManagerError
+from model_client.talk import talk
 
 
 def _size(n: int | None) -> str:
@@ -123,6 +125,39 @@ def _transcribe(client: ModelClient, args: argparse.Namespace) -> None:
     print(f"[{transcript.duration_s:.2f} s of audio, {transcript.language}, {took:.0f} ms]", file=sys.stderr)
 
 
+def _talk(args: argparse.Namespace) -> None:
+    try:
+        audio = args.file.read_bytes()
+    except OSError as exc:
+        raise BadRequest(f"cannot read {args.file}: {exc.strerror}") from None
+    result = talk(audio, persona=args.persona, session_id=args.session, timeout=args.timeout)
+    spoken = result.pop("audio", None)
+    if args.output and spoken is not None:
+        args.output.write_bytes(spoken.to_wav())
+    result["wav"] = str(args.output) if args.output and spoken is not None else None
+    result["reply_audio_s"] = round(spoken.duration_s, 2) if spoken is not None else 0.0
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"heard:  {result['heard']}")
+    if result["reply"] is None:
+        print("(nothing was heard, so nobody answered)")
+        return
+    who = result["answered_by"]
+    if result.get("fallback"):
+        who += f" (for {result['persona']}: {result['fallback']['code']})"
+    print(f"{who}: {result['reply']}")
+    usage = result.get("usage") or {}
+    print(
+        f"session {result['session_id']}, prompt {usage.get('prompt_tokens')} tokens, cached {usage.get('cached_tokens')}"
+    )
+    b = result["breakdown"]
+    names = ("stt_ms", "llm_ttft_ms", "llm_total_ms", "tts_first_audio_ms", "first_audio_ms", "end_to_end_ms")
+    print("  ".join(f"{name.removesuffix('_ms')} {b[name]:.0f} ms" for name in names if b.get(name) is not None))
+    if result["wav"]:
+        print(f"reply: {result['wav']} ({result['reply_audio_s']:.2f} s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mm", description="Talk to the model manager.")
     parser.add_argument("--endpoint", help="manager endpoint (default: MM_ENDPOINT, else the config)")
@@ -148,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     say.add_argument("-o", "--output", type=Path, default=Path("say.wav"), help="WAV file to write (say.wav)")
     say.add_argument("--voice", help="a tts model of the catalogue (default: the first)")
     say.add_argument("--speed", type=float, default=1.0)
+    talk = sub.add_parser("talk", help="one spoken turn through the whole loop (STT, a persona, TTS)")
+    talk.add_argument("file", type=Path, help="the utterance, an audio file")
+    talk.add_argument("--persona", help="the persona that must answer (default: the routing decides)")
+    talk.add_argument("--session", help="a session id, to go on with a conversation (default: a new one)")
+    talk.add_argument("-o", "--output", type=Path, help="write the spoken reply to this WAV file")
+    talk.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = parser.parse_args(argv)
 
     with ModelClient(args.endpoint, timeout=args.timeout) as client:
@@ -168,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{result['name']}: {result['state']}")
             elif args.command == "chat":
                 _chat(client, args.model, args.system)
+            elif args.command == "talk":
+                _talk(args)
             elif args.command == "transcribe":
                 _transcribe(client, args)
             elif args.command == "say":

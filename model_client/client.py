@@ -8,6 +8,7 @@ meant for one thread; give each thread its own.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -222,6 +223,20 @@ class ModelClient:
 
     def ping(self, timeout: float = 5.0) -> dict[str, Any]:
         return self.request("ping", timeout=timeout)
+
+    def wait_ready(self, timeout: float | None = None, on_wait: Any = None, interval: float = 0.5) -> dict[str, Any]:
+        """Ping until the daemon answers (it may still be starting); ``on_wait(seconds)`` is called between tries.
+        Raises Timeout after ``timeout`` seconds (None: wait for ever)."""
+        started = time.monotonic()
+        while True:
+            try:
+                return self.request("ping", timeout=interval)
+            except Timeout:
+                waited = time.monotonic() - started
+                if timeout is not None and waited > timeout:
+                    raise
+                if on_wait is not None:
+                    on_wait(waited)
 
     def status(self) -> dict[str, Any]:
         return self.request("status")

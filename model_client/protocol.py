@@ -24,15 +24,15 @@ REPLY_ERROR = "error"
 REPLY_CHUNK = "chunk"
 
 
-class _Args(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class OpArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Base of op arguments: unknown fields are errors, not silently ignored."""
 
 
-class NoArgs(_Args):
+class NoArgs(OpArgs):
     pass
 
 
-class ModelArgs(_Args, kw_only=True):
+class ModelArgs(OpArgs, kw_only=True):
     model: str
 
 
@@ -41,7 +41,7 @@ class Message(msgspec.Struct, forbid_unknown_fields=True):
     content: str
 
 
-class GenerationArgs(_Args, kw_only=True):
+class GenerationArgs(OpArgs, kw_only=True):
     """Sampling parameters, named as llama.cpp names them."""
 
     model: str
@@ -66,12 +66,12 @@ class CompleteArgs(GenerationArgs, kw_only=True):
     prompt: str
 
 
-class ConversationArgs(_Args, kw_only=True):
+class ConversationArgs(OpArgs, kw_only=True):
     model: str
     conversation_id: Annotated[str, msgspec.Meta(min_length=1)]
 
 
-class TranscribeArgs(_Args, kw_only=True):
+class TranscribeArgs(OpArgs, kw_only=True):
     """Audio travels in the one binary frame after the envelope: a WAV/FLAC/MP3/OGG file's bytes (``format:
     auto``), or raw little-endian integer PCM (``format: pcm``) described by the three ``pcm`` fields."""
 
@@ -86,7 +86,7 @@ class TranscribeArgs(_Args, kw_only=True):
     word_timestamps: bool = False
 
 
-class SynthesizeArgs(_Args, kw_only=True):
+class SynthesizeArgs(OpArgs, kw_only=True):
     """Text to speech. ``format: wav``: one reply carrying a WAV file; ``format: pcm``: raw s16 PCM, streamed
     as one chunk per sentence when ``stream`` is true (DEALER clients), else in one reply."""
 
@@ -98,7 +98,7 @@ class SynthesizeArgs(_Args, kw_only=True):
     stream: bool = False
 
 
-OP_ARGS: dict[str, type[_Args]] = {
+OP_ARGS: dict[str, type[OpArgs]] = {
     "ping": NoArgs,
     "status": NoArgs,
     "models": NoArgs,
@@ -158,7 +158,7 @@ def encode_request(request: Request) -> list[bytes]:
     return [_pack(envelope), *request.payloads]
 
 
-def decode_request(frames: list[bytes], ops: dict[str, type[_Args]] | None = None) -> Request:
+def decode_request(frames: list[bytes], ops: dict[str, type[OpArgs]] | None = None) -> Request:
     """Parse the envelope; errors carry the request id when the envelope had a usable one. ``ops``: the op
     table of the daemon that reads it (the manager's by default)."""
     if not frames:
@@ -177,7 +177,7 @@ def decode_request(frames: list[bytes], ops: dict[str, type[_Args]] | None = Non
 
 
 def _checked_request(
-    envelope: dict[Any, Any], request_id: str, payloads: list[bytes], ops: dict[str, type[_Args]]
+    envelope: dict[Any, Any], request_id: str, payloads: list[bytes], ops: dict[str, type[OpArgs]]
 ) -> Request:
     unknown = set(envelope) - {"v", "id", "op", "args"}
     if unknown:
@@ -196,7 +196,7 @@ def _checked_request(
     return Request(op=op, args=args, id=request_id, payloads=tuple(payloads))
 
 
-def parse_args(op: str, args: dict[str, Any], ops: dict[str, type[_Args]] | None = None) -> Any:
+def parse_args(op: str, args: dict[str, Any], ops: dict[str, type[OpArgs]] | None = None) -> Any:
     """Validate an op's arguments into its typed struct; the error names the offending field."""
     ops = OP_ARGS if ops is None else ops
     try:
@@ -207,7 +207,7 @@ def parse_args(op: str, args: dict[str, Any], ops: dict[str, type[_Args]] | None
         raise BadRequest(f"invalid arguments for {op!r}: {exc}") from None
 
 
-def args_to_dict(args: _Args) -> dict[str, Any]:
+def args_to_dict(args: OpArgs) -> dict[str, Any]:
     return msgspec.to_builtins(args)
 
 

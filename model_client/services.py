@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from model_client.endpoints import config_path, config_section, resolve_endpoint
-from model_client.protocol import NoArgs, _Args
+from model_client.protocol import NoArgs, OpArgs
 
 TOPIC_TRANSCRIPT = "stt.transcript"  # STT service PUB: {session_id, utterance, text, segments, timings, source}
 TOPIC_SAY = "tts.say"  # publishers -> TTS service: {text, voice, session_id, speed}
@@ -98,7 +98,7 @@ def load_services_config(path: Path | None = None) -> ServicesConfig:
 SessionId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
 
-class ClipArgs(_Args, kw_only=True):
+class ClipArgs(OpArgs, kw_only=True):
     """A whole clip in the binary frame: a file's bytes, or raw PCM (``format: pcm``). Replied with the
     transcript, which is also published."""
 
@@ -108,9 +108,10 @@ class ClipArgs(_Args, kw_only=True):
     sample_width: Literal[1, 2, 4] = 2
     channels: Annotated[int, msgspec.Meta(ge=1, le=8)] = 1
     source: str = "clip"  # said in the published transcript (clip, file, microphone, ...)
+    persona: str | None = None  # passed on in the transcript: the persona that must answer (else routing decides)
 
 
-class StreamStartArgs(_Args, kw_only=True):
+class StreamStartArgs(OpArgs, kw_only=True):
     """Opens a live stream of raw s16 PCM for ``session_id``; chunks follow with ``stt.audio``."""
 
     session_id: SessionId
@@ -118,11 +119,11 @@ class StreamStartArgs(_Args, kw_only=True):
     channels: Annotated[int, msgspec.Meta(ge=1, le=8)] = 1
 
 
-class SessionArgs(_Args, kw_only=True):
+class SessionArgs(OpArgs, kw_only=True):
     session_id: SessionId
 
 
-STT_OPS: dict[str, type[_Args]] = {
+STT_OPS: dict[str, type[OpArgs]] = {
     "ping": NoArgs,
     "stt.clip": ClipArgs,
     "stt.start": StreamStartArgs,
@@ -134,7 +135,7 @@ STT_OPS: dict[str, type[_Args]] = {
 # ----- the TTS service's ops ----------------------------------------------------------------------------------
 
 
-class SayArgs(_Args, kw_only=True):
+class SayArgs(OpArgs, kw_only=True):
     """Speak ``text``: the audio goes out on ``tts.audio`` as it is made (and to a WAV file when configured).
     The same map is what a publisher sends on ``tts.say``."""
 
@@ -143,6 +144,8 @@ class SayArgs(_Args, kw_only=True):
     session_id: SessionId = "default"
     speed: Annotated[float, msgspec.Meta(ge=0.25, le=4.0)] = 1.0
     return_audio: bool = False  # direct requests only: the reply carries the utterance as one WAV frame
+    turn_id: str | None = None  # echoed in tts.audio: which reply of which agent this piece belongs to...
+    part: Annotated[int, msgspec.Meta(ge=0)] = 0  # ...and which piece of it
 
 
-TTS_OPS: dict[str, type[_Args]] = {"ping": NoArgs, "tts.say": SayArgs}
+TTS_OPS: dict[str, type[OpArgs]] = {"ping": NoArgs, "tts.say": SayArgs}

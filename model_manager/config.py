@@ -149,6 +149,7 @@ class Config(_Section, rename={"enable_legacy_models": "ENABLE_LEGACY_MODELS"}):
     models: dict[ModelName, ModelSpec] = {}
     # Sections read by the other daemons (services, agents); each validates its own.
     services: dict[str, Any] = {}
+    agents: dict[str, Any] = {}
     personas: dict[str, Any] = {}
     routing: dict[str, Any] = {}
 

@@ -1,22 +1,18 @@
-"""What every service's ``__main__`` does: read the YAML, set up logs, find the manager."""
+"""What every service's ``__main__`` does: read the YAML, set up logs, wait for the manager."""
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-from model_client.endpoints import config_path, configured_endpoints
+from model_client.daemon import parser_for, wait_for_manager
+from model_client.endpoints import configured_endpoints
 from model_client.logs import configure_logging
 from model_client.services import ServicesConfig, load_services_config
 
 
 def start(name: str, description: str, argv: list[str] | None = None) -> tuple[ServicesConfig, str]:
-    """Parse the command line; return the services' settings and the manager's request endpoint."""
-    parser = argparse.ArgumentParser(prog=f"services.{name}", description=description)
-    parser.add_argument("--config", type=Path, default=config_path(), help="YAML config (default: %(default)s)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
-    args = parser.parse_args(argv)
+    """Parse the command line, wait for the manager; return the services' settings and the manager's endpoint."""
+    args = parser_for(f"services.{name}", description).parse_args(argv)
     try:
         config = load_services_config(args.config)
         manager = configured_endpoints(args.config)["requests"]
@@ -24,4 +20,5 @@ def start(name: str, description: str, argv: list[str] | None = None) -> tuple[S
         print(f"services.{name}: {args.config}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(args.log_level)
+    wait_for_manager(manager, f"services.{name}")
     return config, manager

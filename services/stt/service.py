@@ -195,6 +195,7 @@ class SttService:
                 "session_id": clip.session_id,
                 "utterance": utterance,
                 "source": clip.source,
+                "persona": clip.persona,
                 "text": result["text"],
                 "segments": result["segments"],
                 "language": result["language"],

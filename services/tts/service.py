@@ -129,7 +129,7 @@ class TtsService:
         received = time.monotonic()
         parts: list[bytes] = []
         first: dict[str, float] = {}
-        meta = {"session_id": args.session_id, "utterance_id": utterance_id}
+        meta = {"session_id": args.session_id, "utterance_id": utterance_id, "turn_id": args.turn_id, "part": args.part}
 
         def on_chunk(chunk: dict[str, Any], payloads: tuple[bytes, ...]) -> None:
             pcm = payloads[0] if payloads else b""

@@ -1,0 +1,360 @@
+"""A persona agent: hears transcripts, answers the ones routed to it, speaks the answer as it streams.
+
+Per turn: ``stt.transcript`` arrives (or ``agent.ask`` on the agent's own socket) -> ``route`` says whether this
+persona answers -> a streamed ``chat`` to the manager with the session's history and a stable
+``conversation_id`` (``<persona>:<session>``, so the manager reuses the session's KV cache) -> each speakable
+piece goes to the TTS service as ``tts.say`` while the rest is still being generated -> ``agent.reply`` with the
+text, usage and timings. When the persona's model cannot be served, its ``fallback`` persona answers and the
+reply says so. The agent also listens to ``tts.audio`` to log the whole latency breakdown of each turn.
+
+Turns run one at a time per persona; messages that arrive meanwhile wait in the sockets' queues.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+import zmq
+
+from agents.pieces import SpeechPieces
+from model_client import protocol
+from model_client.client import ModelClient, Stream
+from model_client.endpoints import prepare_ipc_dir, remove_ipc_file
+from model_client.errors import (
+    InsufficientMemory,
+    InternalError,
+    ModelFailed,
+    ModelLoadFailed,
+    ModelManagerError,
+    ModelNotFound,
+)
+from model_client.personas import AGENT_OPS, TOPIC_REPLY, AgentsConfig, AskArgs, Persona, route
+from model_client.services import TOPIC_AUDIO, TOPIC_SAY, TOPIC_TRANSCRIPT, ServicesConfig
+
+TICK_S = 0.1
+UNSERVABLE = (ModelLoadFailed, InsufficientMemory, ModelNotFound, ModelFailed)  # the fallback persona answers
+OPEN_TURNS = 64  # turns whose audio is still awaited for the breakdown log
+
+log = structlog.get_logger("agents")
+
+
+class PersonaAgent:
+    def __init__(self, name: str, config: AgentsConfig, services: ServicesConfig, manager_endpoint: str) -> None:
+        if name not in config.personas:
+            raise ValueError(f"unknown persona {name!r}; the YAML declares {sorted(config.personas)}")
+        self.name = name
+        self.persona = config.personas[name]
+        self.config = config
+        self.settings = config.agents
+        self.client = ModelClient(manager_endpoint, timeout=self.settings.manager_timeout_s)
+        self.ctx = zmq.Context()
+        self.requests_endpoint = config.requests_endpoint(name)
+        self.events_endpoint = config.events_endpoint(name)
+        for endpoint in (self.requests_endpoint, self.events_endpoint):
+            prepare_ipc_dir(endpoint)
+        self.requests = self._socket(zmq.ROUTER, bind=self.requests_endpoint)
+        self.events = self._socket(zmq.PUB, bind=self.events_endpoint)
+        self.say = self._socket(zmq.PUB, connect=services.tts.say)
+        self.transcripts = self._socket(zmq.SUB, connect=services.stt.events, topic=TOPIC_TRANSCRIPT)
+        self.audio = self._socket(zmq.SUB, connect=services.tts.events, topic=TOPIC_AUDIO)
+        self.poller = zmq.Poller()
+        for sock in (self.requests, self.transcripts, self.audio):
+            self.poller.register(sock, zmq.POLLIN)
+        self.sessions: dict[str, list[dict[str, str]]] = {}
+        self.turn_counts: dict[str, int] = {}
+        self.open_turns: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.devices_checked: set[str] = set()
+        self.history_dir = Path(self.settings.history_dir) / name if self.settings.history_dir else None
+        self.stopping = False
+
+    def _socket(self, kind: int, bind: str | None = None, connect: str | None = None, topic: str = "") -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if kind == zmq.SUB:
+            sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        if bind:
+            sock.bind(bind)
+        if connect:
+            sock.connect(connect)
+        return sock
+
+    # ----- the loop -------------------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        log.info("agent_started", persona=self.name, model=self.persona.model, requests=self.requests_endpoint)
+        while not self.stopping:
+            ready = dict(self.poller.poll(TICK_S * 1000))
+            if self.requests in ready:
+                while self.requests.get(zmq.EVENTS) & zmq.POLLIN:
+                    self._on_request(self.requests.recv_multipart())
+            if self.transcripts in ready:
+                while self.transcripts.get(zmq.EVENTS) & zmq.POLLIN:
+                    self._on_transcript(self.transcripts.recv_multipart())
+            if self.audio in ready:
+                while self.audio.get(zmq.EVENTS) & zmq.POLLIN:
+                    self._on_audio(self.audio.recv_multipart())
+        self.client.close()
+        for sock in (self.requests, self.events, self.say, self.transcripts, self.audio):
+            sock.close(linger=0)
+        self.ctx.term()
+        for endpoint in (self.requests_endpoint, self.events_endpoint):
+            remove_ipc_file(endpoint)
+        log.info("agent_stopped", persona=self.name)
+
+    def _stop(self, _signum: int, _frame: Any) -> None:
+        self.stopping = True
+
+    def _on_transcript(self, frames: list[bytes]) -> None:
+        try:
+            _topic, event = protocol.decode_event(frames)
+            text = str(event.get("text") or "").strip()
+            session_id = str(event.get("session_id") or "default")
+            chosen = route(text, self.config.personas, self.config.routing, explicit=event.get("persona"))
+        except (ModelManagerError, ValueError, IndexError) as exc:
+            log.warning("transcript_rejected", error=str(exc))
+            return
+        if not text or chosen.persona != self.name:
+            return
+        try:
+            self.turn(session_id, text, chosen.reason, chosen.detail, transcript=event)
+        except ModelManagerError:
+            pass  # logged and published as a failed agent.reply; the next turn starts afresh
+
+    def _on_request(self, frames: list[bytes]) -> None:
+        try:
+            delimiter = frames.index(b"", 1)
+        except ValueError:
+            return
+        route_frames, body = frames[: delimiter + 1], frames[delimiter + 1 :]
+        request_id = None
+        try:
+            request = protocol.decode_request(body, AGENT_OPS)
+            request_id = request.id
+            args = protocol.parse_args(request.op, request.args, AGENT_OPS)
+            if request.op == "ping":
+                result: dict[str, Any] = {"pong": True, "persona": self.name, "sessions": len(self.sessions)}
+            else:
+                assert isinstance(args, AskArgs)
+                result = self.turn(args.session_id, args.text, "explicit", "agent.ask")
+            frames_out = protocol.encode_result(request.id, result)
+        except ModelManagerError as exc:
+            frames_out = protocol.encode_error(exc.request_id or request_id, exc)
+        except Exception as exc:  # a bug must not end the agent
+            log.exception("request_crashed")
+            frames_out = protocol.encode_error(request_id, InternalError(f"{type(exc).__name__}: {exc}"))
+        self.requests.send_multipart(route_frames + frames_out)
+
+    # ----- one turn -------------------------------------------------------------------------------------------
+
+    def turn(
+        self, session_id: str, text: str, reason: str, detail: str, transcript: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        started = time.monotonic()
+        count = self.turn_counts[session_id] = self.turn_counts.get(session_id, 0) + 1
+        turn_id = f"{self.name}:{session_id}:{count}"
+        history = self._history(session_id)
+        answered_by, persona, fallback = self.name, self.persona, None
+        try:
+            outcome = self._answer(persona, self.name, session_id, history, text, turn_id, started)
+        except UNSERVABLE as exc:
+            if not self.persona.fallback:
+                return self._failed(session_id, turn_id, text, exc)
+            answered_by = self.persona.fallback
+            persona = self.config.personas[answered_by]
+            fallback = {"from": self.name, "to": answered_by, "code": exc.code, "message": exc.message}
+            log.warning("persona_fallback", persona=self.name, to=answered_by, code=exc.code, message=exc.message)
+            try:
+                outcome = self._answer(persona, answered_by, session_id, history, text, turn_id, started)
+            except ModelManagerError as again:
+                return self._failed(session_id, turn_id, text, again)
+        except ModelManagerError as exc:
+            return self._failed(session_id, turn_id, text, exc)
+        completion, parts, first_say_ms = outcome
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": completion.text}]
+        self._save_history(session_id, history)
+        stt_ms = None
+        if transcript is not None:
+            stt_ms = transcript.get("timings", {}).get("service_ms")
+        timings = {
+            "stt_ms": stt_ms,
+            "llm_ttft_ms": completion.timings.get("ttft_ms"),
+            "llm_total_ms": round((time.monotonic() - started) * 1000, 2),
+            "first_say_ms": first_say_ms,
+            "queue_ms": completion.timings.get("queue_ms"),
+        }
+        reply = {
+            "persona": self.name,
+            "answered_by": answered_by,
+            "display_name": persona.display_name or answered_by,
+            "fallback": fallback,
+            "session_id": session_id,
+            "turn_id": turn_id,
+            "heard": text,
+            "route": {"reason": reason, "detail": detail},
+            "text": completion.text,
+            "parts": parts,
+            "model": completion.model,
+            "voice": persona.voice,
+            "usage": completion.usage,
+            "timings": timings,
+        }
+        self.events.send_multipart(protocol.encode_event(TOPIC_REPLY, reply, time.time()))
+        self._remember_turn(turn_id, reply, transcript)
+        self._check_device(persona, answered_by)
+        log.info(
+            "turn",
+            persona=self.name,
+            answered_by=answered_by,
+            session_id=session_id,
+            turn_id=turn_id,
+            route=reason,
+            prompt_tokens=completion.usage.get("prompt_tokens"),
+            cached_tokens=completion.usage.get("cached_tokens"),
+            **timings,
+        )
+        return reply
+
+    def _answer(
+        self,
+        persona: Persona,
+        persona_name: str,
+        session_id: str,
+        history: list[dict[str, str]],
+        text: str,
+        turn_id: str,
+        started: float,
+    ) -> tuple[Any, int, float | None]:
+        """Stream the reply from ``persona``'s model, sending each speakable piece to the TTS service."""
+        messages = [{"role": "system", "content": persona.system_prompt}, *history, {"role": "user", "content": text}]
+        generation = {k: v for k, v in msgspec.structs.asdict(persona.generation).items() if v is not None}
+        stream = self.client.chat(
+            persona.model, messages, conversation_id=f"{persona_name}:{session_id}", stream=True, **generation
+        )
+        assert isinstance(stream, Stream)
+        pieces = SpeechPieces(self.settings.first_piece_words)
+        first_say_ms = None
+        for piece in stream:
+            for spoken in pieces.feed(piece):
+                first_say_ms = first_say_ms or round((time.monotonic() - started) * 1000, 2)
+                self._say(persona, session_id, turn_id, pieces.count - 1, spoken)
+        rest = pieces.flush()
+        if rest:
+            first_say_ms = first_say_ms or round((time.monotonic() - started) * 1000, 2)
+            self._say(persona, session_id, turn_id, pieces.count - 1, rest)
+        assert stream.result is not None
+        return stream.result, pieces.count, first_say_ms
+
+    def _say(self, persona: Persona, session_id: str, turn_id: str, part: int, text: str) -> None:
+        body = {
+            "text": text,
+            "voice": persona.voice,
+            "speed": persona.speed,
+            "session_id": session_id,
+            "turn_id": turn_id,
+            "part": part,
+        }
+        self.say.send_multipart(protocol.encode_event(TOPIC_SAY, body, time.time()))
+
+    def _failed(self, session_id: str, turn_id: str, text: str, error: ModelManagerError) -> dict[str, Any]:
+        log.error("turn_failed", persona=self.name, session_id=session_id, code=error.code, message=error.message)
+        reply = {
+            "persona": self.name,
+            "answered_by": None,
+            "session_id": session_id,
+            "turn_id": turn_id,
+            "heard": text,
+            "text": "",
+            "parts": 0,
+            "error": error.to_wire(),
+        }
+        self.events.send_multipart(protocol.encode_event(TOPIC_REPLY, reply, time.time()))
+        raise error
+
+    def _check_device(self, persona: Persona, name: str) -> None:
+        """Once per persona: say so in the log if its model runs somewhere else than the persona prefers."""
+        if not persona.device or name in self.devices_checked:
+            return
+        self.devices_checked.add(name)
+        try:
+            models = {m["name"]: m for m in self.client.status()["models"]}
+        except ModelManagerError:
+            return
+        placed = (models.get(persona.model) or {}).get("device") or ""
+        if not placed.startswith(persona.device):
+            log.warning("persona_device_mismatch", persona=name, preferred=persona.device, placed=placed)
+
+    # ----- the latency breakdown, completed when the first audio of a turn is out ----------------------------
+
+    def _remember_turn(self, turn_id: str, reply: dict[str, Any], transcript: dict[str, Any] | None) -> None:
+        utterance_end = None
+        if transcript is not None and transcript.get("time"):
+            utterance_end = transcript["time"] - (transcript.get("timings", {}).get("service_ms") or 0) / 1000
+        self.open_turns[turn_id] = {"timings": reply["timings"], "utterance_end": utterance_end}
+        while len(self.open_turns) > OPEN_TURNS:
+            self.open_turns.popitem(last=False)
+
+    def _on_audio(self, frames: list[bytes]) -> None:
+        try:
+            _topic, event = protocol.decode_event(frames)
+        except (ModelManagerError, IndexError):
+            return
+        turn = self.open_turns.get(str(event.get("turn_id")))
+        if turn is None or event.get("part") != 0:
+            return
+        if not event.get("final"):
+            turn.setdefault("first_audio_at", event["time"])
+            return
+        self.open_turns.pop(str(event["turn_id"]))
+        first_audio_at = turn.get("first_audio_at")
+        e2e = None
+        if first_audio_at and turn["utterance_end"]:
+            e2e = round((first_audio_at - turn["utterance_end"]) * 1000, 2)
+        log.info(
+            "turn_breakdown",
+            persona=self.name,
+            turn_id=event["turn_id"],
+            **turn["timings"],
+            tts_first_audio_ms=(event.get("timings") or {}).get("first_audio_ms"),
+            first_audio_ms=e2e,
+        )
+
+    # ----- history, kept on disk so a restarted agent goes on where it was ---------------------------------
+
+    def _history_path(self, session_id: str) -> Path | None:
+        if self.history_dir is None:
+            return None
+        return self.history_dir / (re.sub(r"[^A-Za-z0-9._-]+", "_", session_id)[:100] + ".json")
+
+    def _history(self, session_id: str) -> list[dict[str, str]]:
+        if session_id not in self.sessions:
+            path = self._history_path(session_id)
+            messages: list[dict[str, str]] = []
+            if path is not None and path.exists():
+                try:
+                    messages = json.loads(path.read_text(encoding="utf-8"))["messages"]
+                except (OSError, ValueError, KeyError):
+                    log.warning("history_unreadable", session_id=session_id, path=str(path))
+            self.sessions[session_id] = messages
+        return list(self.sessions[session_id])
+
+    def _save_history(self, session_id: str, messages: list[dict[str, str]]) -> None:
+        keep = self.settings.max_history_messages
+        messages = messages[-keep:]
+        self.sessions[session_id] = messages
+        path = self._history_path(session_id)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"persona": self.name, "messages": messages}, indent=1), encoding="utf-8")
+        tmp.replace(path)
