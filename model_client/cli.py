@@ -148,9 +148,8 @@ def _talk(args: argparse.Namespace) -> None:
         who += f" (for {result['persona']}: {result['fallback']['code']})"
     print(f"{who}: {result['reply']}")
     usage = result.get("usage") or {}
-    print(
-        f"session {result['session_id']}, prompt {usage.get('prompt_tokens')} tokens, cached {usage.get('cached_tokens')}"
-    )
+    tokens = f"prompt {usage.get('prompt_tokens')} tokens, {usage.get('cached_tokens')} cached"
+    print(f"session {result['session_id']}, {tokens}")
     b = result["breakdown"]
     names = ("stt_ms", "llm_ttft_ms", "llm_total_ms", "tts_first_audio_ms", "first_audio_ms", "end_to_end_ms")
     print("  ".join(f"{name.removesuffix('_ms')} {b[name]:.0f} ms" for name in names if b.get(name) is not None))
