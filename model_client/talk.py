@@ -5,7 +5,8 @@ whose streamed answer the TTS service speaks sentence by sentence. This module l
 transcript, the agent's reply, the audio), puts the reply's audio together and measures the turn:
 
 - ``stt_ms``: the STT service's time from receiving the clip to publishing its transcript;
-- ``llm_ttft_ms`` / ``llm_total_ms``: the agent's model, first token and whole reply;
+- ``llm_ttft_ms`` / ``llm_first_piece_ms`` / ``llm_total_ms``: the agent's model, its first token, the first
+  piece of text sent to be spoken (from the agent's start of the turn), the whole reply;
 - ``tts_first_audio_ms``: the TTS service's time from the first piece of text to its first audio;
 - ``first_audio_ms``: from the end of the utterance (the clip sent) to the first reply audio here;
 - ``end_to_end_ms``: from the clip sent to the last reply audio here.
@@ -161,9 +162,11 @@ def _summary(turn: Turn, sent: float) -> dict[str, Any]:
         reply=reply["text"],
         usage=reply.get("usage"),
         audio=turn.audio(),
+        stt_timings=transcript.get("timings"),
         breakdown={
             "stt_ms": (transcript.get("timings") or {}).get("service_ms"),
             "llm_ttft_ms": timings.get("llm_ttft_ms"),
+            "llm_first_piece_ms": timings.get("first_say_ms"),
             "llm_total_ms": timings.get("llm_total_ms"),
             "tts_first_audio_ms": (first_final.get("timings") or {}).get("first_audio_ms"),
             "first_audio_ms": round((first_at - sent) * 1000, 1) if first_at else None,

@@ -206,6 +206,102 @@ class DaemonProcess:
             return self.proc.wait()
 
 
+SHIPPED_CONFIG = REPO / "config" / "llm_config.yaml"
+SUPERVISORD_CONF = REPO / "supervisord.conf"
+
+
+def stack_config(run_dir: Path) -> dict:
+    """``base_config`` plus the shipped services, agents, routing and personas, on sockets in ``run_dir``."""
+    shipped = yaml.safe_load(SHIPPED_CONFIG.read_text())
+    config = base_config(run_dir)
+    config["services"] = {
+        "stt": {
+            **shipped["services"]["stt"],
+            "requests": f"ipc://{run_dir}/stt.sock",
+            "events": f"ipc://{run_dir}/stt-events.sock",
+            "model": "whisper",
+        },
+        "tts": {
+            **shipped["services"]["tts"],
+            "requests": f"ipc://{run_dir}/tts.sock",
+            "say": f"ipc://{run_dir}/tts-say.sock",
+            "events": f"ipc://{run_dir}/tts-events.sock",
+            "voice": "joe",
+        },
+    }
+    config["agents"] = {
+        **shipped["agents"],
+        "requests": f"ipc://{run_dir}/agent-{{persona}}.sock",
+        "events": f"ipc://{run_dir}/agent-{{persona}}-ev.sock",
+        "history_dir": str(run_dir / "agents"),
+    }
+    config["routing"] = shipped["routing"]
+    config["personas"] = shipped["personas"]
+    return config
+
+
+class SupervisedStack:
+    """The shipped supervisord.conf, pointed at a test's own config, run directory and sockets."""
+
+    def __init__(self, run_dir: Path, config: dict, extra_personas: tuple[str, ...] = ()) -> None:
+        self.run_dir = run_dir
+        self.config = config
+        self.config_path = run_dir / "llm_config.yaml"
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        (run_dir / "logs").mkdir(exist_ok=True)
+        text = SUPERVISORD_CONF.read_text()
+        for persona in extra_personas:  # one more agent program, made like Jarvis's
+            section = text[text.index("[program:agent-jarvis]") :].split("\n\n")[0]
+            text += "\n" + section.replace("jarvis", persona) + "\n"
+        text = (
+            text.replace("%(here)s/.venv/bin/python", sys.executable)
+            .replace("%(here)s/config/llm_config.yaml", str(self.config_path))
+            .replace("%(here)s/run", str(run_dir))
+            .replace("%(here)s", str(REPO))
+        )
+        self.conf = run_dir / "supervisord.conf"
+        self.conf.write_text(text)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, programs: tuple[str, ...], timeout: float = 90.0) -> None:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor.supervisord", "-c", str(self.conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            cwd=REPO,
+        )
+        wait_for(lambda: all(state == "RUNNING" for state in self.states(programs).values()), timeout=timeout)
+
+    def ctl(self, *args: str) -> str:
+        run = subprocess.run(
+            [sys.executable, "-m", "supervisor.supervisorctl", "-c", str(self.conf), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return run.stdout
+
+    def states(self, programs: tuple[str, ...]) -> dict[str, str]:
+        rows = [line.split() for line in self.ctl("status").splitlines() if line.strip()]
+        found = {row[0]: row[1] for row in rows if len(row) > 1}
+        return {name: found.get(name, "ABSENT") for name in programs}
+
+    def pid(self, program: str) -> int:
+        return int(self.ctl("pid", program).strip() or 0)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.ctl("shutdown")
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def subscriber(endpoint: str, *topics: str) -> zmq.Socket:
     sock = zmq.Context.instance().socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
