@@ -43,7 +43,22 @@ TICK_S = 0.1
 UNSERVABLE = (ModelLoadFailed, InsufficientMemory, ModelNotFound, ModelFailed)  # the fallback persona answers
 OPEN_TURNS = 64  # turns whose audio is still awaited for the breakdown log
 
+TRANSCRIPT_STOPS = ["\nQuestion:", "\n\n"]
+
 log = structlog.get_logger("agents")
+
+
+def transcript_prompt(system: str, history: list[dict[str, str]], text: str) -> str:
+    """A base model's prompt: the system text, then the session as a question-and-answer transcript. Each turn
+    only appends to it, so the manager's KV cache of the conversation still applies."""
+    lines = [system.strip(), ""]
+    for message in history:
+        label = "Question" if message["role"] == "user" else "Answer"
+        lines.append(f"{label}: {message['content'].strip()}")
+        if label == "Answer":
+            lines.append("")
+    lines += [f"Question: {text.strip()}", "Answer:"]
+    return "\n".join(lines)
 
 
 class PersonaAgent:
@@ -180,7 +195,8 @@ class PersonaAgent:
         except ModelManagerError as exc:
             return self._failed(session_id, turn_id, text, exc)
         completion, parts, first_say_ms = outcome
-        history += [{"role": "user", "content": text}, {"role": "assistant", "content": completion.text}]
+        answer = completion.text.strip()
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
         self._save_history(session_id, history)
         stt_ms = None
         if transcript is not None:
@@ -201,7 +217,7 @@ class PersonaAgent:
             "turn_id": turn_id,
             "heard": text,
             "route": {"reason": reason, "detail": detail},
-            "text": completion.text,
+            "text": answer,
             "parts": parts,
             "model": completion.model,
             "voice": persona.voice,
@@ -235,11 +251,23 @@ class PersonaAgent:
         started: float,
     ) -> tuple[Any, int, float | None]:
         """Stream the reply from ``persona``'s model, sending each speakable piece to the TTS service."""
-        messages = [{"role": "system", "content": persona.system_prompt}, *history, {"role": "user", "content": text}]
         generation = {k: v for k, v in msgspec.structs.asdict(persona.generation).items() if v is not None}
-        stream = self.client.chat(
-            persona.model, messages, conversation_id=f"{persona_name}:{session_id}", stream=True, **generation
-        )
+        conversation_id = f"{persona_name}:{session_id}"
+        if persona.prompt_style == "transcript":
+            stream = self.client.complete(
+                persona.model,
+                transcript_prompt(persona.system_prompt, history, text),
+                conversation_id=conversation_id,
+                stream=True,
+                stop=TRANSCRIPT_STOPS,
+                **generation,
+            )
+        else:
+            system = {"role": "system", "content": persona.system_prompt}
+            messages = [system, *history, {"role": "user", "content": text}]
+            stream = self.client.chat(
+                persona.model, messages, conversation_id=conversation_id, stream=True, **generation
+            )
         assert isinstance(stream, Stream)
         pieces = SpeechPieces(self.settings.first_piece_words)
         first_say_ms = None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -44,6 +44,9 @@ class Generation(_Section):
 class Persona(_Section):
     model: str  # an llm of the catalogue
     system_prompt: str
+    # chat: the model's chat template (instruction-tuned models). transcript: a plain-text "Question: / Answer:"
+    # transcript after the system prompt, completed with `complete` (base models, which a chat template confuses).
+    prompt_style: Literal["chat", "transcript"] = "chat"
     display_name: str = ""
     description: str = ""
     voice: str | None = None  # a tts voice of the catalogue; None: the TTS service's default
