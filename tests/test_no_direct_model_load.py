@@ -19,6 +19,7 @@ import msgspec
 import pytest
 
 from model_client import protocol
+from model_client.personas import AGENT_OPS, TOPIC_REPLY
 from model_client.services import STT_OPS, TOPIC_AUDIO, TOPIC_SAY, TOPIC_TRANSCRIPT, TTS_OPS, SayArgs
 from model_manager.backends.gguf import quantization_label
 from model_manager.config import load_config
@@ -159,7 +160,8 @@ def test_every_protocol_doc_example_decodes_with_the_protocol_module() -> None:
         envelope = msgpack.packb(json.loads(text))
         if kind == "request":
             op = json.loads(text)["op"]
-            ops = STT_OPS if op.startswith("stt.") else TTS_OPS if op.startswith("tts.") else protocol.OP_ARGS
+            prefixes = {"stt.": STT_OPS, "tts.": TTS_OPS, "agent.": AGENT_OPS}
+            ops = next((table for prefix, table in prefixes.items() if op.startswith(prefix)), protocol.OP_ARGS)
             request = protocol.decode_request([envelope], ops)
             protocol.parse_args(request.op, request.args, ops)
         elif kind == "reply":
@@ -175,6 +177,7 @@ def test_every_protocol_doc_example_decodes_with_the_protocol_module() -> None:
                 TOPIC_TRANSCRIPT,
                 TOPIC_SAY,
                 TOPIC_AUDIO,
+                TOPIC_REPLY,
             )
             if topic == TOPIC_SAY:
                 msgspec.convert({k: v for k, v in body.items() if k not in ("v", "event", "time")}, SayArgs)
