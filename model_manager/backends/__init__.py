@@ -5,11 +5,8 @@ Each backend loads one model and runs the ops of its kind; ``emit`` sends a stre
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any, Protocol
-
-import psutil
 
 from model_manager.config import KvCacheSettings, ModelSpec
 
@@ -45,13 +42,6 @@ class Backend(Protocol):
 
     def unload(self) -> None:
         """Called before an orderly exit."""
-
-
-def physical_cores() -> int:
-    """Decode threads when the YAML leaves ``n_threads`` out: the physical cores, llama.cpp's own default.
-    (llama-cpp-python's is half the logical CPUs, which on a machine without SMT leaves half the cores idle:
-    on the 2-core development machine that cost the voice loop ~150 ms to first audio.)"""
-    return max(1, psutil.cpu_count(logical=False) or (os.cpu_count() or 2) // 2)
 
 
 def warm_up(kind: str) -> None:

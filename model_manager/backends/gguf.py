@@ -33,7 +33,7 @@ from llama_cpp import Llama, llama_chat_format
 from llama_cpp.llama_chat_format import ChatFormatter, Jinja2ChatFormatter
 
 from model_client.errors import BadRequest, ContextOverflow, ModelLoadFailed
-from model_manager.backends import Emit, physical_cores
+from model_manager.backends import Emit
 from model_manager.config import KvCacheSettings, ModelSpec
 from model_manager.kvcache import ConversationStore
 
@@ -83,7 +83,7 @@ class GGUFBackend:
                 main_gpu=spec.gpu or 0,
                 split_mode=0 if spec.gpu is not None else 1,  # LLAMA_SPLIT_MODE_NONE pins to main_gpu
                 tensor_split=spec.tensor_split,
-                n_threads=spec.n_threads or physical_cores(),
+                n_threads=spec.n_threads,
                 n_batch=spec.n_batch,
                 verbose=False,
             )

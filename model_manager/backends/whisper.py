@@ -34,7 +34,7 @@ from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
 
 from model_client.errors import BadRequest, ModelLoadFailed, ModelManagerError
 from model_manager.audio import SAMPLE_RATE, decode
-from model_manager.backends import Emit, physical_cores
+from model_manager.backends import Emit
 from model_manager.config import KvCacheSettings, ModelSpec
 
 WINDOW_S = 30  # Whisper hears 30 s at a time
@@ -84,7 +84,7 @@ class WhisperBackend:
                 device=device,
                 device_index=spec.gpu or 0,
                 compute_type=spec.compute_type,
-                cpu_threads=spec.n_threads or physical_cores(),
+                cpu_threads=spec.n_threads or 0,
                 local_files_only=True,
             )
         except Exception as exc:
