@@ -37,6 +37,7 @@ from model_client.errors import (
     ModelNotFound,
 )
 from model_client.personas import AGENT_OPS, TOPIC_REPLY, AgentsConfig, AskArgs, Persona, route
+from model_client.security import Binder, CurveServer
 from model_client.services import TOPIC_AUDIO, TOPIC_SAY, TOPIC_TRANSCRIPT, ServicesConfig
 
 TICK_S = 0.1
@@ -62,19 +63,29 @@ def transcript_prompt(system: str, history: list[dict[str, str]], text: str) -> 
 
 
 class PersonaAgent:
-    def __init__(self, name: str, config: AgentsConfig, services: ServicesConfig, manager_endpoint: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: AgentsConfig,
+        services: ServicesConfig,
+        manager_endpoint: str,
+        curve: CurveServer | None = None,
+    ) -> None:
         if name not in config.personas:
             raise ValueError(f"unknown persona {name!r}; the YAML declares {sorted(config.personas)}")
         self.name = name
         self.persona = config.personas[name]
         self.config = config
         self.settings = config.agents
-        self.client = ModelClient(manager_endpoint, timeout=self.settings.manager_timeout_s)
+        self.client = ModelClient(
+            manager_endpoint, timeout=self.settings.manager_timeout_s, priority=protocol.PRIORITY_INTERACTIVE
+        )
         self.ctx = zmq.Context()
         self.requests_endpoint = config.requests_endpoint(name)
         self.events_endpoint = config.events_endpoint(name)
         for endpoint in (self.requests_endpoint, self.events_endpoint):
             prepare_ipc_dir(endpoint)
+        self.binder = Binder(self.ctx, curve)
         self.requests = self._socket(zmq.ROUTER, bind=self.requests_endpoint)
         self.events = self._socket(zmq.PUB, bind=self.events_endpoint)
         self.say = self._socket(zmq.PUB, connect=services.tts.say)
@@ -96,7 +107,7 @@ class PersonaAgent:
         if kind == zmq.SUB:
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
         if bind:
-            sock.bind(bind)
+            self.binder.bind(sock, bind, f"agents ({self.name})")
         if connect:
             sock.connect(connect)
         return sock
@@ -121,6 +132,7 @@ class PersonaAgent:
         self.client.close()
         for sock in (self.requests, self.events, self.say, self.transcripts, self.audio):
             sock.close(linger=0)
+        self.binder.close()
         self.ctx.term()
         for endpoint in (self.requests_endpoint, self.events_endpoint):
             remove_ipc_file(endpoint)

@@ -42,6 +42,7 @@ def running_daemon(config: dict) -> Iterator[ModelClient]:
         **config,
         "endpoints": {k: f"ipc://{run_dir}/{k}.sock" for k in ("requests", "events", "workers")},
         "manager": {"log_level": "warning", "state_dir": str(run_dir / "state"), **config.get("manager", {})},
+        "metrics": {"port": 0, **config.get("metrics", {})},
     }
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     daemon = subprocess.Popen(

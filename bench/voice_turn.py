@@ -63,6 +63,7 @@ def bench_config(run: Path) -> dict:
     config["endpoints"] = {k: f"ipc://{run}/{k}.sock" for k in ("requests", "events", "workers")}
     config["manager"] = {**config["manager"], "state_dir": str(run / "state"), "log_level": "warning"}
     config["kv_cache"] = {**config["kv_cache"], "spill_dir": str(run / "kv")}
+    config["metrics"] = {**config.get("metrics", {}), "port": 0}
     stt, tts = config["services"]["stt"], config["services"]["tts"]
     stt.update(requests=f"ipc://{run}/stt.sock", events=f"ipc://{run}/stt-ev.sock")
     tts.update(requests=f"ipc://{run}/tts.sock", say=f"ipc://{run}/say.sock", events=f"ipc://{run}/tts-ev.sock")

@@ -11,6 +11,7 @@ from typing import Any
 
 from model_client.client import Conversation, ModelClient
 from model_client.errors import BadRequest, ModelManagerError
+from model_client.security import make_keys
 from model_client.talk import talk
 
 
@@ -157,6 +158,18 @@ def _talk(args: argparse.Namespace) -> None:
         print(f"reply: {result['wav']} ({result['reply_audio_s']:.2f} s)")
 
 
+def _keys(directory: Path, clients: tuple[str, ...]) -> int:
+    made = make_keys(directory, clients)
+    print(f"server key pair: {made['server_public']} (give to clients), {made['server_secret']} (keep here)")
+    for name in clients:
+        print(f"client {name!r}: {made[f'{name}_secret']} (give to that client only), public key authorized")
+    print("\nIn config/llm_config.yaml:")
+    print(f"  security:\n    curve_server_secret_key: {made['server_secret'].resolve()}")
+    print(f"    curve_authorized_keys: {made['authorized'].resolve()}")
+    print(f"Clients: export MM_CURVE_CLIENT_KEY=<client .key_secret> MM_CURVE_SERVER_KEY={made['server_public']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mm", description="Talk to the model manager.")
     parser.add_argument("--endpoint", help="manager endpoint (default: MM_ENDPOINT, else the config)")
@@ -188,7 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     talk.add_argument("--session", help="a session id, to go on with a conversation (default: a new one)")
     talk.add_argument("-o", "--output", type=Path, help="write the spoken reply to this WAV file")
     talk.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    keys = sub.add_parser("keys", help="make CURVE key pairs for a manager on a network address")
+    keys.add_argument("--dir", type=Path, default=Path("keys"), help="where to write them (default: keys/)")
+    keys.add_argument("--client", action="append", help="a client's name (repeatable; default: one 'client')")
     args = parser.parse_args(argv)
+    if args.command == "keys":
+        return _keys(args.dir, tuple(args.client or ["client"]))
 
     with ModelClient(args.endpoint, timeout=args.timeout) as client:
         try:

@@ -20,6 +20,7 @@ from model_client import protocol
 from model_client.audio import Audio, read_wav
 from model_client.endpoints import default_endpoint
 from model_client.errors import InternalError, Timeout, error_from_wire
+from model_client.security import CurveClient, connect_securely
 
 
 @dataclass
@@ -117,10 +118,14 @@ class ModelClient:
         timeout: float = 120.0,
         retries: int = 3,
         context: zmq.Context | None = None,
+        priority: int | None = None,
+        curve: CurveClient | None = None,
     ) -> None:
         self.endpoint = endpoint or default_endpoint()
+        self.curve = curve or CurveClient.from_env()  # only used for a non-local endpoint
         self.timeout = timeout
         self.retries = retries
+        self.priority = priority  # 0..100 (protocol.PRIORITY_*); None: the manager's default
         self.ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
 
@@ -130,7 +135,7 @@ class ModelClient:
         if self._sock is None:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self.endpoint)
+            connect_securely(sock, self.endpoint, self.curve)
             self._sock = sock
         return self._sock
 
@@ -161,6 +166,14 @@ class ModelClient:
             if reply.id in (request_id, None):
                 return reply
 
+    def _request(
+        self, op: str, args: dict[str, Any], timeout: float, payloads: tuple[bytes, ...] = ()
+    ) -> protocol.Request:
+        """The request, carrying how long this client will wait, so the manager drops it once nobody waits."""
+        return protocol.Request(
+            op=op, args=args, payloads=payloads, deadline_ms=round(timeout * 1000, 1), priority=self.priority
+        )
+
     def _send(self, request: protocol.Request) -> None:
         self._socket().send_multipart([b"", *protocol.encode_request(request)])
 
@@ -182,8 +195,8 @@ class ModelClient:
         payloads: tuple[bytes, ...] = (),
     ) -> protocol.Reply:
         """Send one request (with binary payload frames) and return its final reply, result or error."""
-        request = protocol.Request(op=op, args=args or {}, payloads=payloads)
         timeout = self.timeout if timeout is None else timeout
+        request = self._request(op, args or {}, timeout, payloads)
         attempts = 1 + (self.retries if op in protocol.IDEMPOTENT_OPS else 0)
         for attempt in range(attempts):
             self._send(request)
@@ -206,7 +219,7 @@ class ModelClient:
         return reply.body
 
     def _stream(self, op: str, args: dict[str, Any], timeout: float) -> Iterator[str | Completion]:
-        request = protocol.Request(op=op, args={**args, "stream": True})
+        request = self._request(op, {**args, "stream": True}, timeout)
         self._send(request)
         try:
             while True:
@@ -318,7 +331,7 @@ class ModelClient:
         return SpeechStream(self._speech_chunks(args, timeout))
 
     def _speech_chunks(self, args: dict[str, Any], timeout: float) -> Iterator[Audio | dict[str, Any]]:
-        request = protocol.Request(op="synthesize", args=args)
+        request = self._request("synthesize", args, timeout)
         self._send(request)
         try:
             while True:

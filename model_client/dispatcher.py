@@ -18,6 +18,7 @@ import zmq
 
 from model_client import protocol
 from model_client.errors import ModelManagerError, Timeout, error_from_wire
+from model_client.security import CurveClient, connect_securely
 
 OnChunk = Callable[[dict[str, Any], tuple[bytes, ...]], None]
 OnResult = Callable[[dict[str, Any], tuple[bytes, ...]], None]
@@ -43,8 +44,11 @@ class Dispatcher:
         timeout: float = 60.0,
         retries: int = 3,
         context: zmq.Context | None = None,
+        priority: int | None = protocol.PRIORITY_INTERACTIVE,
     ) -> None:
         self.endpoint = endpoint
+        self.priority = priority
+        self.curve = CurveClient.from_env()
         self.poller = poller
         self.timeout = timeout
         self.retries = retries
@@ -55,7 +59,7 @@ class Dispatcher:
     def _open(self) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.endpoint)
+        connect_securely(sock, self.endpoint, self.curve)
         self.poller.register(sock, zmq.POLLIN)
         return sock
 
@@ -74,7 +78,7 @@ class Dispatcher:
         payloads: tuple[bytes, ...] = (),
         on_chunk: OnChunk | None = None,
     ) -> str:
-        request = protocol.Request(op=op, args=args, payloads=payloads)
+        request = protocol.Request(op=op, args=args, payloads=payloads, priority=self.priority)
         self.pending[request.id] = Pending(request, on_result, on_error, on_chunk, time.monotonic() + self.timeout)
         self._send(request)
         return request.id

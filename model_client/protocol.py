@@ -115,12 +115,22 @@ OPS: tuple[str, ...] = tuple(OP_ARGS)
 IDEMPOTENT_OPS = frozenset({"ping", "status", "models", "load", "unload", "conversation.drop", "transcribe"})
 
 
+PRIORITY_BATCH = 10  # background work
+PRIORITY_NORMAL = 50  # the default
+PRIORITY_INTERACTIVE = 80  # a person is waiting: personas, voice turns
+MAX_DEADLINE_MS = 86_400_000
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     op: str
     args: dict[str, Any]
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     payloads: tuple[bytes, ...] = ()
+    # How long the client will wait for the answer, from sending: work still queued after that is dropped.
+    deadline_ms: float | None = None
+    # 0..100: requests to one model run highest first, in arrival order within a priority.
+    priority: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +164,11 @@ def _unpack(frame: bytes) -> Any:
 
 def encode_request(request: Request) -> list[bytes]:
     """Frames after the empty delimiter: the envelope, then the binary payloads."""
-    envelope = {"v": PROTOCOL_VERSION, "id": request.id, "op": request.op, "args": request.args}
+    envelope: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request.id, "op": request.op, "args": request.args}
+    if request.deadline_ms is not None:
+        envelope["deadline_ms"] = request.deadline_ms
+    if request.priority is not None:
+        envelope["priority"] = request.priority
     return [_pack(envelope), *request.payloads]
 
 
@@ -179,7 +193,7 @@ def decode_request(frames: list[bytes], ops: dict[str, type[OpArgs]] | None = No
 def _checked_request(
     envelope: dict[Any, Any], request_id: str, payloads: list[bytes], ops: dict[str, type[OpArgs]]
 ) -> Request:
-    unknown = set(envelope) - {"v", "id", "op", "args"}
+    unknown = set(envelope) - {"v", "id", "op", "args", "deadline_ms", "priority"}
     if unknown:
         raise BadRequest(f"unknown envelope fields: {sorted(map(str, unknown))}")
     version = envelope.get("v")
@@ -193,7 +207,21 @@ def _checked_request(
     args = envelope.get("args", {})
     if not isinstance(args, dict):
         raise BadRequest("envelope field 'args' must be a map")
-    return Request(op=op, args=args, id=request_id, payloads=tuple(payloads))
+    deadline_ms = envelope.get("deadline_ms")
+    if deadline_ms is not None and (
+        isinstance(deadline_ms, bool)
+        or not isinstance(deadline_ms, int | float)
+        or not 0 < deadline_ms <= MAX_DEADLINE_MS
+    ):
+        raise BadRequest(f"envelope field 'deadline_ms' must be a number of milliseconds in (0, {MAX_DEADLINE_MS}]")
+    priority = envelope.get("priority")
+    if priority is not None and (
+        isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 100
+    ):
+        raise BadRequest("envelope field 'priority' must be an integer from 0 to 100")
+    return Request(
+        op=op, args=args, id=request_id, payloads=tuple(payloads), deadline_ms=deadline_ms, priority=priority
+    )
 
 
 def parse_args(op: str, args: dict[str, Any], ops: dict[str, type[OpArgs]] | None = None) -> Any:

@@ -7,6 +7,7 @@ import sys
 
 from model_client.endpoints import config_path
 from model_client.logs import configure_logging
+from model_client.security import InsecureEndpoint
 from model_manager.agent import ModelManagerAgent
 from model_manager.config import ConfigError, load_config
 
@@ -22,7 +23,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model_manager: {exc}", file=sys.stderr)
         return 2
     configure_logging(args.log_level or config.manager.log_level)
-    ModelManagerAgent(config, args.config).serve()
+    try:
+        agent = ModelManagerAgent(config, args.config)
+    except (InsecureEndpoint, ValueError, OSError) as exc:
+        print(f"model_manager: {exc}", file=sys.stderr)
+        return 2
+    agent.serve()
     return 0
 
 

@@ -35,10 +35,13 @@ from model_client.errors import (
     Timeout,
     error_from_wire,
 )
+from model_client.security import check_endpoint, load_server, serve_securely, start_authenticator
 from model_manager.backends import PAYLOAD
 from model_manager.config import Config, ModelSpec
 from model_manager.kvcache import spill_path
 from model_manager.memory import MIB, MemoryAccounting
+from model_manager.metrics import ManagerMetrics
+from model_manager.ratelimit import RateLimiter
 from model_manager.scheduler import Decision, decay_demand, idle_expired
 from model_manager.slots import Job, ModelSlot, ModelState, Waiter
 from model_manager.status import catalogue_entry, device_entry, model_entry
@@ -67,15 +70,24 @@ class ModelManagerAgent:
         self.stopping = False
         self.ctx = zmq.Context()
         endpoints = config.endpoints
+        self.curve = load_server(config.security.curve_server_secret_key, config.security.curve_authorized_keys)
+        check_endpoint(endpoints.requests, self.curve, "endpoints.requests")
+        check_endpoint(endpoints.events, self.curve, "endpoints.events")
+        check_endpoint(endpoints.workers, None, "endpoints.workers: the manager's own workers, always local")
         for endpoint in (endpoints.requests, endpoints.events, endpoints.workers):
             prepare_ipc_dir(endpoint)
+        self.auth = start_authenticator(self.ctx, self.curve) if self.curve else None
         self.frontend = self.ctx.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.LINGER, 0)
+        # A reply to a client that has gone raises EHOSTUNREACH instead of vanishing: that is how a streaming
+        # request whose client died is noticed and cancelled.
+        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.frontend.setsockopt(zmq.SNDHWM, 100_000)
         self.frontend.setsockopt(zmq.MAXMSGSIZE, config.limits.max_message_bytes)
-        self.frontend.bind(endpoints.requests)
+        serve_securely(self.frontend, endpoints.requests, self.curve)
         self.events = self.ctx.socket(zmq.PUB)
         self.events.setsockopt(zmq.LINGER, 0)
-        self.events.bind(endpoints.events)
+        serve_securely(self.events, endpoints.events, self.curve)
         self.backend = self.ctx.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.LINGER, 1000)
         self.backend.bind(endpoints.workers)
@@ -97,6 +109,10 @@ class ModelManagerAgent:
             "transcribe": self._op_transcribe,
             "synthesize": self._op_synthesize,
         }
+        self.rate = RateLimiter(config.limits.requests_per_second, config.limits.burst)
+        self.metrics = ManagerMetrics(config.metrics)
+        self.metrics.start()
+        self._next_metrics = 0.0
         self._next_tick = 0.0
         self._next_heartbeat = 0.0
         self._spares_paused_until = 0.0
@@ -160,8 +176,11 @@ class ModelManagerAgent:
             slot.queue.clear()
         self.pool.close(self.config.manager.unload_timeout_s)
         self.memory.close()
+        self.metrics.close()
         for sock in (self.frontend, self.events, self.backend):
             sock.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
         endpoints = self.config.endpoints
         for endpoint in (endpoints.requests, endpoints.events, endpoints.workers):
@@ -170,8 +189,18 @@ class ModelManagerAgent:
 
     # ----- replies and events ---------------------------------------------------------------------------------
 
-    def _send(self, route: list[bytes], frames: list[bytes]) -> None:
-        self.frontend.send_multipart(route + frames)
+    def _send(self, route: list[bytes], frames: list[bytes]) -> bool:
+        """Send to a client; False when it is gone (or not reading), so the message could not go."""
+        try:
+            self.frontend.send_multipart(route + frames, flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            log.warning("client_not_reading", identity=route[0].hex() if route else None)
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                return False
+            raise
 
     def _reply(self, route: list[bytes], request_id: str | None, result: Any) -> None:
         self._send(route, protocol.encode_result(request_id, result))
@@ -191,16 +220,27 @@ class ModelManagerAgent:
             self._reply_error(frames[:1] + [b""], None, BadRequest("missing the empty delimiter frame"))
             return
         route, body = frames[: delimiter + 1], frames[delimiter + 1 :]
+        allowed = self.rate.allow(route[0], time.monotonic())
         try:
             request = protocol.decode_request(body)
+            if not allowed:
+                self.metrics.rate_limited.inc()
+                limit = self.config.limits.requests_per_second
+                busy = Busy(f"over {limit:g} requests per second from this client", rate=limit)
+                busy.request_id = request.id
+                raise busy
         except ModelManagerError as exc:
             log.info("request_rejected", id=exc.request_id, code=exc.code, message=exc.message)
+            self.metrics.requests.labels("-", "-", exc.code).inc()
             self._reply_error(route, exc.request_id, exc)
             return
         try:
             self.handlers[request.op](route, request, protocol.parse_args(request.op, request.args))
         except ModelManagerError as exc:
             log.info("request_failed", id=request.id, op=request.op, code=exc.code, message=exc.message)
+            model = request.args.get("model") or request.args.get("voice")
+            model = model if isinstance(model, str) and model in self.slots else "-"  # no label from strangers
+            self.metrics.requests.labels(request.op, model, exc.code).inc()
             self._reply_error(route, request.id, exc)
         except Exception as exc:  # a bug here must not take the daemon down with it
             log.exception("request_crashed", id=request.id, op=request.op)
@@ -241,6 +281,10 @@ class ModelManagerAgent:
         limit = self.config.limits.max_tokens
         if args.max_tokens > limit:
             raise BadRequest(f"max_tokens {args.max_tokens} is over the limit of {limit}", max_tokens=limit)
+        messages = len(getattr(args, "messages", ()))
+        if messages > self.config.limits.max_messages:
+            limit = self.config.limits.max_messages
+            raise BadRequest(f"{messages} messages is over the limit of {limit}", max_messages=limit)
         self._enqueue(self._kind_slot(args.model, "llm", request.op), route, request, args)
 
     def _op_transcribe(self, route: list[bytes], request: protocol.Request, args: protocol.TranscribeArgs) -> None:
@@ -285,7 +329,11 @@ class ModelManagerAgent:
         if len(slot.queue) >= slot.spec.max_queue:
             raise Busy(f"model {slot.name!r} has {len(slot.queue)} requests queued", queued=len(slot.queue))
         job_args = protocol.args_to_dict(args) | extra
-        slot.queue.append(Job(route=route, request_id=request.id, op=request.op, args=job_args))
+        job = Job(route=route, request_id=request.id, op=request.op, args=job_args)
+        job.priority = protocol.PRIORITY_NORMAL if request.priority is None else request.priority
+        if request.deadline_ms is not None:
+            job.deadline = job.received_at + request.deadline_ms / 1000
+        slot.queue.append(job)
         now = time.monotonic()
         half_life = self.config.scheduler.demand_half_life_s
         slot.demand = decay_demand(slot.demand, now - slot.last_used_mono, half_life) + 1.0
@@ -390,7 +438,12 @@ class ModelManagerAgent:
                 job = slot.queue.popleft()
                 job.started_at = time.monotonic()
                 slot.running[job.request_id] = job
-                self.pool.send(slot.worker, {"cmd": "run", "rid": job.request_id, "op": job.op, "args": job.args})
+                run = {"cmd": "run", "rid": job.request_id, "op": job.op, "args": job.args}
+                if job.deadline is not None and not job.stream:
+                    # The client waits this much longer for the one reply: the worker stops past it. (A stream's
+                    # client waits per chunk; if it goes away, the failed send of a chunk cancels the request.)
+                    run["deadline_s"] = max(0.0, job.deadline - job.started_at)
+                self.pool.send(slot.worker, run)
 
     def _maybe_unload(self, slot: ModelSlot, reason: str = "requested") -> None:
         if slot.state is ModelState.READY and not slot.busy and slot.worker is not None:
@@ -416,6 +469,7 @@ class ModelManagerAgent:
         slot.worker, slot.state, slot.last_error, slot.info = None, ModelState.FAILED, error.to_wire(), {}
         slot.placements, slot.plan, slot.pending_since, slot.want_loaded = {}, None, None, False
         log.error("model_load_failed", model=slot.name, code=error.code, message=error.message)
+        self.metrics.loads.labels(slot.name, "error").inc()
         self._publish(protocol.EVENT_MODEL_FAILED, model=slot.name, reason="load", error=error.to_wire())
         while slot.queue:
             job = slot.queue.popleft()
@@ -459,10 +513,11 @@ class ModelManagerAgent:
             if job is None:
                 return
             if event == "chunk":
-                if job.stream:
+                if job.stream and not job.cancelled:
                     chunk = message["chunk"]
                     payloads = _take_payload(chunk)
-                    self._send(job.route, protocol.encode_chunk(job.request_id, chunk, payloads))
+                    if not self._send(job.route, protocol.encode_chunk(job.request_id, chunk, payloads)):
+                        self._cancel(slot, job, "client_gone")
                 return
             if event == "done":
                 result = self._final_result(slot, job, message["result"])
@@ -474,6 +529,16 @@ class ModelManagerAgent:
                 self._log_request(slot, job, error.code)
             self._finish(slot, job)
 
+    def _cancel(self, slot: ModelSlot, job: Job, reason: str) -> None:
+        """The client will not read the answer: the worker stops generating within a token."""
+        if job.cancelled:
+            return
+        job.cancelled = True
+        self.metrics.cancelled.labels(slot.name, reason).inc()
+        log.info("request_cancelled", id=job.request_id, model=slot.name, reason=reason)
+        if slot.worker is not None:
+            self.pool.send(slot.worker, {"cmd": "cancel", "rid": job.request_id})
+
     def _on_loaded(self, slot: ModelSlot, info: dict[str, Any]) -> None:
         slot.state, slot.info, slot.last_error, slot.want_loaded = ModelState.READY, info, None, False
         slot.last_used, slot.last_used_mono = time.time(), time.monotonic()
@@ -483,6 +548,7 @@ class ModelManagerAgent:
                 "quantization_label_mismatch", model=slot.name, config=slot.spec.quantization, gguf=info["quantization"]
             )
         log.info("model_loaded", model=slot.name, pid=info.get("pid"), load_ms=info.get("load_ms"))
+        self.metrics.loads.labels(slot.name, "ok").inc()
         self._publish(protocol.EVENT_MODEL_LOADED, model=slot.name, device="+".join(slot.placements), info=info)
         status = self._model_status(slot, time.time())
         for waiter in slot.load_waiters:
@@ -495,11 +561,19 @@ class ModelManagerAgent:
     def _final_result(self, slot: ModelSlot, job: Job, result: dict[str, Any]) -> dict[str, Any]:
         assert job.started_at is not None
         result["model"] = slot.name
+        ttft_ms = (result.get("timings") or {}).get("ttft_ms")
+        if ttft_ms is not None:
+            self.metrics.ttft.labels(slot.name).observe(ttft_ms / 1000)
         if "timings" in result:
             result["timings"]["queue_ms"] = round((job.started_at - job.received_at) * 1000, 2)
         return result
 
     def _log_request(self, slot: ModelSlot, job: Job, outcome: str) -> None:
+        now = time.monotonic()
+        self.metrics.requests.labels(job.op, slot.name, outcome).inc()
+        self.metrics.latency.labels(job.op, slot.name).observe(now - job.received_at)
+        if job.started_at is not None:
+            self.metrics.queue_wait.labels(job.op, slot.name).observe(job.started_at - job.received_at)
         log.info(
             "request_done",
             id=job.request_id,
@@ -539,11 +613,21 @@ class ModelManagerAgent:
             elif slot.state is ModelState.READY and not slot.busy:
                 if idle_expired(slot.idle_for(wall), slot.spec.idle_ttl_s, slot.spec.pinned):
                     self._maybe_unload(slot, reason="idle")
+        for slot in self.slots.values():
+            for job in slot.queue.expired(now):
+                late = Timeout(
+                    "the client's deadline passed before the request could start", queued_s=now - job.received_at
+                )
+                self._reply_error(job.route, job.request_id, late)
+                self._log_request(slot, job, "deadline")
         self.memory.prune_releasing(now)
         if any(s.wants_load and s.state in (ModelState.UNLOADED, ModelState.FAILED) for s in self.slots.values()):
             self._schedule()
         if not self.stopping and now >= self._spares_paused_until and self._quiet_or_overdue(now):
             self.pool.refill()
+        if now >= self._next_metrics:
+            self._next_metrics = now + 1.0
+            self.metrics.refresh(list(self.slots.values()), self.memory.views(list(self.slots.values())))
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + manager.heartbeat_s
             self._publish(protocol.EVENT_HEARTBEAT, **self._heartbeat())
@@ -571,6 +655,7 @@ class ModelManagerAgent:
         if slot.state is ModelState.UNLOADING:
             slot.state, slot.info = ModelState.UNLOADED, {}
             log.info("model_unloaded", model=slot.name, reason=slot.unload_reason, exit_code=code)
+            self.metrics.unloads.labels(slot.name, slot.unload_reason).inc()
             self._publish(protocol.EVENT_MODEL_UNLOADED, model=slot.name, reason=slot.unload_reason)
             self._answer_unload_waiters(slot)
             self._pump(slot)
@@ -594,6 +679,7 @@ class ModelManagerAgent:
         slot.state, slot.info, slot.last_error, slot.running = ModelState.FAILED, {}, error.to_wire(), {}
         slot.unload_reason = "requested"
         log.error("model_failed", model=slot.name, exit_code=code, code=error.code)
+        self.metrics.unloads.labels(slot.name, "error").inc()
         self._publish(protocol.EVENT_MODEL_FAILED, model=slot.name, reason="worker_exit", error=error.to_wire())
         self._publish(protocol.EVENT_MODEL_UNLOADED, model=slot.name, reason="error")
         for job in jobs:
@@ -619,6 +705,7 @@ class ModelManagerAgent:
                 "workers": len(self.pool.by_id),
                 "spare_workers": sum(1 for w in self.pool.spares() if w.ready),
                 "stopping": self.stopping,
+                "metrics": self.metrics.url,
             },
             "devices": {
                 **self.memory.inventory.describe(),

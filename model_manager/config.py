@@ -50,6 +50,10 @@ class Limits(_Section):
     request_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
     max_audio_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0  # longest clip `transcribe` accepts
     max_text_chars: PositiveInt = 10_000  # longest text `synthesize` accepts
+    max_prompt_tokens: PositiveInt = 32_768  # longest prompt (after the chat template) a model evaluates
+    max_messages: PositiveInt = 512  # messages in one chat request
+    requests_per_second: Annotated[float, msgspec.Meta(gt=0)] = 100.0  # per client connection; more: busy
+    burst: PositiveInt = 200  # requests a client may send at once before the rate applies
 
 
 class ManagerSettings(_Section):
@@ -137,6 +141,22 @@ class ModelSpec(_Section):
         return self.n_gpu_layers != 0 if self.kind == "llm" else self.device == "cuda"
 
 
+class Security(_Section):
+    """CURVE for endpoints that are not local (``mm keys`` makes the files); without it the manager refuses them."""
+
+    curve_server_secret_key: str | None = None  # the server's .key_secret file
+    curve_authorized_keys: str | None = None  # a directory of the client public keys allowed in
+
+
+class Metrics(_Section):
+    """A Prometheus endpoint (HTTP), on loopback unless ``allow_remote``."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9464  # 0: any free port (said in the log and status)
+    allow_remote: bool = False
+
+
 class Config(_Section, rename={"enable_legacy_models": "ENABLE_LEGACY_MODELS"}):
     enable_legacy_models: bool = False
     endpoints: Endpoints = msgspec.field(default_factory=Endpoints)
@@ -146,6 +166,8 @@ class Config(_Section, rename={"enable_legacy_models": "ENABLE_LEGACY_MODELS"}):
     devices: DeviceSettings = msgspec.field(default_factory=DeviceSettings)
     scheduler: SchedulerSettings = msgspec.field(default_factory=SchedulerSettings)
     kv_cache: KvCacheSettings = msgspec.field(default_factory=KvCacheSettings)
+    security: Security = msgspec.field(default_factory=Security)
+    metrics: Metrics = msgspec.field(default_factory=Metrics)
     models: dict[ModelName, ModelSpec] = {}
     # Sections read by the other daemons (services, agents); each validates its own.
     services: dict[str, Any] = {}
@@ -206,6 +228,16 @@ def parse_config(text: str, base_dir: Path, source: str = "<string>") -> Config:
     if config.devices.mode == "simulated" and not config.devices.simulated:
         raise ConfigError(f"{source}: devices.mode is simulated but devices.simulated lists no GPU - at `$.devices`")
     manager = msgspec.structs.replace(config.manager, state_dir=str(_resolve_path(config.manager.state_dir, base_dir)))
+    security = config.security
+    if security.curve_server_secret_key or security.curve_authorized_keys:
+        security = Security(
+            curve_server_secret_key=str(_resolve_path(security.curve_server_secret_key, base_dir))
+            if security.curve_server_secret_key
+            else None,
+            curve_authorized_keys=str(_resolve_path(security.curve_authorized_keys, base_dir))
+            if security.curve_authorized_keys
+            else None,
+        )
     kv_cache = config.kv_cache
     if kv_cache.spill_dir:
         kv_cache = msgspec.structs.replace(kv_cache, spill_dir=str(_resolve_path(kv_cache.spill_dir, base_dir)))
@@ -216,7 +248,9 @@ def parse_config(text: str, base_dir: Path, source: str = "<string>") -> Config:
     for name, spec in models.items():
         if spec.kind == "llm" and not spec.quantization:
             raise ConfigError(f"{source}: an llm needs `quantization` (as its GGUF header says) - at `$.models.{name}`")
-    return msgspec.structs.replace(config, endpoints=endpoints, models=models, manager=manager, kv_cache=kv_cache)
+    return msgspec.structs.replace(
+        config, endpoints=endpoints, models=models, manager=manager, kv_cache=kv_cache, security=security
+    )
 
 
 def load_config(path: str | Path) -> Config:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -32,10 +31,49 @@ class Job:
     args: dict[str, Any]
     received_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
+    priority: int = 50
+    deadline: float | None = None  # monotonic: the client has given up after this
+    cancelled: bool = False  # the client went away: its reply goes nowhere
 
     @property
     def stream(self) -> bool:
         return bool(self.args.get("stream"))
+
+
+class JobQueue:
+    """A model's waiting requests: highest priority first, first come first served within a priority."""
+
+    def __init__(self) -> None:
+        self._jobs: list[Job] = []
+
+    def append(self, job: Job) -> None:
+        index = len(self._jobs)
+        while index > 0 and self._jobs[index - 1].priority < job.priority:
+            index -= 1
+        self._jobs.insert(index, job)
+
+    def popleft(self) -> Job:
+        return self._jobs.pop(0)
+
+    def expired(self, now: float) -> list[Job]:
+        """Take out the jobs whose client has given up waiting."""
+        gone = [job for job in self._jobs if job.deadline is not None and now > job.deadline]
+        if gone:
+            ids = {id(job) for job in gone}
+            self._jobs = [job for job in self._jobs if id(job) not in ids]
+        return gone
+
+    def clear(self) -> None:
+        self._jobs.clear()
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def __bool__(self) -> bool:
+        return bool(self._jobs)
+
+    def __iter__(self):
+        return iter(list(self._jobs))
 
 
 @dataclass
@@ -52,7 +90,7 @@ class ModelSlot:
     spec: ModelSpec
     state: ModelState = ModelState.UNLOADED
     worker: WorkerHandle | None = None
-    queue: deque[Job] = field(default_factory=deque)
+    queue: JobQueue = field(default_factory=JobQueue)
     running: dict[str, Job] = field(default_factory=dict)  # by request id; several for a batching model
     load_waiters: list[Waiter] = field(default_factory=list)
     unload_waiters: list[Waiter] = field(default_factory=list)

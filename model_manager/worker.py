@@ -53,6 +53,9 @@ class Worker:
         self.kind = kind
         self.backend: Backend | None = None
         self.pending: deque[dict[str, Any]] = deque()  # read while collecting a batch, handled after it
+        self.current: str | None = None  # the request being served
+        self.deadline: float | None = None  # ...and when its client gives up (monotonic)
+        self.stop_reason: str | None = None
 
     def send(self, message: dict[str, Any]) -> None:
         self.sock.send(msgpack.packb(message, use_bin_type=True))
@@ -84,7 +87,9 @@ class Worker:
             elif cmd == "run" and self.backend is not None and message["op"] in self.backend.batchable_ops:
                 self._run_batch(self._collect(message))
             elif cmd == "run":
-                self._run(message["rid"], message["op"], message["args"])
+                self._run(message["rid"], message["op"], message["args"], message.get("deadline_s"))
+            elif cmd == "cancel":  # for a request still waiting here: it never runs
+                self.pending = deque(m for m in self.pending if m.get("rid") != message.get("rid"))
             elif cmd == "exit":
                 if self.backend is not None:
                     self.backend.unload()
@@ -115,12 +120,31 @@ class Worker:
             info["rss_bytes"] = resident_bytes()
             self.send({"evt": "loaded", "info": info})
 
-    def _run(self, rid: str, op: str, args: dict[str, Any]) -> None:
+    def should_stop(self) -> bool:
+        """Asked by a backend between tokens: has the client given up (deadline) or gone away (cancel)?"""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.stop_reason = "deadline"
+            return True
+        while self.sock.poll(0):
+            message = msgpack.unpackb(self.sock.recv(), raw=False)
+            if message.get("cmd") == "cancel":
+                if message.get("rid") == self.current:
+                    self.stop_reason = "cancelled"
+                    return True
+                self.pending = deque(m for m in self.pending if m.get("rid") != message.get("rid"))
+            else:
+                self.pending.append(message)
+        return False
+
+    def _run(self, rid: str, op: str, args: dict[str, Any], deadline_s: float | None = None) -> None:
         assert self.backend is not None, "run before load"
 
         def emit(chunk: dict[str, Any]) -> None:
             self.send({"evt": "chunk", "rid": rid, "chunk": chunk})
 
+        self.current, self.stop_reason = rid, None
+        self.deadline = time.monotonic() + deadline_s if deadline_s is not None else None
+        self.backend.should_stop = self.should_stop
         try:
             result = self.backend.run(op, args, emit)
         except ModelManagerError as exc:
@@ -130,7 +154,10 @@ class Worker:
             error = InternalError(f"{type(exc).__name__}: {exc}")
             self.send({"evt": "failed", "rid": rid, "error": error.to_wire()})
         else:
+            if self.stop_reason:
+                result["stopped"] = self.stop_reason
             self.send({"evt": "done", "rid": rid, "result": result})
+        self.current = self.deadline = None
         # The reply is out: now save the conversation's state, off the request's critical path.
         self.backend.after_reply(idle=not self.pending and not self.sock.poll(0))
         self.send({"evt": "idle", "kv": self.backend.kv_stats()})

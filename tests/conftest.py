@@ -68,6 +68,7 @@ def base_config(run_dir: Path) -> dict:
             "max_audio_s": MAX_AUDIO_S,
         },
         "manager": {"heartbeat_s": 0.5, "log_level": "debug", "state_dir": str(state)},
+        "metrics": {"port": 0},  # any free port: tests never collide with a running stack
         "kv_cache": {"spill_dir": str(run_dir / "kv")},
         "models": {
             "smollm2": smollm2,

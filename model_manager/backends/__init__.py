@@ -19,6 +19,7 @@ class Backend(Protocol):
     batchable_ops: frozenset[str]  # ops whose concurrent requests the worker collects for ``run_batch``
     batch_size: int  # at most this many per batch...
     batch_wait_s: float  # ...collected for at most this long after the first
+    should_stop: Callable[[], bool]  # asked between steps of a long request: stop early (client gone, deadline)
 
     def load(
         self, spec: ModelSpec, name: str, kv: KvCacheSettings | None, limits: dict[str, Any] | None = None

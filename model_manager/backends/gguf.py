@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import gguf
@@ -57,6 +58,8 @@ class GGUFBackend:
     batch_wait_s = 0.0
 
     def __init__(self) -> None:
+        self.should_stop: Callable[[], bool] = lambda: False  # the worker sets its own
+        self.max_prompt_tokens = 32_768
         self.llm: Llama | None = None
         self.spec: ModelSpec | None = None
         self.formatter: ChatFormatter | None = None
@@ -90,6 +93,7 @@ class GGUFBackend:
         except Exception as exc:  # llama.cpp reports every load problem as a plain ValueError
             raise ModelLoadFailed(f"llama.cpp could not load {spec.path}: {exc}", path=spec.path) from None
         self.llm, self.spec = llm, spec
+        self.max_prompt_tokens = int((limits or {}).get("max_prompt_tokens", self.max_prompt_tokens))
         self.formatter = self._chat_formatter(llm, spec.chat_format)
         if kv is not None and kv.enabled:
             identity = f"{spec.path}|{os.path.getsize(spec.path)}|ctx={llm.n_ctx()}|layers={spec.n_gpu_layers}"
@@ -252,6 +256,9 @@ class GGUFBackend:
         llm = self.llm
         assert llm is not None
         n_ctx = llm.n_ctx()
+        if len(prompt) > self.max_prompt_tokens:
+            limit = self.max_prompt_tokens
+            raise BadRequest(f"prompt is {len(prompt)} tokens, over the limit of {limit}", max_prompt_tokens=limit)
         if len(prompt) >= n_ctx:
             raise ContextOverflow(
                 f"prompt is {len(prompt)} tokens, the context holds {n_ctx}",
@@ -298,6 +305,9 @@ class GGUFBackend:
                     finish_reason, stopped_by_string = "stop", True
                     break
             if completion_tokens >= max_new:
+                break
+            if self.should_stop():  # the client went away or gave up: stop within a token
+                finish_reason = "cancelled"
                 break
         if not stopped_by_string and (tail := text.flush()) and stream:
             emit({"text": tail})

@@ -23,6 +23,7 @@ CHANNELS = 1
 
 
 class PiperBackend:
+    should_stop = staticmethod(lambda: False)  # requests here are short: they run to the end
     batchable_ops: frozenset[str] = frozenset()
     batch_size = 1
     batch_wait_s = 0.0

@@ -7,8 +7,8 @@ from services.stt.service import SttService
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, manager = start("stt", "The speech-to-text service.", argv)
-    SttService(config.stt, manager).serve()
+    config, manager, curve = start("stt", "The speech-to-text service.", argv)
+    SttService(config.stt, manager, curve).serve()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from model_client import protocol
 from model_client.dispatcher import Dispatcher
 from model_client.endpoints import prepare_ipc_dir, remove_ipc_file
 from model_client.errors import BadRequest, InternalError, ModelManagerError
+from model_client.security import Binder, CurveServer
 from model_client.services import STT_OPS, TOPIC_TRANSCRIPT, ClipArgs, SessionArgs, StreamStartArgs, SttSettings
 from services.stt.segmenter import Segmenter
 
@@ -45,17 +46,18 @@ class Session:
 
 
 class SttService:
-    def __init__(self, settings: SttSettings, manager_endpoint: str) -> None:
+    def __init__(self, settings: SttSettings, manager_endpoint: str, curve: CurveServer | None = None) -> None:
         self.settings = settings
         self.ctx = zmq.Context()
         for endpoint in (settings.requests, settings.events):
             prepare_ipc_dir(endpoint)
+        self.binder = Binder(self.ctx, curve)
         self.frontend = self.ctx.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.LINGER, 0)
-        self.frontend.bind(settings.requests)
+        self.binder.bind(self.frontend, settings.requests, "services.stt.requests")
         self.events = self.ctx.socket(zmq.PUB)
         self.events.setsockopt(zmq.LINGER, 0)
-        self.events.bind(settings.events)
+        self.binder.bind(self.events, settings.events, "services.stt.events")
         self.poller = zmq.Poller()
         self.poller.register(self.frontend, zmq.POLLIN)
         self.manager = Dispatcher(manager_endpoint, self.poller, timeout=settings.manager_timeout_s, context=self.ctx)
@@ -86,6 +88,7 @@ class SttService:
         self.manager.close()
         for sock in (self.frontend, self.events):
             sock.close(linger=0)
+        self.binder.close()
         self.ctx.term()
         for endpoint in (self.settings.requests, self.settings.events):
             remove_ipc_file(endpoint)

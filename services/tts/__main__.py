@@ -7,8 +7,8 @@ from services.tts.service import TtsService
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, manager = start("tts", "The text-to-speech service.", argv)
-    TtsService(config.tts, manager).serve()
+    config, manager, curve = start("tts", "The text-to-speech service.", argv)
+    TtsService(config.tts, manager, curve).serve()
 
 
 if __name__ == "__main__":

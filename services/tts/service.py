@@ -24,6 +24,7 @@ from model_client.audio import pcm_to_wav
 from model_client.dispatcher import Dispatcher
 from model_client.endpoints import prepare_ipc_dir, remove_ipc_file
 from model_client.errors import BadRequest, InternalError, ModelManagerError
+from model_client.security import Binder, CurveServer
 from model_client.services import TOPIC_AUDIO, TOPIC_SAY, TTS_OPS, SayArgs, TtsSettings
 
 TICK_S = 0.1
@@ -36,21 +37,22 @@ def _file_safe(text: str) -> str:
 
 
 class TtsService:
-    def __init__(self, settings: TtsSettings, manager_endpoint: str) -> None:
+    def __init__(self, settings: TtsSettings, manager_endpoint: str, curve: CurveServer | None = None) -> None:
         self.settings = settings
         self.ctx = zmq.Context()
         for endpoint in (settings.requests, settings.say, settings.events):
             prepare_ipc_dir(endpoint)
+        self.binder = Binder(self.ctx, curve)
         self.frontend = self.ctx.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.LINGER, 0)
-        self.frontend.bind(settings.requests)
+        self.binder.bind(self.frontend, settings.requests, "services.tts.requests")
         self.say = self.ctx.socket(zmq.SUB)
         self.say.setsockopt(zmq.LINGER, 0)
         self.say.setsockopt(zmq.SUBSCRIBE, TOPIC_SAY.encode())
-        self.say.bind(settings.say)
+        self.binder.bind(self.say, settings.say, "services.tts.say")
         self.events = self.ctx.socket(zmq.PUB)
         self.events.setsockopt(zmq.LINGER, 0)
-        self.events.bind(settings.events)
+        self.binder.bind(self.events, settings.events, "services.tts.events")
         self.poller = zmq.Poller()
         self.poller.register(self.frontend, zmq.POLLIN)
         self.poller.register(self.say, zmq.POLLIN)
@@ -79,6 +81,7 @@ class TtsService:
         self.manager.close()
         for sock in (self.frontend, self.say, self.events):
             sock.close(linger=0)
+        self.binder.close()
         self.ctx.term()
         for endpoint in (self.settings.requests, self.settings.say, self.settings.events):
             remove_ipc_file(endpoint)
