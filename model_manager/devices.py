@@ -71,7 +71,7 @@ class NvmlInventory(Inventory):
         self.nvml = nvml
         self.handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
         self.names = [_text(nvml.nvmlDeviceGetName(h)) for h in self.handles]
-        self.lost: set[int] = set()
+        self.lost: dict[int, str] = {}  # GPUs NVML stopped answering for, and its error
 
     def _processes(self, handle) -> list:
         procs = []
@@ -91,9 +91,11 @@ class NvmlInventory(Inventory):
                 our_use = sum(p.usedGpuMemory or 0 for p in self._processes(handle) if p.pid in ours)
             except self.nvml.NVMLError as exc:  # a GPU that fell off the bus: carry on with the others
                 if index not in self.lost:
-                    self.lost.add(index)
-                    log.error("gpu_lost", index=index, name=self.names[index], error=str(exc))
+                    self.lost[index] = str(exc) or type(exc).__name__
+                    log.error("gpu_lost", index=index, name=self.names[index], error=self.lost[index])
                 continue
+            if self.lost.pop(index, None) is not None:
+                log.warning("gpu_back", index=index, name=self.names[index])
             found.append(
                 Device(
                     id=f"cuda:{index}",
@@ -105,6 +107,15 @@ class NvmlInventory(Inventory):
                 )
             )
         return found
+
+    def describe(self) -> dict[str, object]:
+        """Says so when GPUs were lost: placement goes on with what is left."""
+        described = super().describe()
+        if self.lost:
+            lost = [f"cuda:{i} ({self.names[i]}): {error}" for i, error in sorted(self.lost.items())]
+            described["lost"] = lost
+            described["reason"] = "degraded: lost " + "; ".join(lost)
+        return described
 
     def gpu_memory_of(self, pid: int) -> dict[str, int]:
         usage = {}

@@ -248,3 +248,55 @@ def test_status_shows_devices_and_sizes(sim: ManagerProcess) -> None:
         text = format_status(c.status())
     assert "sim:0" in text and "SIMULATED" in text
     assert "RESERVED" in text and "FREE" in text
+
+
+class _Memory:
+    def __init__(self, total: int, used: int) -> None:
+        self.total, self.used = total, used
+
+
+class _FakeNvml:
+    """Stands in for two GPUs' hardware behind pynvml's API: GPU 1 can be made to fall off the bus."""
+
+    class NVMLError(Exception):
+        pass
+
+    class NVMLError_GpuIsLost(NVMLError):
+        pass
+
+    def __init__(self) -> None:
+        self.gone: set[int] = set()
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def nvmlDeviceGetName(self, handle: int) -> bytes:
+        return [b"RTX 3060 Ti", b"GTX 1660 Super"][handle]
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> _Memory:
+        if handle in self.gone:
+            raise self.NVMLError_GpuIsLost("GPU is lost")
+        return _Memory(8 << 30, 1 << 30)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list:
+        return []
+
+    nvmlDeviceGetGraphicsRunningProcesses = nvmlDeviceGetComputeRunningProcesses
+
+
+def test_a_gpu_lost_at_run_time_is_left_out_and_said_so() -> None:
+    from model_manager.devices import NvmlInventory
+
+    nvml = _FakeNvml()
+    inventory = NvmlInventory(DeviceSettings(), nvml)
+    assert [d.id for d in inventory.devices([])] == ["cpu", "cuda:0", "cuda:1"]
+    nvml.gone.add(1)
+    assert [d.id for d in inventory.devices([])] == ["cpu", "cuda:0"]
+    described = inventory.describe()
+    assert described["reason"].startswith("degraded: lost cuda:1 (GTX 1660 Super): GPU is lost")
+    nvml.gone.clear()
+    assert [d.id for d in inventory.devices([])] == ["cpu", "cuda:0", "cuda:1"]
+    assert "lost" not in inventory.describe()
