@@ -22,16 +22,11 @@ SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA = REPO / "models" / "gemma-3-270m-q4_k_m.gguf"
 
 
-def llm_entry(path: Path, quantization: str, threads: int, **extra: object) -> dict:
-    return {
-        "kind": "llm",
-        "path": str(path),
-        "quantization": quantization,
-        "n_ctx": 2048,
-        "n_threads": threads,
-        "idle_ttl_s": -1,
-        **extra,
-    }
+def llm_entry(path: Path, quantization: str, threads: int | None, **extra: object) -> dict:
+    entry = {"kind": "llm", "path": str(path), "quantization": quantization, "n_ctx": 2048, "idle_ttl_s": -1, **extra}
+    if threads is not None:
+        entry["n_threads"] = threads
+    return entry
 
 
 @contextmanager
@@ -40,7 +35,10 @@ def running_daemon(config: dict) -> Iterator[ModelClient]:
     run_dir = Path(tempfile.mkdtemp(prefix="mm-bench-"))
     config = {
         **config,
-        "endpoints": {k: f"ipc://{run_dir}/{k}.sock" for k in ("requests", "events", "workers")},
+        "endpoints": {
+            **{k: f"ipc://{run_dir}/{k}.sock" for k in ("requests", "events", "workers")},
+            **config.get("endpoints", {}),
+        },
         "manager": {"log_level": "warning", "state_dir": str(run_dir / "state"), **config.get("manager", {})},
         "metrics": {"port": 0, **config.get("metrics", {})},
     }
@@ -50,7 +48,7 @@ def running_daemon(config: dict) -> Iterator[ModelClient]:
         cwd=REPO,
         env=dict(os.environ, PYTHONPATH=str(REPO)),
     )
-    client = ModelClient(f"ipc://{run_dir}/requests.sock", timeout=300, retries=20)
+    client = ModelClient(config["endpoints"]["requests"], timeout=300, retries=20)
     try:
         client.ping(timeout=1.0)
         yield client
