@@ -48,3 +48,18 @@ def test_errors_are_one_clear_line_and_exit_1(manager: ManagerProcess) -> None:
     run = mm(manager, "load", "no-such-model")
     assert run.returncode == 1
     assert run.stderr.strip().startswith("mm: model_not_found: model 'no-such-model' is not in the catalogue")
+
+
+def test_keys_makes_a_server_pair_and_authorized_client_keys(tmp_path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "model_client.cli", "keys", "--dir", str(tmp_path / "keys"), "--client", "kitchen"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    assert run.returncode == 0, run.stderr
+    keys = tmp_path / "keys"
+    assert (keys / "server.key").is_file() and (keys / "server.key_secret").stat().st_mode & 0o077 == 0
+    assert (keys / "authorized" / "kitchen.key").read_bytes() == (keys / "kitchen.key").read_bytes()
+    assert "curve_server_secret_key:" in run.stdout and "curve_authorized_keys:" in run.stdout

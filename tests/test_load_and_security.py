@@ -250,3 +250,22 @@ def test_metrics_count_requests_errors_loads_and_memory(manager: ManagerProcess,
     assert samples['mm_model_memory_bytes{device="cpu",model="smollm2"}'] > 50e6
     assert samples['mm_device_memory_bytes{device="cpu",kind="total"}'] > 1e9
     assert 'mm_queue_depth{model="smollm2"}' in samples
+
+
+def test_limits_on_messages_and_prompt_tokens(run_dir: Path) -> None:
+    config = base_config(run_dir)
+    config["limits"].update(max_messages=3, max_prompt_tokens=40)
+    manager = ManagerProcess(run_dir, config)
+    manager.start()
+    try:
+        with manager.client(timeout=60) as client:
+            many = [{"role": "user", "content": "Hi"}] * 4
+            with pytest.raises(BadRequest, match="4 messages is over the limit of 3"):
+                client.chat("smollm2", many)
+            long = [{"role": "user", "content": "Tell me everything about " + "the sea and the sky " * 20}]
+            with pytest.raises(BadRequest, match="over the limit of 40") as raised:
+                client.chat("smollm2", long, max_tokens=4)
+            assert raised.value.details == {"max_prompt_tokens": 40}
+            assert client.chat("smollm2", [{"role": "user", "content": "Hi"}], max_tokens=4, **GREEDY).text
+    finally:
+        manager.stop()
