@@ -126,6 +126,9 @@ class ModelSpec(_Section):
     # the system prompt).
     context_overflow: Literal["error", "truncate"] | None = None
     tensor_split: list[float] | None = None  # set by the scheduler when a model is split over GPUs
+    # CPU scheduling priority of the model's worker (os.nice, 0-19): a higher value yields the CPU to the others
+    # when they compete, e.g. an LLM finishing its reply while Piper speaks its first sentence.
+    nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 0
     pinned: bool = False  # never evicted
     preload: bool = False  # loaded and warmed up when the manager starts
     description: str = ""

@@ -106,6 +106,8 @@ class Worker:
         try:
             spec = msgspec.convert(spec_map, ModelSpec)
             kv = msgspec.convert(kv_map, KvCacheSettings) if kv_map else None
+            if spec.nice:
+                os.nice(spec.nice)
             self.backend = create_backend(spec.kind)
             info = self.backend.load(spec, name, kv, limits)
             # Speech models always run once at load: cheap, and the measured size then includes working buffers.

@@ -82,6 +82,7 @@ def base_config(run_dir: Path) -> dict:
             "smollm2-small-ctx": {**smollm2, "n_ctx": 128},
             "smollm2-short-queue": {**smollm2, "max_queue": 2},
             "smollm2-quick-idle": {**smollm2, "idle_ttl_s": 0.3},
+            "smollm2-nice": {**smollm2, "nice": 7},
             "corrupt": {**smollm2, "path": str(corrupt)},
             "truncated": {**smollm2, "path": str(truncated)},
             "missing": {**smollm2, "path": str(run_dir / "no-such-model.gguf")},

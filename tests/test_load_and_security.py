@@ -269,3 +269,11 @@ def test_limits_on_messages_and_prompt_tokens(run_dir: Path) -> None:
             assert client.chat("smollm2", [{"role": "user", "content": "Hi"}], max_tokens=4, **GREEDY).text
     finally:
         manager.stop()
+
+
+def test_a_model_can_yield_the_cpu_to_the_others(client: ModelClient) -> None:
+    """``nice`` in the catalogue is the worker's scheduling priority (the shipped LLMs yield to speech)."""
+    nice = psutil.Process(client.load("smollm2-nice")["pid"]).nice()
+    plain = psutil.Process(client.load("smollm2")["pid"]).nice()
+    assert nice == plain + 7
+    client.unload("smollm2-nice")
