@@ -30,13 +30,13 @@ from model_client.client import ModelClient, Stream
 from model_client.endpoints import prepare_ipc_dir, remove_ipc_file
 from model_client.errors import (
     InsufficientMemory,
-    InternalError,
     ModelFailed,
     ModelLoadFailed,
     ModelManagerError,
     ModelNotFound,
 )
 from model_client.personas import AGENT_OPS, TOPIC_REPLY, AgentsConfig, AskArgs, Persona, route
+from model_client.requests import RequestSocket
 from model_client.security import Binder, CurveServer
 from model_client.services import TOPIC_AUDIO, TOPIC_SAY, TOPIC_TRANSCRIPT, ServicesConfig
 
@@ -88,6 +88,7 @@ class PersonaAgent:
         self.binder = Binder(self.ctx, curve)
         self.requests = self._socket(zmq.ROUTER, bind=self.requests_endpoint)
         self.events = self._socket(zmq.PUB, bind=self.events_endpoint)
+        self.server = RequestSocket(self.requests, AGENT_OPS)
         self.say = self._socket(zmq.PUB, connect=services.tts.say)
         self.transcripts = self._socket(zmq.SUB, connect=services.stt.events, topic=TOPIC_TRANSCRIPT)
         self.audio = self._socket(zmq.SUB, connect=services.tts.events, topic=TOPIC_AUDIO)
@@ -121,8 +122,7 @@ class PersonaAgent:
         while not self.stopping:
             ready = dict(self.poller.poll(TICK_S * 1000))
             if self.requests in ready:
-                while self.requests.get(zmq.EVENTS) & zmq.POLLIN:
-                    self._on_request(self.requests.recv_multipart())
+                self.server.drain(self._on_request)
             if self.transcripts in ready:
                 while self.transcripts.get(zmq.EVENTS) & zmq.POLLIN:
                     self._on_transcript(self.transcripts.recv_multipart())
@@ -157,29 +157,12 @@ class PersonaAgent:
         except ModelManagerError:
             pass  # logged and published as a failed agent.reply; the next turn starts afresh
 
-    def _on_request(self, frames: list[bytes]) -> None:
-        try:
-            delimiter = frames.index(b"", 1)
-        except ValueError:
+    def _on_request(self, route: list[bytes], request: protocol.Request, args: Any) -> None:
+        if request.op == "ping":
+            self.server.reply(route, request.id, {"pong": True, "persona": self.name, "sessions": len(self.sessions)})
             return
-        route_frames, body = frames[: delimiter + 1], frames[delimiter + 1 :]
-        request_id = None
-        try:
-            request = protocol.decode_request(body, AGENT_OPS)
-            request_id = request.id
-            args = protocol.parse_args(request.op, request.args, AGENT_OPS)
-            if request.op == "ping":
-                result: dict[str, Any] = {"pong": True, "persona": self.name, "sessions": len(self.sessions)}
-            else:
-                assert isinstance(args, AskArgs)
-                result = self.turn(args.session_id, args.text, "explicit", "agent.ask")
-            frames_out = protocol.encode_result(request.id, result)
-        except ModelManagerError as exc:
-            frames_out = protocol.encode_error(exc.request_id or request_id, exc)
-        except Exception as exc:  # a bug must not end the agent
-            log.exception("request_crashed")
-            frames_out = protocol.encode_error(request_id, InternalError(f"{type(exc).__name__}: {exc}"))
-        self.requests.send_multipart(route_frames + frames_out)
+        assert isinstance(args, AskArgs)
+        self.server.reply(route, request.id, self.turn(args.session_id, args.text, "explicit", "agent.ask"))
 
     # ----- one turn -------------------------------------------------------------------------------------------
 

@@ -22,7 +22,8 @@ import zmq
 from model_client import protocol
 from model_client.dispatcher import Dispatcher
 from model_client.endpoints import prepare_ipc_dir, remove_ipc_file
-from model_client.errors import BadRequest, InternalError, ModelManagerError
+from model_client.errors import BadRequest, ModelManagerError
+from model_client.requests import RequestSocket
 from model_client.security import Binder, CurveServer
 from model_client.services import STT_OPS, TOPIC_TRANSCRIPT, ClipArgs, SessionArgs, StreamStartArgs, SttSettings
 from services.stt.segmenter import Segmenter
@@ -55,6 +56,7 @@ class SttService:
         self.frontend = self.ctx.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.LINGER, 0)
         self.binder.bind(self.frontend, settings.requests, "services.stt.requests")
+        self.requests = RequestSocket(self.frontend, STT_OPS)
         self.events = self.ctx.socket(zmq.PUB)
         self.events.setsockopt(zmq.LINGER, 0)
         self.binder.bind(self.events, settings.events, "services.stt.events")
@@ -76,8 +78,7 @@ class SttService:
         while not self.stopping or self.manager.pending:
             ready = dict(self.poller.poll(TICK_S * 1000))
             if self.frontend in ready:
-                while self.frontend.get(zmq.EVENTS) & zmq.POLLIN:
-                    self._on_request(self.frontend.recv_multipart())
+                self.requests.drain(self._handle)
             if self.manager.sock in ready:
                 self.manager.on_readable()
             now = time.monotonic()
@@ -99,40 +100,22 @@ class SttService:
 
     # ----- requests from producers ----------------------------------------------------------------------------
 
-    def _on_request(self, frames: list[bytes]) -> None:
-        try:
-            delimiter = frames.index(b"", 1)
-        except ValueError:
-            return
-        route, body = frames[: delimiter + 1], frames[delimiter + 1 :]
-        request_id = None
-        try:
-            request = protocol.decode_request(body, STT_OPS)
-            request_id = request.id
-            args = protocol.parse_args(request.op, request.args, STT_OPS)
-            self._handle(route, request, args)
-        except ModelManagerError as exc:
-            self._reply_error(route, exc.request_id or request_id, exc)
-        except Exception as exc:  # a bug must not end the service
-            log.exception("request_crashed")
-            self._reply_error(route, request_id, InternalError(f"{type(exc).__name__}: {exc}"))
-
     def _handle(self, route: list[bytes], request: protocol.Request, args: Any) -> None:
         if request.op == "ping":
-            self._reply(route, request.id, {"pong": True, "service": "stt", "sessions": len(self.sessions)})
+            self.requests.reply(route, request.id, {"pong": True, "service": "stt", "sessions": len(self.sessions)})
         elif request.op == "stt.clip":
             if len(request.payloads) != 1 or not request.payloads[0]:
                 raise BadRequest("stt.clip takes the audio in one non-empty binary frame after the envelope")
             self._transcribe(args, request.payloads[0], route=route, request_id=request.id)
         elif request.op == "stt.start":
             self._start(args)
-            self._reply(route, request.id, {"session_id": args.session_id, "started": True})
+            self.requests.reply(route, request.id, {"session_id": args.session_id, "started": True})
         elif request.op == "stt.audio":
             self._audio(args, request.payloads)
-            self._reply(route, request.id, {"session_id": args.session_id})
+            self.requests.reply(route, request.id, {"session_id": args.session_id})
         elif request.op == "stt.stop":
             flushed = self._stop_session(args)
-            self._reply(route, request.id, {"session_id": args.session_id, "utterances": flushed})
+            self.requests.reply(route, request.id, {"session_id": args.session_id, "utterances": flushed})
 
     def _start(self, args: StreamStartArgs) -> None:
         self.sessions[args.session_id] = Session(
@@ -220,14 +203,14 @@ class SttService:
                 ms=event["timings"]["service_ms"],
             )
             if route is not None:
-                self._reply(route, request_id, event)
+                self.requests.reply(route, request_id, event)
             if on_done is not None:
                 on_done(event, None)
 
         def on_error(error: ModelManagerError) -> None:
             log.warning("transcription_failed", session_id=clip.session_id, code=error.code, message=error.message)
             if route is not None:
-                self._reply_error(route, request_id, error)
+                self.requests.reply_error(route, request_id, error)
             if on_done is not None:
                 on_done(None, error)
 
@@ -254,11 +237,3 @@ class SttService:
                 self.watched.discard(path)
 
             self._transcribe(ClipArgs(session_id=path.stem, source="file"), audio, on_done=done)
-
-    # ----- replies --------------------------------------------------------------------------------------------
-
-    def _reply(self, route: list[bytes], request_id: str | None, result: Any) -> None:
-        self.frontend.send_multipart(route + protocol.encode_result(request_id, result))
-
-    def _reply_error(self, route: list[bytes], request_id: str | None, error: ModelManagerError) -> None:
-        self.frontend.send_multipart(route + protocol.encode_error(request_id, error))

@@ -23,7 +23,8 @@ from model_client import protocol
 from model_client.audio import pcm_to_wav
 from model_client.dispatcher import Dispatcher
 from model_client.endpoints import prepare_ipc_dir, remove_ipc_file
-from model_client.errors import BadRequest, InternalError, ModelManagerError
+from model_client.errors import BadRequest, ModelManagerError
+from model_client.requests import RequestSocket
 from model_client.security import Binder, CurveServer
 from model_client.services import TOPIC_AUDIO, TOPIC_SAY, TTS_OPS, SayArgs, TtsSettings
 
@@ -46,6 +47,7 @@ class TtsService:
         self.frontend = self.ctx.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.LINGER, 0)
         self.binder.bind(self.frontend, settings.requests, "services.tts.requests")
+        self.requests = RequestSocket(self.frontend, TTS_OPS)
         self.say = self.ctx.socket(zmq.SUB)
         self.say.setsockopt(zmq.LINGER, 0)
         self.say.setsockopt(zmq.SUBSCRIBE, TOPIC_SAY.encode())
@@ -70,8 +72,7 @@ class TtsService:
         while not self.stopping or self.manager.pending:
             ready = dict(self.poller.poll(TICK_S * 1000))
             if self.frontend in ready:
-                while self.frontend.get(zmq.EVENTS) & zmq.POLLIN:
-                    self._on_request(self.frontend.recv_multipart())
+                self.requests.drain(self._on_request)
             if self.say in ready:
                 while self.say.get(zmq.EVENTS) & zmq.POLLIN:
                     self._on_say(self.say.recv_multipart())
@@ -102,26 +103,11 @@ class TtsService:
         except (ModelManagerError, msgspec.ValidationError, ValueError, IndexError) as exc:
             log.warning("say_rejected", error=str(exc))
 
-    def _on_request(self, frames: list[bytes]) -> None:
-        try:
-            delimiter = frames.index(b"", 1)
-        except ValueError:
-            return
-        route, body = frames[: delimiter + 1], frames[delimiter + 1 :]
-        request_id = None
-        try:
-            request = protocol.decode_request(body, TTS_OPS)
-            request_id = request.id
-            args = protocol.parse_args(request.op, request.args, TTS_OPS)
-            if request.op == "ping":
-                self._send(route, protocol.encode_result(request.id, {"pong": True, "service": "tts"}))
-            else:
-                self._speak(args, route, request.id)
-        except ModelManagerError as exc:
-            self._send(route, protocol.encode_error(exc.request_id or request_id, exc))
-        except Exception as exc:  # a bug must not end the service
-            log.exception("request_crashed")
-            self._send(route, protocol.encode_error(request_id, InternalError(f"{type(exc).__name__}: {exc}")))
+    def _on_request(self, route: list[bytes], request: protocol.Request, args: Any) -> None:
+        if request.op == "ping":
+            self.requests.reply(route, request.id, {"pong": True, "service": "tts"})
+        else:
+            self._speak(args, route, request.id)
 
     # ----- speaking -------------------------------------------------------------------------------------------
 
@@ -179,14 +165,14 @@ class TtsService:
                 payloads = ()
                 if args.return_audio:
                     payloads = (pcm_to_wav(pcm, result["sample_rate"], result["sample_width"], result["channels"]),)
-                self._send(route, protocol.encode_result(request_id, final, payloads))
+                self.requests.reply(route, request_id, final, payloads)
 
         def on_error(error: ModelManagerError) -> None:
             log.warning("synthesis_failed", utterance_id=utterance_id, code=error.code, message=error.message)
             failed = {**meta, "final": True, "error": error.to_wire()}
             self.events.send_multipart(protocol.encode_event(TOPIC_AUDIO, failed, time.time()))
             if route is not None:
-                self._send(route, protocol.encode_error(request_id, error))
+                self.requests.reply_error(route, request_id, error)
 
         request = {
             "text": args.text,
@@ -196,6 +182,3 @@ class TtsService:
             "stream": True,
         }
         self.manager.submit("synthesize", request, on_result, on_error, on_chunk=on_chunk)
-
-    def _send(self, route: list[bytes], frames: list[bytes]) -> None:
-        self.frontend.send_multipart(route + frames)
