@@ -277,3 +277,16 @@ def test_a_model_can_yield_the_cpu_to_the_others(client: ModelClient) -> None:
     plain = psutil.Process(client.load("smollm2")["pid"]).nice()
     assert nice == plain + 7
     client.unload("smollm2-nice")
+
+
+def test_no_request_can_name_a_path(client: ModelClient) -> None:
+    """Models and voices resolve through the catalogue only: a path is just an unknown name."""
+    for name in ("/etc/passwd", "../models/SmolLM2-135M-Instruct.Q4_1.gguf", str(REPO / "models" / "piper")):
+        with pytest.raises(ModelNotFound):
+            client.chat(name, [{"role": "user", "content": "Hi"}])
+        with pytest.raises(ModelNotFound):
+            client.load(name)
+        with pytest.raises(ModelNotFound):
+            client.synthesize("Hello.", voice=name)
+        with pytest.raises(ModelNotFound):
+            client.transcribe(b"RIFF", model=name)
