@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,6 @@ class Session:
     channels: int
     segmenter: Segmenter
     utterances: int = 0
-    last_audio: float = field(default_factory=time.monotonic)
 
 
 class SttService:
@@ -134,7 +133,6 @@ class SttService:
 
     def _audio(self, args: SessionArgs, payloads: tuple[bytes, ...]) -> None:
         session = self._session(args.session_id)
-        session.last_audio = time.monotonic()
         for pcm in payloads:
             for utterance in session.segmenter.feed(pcm):
                 self._utterance(session, utterance)
