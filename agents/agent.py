@@ -178,7 +178,7 @@ class PersonaAgent:
             outcome = self._answer(persona, self.name, session_id, history, text, turn_id, started)
         except UNSERVABLE as exc:
             if not self.persona.fallback:
-                return self._failed(session_id, turn_id, text, exc)
+                raise self._failed(session_id, turn_id, text, exc) from None
             answered_by = self.persona.fallback
             persona = self.config.personas[answered_by]
             fallback = {"from": self.name, "to": answered_by, "code": exc.code, "message": exc.message}
@@ -186,9 +186,9 @@ class PersonaAgent:
             try:
                 outcome = self._answer(persona, answered_by, session_id, history, text, turn_id, started)
             except ModelManagerError as again:
-                return self._failed(session_id, turn_id, text, again)
+                raise self._failed(session_id, turn_id, text, again) from None
         except ModelManagerError as exc:
-            return self._failed(session_id, turn_id, text, exc)
+            raise self._failed(session_id, turn_id, text, exc) from None
         completion, parts, first_say_ms = outcome
         answer = completion.text.strip()
         history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
@@ -288,7 +288,8 @@ class PersonaAgent:
         }
         self.say.send_multipart(protocol.encode_event(TOPIC_SAY, body, time.time()))
 
-    def _failed(self, session_id: str, turn_id: str, text: str, error: ModelManagerError) -> dict[str, Any]:
+    def _failed(self, session_id: str, turn_id: str, text: str, error: ModelManagerError) -> ModelManagerError:
+        """Publish the failed turn; return the error for the caller to raise."""
         log.error("turn_failed", persona=self.name, session_id=session_id, code=error.code, message=error.message)
         reply = {
             "persona": self.name,
@@ -301,7 +302,7 @@ class PersonaAgent:
             "error": error.to_wire(),
         }
         self.events.send_multipart(protocol.encode_event(TOPIC_REPLY, reply, time.time()))
-        raise error
+        return error
 
     def _check_device(self, persona: Persona, name: str) -> None:
         """Once per persona: say so in the log if its model runs somewhere else than the persona prefers."""

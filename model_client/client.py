@@ -218,19 +218,25 @@ class ModelClient:
             raise error_from_wire(reply.body)
         return reply.body
 
-    def _stream(self, op: str, args: dict[str, Any], timeout: float) -> Iterator[str | Completion]:
+    def _replies(self, op: str, args: dict[str, Any], timeout: float) -> Iterator[protocol.Reply]:
+        """Send a streamed request; yield its chunks, then its final reply (raised if it is an error)."""
         request = self._request(op, {**args, "stream": True}, timeout)
         self._send(request)
         try:
             while True:
                 reply = self._receive(request.id, timeout)
                 if reply.is_final:
-                    yield Completion.from_result(self._result(reply))
+                    self._result(reply)
+                    yield reply
                     return
-                yield reply.body["text"]
+                yield reply
         except BaseException:
             self._reset()  # abandoning the stream: later chunks must not reach the next request
             raise
+
+    def _stream(self, op: str, args: dict[str, Any], timeout: float) -> Iterator[str | Completion]:
+        for reply in self._replies(op, args, timeout):
+            yield Completion.from_result(reply.body) if reply.is_final else reply.body["text"]
 
     # ----- the API --------------------------------------------------------------------------------------------
 
@@ -331,20 +337,12 @@ class ModelClient:
         return SpeechStream(self._speech_chunks(args, timeout))
 
     def _speech_chunks(self, args: dict[str, Any], timeout: float) -> Iterator[Audio | dict[str, Any]]:
-        request = self._request("synthesize", args, timeout)
-        self._send(request)
-        try:
-            while True:
-                reply = self._receive(request.id, timeout)
-                if reply.is_final:
-                    yield self._result(reply)
-                    return
-                chunk = reply.body
-                pcm = reply.payloads[0] if reply.payloads else b""
-                yield Audio(pcm, chunk["sample_rate"], chunk.get("sample_width", 2), chunk.get("channels", 1))
-        except BaseException:
-            self._reset()
-            raise
+        for reply in self._replies("synthesize", args, timeout):
+            if reply.is_final:
+                yield reply.body
+                continue
+            chunk, pcm = reply.body, reply.payloads[0] if reply.payloads else b""
+            yield Audio(pcm, chunk["sample_rate"], chunk.get("sample_width", 2), chunk.get("channels", 1))
 
     def _generate(self, op: str, args: dict[str, Any], stream: bool, timeout: float | None) -> Completion | Stream:
         timeout = self.timeout if timeout is None else timeout

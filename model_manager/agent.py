@@ -192,7 +192,7 @@ class ModelManagerAgent:
     def _send(self, route: list[bytes], frames: list[bytes]) -> bool:
         """Send to a client; False when it is gone (or not reading), so the message could not go."""
         try:
-            self.frontend.send_multipart(route + frames, flags=zmq.NOBLOCK)
+            self.frontend.send_multipart(route + frames, flags=zmq.NOBLOCK, copy=False)
             return True
         except zmq.Again:
             log.warning("client_not_reading", identity=route[0].hex() if route else None)
@@ -625,7 +625,7 @@ class ModelManagerAgent:
             self._schedule()
         if not self.stopping and now >= self._spares_paused_until and self._quiet_or_overdue(now):
             self.pool.refill()
-        if now >= self._next_metrics:
+        if self.metrics.url is not None and now >= self._next_metrics:
             self._next_metrics = now + 1.0
             self.metrics.refresh(list(self.slots.values()), self.memory.views(list(self.slots.values())))
         if now >= self._next_heartbeat:
