@@ -5,6 +5,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CONFIG ?= config/llm_config.yaml
 
+# llama.cpp builds for the CPU it is built on (-march=native), AMX included where the CPU lists it; some virtual
+# machines list AMX but stop its first instruction (SIGILL on the first long prompt). There, unless CMAKE_ARGS is
+# given, build for the same CPU family without AMX.
+ifeq ($(origin CMAKE_ARGS),undefined)
+ifneq ($(shell grep -s -m1 -o amx_tile /proc/cpuinfo),)
+export CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+endif
+endif
+
 .PHONY: run manager status test install models lint bench clean
 
 run: install

@@ -36,13 +36,15 @@ from model_client.errors import (
     ModelNotFound,
 )
 from model_client.personas import AGENT_OPS, TOPIC_REPLY, AgentsConfig, AskArgs, Persona, route
-from model_client.requests import RequestSocket
+from model_client.publisher import EventPublisher
+from model_client.requests import MAX_TEXT_MESSAGE_BYTES, RequestSocket
 from model_client.security import Binder, CurveServer
 from model_client.services import TOPIC_AUDIO, TOPIC_SAY, TOPIC_TRANSCRIPT, ServicesConfig
 
 TICK_S = 0.1
 UNSERVABLE = (ModelLoadFailed, InsufficientMemory, ModelNotFound, ModelFailed)  # the fallback persona answers
 OPEN_TURNS = 64  # turns whose audio is still awaited for the breakdown log
+SESSIONS_IN_MEMORY = 256  # the most recent sessions' histories (all are kept on disk) and turn counters
 
 TRANSCRIPT_STOPS = ["\nQuestion:", "\n\n"]
 
@@ -87,16 +89,18 @@ class PersonaAgent:
             prepare_ipc_dir(endpoint)
         self.binder = Binder(self.ctx, curve)
         self.requests = self._socket(zmq.ROUTER, bind=self.requests_endpoint)
-        self.events = self._socket(zmq.PUB, bind=self.events_endpoint)
-        self.server = RequestSocket(self.requests, AGENT_OPS)
+        self.server = RequestSocket(self.requests, AGENT_OPS, MAX_TEXT_MESSAGE_BYTES)
         self.say = self._socket(zmq.PUB, connect=services.tts.say)
         self.transcripts = self._socket(zmq.SUB, connect=services.stt.events, topic=TOPIC_TRANSCRIPT)
         self.audio = self._socket(zmq.SUB, connect=services.tts.events, topic=TOPIC_AUDIO)
         self.poller = zmq.Poller()
+        self.events = EventPublisher(
+            self.ctx, self.events_endpoint, lambda s, e: self.binder.bind(s, e, f"agents ({name})"), self.poller
+        )
         for sock in (self.requests, self.transcripts, self.audio):
             self.poller.register(sock, zmq.POLLIN)
-        self.sessions: dict[str, list[dict[str, str]]] = {}
-        self.turn_counts: dict[str, int] = {}
+        self.sessions: OrderedDict[str, list[dict[str, str]]] = OrderedDict()
+        self.turn_counts: OrderedDict[str, int] = OrderedDict()
         self.open_turns: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.devices_checked: set[str] = set()
         self.history_dir = Path(self.settings.history_dir) / name if self.settings.history_dir else None
@@ -105,6 +109,8 @@ class PersonaAgent:
     def _socket(self, kind: int, bind: str | None = None, connect: str | None = None, topic: str = "") -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
+        if bind:
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_TEXT_MESSAGE_BYTES)
         if kind == zmq.SUB:
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
         if bind:
@@ -129,9 +135,12 @@ class PersonaAgent:
             if self.audio in ready:
                 while self.audio.get(zmq.EVENTS) & zmq.POLLIN:
                     self._on_audio(self.audio.recv_multipart())
+            if self.events.sock in ready:
+                self.events.on_readable()
         self.client.close()
-        for sock in (self.requests, self.events, self.say, self.transcripts, self.audio):
+        for sock in (self.requests, self.say, self.transcripts, self.audio):
             sock.close(linger=0)
+        self.events.close()
         self.binder.close()
         self.ctx.term()
         for endpoint in (self.requests_endpoint, self.events_endpoint):
@@ -170,7 +179,10 @@ class PersonaAgent:
         self, session_id: str, text: str, reason: str, detail: str, transcript: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         started = time.monotonic()
-        count = self.turn_counts[session_id] = self.turn_counts.get(session_id, 0) + 1
+        count = self.turn_counts.pop(session_id, 0) + 1
+        self.turn_counts[session_id] = count
+        if len(self.turn_counts) > SESSIONS_IN_MEMORY:
+            self.turn_counts.popitem(last=False)
         turn_id = f"{self.name}:{session_id}:{count}"
         history = self._history(session_id)
         answered_by, persona, fallback = self.name, self.persona, None
@@ -369,6 +381,9 @@ class PersonaAgent:
                 except (OSError, ValueError, KeyError):
                     log.warning("history_unreadable", session_id=session_id, path=str(path))
             self.sessions[session_id] = messages
+            if len(self.sessions) > SESSIONS_IN_MEMORY:
+                self.sessions.popitem(last=False)
+        self.sessions.move_to_end(session_id)
         return list(self.sessions[session_id])
 
     def _save_history(self, session_id: str, messages: list[dict[str, str]]) -> None:

@@ -63,7 +63,7 @@ class ChatArgs(GenerationArgs, kw_only=True):
 
 
 class CompleteArgs(GenerationArgs, kw_only=True):
-    prompt: str
+    prompt: Annotated[str, msgspec.Meta(min_length=1)]
 
 
 class ConversationArgs(OpArgs, kw_only=True):
@@ -119,6 +119,7 @@ PRIORITY_BATCH = 10  # background work
 PRIORITY_NORMAL = 50  # the default
 PRIORITY_INTERACTIVE = 80  # a person is waiting: personas, voice turns
 MAX_DEADLINE_MS = 86_400_000
+MAX_FRAMES = 32  # in one message, routing frames included
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +198,8 @@ def _checked_request(
     if unknown:
         raise BadRequest(f"unknown envelope fields: {sorted(map(str, unknown))}")
     version = envelope.get("v")
+    if type(version) is not int:  # not isinstance: True == 1 in Python, and is no version
+        raise BadRequest("envelope field 'v' must be an integer, the protocol version")
     if version != PROTOCOL_VERSION:
         raise UnsupportedVersion(f"protocol version {version!r} is not supported", supported=PROTOCOL_VERSION)
     op = envelope.get("op")
@@ -225,10 +228,11 @@ def _checked_request(
 
 
 def parse_args(op: str, args: dict[str, Any], ops: dict[str, type[OpArgs]] | None = None) -> Any:
-    """Validate an op's arguments into its typed struct; the error names the offending field."""
+    """Validate an op's arguments into its typed struct; the error names the offending field. Strict: a string is
+    not a number nor a bool (only an integer may stand for a float)."""
     ops = OP_ARGS if ops is None else ops
     try:
-        return msgspec.convert(args, ops[op], strict=False)
+        return msgspec.convert(args, ops[op], strict=True)
     except KeyError:
         raise UnknownOp(f"unknown op {op!r}", ops=list(ops)) from None
     except msgspec.ValidationError as exc:

@@ -14,16 +14,22 @@ import structlog
 import zmq
 
 from model_client import protocol
-from model_client.errors import InternalError, ModelManagerError
+from model_client.errors import BadRequest, InternalError, ModelManagerError
 
 Handler = Callable[[list[bytes], protocol.Request, Any], None]
+# What one message to a daemon may hold: text ops (the agents, the TTS service) and audio clips (the STT service).
+# Set as the socket's ZMQ_MAXMSGSIZE before it binds (a larger frame disconnects its sender), and checked for the
+# whole message here.
+MAX_TEXT_MESSAGE_BYTES = 1024 * 1024
+MAX_CLIP_BYTES = 16 * 1024 * 1024
 log = structlog.get_logger("model_client.requests")
 
 
 class RequestSocket:
-    def __init__(self, sock: zmq.Socket, ops: dict[str, type[protocol.OpArgs]]) -> None:
+    def __init__(self, sock: zmq.Socket, ops: dict[str, type[protocol.OpArgs]], max_message_bytes: int) -> None:
         self.sock = sock
         self.ops = ops
+        self.max_message_bytes = max_message_bytes
 
     def drain(self, handle: Handler) -> None:
         """Serve every request waiting; ``handle(route, request, args)`` answers with ``reply`` (now or later)."""
@@ -37,6 +43,12 @@ class RequestSocket:
             return  # no envelope to answer
         route, body = frames[: delimiter + 1], frames[delimiter + 1 :]
         request_id = None
+        size = sum(map(len, frames))
+        if size > self.max_message_bytes or len(frames) > protocol.MAX_FRAMES:
+            message = f"message of {len(frames)} frames and {size} bytes is over the limit"
+            limits = {"max_message_bytes": self.max_message_bytes, "max_frames": protocol.MAX_FRAMES}
+            self.reply_error(route, None, BadRequest(message, message_bytes=size, frames=len(frames), **limits))
+            return
         try:
             request = protocol.decode_request(body, self.ops)
             request_id = request.id

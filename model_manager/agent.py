@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -35,9 +36,11 @@ from model_client.errors import (
     Timeout,
     error_from_wire,
 )
-from model_client.security import check_endpoint, load_server, serve_securely, start_authenticator
+from model_client.publisher import EventPublisher
+from model_client.security import check_endpoint, load_server, serve_securely
 from model_manager.backends import PAYLOAD
 from model_manager.config import Config, ModelSpec
+from model_manager.gatekeeper import WORKERS_DOMAIN, Gatekeeper
 from model_manager.kvcache import spill_path
 from model_manager.memory import MIB, MemoryAccounting
 from model_manager.metrics import ManagerMetrics
@@ -54,6 +57,14 @@ SPARE_RESTART_BACKOFF_S = 5.0
 SPARE_REFILL_MAX_DELAY_S = 10.0
 
 log = structlog.get_logger("model_manager")
+
+
+def _peer_socket_type(frame: zmq.Frame) -> str | None:
+    """The socket type the peer declared in its ZeroMQ handshake (REQ, DEALER, ...)."""
+    try:
+        return frame.get("Socket-Type")
+    except (zmq.ZMQError, KeyError):
+        return None
 
 
 def _take_payload(body: dict[str, Any]) -> tuple[bytes, ...]:
@@ -76,7 +87,10 @@ class ModelManagerAgent:
         check_endpoint(endpoints.workers, None, "endpoints.workers: the manager's own workers, always local")
         for endpoint in (endpoints.requests, endpoints.events, endpoints.workers):
             prepare_ipc_dir(endpoint)
-        self.auth = start_authenticator(self.ctx, self.curve) if self.curve else None
+        self.poller = zmq.Poller()
+        # Before any socket binds: it answers their handshakes (the workers' secrets, CURVE clients' keys).
+        self.gatekeeper = Gatekeeper(self.ctx, self.curve.authorized_dir if self.curve else None)
+        self.poller.register(self.gatekeeper.sock, zmq.POLLIN)
         self.frontend = self.ctx.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.LINGER, 0)
         # A reply to a client that has gone raises EHOSTUNREACH instead of vanishing: that is how a streaming
@@ -85,16 +99,19 @@ class ModelManagerAgent:
         self.frontend.setsockopt(zmq.SNDHWM, 100_000)
         self.frontend.setsockopt(zmq.MAXMSGSIZE, config.limits.max_message_bytes)
         serve_securely(self.frontend, endpoints.requests, self.curve)
-        self.events = self.ctx.socket(zmq.PUB)
-        self.events.setsockopt(zmq.LINGER, 0)
-        serve_securely(self.events, endpoints.events, self.curve)
+        self.events = EventPublisher(
+            self.ctx, endpoints.events, lambda sock, endpoint: serve_securely(sock, endpoint, self.curve), self.poller
+        )
         self.backend = self.ctx.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.LINGER, 1000)
+        self.backend.plain_server = True
+        self.backend.zap_domain = WORKERS_DOMAIN
         self.backend.bind(endpoints.workers)
-        self.poller = zmq.Poller()
         self.poller.register(self.frontend, zmq.POLLIN)
         self.poller.register(self.backend, zmq.POLLIN)
-        self.pool = WorkerPool(self.backend, endpoints.workers, config.manager.spare_workers, self.poller)
+        self.pool = WorkerPool(
+            self.backend, endpoints.workers, config.manager.spare_workers, self.poller, self.gatekeeper
+        )
         self.memory = MemoryAccounting(config, self.pool)
         self.slots = {name: ModelSlot(name=name, spec=spec) for name, spec in config.models.items()}
         self.handlers: dict[str, Callable[[list[bytes], protocol.Request, Any], None]] = {
@@ -109,6 +126,7 @@ class ModelManagerAgent:
             "transcribe": self._op_transcribe,
             "synthesize": self._op_synthesize,
         }
+        self.rejected: Counter[str] = Counter()  # requests refused before any op ran, by reason
         self.rate = RateLimiter(config.limits.requests_per_second, config.limits.burst)
         self.metrics = ManagerMetrics(config.metrics)
         self.metrics.start()
@@ -139,11 +157,15 @@ class ModelManagerAgent:
         shutdown_deadline: float | None = None
         while True:
             ready = dict(self.poller.poll(TICK_S * 1000))
+            if self.gatekeeper.sock in ready:
+                self.gatekeeper.on_readable()
             if self.backend in ready:
                 self._drain(self.backend, self._on_worker_message)
             if self.frontend in ready:
-                self._drain(self.frontend, self._on_client_message)
-            if len(ready) > (self.backend in ready) + (self.frontend in ready):
+                self._drain(self.frontend, self._on_client_message, copy=False)
+            if self.events.sock in ready:
+                self.events.on_readable()
+            if any(isinstance(fd, int) for fd in ready):
                 self._reap()  # a worker's pidfd: it has exited
             now = time.monotonic()
             if now >= self._next_tick:
@@ -161,10 +183,10 @@ class ModelManagerAgent:
         self.stopping = True
 
     @staticmethod
-    def _drain(sock: zmq.Socket, handle: Callable[[list[bytes]], None], limit: int = 256) -> None:
+    def _drain(sock: zmq.Socket, handle: Callable[[list[Any]], None], limit: int = 256, copy: bool = True) -> None:
         """Handle the messages waiting on ``sock``; asking EVENTS is cheaper than a failing NOBLOCK recv."""
         for _ in range(limit):
-            handle(sock.recv_multipart())
+            handle(sock.recv_multipart(copy=copy))
             if not sock.get(zmq.EVENTS) & zmq.POLLIN:
                 return
 
@@ -177,10 +199,10 @@ class ModelManagerAgent:
         self.pool.close(self.config.manager.unload_timeout_s)
         self.memory.close()
         self.metrics.close()
-        for sock in (self.frontend, self.events, self.backend):
+        self.events.close()
+        for sock in (self.frontend, self.backend):
             sock.close(linger=0)
-        if self.auth is not None:
-            self.auth.stop()
+        self.gatekeeper.close()
         self.ctx.term()
         endpoints = self.config.endpoints
         for endpoint in (endpoints.requests, endpoints.events, endpoints.workers):
@@ -213,13 +235,30 @@ class ModelManagerAgent:
 
     # ----- client requests ------------------------------------------------------------------------------------
 
-    def _on_client_message(self, frames: list[bytes]) -> None:
+    def _on_client_message(self, message: list[zmq.Frame]) -> None:
+        """Framing first (the whole message's size, its frame count, the delimiter), then the envelope, the rate
+        limit, the op's arguments; any failure is a typed error back to the peer's route."""
+        frames = [frame.bytes for frame in message]
         try:
             delimiter = frames.index(b"", 1)
         except ValueError:
+            self.rejected["no_delimiter"] += 1
             self._reply_error(frames[:1] + [b""], None, BadRequest("missing the empty delimiter frame"))
             return
         route, body = frames[: delimiter + 1], frames[delimiter + 1 :]
+        size, limit = sum(map(len, frames)), self.config.limits.max_message_bytes
+        if size > limit or len(frames) > protocol.MAX_FRAMES:
+            self.rejected["too_large"] += 1
+            error = BadRequest(
+                f"message of {len(frames)} frames and {size} bytes is over the limit of "
+                f"{protocol.MAX_FRAMES} frames and {limit} bytes",
+                message_bytes=size,
+                max_message_bytes=limit,
+                frames=len(frames),
+                max_frames=protocol.MAX_FRAMES,
+            )
+            self._reply_error(route, None, error)
+            return
         allowed = self.rate.allow(route[0], time.monotonic())
         try:
             request = protocol.decode_request(body)
@@ -235,7 +274,10 @@ class ModelManagerAgent:
             self._reply_error(route, exc.request_id, exc)
             return
         try:
-            self.handlers[request.op](route, request, protocol.parse_args(request.op, request.args))
+            args = protocol.parse_args(request.op, request.args)
+            if getattr(args, "stream", False) and _peer_socket_type(message[-1]) == "REQ":
+                raise BadRequest("stream needs a DEALER socket: a REQ socket takes exactly one reply per request")
+            self.handlers[request.op](route, request, args)
         except ModelManagerError as exc:
             log.info("request_failed", id=request.id, op=request.op, code=exc.code, message=exc.message)
             model = request.args.get("model") or request.args.get("voice")
@@ -285,10 +327,21 @@ class ModelManagerAgent:
         if messages > self.config.limits.max_messages:
             limit = self.config.limits.max_messages
             raise BadRequest(f"{messages} messages is over the limit of {limit}", max_messages=limit)
+        # Checked here, before a worker spends seconds tokenizing megabytes only to refuse them by token count.
+        texts = [args.prompt] if isinstance(args, protocol.CompleteArgs) else [m.content for m in args.messages]
+        prompt_bytes, limit = sum(len(text.encode()) for text in texts), self.config.limits.max_prompt_bytes
+        if prompt_bytes > limit:
+            raise BadRequest(
+                f"the prompt is {prompt_bytes} bytes, over the limit of {limit}",
+                prompt_bytes=prompt_bytes,
+                max_prompt_bytes=limit,
+            )
         self._enqueue(self._kind_slot(args.model, "llm", request.op), route, request, args)
 
     def _op_transcribe(self, route: list[bytes], request: protocol.Request, args: protocol.TranscribeArgs) -> None:
         slot = self._kind_slot(args.model, "stt", request.op)
+        if not request.payloads:
+            raise InvalidAudio("no audio: transcribe takes the audio in one binary frame after the envelope")
         if len(request.payloads) != 1:
             raise BadRequest(
                 f"transcribe takes the audio in one binary frame after the envelope, got {len(request.payloads)}"
@@ -300,6 +353,8 @@ class ModelManagerAgent:
     def _op_synthesize(self, route: list[bytes], request: protocol.Request, args: protocol.SynthesizeArgs) -> None:
         if not args.text.strip():
             raise BadRequest("text is empty: there is nothing to say")
+        if "\x00" in args.text:
+            raise BadRequest("text holds a NUL character")
         limit = self.config.limits.max_text_chars
         if len(args.text) > limit:
             raise BadRequest(f"text is {len(args.text)} characters, over the limit of {limit}", max_text_chars=limit)
@@ -488,11 +543,18 @@ class ModelManagerAgent:
     # ----- worker messages ------------------------------------------------------------------------------------
 
     def _on_worker_message(self, frames: list[bytes]) -> None:
-        handle = self.pool.by_id.get(frames[0].decode())
+        """Only workers this manager started get past the handshake; what one sends is still checked, since a
+        worker runs engines on untrusted input."""
+        handle = self.pool.by_id.get(frames[0].decode("utf-8", "replace"))
         if handle is None or len(frames) != 2:
+            log.warning("worker_message_dropped", worker=frames[0].hex(), frames=len(frames))
             return
-        message = msgpack.unpackb(frames[1], raw=False)
-        event = message.get("evt")
+        try:
+            message = msgpack.unpackb(frames[1], raw=False)
+            event = message.get("evt")
+        except Exception as exc:
+            log.error("worker_message_malformed", worker=handle.id, error=f"{type(exc).__name__}: {exc}")
+            return
         if event == "ready":
             handle.ready = True
             if handle.model is None:
@@ -706,12 +768,22 @@ class ModelManagerAgent:
                 "spare_workers": sum(1 for w in self.pool.spares() if w.ready),
                 "stopping": self.stopping,
                 "metrics": self.metrics.url,
+                "refused": self.refused(),
             },
             "devices": {
                 **self.memory.inventory.describe(),
                 "list": [device_entry(view) for view in self.memory.views(list(self.slots.values()))],
             },
             "models": [model_entry(slot, now) for slot in self.slots.values()],
+        }
+
+    def refused(self) -> dict[str, Any]:
+        """What hostile or broken peers were refused, since start: handshakes by mechanism, event subscribers
+        dropped for holding too many subscriptions."""
+        return {
+            "handshakes": dict(self.gatekeeper.refused),
+            "subscriber_resets": self.events.resets,
+            "requests": dict(self.rejected),
         }
 
     def _heartbeat(self) -> dict[str, Any]:

@@ -51,6 +51,7 @@ class Limits(_Section):
     max_audio_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0  # longest clip `transcribe` accepts
     max_text_chars: PositiveInt = 10_000  # longest text `synthesize` accepts
     max_prompt_tokens: PositiveInt = 32_768  # longest prompt (after the chat template) a model evaluates
+    max_prompt_bytes: PositiveInt = 1024 * 1024  # longest prompt text (UTF-8), checked before tokenizing
     max_messages: PositiveInt = 512  # messages in one chat request
     requests_per_second: Annotated[float, msgspec.Meta(gt=0)] = 100.0  # per client connection; more: busy
     burst: PositiveInt = 200  # requests a client may send at once before the rate applies

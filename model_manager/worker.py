@@ -29,27 +29,35 @@ import zmq
 from model_client.errors import InternalError, ModelLoadFailed, ModelManagerError
 from model_manager.backends import Backend, create_backend, warm_up
 from model_manager.config import KvCacheSettings, ModelSpec
+from model_manager.gatekeeper import SECRET_ENV
 
 PARENT_CHECK_MS = 1000
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGTERM this worker when the manager dies, so no orphan keeps a model in memory."""
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to kill this worker when the manager dies, so no orphan keeps a model in memory. The manager may
+    have died before this line ran (the signal is only sent for a death after it is asked for): then the worker's
+    parent is no longer the manager, and it ends at once."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    if os.getppid() != parent:
+        os._exit(0)
 
 
 class Worker:
-    def __init__(self, endpoint: str, worker_id: str, kind: str) -> None:
+    def __init__(self, endpoint: str, worker_id: str, kind: str, parent: int, secret: str) -> None:
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
         self.sock.setsockopt(zmq.LINGER, 1000)
+        # The manager's workers socket admits only the workers it started: each proves it with its own secret.
+        self.sock.plain_username = worker_id.encode()
+        self.sock.plain_password = secret.encode()
         self.sock.connect(endpoint)
-        self.parent = os.getppid()
+        self.parent = parent
         self.kind = kind
         self.backend: Backend | None = None
         self.pending: deque[dict[str, Any]] = deque()  # read while collecting a batch, handled after it
@@ -211,11 +219,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--endpoint", required=True)
     parser.add_argument("--id", required=True)
     parser.add_argument("--kind", default="llm")
+    parser.add_argument("--parent", type=int, required=True, help="the manager's pid: the worker ends with it")
     args = parser.parse_args(argv)
-    _die_with_parent()
+    _die_with_parent(args.parent)
+    secret = os.environ.pop(SECRET_ENV, "")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the manager, which ends workers itself
     warm_up(args.kind)
-    worker = Worker(args.endpoint, args.id, args.kind)
+    worker = Worker(args.endpoint, args.id, args.kind, args.parent, secret)
     try:
         worker.serve()
     finally:

@@ -15,6 +15,7 @@ import msgpack
 import zmq
 
 from model_client.endpoints import REPO_ROOT
+from model_manager.gatekeeper import SECRET_ENV, Gatekeeper, new_secret
 
 
 @dataclass
@@ -43,8 +44,17 @@ class WorkerHandle:
 class WorkerPool:
     """Starts workers that connect back to the manager's worker ROUTER socket and keeps ``spares`` warm."""
 
-    def __init__(self, sock: zmq.Socket, endpoint: str, spares: int, poller: zmq.Poller, kind: str = "llm") -> None:
+    def __init__(
+        self,
+        sock: zmq.Socket,
+        endpoint: str,
+        spares: int,
+        poller: zmq.Poller,
+        gatekeeper: Gatekeeper,
+        kind: str = "llm",
+    ) -> None:
         self.sock = sock
+        self.gatekeeper = gatekeeper
         self.poller = poller
         self.endpoint = endpoint
         self.spares_wanted = spares
@@ -54,7 +64,10 @@ class WorkerPool:
 
     def spawn(self, kind: str | None = None) -> WorkerHandle:
         worker_id = f"w{os.getpid()}-{next(self._ids)}"
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+        secret = new_secret()  # in the environment, not the command line, which any local user can read
+        pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, PYTHONPATH=pythonpath, **{SECRET_ENV: secret})
+        self.gatekeeper.admit_worker(worker_id, secret)
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -66,6 +79,8 @@ class WorkerPool:
                 worker_id,
                 "--kind",
                 kind or self.kind,
+                "--parent",
+                str(os.getpid()),
             ],
             env=env,
             stdin=subprocess.DEVNULL,
@@ -118,6 +133,7 @@ class WorkerPool:
                 code = handle.proc.wait()
             if code is not None:
                 del self.by_id[handle.id]
+                self.gatekeeper.forget_worker(handle.id)
                 self._forget_pidfd(handle)
                 gone.append((handle, code))
         return gone
@@ -139,4 +155,5 @@ class WorkerPool:
                 handle.kill()
                 handle.proc.wait()
             self._forget_pidfd(handle)
+            self.gatekeeper.forget_worker(handle.id)
         self.by_id.clear()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,17 @@ import zmq
 from model_client import protocol
 from model_client.dispatcher import Dispatcher
 from model_client.endpoints import prepare_ipc_dir, remove_ipc_file
-from model_client.errors import BadRequest, ModelManagerError
-from model_client.requests import RequestSocket
+from model_client.errors import BadRequest, Busy, ModelManagerError
+from model_client.publisher import EventPublisher
+from model_client.requests import MAX_CLIP_BYTES, RequestSocket
 from model_client.security import Binder, CurveServer
 from model_client.services import STT_OPS, TOPIC_TRANSCRIPT, ClipArgs, SessionArgs, StreamStartArgs, SttSettings
 from services.stt.segmenter import Segmenter
 
 TICK_S = 0.1
+# Live streams open at once, and sessions whose clip numbers are remembered: any producer may open them.
+MAX_SESSIONS = 64
+MAX_CLIP_COUNTERS = 4096
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".webm"}
 
 log = structlog.get_logger("services.stt")
@@ -54,16 +59,17 @@ class SttService:
         self.binder = Binder(self.ctx, curve)
         self.frontend = self.ctx.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.LINGER, 0)
+        self.frontend.setsockopt(zmq.MAXMSGSIZE, MAX_CLIP_BYTES)
         self.binder.bind(self.frontend, settings.requests, "services.stt.requests")
-        self.requests = RequestSocket(self.frontend, STT_OPS)
-        self.events = self.ctx.socket(zmq.PUB)
-        self.events.setsockopt(zmq.LINGER, 0)
-        self.binder.bind(self.events, settings.events, "services.stt.events")
+        self.requests = RequestSocket(self.frontend, STT_OPS, MAX_CLIP_BYTES)
         self.poller = zmq.Poller()
+        self.events = EventPublisher(
+            self.ctx, settings.events, lambda s, e: self.binder.bind(s, e, "services.stt.events"), self.poller
+        )
         self.poller.register(self.frontend, zmq.POLLIN)
         self.manager = Dispatcher(manager_endpoint, self.poller, timeout=settings.manager_timeout_s, context=self.ctx)
         self.sessions: dict[str, Session] = {}
-        self.clip_counts: dict[str, int] = {}
+        self.clip_counts: OrderedDict[str, int] = OrderedDict()
         self.watched: set[Path] = set()
         self.stopping = False
         self._next_watch = 0.0
@@ -80,14 +86,16 @@ class SttService:
                 self.requests.drain(self._handle)
             if self.manager.sock in ready:
                 self.manager.on_readable()
+            if self.events.sock in ready:
+                self.events.on_readable()
             now = time.monotonic()
             self.manager.check(now)
             if self.settings.watch_dir and now >= self._next_watch and not self.stopping:
                 self._next_watch = now + self.settings.watch_interval_s
                 self._scan_watch_dir(Path(self.settings.watch_dir))
         self.manager.close()
-        for sock in (self.frontend, self.events):
-            sock.close(linger=0)
+        self.frontend.close(linger=0)
+        self.events.close()
         self.binder.close()
         self.ctx.term()
         for endpoint in (self.settings.requests, self.settings.events):
@@ -117,6 +125,8 @@ class SttService:
             self.requests.reply(route, request.id, {"session_id": args.session_id, "utterances": flushed})
 
     def _start(self, args: StreamStartArgs) -> None:
+        if args.session_id not in self.sessions and len(self.sessions) >= MAX_SESSIONS:
+            raise Busy(f"{len(self.sessions)} live streams are open, the most this service takes", limit=MAX_SESSIONS)
         self.sessions[args.session_id] = Session(
             args.session_id,
             args.sample_rate,
@@ -164,7 +174,10 @@ class SttService:
     ) -> None:
         received = time.monotonic()
         if utterance is None:
-            utterance = self.clip_counts[clip.session_id] = self.clip_counts.get(clip.session_id, 0) + 1
+            utterance = self.clip_counts.pop(clip.session_id, 0) + 1
+            self.clip_counts[clip.session_id] = utterance
+            if len(self.clip_counts) > MAX_CLIP_COUNTERS:
+                self.clip_counts.popitem(last=False)
         args: dict[str, Any] = {
             "model": self.settings.model,
             "language": self.settings.language,

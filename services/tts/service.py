@@ -24,7 +24,8 @@ from model_client.audio import pcm_to_wav
 from model_client.dispatcher import Dispatcher
 from model_client.endpoints import prepare_ipc_dir, remove_ipc_file
 from model_client.errors import BadRequest, ModelManagerError
-from model_client.requests import RequestSocket
+from model_client.publisher import EventPublisher
+from model_client.requests import MAX_TEXT_MESSAGE_BYTES, RequestSocket
 from model_client.security import Binder, CurveServer
 from model_client.services import TOPIC_AUDIO, TOPIC_SAY, TTS_OPS, SayArgs, TtsSettings
 
@@ -46,16 +47,18 @@ class TtsService:
         self.binder = Binder(self.ctx, curve)
         self.frontend = self.ctx.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.LINGER, 0)
+        self.frontend.setsockopt(zmq.MAXMSGSIZE, MAX_TEXT_MESSAGE_BYTES)
         self.binder.bind(self.frontend, settings.requests, "services.tts.requests")
-        self.requests = RequestSocket(self.frontend, TTS_OPS)
+        self.requests = RequestSocket(self.frontend, TTS_OPS, MAX_TEXT_MESSAGE_BYTES)
         self.say = self.ctx.socket(zmq.SUB)
         self.say.setsockopt(zmq.LINGER, 0)
+        self.say.setsockopt(zmq.MAXMSGSIZE, MAX_TEXT_MESSAGE_BYTES)  # any local process may publish to it
         self.say.setsockopt(zmq.SUBSCRIBE, TOPIC_SAY.encode())
         self.binder.bind(self.say, settings.say, "services.tts.say")
-        self.events = self.ctx.socket(zmq.PUB)
-        self.events.setsockopt(zmq.LINGER, 0)
-        self.binder.bind(self.events, settings.events, "services.tts.events")
         self.poller = zmq.Poller()
+        self.events = EventPublisher(
+            self.ctx, settings.events, lambda s, e: self.binder.bind(s, e, "services.tts.events"), self.poller
+        )
         self.poller.register(self.frontend, zmq.POLLIN)
         self.poller.register(self.say, zmq.POLLIN)
         self.manager = Dispatcher(manager_endpoint, self.poller, timeout=settings.manager_timeout_s, context=self.ctx)
@@ -78,10 +81,13 @@ class TtsService:
                     self._on_say(self.say.recv_multipart())
             if self.manager.sock in ready:
                 self.manager.on_readable()
+            if self.events.sock in ready:
+                self.events.on_readable()
             self.manager.check()
         self.manager.close()
-        for sock in (self.frontend, self.say, self.events):
+        for sock in (self.frontend, self.say):
             sock.close(linger=0)
+        self.events.close()
         self.binder.close()
         self.ctx.term()
         for endpoint in (self.settings.requests, self.settings.say, self.settings.events):
@@ -97,11 +103,15 @@ class TtsService:
         """A published ``tts.say``: nobody waits for an answer, so a bad one is logged and dropped."""
         try:
             _topic, body = protocol.decode_event(frames)
+            if not isinstance(body, dict):
+                raise BadRequest(f"a tts.say body is a map, got {type(body).__name__}")
             fields = {k: v for k, v in body.items() if k in SayArgs.__struct_fields__}
             args = msgspec.convert(fields, SayArgs)
             self._speak(args)
         except (ModelManagerError, msgspec.ValidationError, ValueError, IndexError) as exc:
             log.warning("say_rejected", error=str(exc))
+        except Exception:  # anyone may publish here: nothing they send may end the service
+            log.exception("say_crashed")
 
     def _on_request(self, route: list[bytes], request: protocol.Request, args: Any) -> None:
         if request.op == "ping":

@@ -1,0 +1,252 @@
+"""Hostile local peers on every socket the manager binds: nothing they send ends, stalls or grows it.
+
+Each test does what a hostile process on the machine could do (a stranger on the workers socket, oversized or
+countless subscriptions on the events socket, the manager killed while it starts workers), then checks that the
+daemon still answers a fresh client quickly and that its memory came back.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+
+from model_client import ModelClient
+from model_client.errors import BadRequest
+from tests.conftest import GREEDY, ManagerProcess, base_config, subscriber, wait_for
+
+MIB = 1024 * 1024
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def answers_quickly(manager: ManagerProcess, within_s: float = 2.0) -> float:
+    """A fresh client's ping is answered within ``within_s``; returns how long it took."""
+    started = time.monotonic()
+    with manager.client(timeout=within_s, retries=0) as fresh:
+        assert fresh.ping(timeout=within_s)["pong"] is True
+    return time.monotonic() - started
+
+
+def ipc_path(endpoint: str) -> str:
+    assert endpoint.startswith("ipc://")
+    return endpoint[len("ipc://") :]
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_strangers_on_the_workers_socket_are_refused_and_the_manager_stays_up(manager: ManagerProcess) -> None:
+    """A peer whose routing id is not UTF-8 once ended the manager with one message."""
+    workers = manager.config["endpoints"]["workers"]
+    ctx = zmq.Context.instance()
+    with manager.client(timeout=60) as client:
+        expected = client.chat("smollm2", [{"role": "user", "content": "Say hi."}], max_tokens=6, **GREEDY).text
+        before = client.status()["manager"]["refused"]["handshakes"].get("plain", 0)
+    hello = msgpack.packb({"evt": "ready", "pid": 1, "rss": 1})
+    strangers = []
+    for identity, credentials in [
+        (None, None),  # no identity at all: ZeroMQ makes up a binary one
+        (b"\xff\xfe\x00", None),
+        (b"w1-1", None),  # a worker's name, guessed
+        (b"w1-2", (b"w1-2", b"not the secret")),  # a worker's name with a made-up secret
+    ]:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if identity is not None:
+            sock.setsockopt(zmq.IDENTITY, identity)
+        if credentials is not None:
+            sock.plain_username, sock.plain_password = credentials
+        sock.connect(workers)
+        for _ in range(3):
+            sock.send_multipart([hello], flags=zmq.NOBLOCK) if sock.poll(0, zmq.POLLOUT) else None
+        sock.send(hello, flags=zmq.NOBLOCK) if sock.poll(500, zmq.POLLOUT) else None
+        strangers.append(sock)
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.connect(ipc_path(workers))
+    raw.sendall(b"\xff" + os.urandom(64))
+    raw.close()
+    try:
+        with manager.client(timeout=60) as client:
+            wait_for(lambda: client.status()["manager"]["refused"]["handshakes"].get("plain", 0) > before, timeout=10)
+            assert answers_quickly(manager) < 2.0
+            assert manager.proc is not None and manager.proc.poll() is None, manager.log_tail()
+            # Its real workers are unaffected: a fresh worker loads and answers as before.
+            client.unload("smollm2")
+            again = client.chat("smollm2", [{"role": "user", "content": "Say hi."}], max_tokens=6, **GREEDY).text
+            assert again == expected
+    finally:
+        for sock in strangers:
+            sock.close(linger=0)
+    assert "worker_message_dropped" not in manager.log_path.read_text(), "a stranger got past the handshake"
+
+
+def test_a_manager_killed_while_starting_leaves_no_worker_behind(run_dir: Path) -> None:
+    process = ManagerProcess(run_dir, base_config(run_dir))
+    process.start(wait=False)
+    assert process.proc is not None
+    spares = wait_for(lambda: children(process.proc.pid), timeout=30, interval=0.002)
+    process.proc.send_signal(signal.SIGKILL)  # before the spare worker has had time to start up
+    process.proc.wait()
+    try:
+        wait_for(lambda: not any(alive(pid) for pid in spares), timeout=15, interval=0.1)
+    finally:
+        for pid in spares:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_an_oversized_subscription_neither_grows_nor_stalls_the_manager(manager: ManagerProcess) -> None:
+    """One 1 MiB subscription once added ~77 MiB to the manager, and stalled it while subscribers came and went."""
+    assert manager.proc is not None
+    listener = subscriber(manager.events_endpoint, "manager.heartbeat")
+    assert listener.poll(10_000), "no heartbeat before the test"
+    listener.recv_multipart()
+    before = rss_bytes(manager.proc.pid)
+    hostile = subscriber(manager.events_endpoint, "model." + "x" * MIB)
+    churn = []
+    try:
+        worst = 0.0
+        for round_ in range(50):  # subscribers come and go while the hostile one (re)tries
+            sock = subscriber(manager.events_endpoint, f"model.{round_}")
+            churn.append(sock)
+            if len(churn) > 5:
+                churn.pop(0).close(linger=0)
+            if round_ % 10 == 0:
+                worst = max(worst, answers_quickly(manager))
+        assert worst < 2.0
+        grown = rss_bytes(manager.proc.pid) - before
+        assert grown < 20 * MIB, f"the manager grew by {grown / MIB:.1f} MiB"
+        while listener.poll(0):
+            listener.recv_multipart()
+        assert listener.poll(10_000), "a well-behaved subscriber stopped getting heartbeats"
+    finally:
+        for sock in [hostile, *churn, listener]:
+            sock.close(linger=0)
+
+
+def test_countless_subscriptions_are_capped_and_subscribers_come_back(manager: ManagerProcess) -> None:
+    assert manager.proc is not None
+    listener = subscriber(manager.events_endpoint, "manager.heartbeat")
+    assert listener.poll(10_000), "no heartbeat before the test"
+    with manager.client(timeout=30) as client:
+        resets_before = client.status()["manager"]["refused"]["subscriber_resets"]
+    before = rss_bytes(manager.proc.pid)
+    hostile = zmq.Context.instance().socket(zmq.SUB)
+    hostile.setsockopt(zmq.LINGER, 0)
+    hostile.setsockopt(zmq.SNDHWM, 0)
+    hostile.connect(manager.events_endpoint)
+    try:
+        for _ in range(5000):
+            hostile.setsockopt(zmq.SUBSCRIBE, os.urandom(24).hex().encode())
+        with manager.client(timeout=30) as client:
+            wait_for(lambda: client.status()["manager"]["refused"]["subscriber_resets"] > resets_before, timeout=30)
+        assert answers_quickly(manager) < 2.0
+        grown = rss_bytes(manager.proc.pid) - before
+        assert grown < 20 * MIB, f"the manager grew by {grown / MIB:.1f} MiB"
+    finally:
+        hostile.close(linger=0)
+    # Dropped with everyone else, the well-behaved subscriber reconnects by itself and hears heartbeats again.
+    while listener.poll(0):
+        listener.recv_multipart()
+    assert listener.poll(15_000), "the subscriber did not come back after the reset"
+    listener.close(linger=0)
+
+
+def test_an_oversized_prompt_is_refused_before_any_tokenizing(manager: ManagerProcess) -> None:
+    """A 3 MiB prompt once tied its model's worker up for seconds, tokenized only to be refused."""
+    with manager.client(timeout=60) as client:
+        client.load("smollm2")
+        prompt = "word " * (3 * MIB // 5)
+        started = time.monotonic()
+        with pytest.raises(BadRequest) as refused:
+            client.complete("smollm2", prompt, max_tokens=1)
+        took = time.monotonic() - started
+        assert refused.value.details["max_prompt_bytes"] == 1024 * 1024
+        assert took < 1.0, f"refusing took {took:.2f} s"
+        assert client.chat("smollm2", [{"role": "user", "content": "Hi"}], max_tokens=2).usage["completion_tokens"] >= 1
+
+
+def test_a_whole_message_over_the_size_limit_is_refused(manager: ManagerProcess) -> None:
+    limit = manager.config["limits"]["max_message_bytes"]
+    frame = b"\x00" * (limit // 2)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(manager.endpoint)
+    try:
+        envelope = msgpack.packb({"v": 1, "id": "big", "op": "ping"})
+        sock.send_multipart([b"", envelope, frame, frame, frame])  # each frame under the limit, the message over
+        assert sock.poll(5000), "no reply"
+        reply = msgpack.unpackb(sock.recv_multipart()[1])
+        assert reply["error"]["code"] == "bad_request"
+        assert reply["error"]["details"]["max_message_bytes"] == limit
+        assert reply["error"]["details"]["message_bytes"] > limit
+    finally:
+        sock.close(linger=0)
+    assert answers_quickly(manager) < 2.0
+
+
+def test_routing_frames_before_the_delimiter_come_back_in_front_of_the_reply(manager: ManagerProcess) -> None:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(manager.endpoint)
+    try:
+        sock.send_multipart([b"hop-1", b"hop-2", b"", msgpack.packb({"v": 1, "id": "r", "op": "ping"})])
+        assert sock.poll(5000)
+        reply = sock.recv_multipart()
+        assert reply[:3] == [b"hop-1", b"hop-2", b""]
+        assert msgpack.unpackb(reply[3])["result"]["pong"] is True
+    finally:
+        sock.close(linger=0)
+
+
+def test_stream_over_a_req_socket_is_refused(manager: ManagerProcess) -> None:
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(manager.endpoint)
+    try:
+        args = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
+        sock.send(msgpack.packb({"v": 1, "id": "s", "op": "chat", "args": args}))
+        assert sock.poll(10_000)
+        reply = msgpack.unpackb(sock.recv())
+        assert reply["type"] == "error" and reply["error"]["code"] == "bad_request"
+        assert "DEALER" in reply["error"]["message"]
+    finally:
+        sock.close(linger=0)
+
+
+def test_strict_types_for_every_field(client: ModelClient) -> None:
+    messages = [{"role": "user", "content": "Hi"}]
+    for field, value in [("max_tokens", "4"), ("cache", "false"), ("temperature", "0.5"), ("stream", 1)]:
+        with pytest.raises(BadRequest) as refused:
+            client.request("chat", {"model": "smollm2", "messages": messages, field: value})
+        assert field in refused.value.message
