@@ -90,6 +90,12 @@ def format_status(status: dict[str, Any]) -> str:
     manager = status["manager"]
     footer = f"manager pid {manager['pid']}, up {_ago(manager['uptime_s'])}, {manager['workers']} workers"
     footer += f"; devices {mode}"
+    refused = manager.get("refused") or {}
+    counts = {**refused.get("handshakes", {}), **refused.get("requests", {})}
+    if refused.get("subscriber_resets"):
+        counts["subscriber_resets"] = refused["subscriber_resets"]
+    if counts:
+        footer += "\nrefused peers: " + ", ".join(f"{what} {n}" for what, n in sorted(counts.items()))
     return "\n".join([*models, "", *device_rows, "", footer])
 
 

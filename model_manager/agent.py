@@ -106,6 +106,7 @@ class ModelManagerAgent:
         self.backend.setsockopt(zmq.LINGER, 1000)
         self.backend.plain_server = True
         self.backend.zap_domain = WORKERS_DOMAIN
+        self.poller.register(self.gatekeeper.watch_workers(self.backend), zmq.POLLIN)
         self.backend.bind(endpoints.workers)
         self.poller.register(self.frontend, zmq.POLLIN)
         self.poller.register(self.backend, zmq.POLLIN)
@@ -159,6 +160,8 @@ class ModelManagerAgent:
             ready = dict(self.poller.poll(TICK_S * 1000))
             if self.gatekeeper.sock in ready:
                 self.gatekeeper.on_readable()
+            if self.gatekeeper.monitor in ready:
+                self.gatekeeper.on_monitor_readable()
             if self.backend in ready:
                 self._drain(self.backend, self._on_worker_message)
             if self.frontend in ready:
@@ -200,9 +203,10 @@ class ModelManagerAgent:
         self.memory.close()
         self.metrics.close()
         self.events.close()
+        self.backend.disable_monitor()
+        self.gatekeeper.close()
         for sock in (self.frontend, self.backend):
             sock.close(linger=0)
-        self.gatekeeper.close()
         self.ctx.term()
         endpoints = self.config.endpoints
         for endpoint in (endpoints.requests, endpoints.events, endpoints.workers):
