@@ -782,8 +782,8 @@ class ModelManagerAgent:
         }
 
     def refused(self) -> dict[str, Any]:
-        """What hostile or broken peers were refused, since start: handshakes by mechanism, event subscribers
-        dropped for holding too many subscriptions."""
+        """What hostile or broken peers were refused since start: failed handshakes (on the workers socket, and
+        CURVE clients), times the events socket dropped its subscribers, messages refused before their envelope."""
         return {
             "handshakes": dict(self.gatekeeper.refused),
             "subscriber_resets": self.events.resets,
