@@ -59,10 +59,11 @@ SPARE_REFILL_MAX_DELAY_S = 10.0
 log = structlog.get_logger("model_manager")
 
 
-def _peer_socket_type(frame: zmq.Frame) -> str | None:
-    """The socket type the peer declared in its ZeroMQ handshake (REQ, DEALER, ...)."""
+def _peer_property(frame: zmq.Frame, name: str) -> str | None:
+    """What the peer's ZeroMQ handshake said of it: ``Socket-Type`` (REQ, DEALER, ...), ``User-Id`` (a CURVE
+    client's public key, set by the gatekeeper)."""
     try:
-        return frame.get("Socket-Type")
+        return frame.get(name) or None
     except (zmq.ZMQError, KeyError):
         return None
 
@@ -263,7 +264,11 @@ class ModelManagerAgent:
             )
             self._reply_error(route, None, error)
             return
-        allowed = self.rate.allow(route[0], time.monotonic())
+        # Remote (CURVE) clients are rate limited by their key, so reconnecting does not refill their bucket; local
+        # ones, by connection, only when the YAML asks for it (a busy local agent or a benchmark is no stranger).
+        user = _peer_property(message[-1], "User-Id")
+        limited = user is not None or self.config.limits.rate_limit_local
+        allowed = not limited or self.rate.allow(user.encode() if user else route[0], time.monotonic())
         try:
             request = protocol.decode_request(body)
             if not allowed:
@@ -279,7 +284,7 @@ class ModelManagerAgent:
             return
         try:
             args = protocol.parse_args(request.op, request.args)
-            if getattr(args, "stream", False) and _peer_socket_type(message[-1]) == "REQ":
+            if getattr(args, "stream", False) and _peer_property(message[-1], "Socket-Type") == "REQ":
                 raise BadRequest("stream needs a DEALER socket: a REQ socket takes exactly one reply per request")
             self.handlers[request.op](route, request, args)
         except ModelManagerError as exc:

@@ -55,6 +55,7 @@ class Limits(_Section):
     max_messages: PositiveInt = 512  # messages in one chat request
     requests_per_second: Annotated[float, msgspec.Meta(gt=0)] = 100.0  # per client connection; more: busy
     burst: PositiveInt = 200  # requests a client may send at once before the rate applies
+    rate_limit_local: bool = False  # the rate applies to CURVE (remote) clients; true: to local ones too
 
 
 class ManagerSettings(_Section):

@@ -79,7 +79,7 @@ class Gatekeeper:
                 self.refused["curve"] += 1
                 log.warning("client_handshake_refused", mechanism=mechanism.decode("ascii", "replace"))
             code, text = (b"200", b"OK") if allowed else (b"400", b"not allowed")
-            self.sock.send_multipart([version, request_id, code, text, b"", b""])
+            self.sock.send_multipart([version, request_id, code, text, self._user_id(mechanism, credentials), b""])
 
     def _allowed(self, domain: bytes, mechanism: bytes, credentials: list[bytes]) -> bool:
         if mechanism == b"PLAIN" and domain == WORKERS_DOMAIN and len(credentials) == 2:
@@ -89,6 +89,14 @@ class Gatekeeper:
         if mechanism == b"CURVE" and domain != WORKERS_DOMAIN and len(credentials) == 1:
             return z85.encode(credentials[0]) in self.curve_keys
         return False
+
+    @staticmethod
+    def _user_id(mechanism: bytes, credentials: list[bytes]) -> bytes:
+        """Every message of the peer carries this as its ``User-Id`` property: a CURVE client's public key (z85),
+        a worker's id."""
+        if mechanism == b"CURVE" and len(credentials) == 1:
+            return z85.encode(credentials[0])
+        return credentials[0] if mechanism == b"PLAIN" and credentials else b""
 
     def close(self) -> None:
         if self.monitor is not None:

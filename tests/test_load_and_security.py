@@ -18,7 +18,7 @@ import yaml
 import zmq
 
 from model_client import ModelClient, protocol
-from model_client.errors import BadRequest, ModelNotFound, Timeout
+from model_client.errors import BadRequest, Busy, ModelNotFound, Timeout
 from model_client.security import CurveClient, is_local, make_keys
 from tests.conftest import GREEDY, REPO, ManagerProcess, base_config, wait_for
 
@@ -100,6 +100,7 @@ def test_only_authorized_curve_clients_get_answers(run_dir: Path) -> None:
         "curve_server_secret_key": str(keys["server_secret"]),
         "curve_authorized_keys": str(keys["authorized"]),
     }
+    config["limits"].update(requests_per_second=5, burst=5)
     manager = ManagerProcess(run_dir, config)
     manager.start(wait=False)
     try:
@@ -108,7 +109,8 @@ def test_only_authorized_curve_clients_get_answers(run_dir: Path) -> None:
         with ModelClient(endpoint, timeout=1.0, retries=0, curve=alice) as client:
             reply = client.wait_ready(timeout=30)
             assert reply["pong"] is True
-            assert client.chat("smollm2", [{"role": "user", "content": "Hi"}], max_tokens=4, **GREEDY).text
+            hi = [{"role": "user", "content": "Hi"}]
+            assert client.chat("smollm2", hi, max_tokens=4, timeout=60, **GREEDY).text  # a load: not a quick one
         mallory = CurveClient.from_files(keys["mallory_secret"], keys["server_public"])
         for curve in (None, mallory):  # no CURVE at all, and a key that is not authorized: nothing comes back
             with ModelClient(endpoint, timeout=1.0, retries=0, curve=curve) as stranger:
@@ -116,8 +118,37 @@ def test_only_authorized_curve_clients_get_answers(run_dir: Path) -> None:
                     stranger.ping(timeout=1.0)
         with ModelClient(endpoint, timeout=5.0, retries=0, curve=alice) as client:
             assert client.ping()["pong"] is True  # and the daemon is still fine
+        # Remote clients are rate limited by their key: a new connection does not bring a full bucket.
+        with ModelClient(endpoint, timeout=5.0, retries=0, curve=alice) as client:
+            assert sum(busy_pings(client, 30)) >= 20
+        with ModelClient(endpoint, timeout=5.0, retries=0, curve=alice) as again:
+            assert sum(busy_pings(again, 10)) >= 8
     finally:
         manager.stop()
+
+
+def busy_pings(client: ModelClient, count: int) -> list[bool]:
+    """Send ``count`` pings one after another; True for each answered ``busy``."""
+    answers = []
+    for _ in range(count):
+        try:
+            client.ping()
+            answers.append(False)
+        except Busy:
+            answers.append(True)
+    return answers
+
+
+def test_local_clients_are_not_rate_limited_by_default(manager: ManagerProcess) -> None:
+    """A busy local agent or a benchmark is no stranger: only remote clients, or local ones when the YAML says
+    ``rate_limit_local``, are held to ``requests_per_second``."""
+    sock = dealer(manager.endpoint)
+    try:
+        ids = [raw_request(sock, "ping", {}) for _ in range(400)]  # twice the default burst, at once
+        got = replies(sock, len(ids))
+        assert all(got[i].type == "result" for i in ids)
+    finally:
+        sock.close(linger=0)
 
 
 # ----- load -----------------------------------------------------------------------------------------------------
@@ -125,7 +156,7 @@ def test_only_authorized_curve_clients_get_answers(run_dir: Path) -> None:
 
 def test_a_client_over_its_rate_gets_busy_and_others_do_not(run_dir: Path) -> None:
     config = base_config(run_dir)
-    config["limits"].update(requests_per_second=5, burst=5)
+    config["limits"].update(requests_per_second=5, burst=5, rate_limit_local=True)
     manager = ManagerProcess(run_dir, config)
     manager.start()
     try:
