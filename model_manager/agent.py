@@ -201,6 +201,8 @@ class ModelManagerAgent:
                 self._reply_error(job.route, job.request_id, stopped)
             slot.queue.clear()
         self.pool.close(self.config.manager.unload_timeout_s)
+        for slot in self.slots.values():  # every worker is gone: their files are the manager's now
+            self._answer_drop_waiters(slot)
         self.memory.close()
         self.metrics.close()
         self.events.close()
@@ -406,18 +408,29 @@ class ModelManagerAgent:
     def _op_drop_conversation(
         self, route: list[bytes], request: protocol.Request, args: protocol.ConversationArgs
     ) -> None:
-        """A loaded model's worker drops the state itself (in turn with its requests); otherwise only a spilled
-        file can exist, and the manager deletes it."""
+        """The spilled files belong to the model's worker while it lives: a loaded model's worker drops the state
+        itself (in turn with its requests), an exiting one first writes its states out, so the drop waits until it
+        is gone; with no worker, the manager deletes the file."""
         slot = self._kind_slot(args.model, "llm", request.op)
         if slot.state in (ModelState.READY, ModelState.LOADING):
             self._enqueue(slot, route, request, args)
-            return
+        elif slot.worker is not None:
+            slot.drop_waiters.append((Waiter(route, request.id), args.conversation_id))
+        else:
+            self._reply(route, request.id, self._drop_spilled(slot, args.conversation_id))
+
+    def _answer_drop_waiters(self, slot: ModelSlot) -> None:
+        for waiter, conversation_id in slot.drop_waiters:
+            self._reply(waiter.route, waiter.request_id, self._drop_spilled(slot, conversation_id))
+        slot.drop_waiters.clear()
+
+    def _drop_spilled(self, slot: ModelSlot, conversation_id: str) -> dict[str, Any]:
         dropped = False
         if self.config.kv_cache.spill_dir:
-            path = spill_path(self.config.kv_cache.spill_dir, slot.name, args.conversation_id)
+            path = spill_path(self.config.kv_cache.spill_dir, slot.name, conversation_id)
             dropped = path.exists()
             path.unlink(missing_ok=True)
-        self._reply(route, request.id, {"dropped": dropped, "conversation_id": args.conversation_id})
+        return {"dropped": dropped, "conversation_id": conversation_id}
 
     # ----- model life cycle -----------------------------------------------------------------------------------
 
@@ -723,6 +736,7 @@ class ModelManagerAgent:
             return
         slot.worker = None
         self.memory.unloaded(slot, handle.pid)
+        self._answer_drop_waiters(slot)
         if slot.state is ModelState.UNLOADING:
             slot.state, slot.info = ModelState.UNLOADED, {}
             log.info("model_unloaded", model=slot.name, reason=slot.unload_reason, exit_code=code)

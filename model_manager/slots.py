@@ -94,6 +94,8 @@ class ModelSlot:
     running: dict[str, Job] = field(default_factory=dict)  # by request id; several for a batching model
     load_waiters: list[Waiter] = field(default_factory=list)
     unload_waiters: list[Waiter] = field(default_factory=list)
+    # conversation.drop requests that came while a worker was exiting: its files are its own until it is gone
+    drop_waiters: list[tuple[Waiter, str]] = field(default_factory=list)
     unload_reason: str = "requested"
     load_started_at: float | None = None
     load_spec: ModelSpec | None = None  # the spec as placed (device overrides applied)

@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
+import zmq
 
-from model_client import Completion, ContextOverflow, ModelClient
+from model_client import Completion, ContextOverflow, ModelClient, protocol
 from model_manager.kvcache import ConversationStore, spill_path
 from tests.conftest import GREEDY, ManagerProcess, base_config, model_status
 
@@ -192,3 +193,32 @@ def test_store_without_spill_dir_forgets_evicted_states() -> None:
     store.put("a", [1], b"x" * 1000)
     store.put("b", [1], b"x" * 1000)
     assert store.get("a") is None and store.get("b") is not None
+
+
+def test_a_drop_sent_while_the_model_unloads_is_not_undone_by_its_spill(fresh_manager: ManagerProcess) -> None:
+    """The unloading worker writes its conversations to disk as it exits: a drop that arrives meanwhile must not be
+    overwritten by that write."""
+    spill_dir = Path(fresh_manager.config["kv_cache"]["spill_dir"])
+    messages = [SYSTEM, {"role": "user", "content": USER_TURNS[0]}]
+    with fresh_manager.client(timeout=60) as c:
+        c.chat("smollm2", messages, conversation_id="kitchen", **PARAMS)
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(fresh_manager.endpoint)
+        try:
+            unload = protocol.Request(op="unload", args={"model": "smollm2"})
+            drop = protocol.Request(op="conversation.drop", args={"model": "smollm2", "conversation_id": "kitchen"})
+            for request in (unload, drop):  # back to back: the drop arrives while the worker is exiting
+                sock.send_multipart([b"", *protocol.encode_request(request)])
+            answers = {}
+            while len(answers) < 2:
+                assert sock.poll(30_000), "no reply"
+                reply = protocol.decode_reply(sock.recv_multipart()[1:])
+                answers[reply.id] = reply
+        finally:
+            sock.close(linger=0)
+        assert answers[unload.id].body["state"] == "unloaded"
+        assert answers[drop.id].body == {"dropped": True, "conversation_id": "kitchen"}
+        assert not spill_path(spill_dir, "smollm2", "kitchen").exists()
+        again = c.chat("smollm2", messages, conversation_id="kitchen", **PARAMS)
+        assert again.usage["cached_tokens"] == 0, "the dropped conversation came back"
