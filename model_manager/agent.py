@@ -16,7 +16,6 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
 import msgspec
 import structlog
 import zmq
@@ -38,7 +37,7 @@ from model_client.errors import (
 )
 from model_client.publisher import EventPublisher
 from model_client.security import check_endpoint, load_server, serve_securely
-from model_manager.backends import PAYLOAD
+from model_manager import worker_protocol as wire
 from model_manager.config import Config, ModelSpec
 from model_manager.gatekeeper import WORKERS_DOMAIN, Gatekeeper
 from model_manager.kvcache import spill_path
@@ -68,9 +67,8 @@ def _peer_property(frame: zmq.Frame, name: str) -> str | None:
         return None
 
 
-def _take_payload(body: dict[str, Any]) -> tuple[bytes, ...]:
-    """Binary data a worker put in a result or chunk leaves the map and travels as its own frame."""
-    payload = body.pop(PAYLOAD, None)
+def _payloads(payload: bytes | None) -> tuple[bytes, ...]:
+    """Binary data a worker sent beside a result or chunk travels to the client as its own frame."""
     return (payload,) if payload is not None else ()
 
 
@@ -489,18 +487,14 @@ class ModelManagerAgent:
 
     def _send_load(self, slot: ModelSlot) -> None:
         assert slot.worker is not None and slot.load_spec is not None
-        warm = slot.want_loaded and slot.spec.preload
-        self.pool.send(
-            slot.worker,
-            {
-                "cmd": "load",
-                "name": slot.name,
-                "spec": msgspec.to_builtins(slot.load_spec),
-                "warm": warm,
-                "kv": msgspec.to_builtins(self.config.kv_cache),
-                "limits": msgspec.to_builtins(self.config.limits),
-            },
+        load = wire.Load(
+            name=slot.name,
+            spec=slot.load_spec,
+            warm=slot.want_loaded and slot.spec.preload,
+            kv=self.config.kv_cache,
+            limits=self.config.limits,
         )
+        self.pool.send(slot.worker, load)
 
     def _pump(self, slot: ModelSlot) -> None:
         """Start the next queued request if the model can take it; ask for a load if the model is not there."""
@@ -515,11 +509,11 @@ class ModelManagerAgent:
                 job = slot.queue.popleft()
                 job.started_at = time.monotonic()
                 slot.running[job.request_id] = job
-                run = {"cmd": "run", "rid": job.request_id, "op": job.op, "args": job.args}
+                run = wire.Run(rid=job.request_id, op=job.op, args=job.args)
                 if job.deadline is not None and not job.stream:
                     # The client waits this much longer for the one reply: the worker stops past it. (A stream's
                     # client waits per chunk; if it goes away, the failed send of a chunk cancels the request.)
-                    run["deadline_s"] = max(0.0, job.deadline - job.started_at)
+                    run.deadline_s = max(0.0, job.deadline - job.started_at)
                 self.pool.send(slot.worker, run)
 
     def _maybe_unload(self, slot: ModelSlot, reason: str = "requested") -> None:
@@ -572,46 +566,46 @@ class ModelManagerAgent:
             log.warning("worker_message_dropped", worker=frames[0].hex(), frames=len(frames))
             return
         try:
-            message = msgpack.unpackb(frames[1], raw=False)
-            event = message.get("evt")
-        except Exception as exc:
-            log.error("worker_message_malformed", worker=handle.id, error=f"{type(exc).__name__}: {exc}")
+            message = wire.decode_from_worker(frames[1])
+        except msgspec.DecodeError as exc:
+            log.error("worker_message_malformed", worker=handle.id, error=str(exc))
             return
-        if event == "ready":
+        if isinstance(message, wire.Ready):
             handle.ready = True
             if handle.model is None:
-                self.memory.spare_ready(message.get("rss"))
+                self.memory.spare_ready(message.rss)
         slot = self.slots.get(handle.model) if handle.model else None
         if slot is None or slot.worker is not handle:
             return
-        if event == "ready" and slot.state is ModelState.LOADING:
+        if isinstance(message, wire.Ready) and slot.state is ModelState.LOADING:
             self._send_load(slot)
-        elif event == "loaded":
-            self._on_loaded(slot, message["info"])
-        elif event == "load_failed":
-            self._fail_load(slot, error_from_wire(message["error"]))
-        elif event == "idle":
-            slot.kv_stats = message.get("kv") or {}
-        elif event in ("chunk", "done", "failed"):
-            job = slot.running.get(message.get("rid"))
-            if job is None:
-                return
-            if event == "chunk":
-                if job.stream and not job.cancelled:
-                    chunk = message["chunk"]
-                    payloads = _take_payload(chunk)
-                    if not self._send(job.route, protocol.encode_chunk(job.request_id, chunk, payloads)):
-                        self._cancel(slot, job, "client_gone")
-                return
-            if event == "done":
-                result = self._final_result(slot, job, message["result"])
-                self._send(job.route, protocol.encode_result(job.request_id, result, _take_payload(result)))
-                self._log_request(slot, job, "ok")
-            else:
-                error = error_from_wire(message["error"])
-                self._reply_error(job.route, job.request_id, error)
-                self._log_request(slot, job, error.code)
-            self._finish(slot, job)
+        elif isinstance(message, wire.Loaded):
+            self._on_loaded(slot, message.info)
+        elif isinstance(message, wire.LoadFailed):
+            self._fail_load(slot, error_from_wire(message.error))
+        elif isinstance(message, wire.Idle):
+            slot.kv_stats = message.kv or {}
+        elif isinstance(message, wire.Chunk | wire.Done | wire.Failed):
+            job = slot.running.get(message.rid)
+            if job is not None:
+                self._on_job_message(slot, job, message)
+
+    def _on_job_message(self, slot: ModelSlot, job: Job, message: wire.Chunk | wire.Done | wire.Failed) -> None:
+        if isinstance(message, wire.Chunk):
+            if job.stream and not job.cancelled:
+                frames = protocol.encode_chunk(job.request_id, message.chunk, _payloads(message.payload))
+                if not self._send(job.route, frames):
+                    self._cancel(slot, job, "client_gone")
+            return
+        if isinstance(message, wire.Done):
+            result = self._final_result(slot, job, message.result)
+            self._send(job.route, protocol.encode_result(job.request_id, result, _payloads(message.payload)))
+            self._log_request(slot, job, "ok")
+        else:
+            error = error_from_wire(message.error)
+            self._reply_error(job.route, job.request_id, error)
+            self._log_request(slot, job, error.code)
+        self._finish(slot, job)
 
     def _cancel(self, slot: ModelSlot, job: Job, reason: str) -> None:
         """The client will not read the answer: the worker stops generating within a token."""
@@ -621,7 +615,7 @@ class ModelManagerAgent:
         self.metrics.cancelled.labels(slot.name, reason).inc()
         log.info("request_cancelled", id=job.request_id, model=slot.name, reason=reason)
         if slot.worker is not None:
-            self.pool.send(slot.worker, {"cmd": "cancel", "rid": job.request_id})
+            self.pool.send(slot.worker, wire.Cancel(rid=job.request_id))
 
     def _on_loaded(self, slot: ModelSlot, info: dict[str, Any]) -> None:
         slot.state, slot.info, slot.last_error, slot.want_loaded = ModelState.READY, info, None, False

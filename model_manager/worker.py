@@ -5,9 +5,7 @@ A worker starts as a spare (interpreter up, engine imported), is told to ``load`
 within its batch wait (up to its batch size), run together. Ending the process is what gives all the model's memory
 back; a native abort inside the engine ends this process only, and the manager sees it die.
 
-Messages (msgpack maps), manager -> worker: ``{cmd: load, spec}``, ``{cmd: run, rid, op, args}``,
-``{cmd: exit}``; worker -> manager: ``{evt: ready, pid}``, ``{evt: loaded, info}``, ``{evt: load_failed, error}``,
-``{evt: chunk, rid, chunk}``, ``{evt: done, rid, result}``, ``{evt: failed, rid, error}``.
+The messages are the typed structs of ``worker_protocol`` (docs/workers.md).
 """
 
 from __future__ import annotations
@@ -22,13 +20,11 @@ import traceback
 from collections import deque
 from typing import Any
 
-import msgpack
-import msgspec
 import zmq
 
 from model_client.errors import InternalError, ModelLoadFailed, ModelManagerError
-from model_manager.backends import Backend, create_backend, warm_up
-from model_manager.config import KvCacheSettings, ModelSpec
+from model_manager import worker_protocol as wire
+from model_manager.backends import PAYLOAD, Backend, create_backend, warm_up
 from model_manager.gatekeeper import SECRET_ENV
 
 PARENT_CHECK_MS = 1000
@@ -60,75 +56,68 @@ class Worker:
         self.parent = parent
         self.kind = kind
         self.backend: Backend | None = None
-        self.pending: deque[dict[str, Any]] = deque()  # read while collecting a batch, handled after it
+        self.pending: deque[wire.ToWorker] = deque()  # read while collecting a batch, handled after it
         self.current: str | None = None  # the request being served
         self.deadline: float | None = None  # ...and when its client gives up (monotonic)
         self.stop_reason: str | None = None
 
-    def send(self, message: dict[str, Any]) -> None:
-        self.sock.send(msgpack.packb(message, use_bin_type=True))
+    def send(self, message: wire.FromWorker) -> None:
+        self.sock.send(wire.encode(message))
 
-    def _next(self, timeout_ms: float) -> dict[str, Any] | None:
+    def _receive(self) -> wire.ToWorker:
+        return wire.decode_to_worker(self.sock.recv())
+
+    def _next(self, timeout_ms: float) -> wire.ToWorker | None:
         if self.pending:
             return self.pending.popleft()
         if not self.sock.poll(timeout_ms):
             return None
-        return msgpack.unpackb(self.sock.recv(), raw=False)
+        return self._receive()
+
+    def _forget(self, rid: str) -> None:
+        """A request cancelled while it still waits here: it never runs."""
+        self.pending = deque(m for m in self.pending if not (isinstance(m, wire.Run) and m.rid == rid))
 
     def serve(self) -> None:
-        self.send({"evt": "ready", "pid": os.getpid(), "rss": resident_bytes()})
+        self.send(wire.Ready(pid=os.getpid(), rss=resident_bytes()))
         while True:
             message = self._next(PARENT_CHECK_MS)
             if message is None:
                 if os.getppid() != self.parent:
                     return
                 continue
-            cmd = message.get("cmd")
-            if cmd == "load":
-                self._load(
-                    message["spec"],
-                    message.get("warm", False),
-                    message.get("name", "model"),
-                    message.get("kv"),
-                    message.get("limits"),
-                )
-            elif cmd == "run" and self.backend is not None and message["op"] in self.backend.batchable_ops:
-                self._run_batch(self._collect(message))
-            elif cmd == "run":
-                self._run(message["rid"], message["op"], message["args"], message.get("deadline_s"))
-            elif cmd == "cancel":  # for a request still waiting here: it never runs
-                self.pending = deque(m for m in self.pending if m.get("rid") != message.get("rid"))
-            elif cmd == "exit":
+            if isinstance(message, wire.Load):
+                self._load(message)
+            elif isinstance(message, wire.Run):
+                if self.backend is not None and message.op in self.backend.batchable_ops:
+                    self._run_batch(self._collect(message))
+                else:
+                    self._run(message)
+            elif isinstance(message, wire.Cancel):
+                self._forget(message.rid)
+            elif isinstance(message, wire.Exit):
                 if self.backend is not None:
                     self.backend.unload()
                 return
 
-    def _load(
-        self,
-        spec_map: dict[str, Any],
-        warm: bool,
-        name: str,
-        kv_map: dict[str, Any] | None,
-        limits: dict[str, Any] | None,
-    ) -> None:
+    def _load(self, load: wire.Load) -> None:
         try:
-            spec = msgspec.convert(spec_map, ModelSpec)
-            kv = msgspec.convert(kv_map, KvCacheSettings) if kv_map else None
+            spec = load.spec
             if spec.nice:
                 os.nice(spec.nice)
             self.backend = create_backend(spec.kind)
-            info = self.backend.load(spec, name, kv, limits)
+            info = self.backend.load(spec, load.name, load.kv, load.limits)
             # Speech models always run once at load: cheap, and the measured size then includes working buffers.
-            if warm or spec.kind != "llm":
+            if load.warm or spec.kind != "llm":
                 self.backend.warm_up()
         except ModelManagerError as exc:
-            self.send({"evt": "load_failed", "error": exc.to_wire()})
+            self.send(wire.LoadFailed(error=exc.to_wire()))
         except Exception as exc:
-            self.send({"evt": "load_failed", "error": ModelLoadFailed(f"{type(exc).__name__}: {exc}").to_wire()})
+            self.send(wire.LoadFailed(error=ModelLoadFailed(f"{type(exc).__name__}: {exc}").to_wire()))
         else:
             info["pid"] = os.getpid()
             info["rss_bytes"] = resident_bytes()
-            self.send({"evt": "loaded", "info": info})
+            self.send(wire.Loaded(info=info))
 
     def should_stop(self) -> bool:
         """Asked by a backend between tokens: has the client given up (deadline) or gone away (cancel)?"""
@@ -136,43 +125,43 @@ class Worker:
             self.stop_reason = "deadline"
             return True
         while self.sock.poll(0):
-            message = msgpack.unpackb(self.sock.recv(), raw=False)
-            if message.get("cmd") == "cancel":
-                if message.get("rid") == self.current:
+            message = self._receive()
+            if isinstance(message, wire.Cancel):
+                if message.rid == self.current:
                     self.stop_reason = "cancelled"
                     return True
-                self.pending = deque(m for m in self.pending if m.get("rid") != message.get("rid"))
+                self._forget(message.rid)
             else:
                 self.pending.append(message)
         return False
 
-    def _run(self, rid: str, op: str, args: dict[str, Any], deadline_s: float | None = None) -> None:
+    def _run(self, run: wire.Run) -> None:
         assert self.backend is not None, "run before load"
+        rid = run.rid
 
         def emit(chunk: dict[str, Any]) -> None:
-            self.send({"evt": "chunk", "rid": rid, "chunk": chunk})
+            self.send(wire.Chunk(rid=rid, chunk=chunk, payload=chunk.pop(PAYLOAD, None)))
 
         self.current, self.stop_reason = rid, None
-        self.deadline = time.monotonic() + deadline_s if deadline_s is not None else None
+        self.deadline = time.monotonic() + run.deadline_s if run.deadline_s is not None else None
         self.backend.should_stop = self.should_stop
         try:
-            result = self.backend.run(op, args, emit)
+            result = self.backend.run(run.op, run.args, emit)
         except ModelManagerError as exc:
-            self.send({"evt": "failed", "rid": rid, "error": exc.to_wire()})
+            self.send(wire.Failed(rid=rid, error=exc.to_wire()))
         except Exception as exc:
             traceback.print_exc(file=sys.stderr)
-            error = InternalError(f"{type(exc).__name__}: {exc}")
-            self.send({"evt": "failed", "rid": rid, "error": error.to_wire()})
+            self.send(wire.Failed(rid=rid, error=InternalError(f"{type(exc).__name__}: {exc}").to_wire()))
         else:
             if self.stop_reason:
                 result["stopped"] = self.stop_reason
-            self.send({"evt": "done", "rid": rid, "result": result})
+            self.send(wire.Done(rid=rid, result=result, payload=result.pop(PAYLOAD, None)))
         self.current = self.deadline = None
         # The reply is out: now save the conversation's state, off the request's critical path.
         self.backend.after_reply(idle=not self.pending and not self.sock.poll(0))
-        self.send({"evt": "idle", "kv": self.backend.kv_stats()})
+        self.send(wire.Idle(kv=self.backend.kv_stats()))
 
-    def _collect(self, first: dict[str, Any]) -> list[dict[str, Any]]:
+    def _collect(self, first: wire.Run) -> list[wire.Run]:
         """``first`` and the runs of the same op that arrive within the batch wait, up to the batch size.
         Anything else read meanwhile is kept, in order, for after the batch."""
         assert self.backend is not None
@@ -182,30 +171,29 @@ class Worker:
             left_ms = (deadline - time.monotonic()) * 1000
             if left_ms <= 0 or not self.sock.poll(left_ms):
                 break
-            message = msgpack.unpackb(self.sock.recv(), raw=False)
-            if message.get("cmd") == "run" and message.get("op") == first["op"]:
+            message = self._receive()
+            if isinstance(message, wire.Run) and message.op == first.op:
                 batch.append(message)
             else:
                 self.pending.append(message)
         return batch
 
-    def _run_batch(self, batch: list[dict[str, Any]]) -> None:
+    def _run_batch(self, batch: list[wire.Run]) -> None:
         assert self.backend is not None
-        op = batch[0]["op"]
         try:
-            outcomes = self.backend.run_batch(op, [message["args"] for message in batch])
+            outcomes = self.backend.run_batch(batch[0].op, [run.args for run in batch])
         except Exception as exc:
             traceback.print_exc(file=sys.stderr)
             outcomes = [exc] * len(batch)
-        for message, outcome in zip(batch, outcomes, strict=True):
+        for run, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, ModelManagerError):
-                self.send({"evt": "failed", "rid": message["rid"], "error": outcome.to_wire()})
+                self.send(wire.Failed(rid=run.rid, error=outcome.to_wire()))
             elif isinstance(outcome, Exception):
                 error = InternalError(f"{type(outcome).__name__}: {outcome}")
-                self.send({"evt": "failed", "rid": message["rid"], "error": error.to_wire()})
+                self.send(wire.Failed(rid=run.rid, error=error.to_wire()))
             else:
-                self.send({"evt": "done", "rid": message["rid"], "result": outcome})
-        self.send({"evt": "idle", "kv": None})
+                self.send(wire.Done(rid=run.rid, result=outcome, payload=outcome.pop(PAYLOAD, None)))
+        self.send(wire.Idle(kv=None))
 
 
 def resident_bytes() -> int:

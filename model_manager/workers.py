@@ -9,12 +9,11 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
-import msgpack
 import zmq
 
 from model_client.endpoints import REPO_ROOT
+from model_manager import worker_protocol as wire
 from model_manager.gatekeeper import SECRET_ENV, Gatekeeper, new_secret
 
 
@@ -110,15 +109,15 @@ class WorkerPool:
         handle.model = model
         return handle
 
-    def send(self, handle: WorkerHandle, message: dict[str, Any]) -> None:
-        self.sock.send_multipart([handle.id.encode(), msgpack.packb(message, use_bin_type=True)])
+    def send(self, handle: WorkerHandle, message: wire.ToWorker) -> None:
+        self.sock.send_multipart([handle.id.encode(), wire.encode(message)])
 
     def end(self, handle: WorkerHandle, grace_s: float) -> None:
         """Ask the worker to exit; ``reap`` kills it if it is still there after ``grace_s``."""
         if handle.exit_deadline is None:
             handle.exit_deadline = time.monotonic() + grace_s
             if handle.ready:
-                self.send(handle, {"cmd": "exit"})
+                self.send(handle, wire.Exit())
             else:
                 handle.proc.terminate()
 

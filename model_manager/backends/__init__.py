@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from model_manager.config import KvCacheSettings, ModelSpec
+from model_manager.config import KvCacheSettings, Limits, ModelSpec
 
 Emit = Callable[[dict[str, Any]], None]
 # A result or chunk may carry binary data (audio) under this key: the manager sends it as its own frame.
@@ -22,7 +22,7 @@ class Backend(Protocol):
     should_stop: Callable[[], bool]  # asked between steps of a long request: stop early (client gone, deadline)
 
     def load(
-        self, spec: ModelSpec, name: str, kv: KvCacheSettings | None, limits: dict[str, Any] | None = None
+        self, spec: ModelSpec, name: str, kv: KvCacheSettings | None, limits: Limits | None = None
     ) -> dict[str, Any]:
         """Load the model; return facts about it (load time, quantization, sizes). Raise ModelLoadFailed."""
 

@@ -35,7 +35,7 @@ from llama_cpp.llama_chat_format import ChatFormatter, Jinja2ChatFormatter
 
 from model_client.errors import BadRequest, ContextOverflow, ModelLoadFailed
 from model_manager.backends import Emit
-from model_manager.config import KvCacheSettings, ModelSpec
+from model_manager.config import KvCacheSettings, Limits, ModelSpec
 from model_manager.kvcache import ConversationStore
 
 # Used when a GGUF carries no chat template and the YAML names no ``chat_format`` (base models).
@@ -73,7 +73,7 @@ class GGUFBackend:
         spec: ModelSpec,
         name: str = "model",
         kv: KvCacheSettings | None = None,
-        limits: dict[str, Any] | None = None,
+        limits: Limits | None = None,
     ) -> dict[str, Any]:
         if not os.path.isfile(spec.path):
             raise ModelLoadFailed(f"model file not found: {spec.path}", path=spec.path)
@@ -93,7 +93,8 @@ class GGUFBackend:
         except Exception as exc:  # llama.cpp reports every load problem as a plain ValueError
             raise ModelLoadFailed(f"llama.cpp could not load {spec.path}: {exc}", path=spec.path) from None
         self.llm, self.spec = llm, spec
-        self.max_prompt_tokens = int((limits or {}).get("max_prompt_tokens", self.max_prompt_tokens))
+        if limits is not None:
+            self.max_prompt_tokens = limits.max_prompt_tokens
         self.formatter = self._chat_formatter(llm, spec.chat_format)
         if kv is not None and kv.enabled:
             identity = f"{spec.path}|{os.path.getsize(spec.path)}|ctx={llm.n_ctx()}|layers={spec.n_gpu_layers}"

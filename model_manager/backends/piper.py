@@ -16,7 +16,7 @@ from piper.config import SynthesisConfig
 from model_client.audio import pcm_to_wav
 from model_client.errors import BadRequest, ModelLoadFailed
 from model_manager.backends import PAYLOAD, Emit
-from model_manager.config import KvCacheSettings, ModelSpec
+from model_manager.config import KvCacheSettings, Limits, ModelSpec
 
 SAMPLE_WIDTH = 2  # Piper makes 16-bit mono
 CHANNELS = 1
@@ -32,7 +32,7 @@ class PiperBackend:
         self.voice: PiperVoice | None = None
         self.speaker: int | None = None
 
-    def load(self, spec: ModelSpec, name: str, kv: KvCacheSettings | None, limits: dict | None = None) -> dict:
+    def load(self, spec: ModelSpec, name: str, kv: KvCacheSettings | None, limits: Limits | None = None) -> dict:
         started = time.perf_counter()
         config = Path(spec.path + ".json")
         if not config.is_file():

@@ -35,7 +35,7 @@ from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
 from model_client.errors import BadRequest, ModelLoadFailed, ModelManagerError
 from model_manager.audio import SAMPLE_RATE, decode
 from model_manager.backends import Emit
-from model_manager.config import KvCacheSettings, ModelSpec
+from model_manager.config import KvCacheSettings, Limits, ModelSpec
 
 WINDOW_S = 30  # Whisper hears 30 s at a time
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
@@ -76,7 +76,7 @@ class WhisperBackend:
         self.batch_wait_s = 0.0
         self.max_audio_s = 300.0
 
-    def load(self, spec: ModelSpec, name: str, kv: KvCacheSettings | None, limits: dict | None = None) -> dict:
+    def load(self, spec: ModelSpec, name: str, kv: KvCacheSettings | None, limits: Limits | None = None) -> dict:
         started = time.perf_counter()
         device = "cuda" if spec.device == "cuda" else "cpu"
         try:
@@ -93,7 +93,8 @@ class WhisperBackend:
         self.pipeline = BatchedInferencePipeline(self.model)
         self.batch_size = spec.batch_size
         self.batch_wait_s = spec.batch_wait_ms / 1000
-        self.max_audio_s = float((limits or {}).get("max_audio_s", self.max_audio_s))
+        if limits is not None:
+            self.max_audio_s = float(limits.max_audio_s)
         return {
             "load_ms": round((time.perf_counter() - started) * 1000, 1),
             "quantization": spec.compute_type,

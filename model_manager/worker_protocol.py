@@ -1,0 +1,99 @@
+"""The manager <-> worker protocol: typed messages, one msgpack frame each, on the manager's workers socket.
+
+Manager -> worker (tag ``cmd``): ``Load`` one model, ``Run`` a request, ``Cancel`` one, ``Exit``.
+Worker -> manager (tag ``evt``): ``Ready`` (started, engine imported), ``Loaded`` / ``LoadFailed``, then per request
+zero or more ``Chunk`` and one ``Done`` or ``Failed``, and ``Idle`` when it has nothing left to do.
+Binary data a backend makes (audio) travels as ``payload`` and reaches the client as a frame of its own.
+See docs/workers.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from model_manager.config import KvCacheSettings, Limits, ModelSpec
+
+
+class ToWorker(msgspec.Struct, tag_field="cmd", forbid_unknown_fields=True):
+    pass
+
+
+class Load(ToWorker, tag="load", kw_only=True):
+    name: str  # the catalogue name
+    spec: ModelSpec  # as placed: device, layers and threads already decided
+    warm: bool = False  # run one token at load, so the first request does not pay for it
+    kv: KvCacheSettings | None = None
+    limits: Limits
+
+
+class Run(ToWorker, tag="run", kw_only=True):
+    rid: str
+    op: str
+    args: dict[str, Any]  # the op's validated arguments; transcribe's audio as bytes under "audio"
+    deadline_s: float | None = None  # the client stops waiting after this many seconds: stop generating
+
+
+class Cancel(ToWorker, tag="cancel", kw_only=True):
+    rid: str
+
+
+class Exit(ToWorker, tag="exit"):
+    pass
+
+
+class FromWorker(msgspec.Struct, tag_field="evt", forbid_unknown_fields=True):
+    pass
+
+
+class Ready(FromWorker, tag="ready", kw_only=True):
+    pid: int
+    rss: int  # bytes resident with the engine imported and no model: a spare's cost
+
+
+class Loaded(FromWorker, tag="loaded", kw_only=True):
+    info: dict[str, Any]  # load_ms, quantization, n_ctx, pid, rss_bytes, ...
+
+
+class LoadFailed(FromWorker, tag="load_failed", kw_only=True):
+    error: dict[str, Any]  # a typed error's wire map
+
+
+class Chunk(FromWorker, tag="chunk", kw_only=True):
+    rid: str
+    chunk: dict[str, Any]
+    payload: bytes | None = None
+
+
+class Done(FromWorker, tag="done", kw_only=True):
+    rid: str
+    result: dict[str, Any]
+    payload: bytes | None = None
+
+
+class Failed(FromWorker, tag="failed", kw_only=True):
+    rid: str
+    error: dict[str, Any]
+
+
+class Idle(FromWorker, tag="idle", kw_only=True):
+    kv: dict[str, int] | None = None  # saved conversations: count, bytes, spilled
+
+
+_encoder = msgspec.msgpack.Encoder()
+_to_worker = msgspec.msgpack.Decoder(Load | Run | Cancel | Exit)
+_from_worker = msgspec.msgpack.Decoder(Ready | Loaded | LoadFailed | Chunk | Done | Failed | Idle)
+
+
+def encode(message: ToWorker | FromWorker) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_to_worker(frame: bytes) -> ToWorker:
+    return _to_worker.decode(frame)
+
+
+def decode_from_worker(frame: bytes) -> FromWorker:
+    """Raises ``msgspec.DecodeError`` (a ``ValidationError`` included) on anything that is not one of the above."""
+    return _from_worker.decode(frame)
