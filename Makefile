@@ -39,7 +39,7 @@ $(VENV)/.installed: pyproject.toml
 		{ echo "llama-cpp-python builds from source: sudo apt-get install -y build-essential cmake python3-venv python3-dev"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[server,test]'
 	touch $@
 
 models: $(VENV)/.installed

@@ -29,8 +29,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from agents.talk import talk  # noqa: E402
 from model_client import ModelClient  # noqa: E402
-from model_client.talk import talk  # noqa: E402
 
 QUESTIONS = [
     "Jarvis, what is the capital of France?",

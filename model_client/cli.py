@@ -12,7 +12,6 @@ from typing import Any
 from model_client.client import Conversation, ModelClient
 from model_client.errors import BadRequest, ModelManagerError
 from model_client.security import make_keys
-from model_client.talk import talk
 
 
 def _size(n: int | None) -> str:
@@ -137,6 +136,10 @@ def _talk(args: argparse.Namespace) -> None:
         audio = args.file.read_bytes()
     except OSError as exc:
         raise BadRequest(f"cannot read {args.file}: {exc.strerror}") from None
+    try:  # the voice loop is the stack's, not the client's: there only where the whole project is installed
+        from agents.talk import talk
+    except ImportError:
+        raise BadRequest("mm talk needs the whole stack (the agents and services packages) installed") from None
     result = talk(audio, persona=args.persona, session_id=args.session, timeout=args.timeout)
     spoken = result.pop("audio", None)
     if args.output and spoken is not None:

@@ -32,19 +32,6 @@ def ipc_path(endpoint: str) -> Path | None:
     return Path(endpoint[len("ipc://") :]) if endpoint.startswith("ipc://") else None
 
 
-def prepare_ipc_dir(endpoint: str) -> None:
-    """ipc sockets live in a directory only this user can enter (mode 0700)."""
-    path = ipc_path(endpoint)
-    if path is not None:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-
-
-def remove_ipc_file(endpoint: str) -> None:
-    path = ipc_path(endpoint)
-    if path is not None:
-        path.unlink(missing_ok=True)
-
-
 def config_section(name: str, path: Path | None = None) -> tuple[dict, Path]:
     """One top-level section of the YAML (each daemon validates its own), and the YAML's directory."""
     path = path or config_path()

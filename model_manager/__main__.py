@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from daemonkit.binding import InsecureEndpoint
+from daemonkit.logs import configure_logging
 from model_client.endpoints import config_path
-from model_client.logs import configure_logging
-from model_client.security import InsecureEndpoint
-from model_manager.agent import ModelManagerAgent
+from model_manager.broker import ModelManagerAgent
 from model_manager.config import ConfigError, load_config
 
 

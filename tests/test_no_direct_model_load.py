@@ -18,12 +18,12 @@ import msgpack
 import msgspec
 import pytest
 
+from agents.config import AGENT_OPS, TOPIC_REPLY
 from model_client import protocol
-from model_client.personas import AGENT_OPS, TOPIC_REPLY
-from model_client.services import STT_OPS, TOPIC_AUDIO, TOPIC_SAY, TOPIC_TRANSCRIPT, TTS_OPS, SayArgs
 from model_manager.backends.gguf import quantization_label
 from model_manager.config import load_config
 from model_manager.footprint import FootprintStore
+from services.config import STT_OPS, TOPIC_AUDIO, TOPIC_SAY, TOPIC_TRANSCRIPT, TTS_OPS, SayArgs
 from tests.conftest import FACTS_CACHE
 
 REPO = Path(__file__).resolve().parents[1]

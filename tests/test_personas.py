@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from agents.config import Persona, Routing, load_agents_config, route
 from agents.pieces import SpeechPieces
-from model_client.personas import Persona, Routing, load_agents_config, route
 from tests.conftest import SHIPPED_CONFIG
 
 PERSONAS = {

@@ -17,7 +17,7 @@ import zmq
 from model_client import ModelClient, protocol
 from model_client.audio import Audio, read_wav
 from model_client.errors import BadRequest, InvalidAudio
-from model_client.services import TOPIC_AUDIO, TOPIC_SAY, TOPIC_TRANSCRIPT
+from services.config import TOPIC_AUDIO, TOPIC_SAY, TOPIC_TRANSCRIPT
 from tests.conftest import DaemonProcess, ManagerProcess, base_config, subscriber, wait_for
 from tests.test_speech import wer
 

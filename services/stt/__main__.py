@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from services.daemon import start
+from daemonkit.startup import start_daemon
+from services.config import load_services_config
 from services.stt.service import SttService
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, manager, curve = start("stt", "The speech-to-text service.", argv)
+    config, manager, curve = start_daemon(
+        "services.stt", "The speech-to-text service.", argv, lambda args: load_services_config(args.config)
+    )
     SttService(config.stt, manager, curve).serve()
 
 

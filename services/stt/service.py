@@ -20,14 +20,13 @@ from typing import Any
 import structlog
 import zmq
 
+from daemonkit.binding import Binder, CurveServer, prepare_ipc_dir, remove_ipc_file
+from daemonkit.dispatcher import Dispatcher
+from daemonkit.publisher import EventPublisher
+from daemonkit.request_socket import MAX_CLIP_BYTES, RequestSocket
 from model_client import protocol
-from model_client.dispatcher import Dispatcher
-from model_client.endpoints import prepare_ipc_dir, remove_ipc_file
 from model_client.errors import BadRequest, Busy, ModelManagerError
-from model_client.publisher import EventPublisher
-from model_client.requests import MAX_CLIP_BYTES, RequestSocket
-from model_client.security import Binder, CurveServer
-from model_client.services import STT_OPS, TOPIC_TRANSCRIPT, ClipArgs, SessionArgs, StreamStartArgs, SttSettings
+from services.config import STT_OPS, TOPIC_TRANSCRIPT, ClipArgs, SessionArgs, StreamStartArgs, SttSettings
 from services.stt.segmenter import Segmenter
 
 TICK_S = 0.1

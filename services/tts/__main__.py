@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from services.daemon import start
+from daemonkit.startup import start_daemon
+from services.config import load_services_config
 from services.tts.service import TtsService
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, manager, curve = start("tts", "The text-to-speech service.", argv)
+    config, manager, curve = start_daemon(
+        "services.tts", "The text-to-speech service.", argv, lambda args: load_services_config(args.config)
+    )
     TtsService(config.tts, manager, curve).serve()
 
 

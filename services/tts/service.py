@@ -19,15 +19,14 @@ import msgspec
 import structlog
 import zmq
 
+from daemonkit.binding import Binder, CurveServer, prepare_ipc_dir, remove_ipc_file
+from daemonkit.dispatcher import Dispatcher
+from daemonkit.publisher import EventPublisher
+from daemonkit.request_socket import MAX_TEXT_MESSAGE_BYTES, RequestSocket
 from model_client import protocol
 from model_client.audio import pcm_to_wav
-from model_client.dispatcher import Dispatcher
-from model_client.endpoints import prepare_ipc_dir, remove_ipc_file
 from model_client.errors import BadRequest, ModelManagerError
-from model_client.publisher import EventPublisher
-from model_client.requests import MAX_TEXT_MESSAGE_BYTES, RequestSocket
-from model_client.security import Binder, CurveServer
-from model_client.services import TOPIC_AUDIO, TOPIC_SAY, TTS_OPS, SayArgs, TtsSettings
+from services.config import TOPIC_AUDIO, TOPIC_SAY, TTS_OPS, SayArgs, TtsSettings
 
 TICK_S = 0.1
 

@@ -20,8 +20,9 @@ import msgspec
 import structlog
 import zmq
 
+from daemonkit.binding import check_endpoint, load_server, prepare_ipc_dir, remove_ipc_file, serve_securely
+from daemonkit.publisher import EventPublisher
 from model_client import protocol
-from model_client.endpoints import prepare_ipc_dir, remove_ipc_file
 from model_client.errors import (
     BadRequest,
     Busy,
@@ -35,19 +36,17 @@ from model_client.errors import (
     Timeout,
     error_from_wire,
 )
-from model_client.publisher import EventPublisher
-from model_client.security import check_endpoint, load_server, serve_securely
 from model_manager import worker_protocol as wire
 from model_manager.config import Config, ModelSpec
 from model_manager.gatekeeper import WORKERS_DOMAIN, Gatekeeper
 from model_manager.kvcache import spill_path
 from model_manager.memory import MIB, MemoryAccounting
 from model_manager.metrics import ManagerMetrics
+from model_manager.pool import WorkerHandle, WorkerPool
 from model_manager.ratelimit import RateLimiter
 from model_manager.scheduler import Decision, decay_demand, idle_expired
 from model_manager.slots import Job, ModelSlot, ModelState, Waiter
 from model_manager.status import catalogue_entry, device_entry, model_entry
-from model_manager.workers import WorkerHandle, WorkerPool
 
 VERSION = "0.1.0"
 TICK_S = 0.05

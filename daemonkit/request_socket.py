@@ -22,7 +22,7 @@ Handler = Callable[[list[bytes], protocol.Request, Any], None]
 # whole message here.
 MAX_TEXT_MESSAGE_BYTES = 1024 * 1024
 MAX_CLIP_BYTES = 16 * 1024 * 1024
-log = structlog.get_logger("model_client.requests")
+log = structlog.get_logger("daemonkit.request_socket")
 
 
 class RequestSocket:

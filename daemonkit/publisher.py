@@ -23,7 +23,7 @@ MAX_SUBSCRIPTION_BYTES = 128
 MAX_SUBSCRIPTIONS = 1024
 REBIND_WAIT_MS = 1000
 
-log = structlog.get_logger("model_client.publisher")
+log = structlog.get_logger("daemonkit.publisher")
 
 
 def _give_back_freed_memory() -> None:

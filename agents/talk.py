@@ -22,11 +22,11 @@ from typing import Any
 
 import zmq
 
+from agents.config import TOPIC_REPLY, load_agents_config
 from model_client import protocol
 from model_client.audio import Audio
 from model_client.errors import ModelManagerError, Timeout, error_from_wire
-from model_client.personas import TOPIC_REPLY, load_agents_config
-from model_client.services import TOPIC_AUDIO, TOPIC_TRANSCRIPT, load_services_config
+from services.config import TOPIC_AUDIO, TOPIC_TRANSCRIPT, load_services_config
 
 SUBSCRIBE_SETTLE_S = 0.3  # a new SUB socket misses what is published before its subscription arrives
 

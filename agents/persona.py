@@ -24,10 +24,13 @@ import msgspec
 import structlog
 import zmq
 
+from agents.config import AGENT_OPS, TOPIC_REPLY, AgentsConfig, AskArgs, Persona, route
 from agents.pieces import SpeechPieces
+from daemonkit.binding import Binder, CurveServer, prepare_ipc_dir, remove_ipc_file
+from daemonkit.publisher import EventPublisher
+from daemonkit.request_socket import MAX_TEXT_MESSAGE_BYTES, RequestSocket
 from model_client import protocol
 from model_client.client import ModelClient, Stream
-from model_client.endpoints import prepare_ipc_dir, remove_ipc_file
 from model_client.errors import (
     InsufficientMemory,
     ModelFailed,
@@ -35,11 +38,7 @@ from model_client.errors import (
     ModelManagerError,
     ModelNotFound,
 )
-from model_client.personas import AGENT_OPS, TOPIC_REPLY, AgentsConfig, AskArgs, Persona, route
-from model_client.publisher import EventPublisher
-from model_client.requests import MAX_TEXT_MESSAGE_BYTES, RequestSocket
-from model_client.security import Binder, CurveServer
-from model_client.services import TOPIC_AUDIO, TOPIC_SAY, TOPIC_TRANSCRIPT, ServicesConfig
+from services.config import TOPIC_AUDIO, TOPIC_SAY, TOPIC_TRANSCRIPT, ServicesConfig
 
 TICK_S = 0.1
 UNSERVABLE = (ModelLoadFailed, InsufficientMemory, ModelNotFound, ModelFailed)  # the fallback persona answers
