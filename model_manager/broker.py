@@ -37,10 +37,10 @@ from model_client.errors import (
     error_from_wire,
 )
 from model_manager import worker_protocol as wire
-from model_manager.config import Config, ModelSpec
+from model_manager.config import MIB, Config, ModelSpec
 from model_manager.gatekeeper import WORKERS_DOMAIN, Gatekeeper
 from model_manager.kvcache import spill_path
-from model_manager.memory import MIB, MemoryAccounting
+from model_manager.memory import MemoryAccounting
 from model_manager.metrics import ManagerMetrics
 from model_manager.pool import WorkerHandle, WorkerPool
 from model_manager.ratelimit import RateLimiter

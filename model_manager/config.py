@@ -19,6 +19,9 @@ PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 ModelName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
 
 
+MIB = 1024 * 1024  # the one byte unit of the manager: sizes in the YAML, status and logs are MiB
+
+
 class ConfigError(ValueError):
     """The YAML is unreadable or invalid; the message names the file, the key and the problem."""
 

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 import psutil
 import structlog
 
-from model_manager.config import DeviceSettings
+from model_manager.config import MIB, DeviceSettings
 
-MIB = 1024 * 1024
 HOST = "cpu"
 
 log = structlog.get_logger("model_manager.devices")

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import structlog
 
-MIB = 1024 * 1024
+from model_manager.config import MIB
+
 DEFAULT_WORKER_BASE = 64 * MIB
 KV_BYTES_PER_VALUE = 2  # f16 cache
 CTX_PADDING = 256

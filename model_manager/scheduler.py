@@ -24,10 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from model_manager.config import DeviceSettings, SchedulerSettings
+from model_manager.config import MIB, DeviceSettings, SchedulerSettings
 from model_manager.devices import Device
-
-MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)

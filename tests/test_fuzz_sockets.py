@@ -23,8 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from model_client import ModelClient
+from model_manager.config import MIB
 from tests.conftest import DaemonProcess, ManagerProcess, stack_config
-from tests.test_hostile_peers import MIB, ipc_path, rss_bytes
+from tests.test_hostile_peers import ipc_path, rss_bytes
 
 
 @dataclass

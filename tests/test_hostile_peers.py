@@ -23,10 +23,9 @@ import zmq
 
 from model_client import ModelClient
 from model_client.errors import BadRequest
+from model_manager.config import MIB
 from tests.conftest import GREEDY, ManagerProcess, base_config, subscriber, wait_for
 from tests.test_cli import mm
-
-MIB = 1024 * 1024
 
 
 def rss_bytes(pid: int) -> int:

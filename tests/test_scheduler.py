@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from model_manager.config import DeviceSettings, SchedulerSettings
+from model_manager.config import MIB, DeviceSettings, SchedulerSettings
 from model_manager.devices import Device
 from model_manager.scheduler import PlacementRequest, Resident, eviction_order, idle_expired, plan_placement
 
-MIB = 1024 * 1024
 NOW = 1000.0
 SETTINGS = DeviceSettings(gpu_headroom_mib=0, host_headroom_mib=0, cuda_context_mib=0)
 SCHED = SchedulerSettings(hold_after_use_s=2.0, max_wait_s=10.0)
