@@ -14,7 +14,7 @@ import structlog
 import zmq
 
 from model_client import protocol
-from model_client.errors import BadRequest, InternalError, ModelManagerError
+from model_client.errors import InternalError, ModelManagerError
 
 Handler = Callable[[list[bytes], protocol.Request, Any], None]
 # What one message to a daemon may hold: text ops (the agents, the TTS service) and audio clips (the STT service).
@@ -43,11 +43,9 @@ class RequestSocket:
             return  # no envelope to answer
         route, body = frames[: delimiter + 1], frames[delimiter + 1 :]
         request_id = None
-        size = sum(map(len, frames))
-        if size > self.max_message_bytes or len(frames) > protocol.MAX_FRAMES:
-            message = f"message of {len(frames)} frames and {size} bytes is over the limit"
-            limits = {"max_message_bytes": self.max_message_bytes, "max_frames": protocol.MAX_FRAMES}
-            self.reply_error(route, None, BadRequest(message, message_bytes=size, frames=len(frames), **limits))
+        too_large = protocol.oversized(frames, self.max_message_bytes)
+        if too_large is not None:
+            self.reply_error(route, None, too_large)
             return
         try:
             request = protocol.decode_request(body, self.ops)

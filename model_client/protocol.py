@@ -227,6 +227,22 @@ def _checked_request(
     )
 
 
+def oversized(frames: list[bytes], max_bytes: int) -> BadRequest | None:
+    """The error for a message whose frames add up to more than ``max_bytes`` or number over ``MAX_FRAMES``
+    (ZeroMQ's own limit holds per frame only); None when it is within both."""
+    size = sum(map(len, frames))
+    if size <= max_bytes and len(frames) <= MAX_FRAMES:
+        return None
+    return BadRequest(
+        f"message of {len(frames)} frames and {size} bytes is over the limit of {MAX_FRAMES} frames and "
+        f"{max_bytes} bytes",
+        message_bytes=size,
+        max_message_bytes=max_bytes,
+        frames=len(frames),
+        max_frames=MAX_FRAMES,
+    )
+
+
 def parse_args(op: str, args: dict[str, Any], ops: dict[str, type[OpArgs]] | None = None) -> Any:
     """Validate an op's arguments into its typed struct; the error names the offending field. Strict: a string is
     not a number nor a bool (only an integer may stand for a float)."""

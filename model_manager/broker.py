@@ -250,18 +250,10 @@ class ModelManagerAgent:
             self._reply_error(frames[:1] + [b""], None, BadRequest("missing the empty delimiter frame"))
             return
         route, body = frames[: delimiter + 1], frames[delimiter + 1 :]
-        size, limit = sum(map(len, frames)), self.config.limits.max_message_bytes
-        if size > limit or len(frames) > protocol.MAX_FRAMES:
+        too_large = protocol.oversized(frames, self.config.limits.max_message_bytes)
+        if too_large is not None:
             self.rejected["too_large"] += 1
-            error = BadRequest(
-                f"message of {len(frames)} frames and {size} bytes is over the limit of "
-                f"{protocol.MAX_FRAMES} frames and {limit} bytes",
-                message_bytes=size,
-                max_message_bytes=limit,
-                frames=len(frames),
-                max_frames=protocol.MAX_FRAMES,
-            )
-            self._reply_error(route, None, error)
+            self._reply_error(route, None, too_large)
             return
         # Remote (CURVE) clients are rate limited by their key, so reconnecting does not refill their bucket; local
         # ones, by connection, only when the YAML asks for it (a busy local agent or a benchmark is no stranger).
