@@ -461,7 +461,8 @@ class ModelManagerAgent:
         )
 
     def _start_load(self, slot: ModelSlot, spec: ModelSpec) -> None:
-        slot.state, slot.plan, slot.pending_since = ModelState.LOADING, None, None
+        slot.transition(ModelState.LOADING)
+        slot.plan, slot.pending_since = None, None
         slot.load_started_at = time.monotonic()
         slot.load_spec = spec
         slot.worker = self.pool.take(slot.name, slot.spec.kind)
@@ -509,7 +510,7 @@ class ModelManagerAgent:
 
     def _maybe_unload(self, slot: ModelSlot, reason: str = "requested") -> None:
         if slot.state is ModelState.READY and not slot.busy and slot.worker is not None:
-            slot.state = ModelState.UNLOADING
+            slot.transition(ModelState.UNLOADING)
             slot.unload_reason = reason
             self.pool.end(slot.worker, self.config.manager.unload_timeout_s)
             log.info("model_unloading", model=slot.name, reason=reason)
@@ -528,7 +529,8 @@ class ModelManagerAgent:
         """Every request that needed this load gets ``error``; the model shows ``failed`` until asked again."""
         if slot.worker is not None:
             self.pool.end(slot.worker, self.config.manager.unload_timeout_s)
-        slot.worker, slot.state, slot.last_error, slot.info = None, ModelState.FAILED, error.to_wire(), {}
+        slot.transition(ModelState.FAILED)
+        slot.worker, slot.last_error, slot.info = None, error.to_wire(), {}
         slot.placements, slot.plan, slot.pending_since, slot.want_loaded = {}, None, None, False
         log.error("model_load_failed", model=slot.name, code=error.code, message=error.message)
         self.metrics.loads.labels(slot.name, "error").inc()
@@ -609,7 +611,8 @@ class ModelManagerAgent:
             self.pool.send(slot.worker, wire.Cancel(rid=job.request_id))
 
     def _on_loaded(self, slot: ModelSlot, info: dict[str, Any]) -> None:
-        slot.state, slot.info, slot.last_error, slot.want_loaded = ModelState.READY, info, None, False
+        slot.transition(ModelState.READY)
+        slot.info, slot.last_error, slot.want_loaded = info, None, False
         slot.last_used, slot.last_used_mono = time.time(), time.monotonic()
         self.memory.loaded(slot, info["pid"], info.get("rss_bytes"))
         if slot.spec.kind == "llm" and info.get("quantization") not in (None, slot.spec.quantization):
@@ -723,7 +726,8 @@ class ModelManagerAgent:
         self.memory.unloaded(slot, handle.pid)
         self._answer_drop_waiters(slot)
         if slot.state is ModelState.UNLOADING:
-            slot.state, slot.info = ModelState.UNLOADED, {}
+            slot.transition(ModelState.UNLOADED)
+            slot.info = {}
             log.info("model_unloaded", model=slot.name, reason=slot.unload_reason, exit_code=code)
             self.metrics.unloads.labels(slot.name, slot.unload_reason).inc()
             self._publish(protocol.EVENT_MODEL_UNLOADED, model=slot.name, reason=slot.unload_reason)
@@ -746,7 +750,8 @@ class ModelManagerAgent:
             )
         else:
             error = ModelFailed(f"worker for {slot.name!r} exited with code {code}", exit_code=code)
-        slot.state, slot.info, slot.last_error, slot.running = ModelState.FAILED, {}, error.to_wire(), {}
+        slot.transition(ModelState.FAILED)
+        slot.info, slot.last_error, slot.running = {}, error.to_wire(), {}
         slot.unload_reason = "requested"
         log.error("model_failed", model=slot.name, exit_code=code, code=error.code)
         self.metrics.unloads.labels(slot.name, "error").inc()

@@ -21,6 +21,21 @@ class ModelState(StrEnum):
     FAILED = "failed"
 
 
+# The life of a model, every state change it may make. FAILED is left like UNLOADED (a new request loads it again)
+# and may be entered again without a worker (a load given up before it started: no memory, no file).
+TRANSITIONS: dict[ModelState, frozenset[ModelState]] = {
+    ModelState.UNLOADED: frozenset({ModelState.LOADING, ModelState.FAILED}),
+    ModelState.FAILED: frozenset({ModelState.LOADING, ModelState.FAILED}),
+    ModelState.LOADING: frozenset({ModelState.READY, ModelState.FAILED}),
+    ModelState.READY: frozenset({ModelState.UNLOADING, ModelState.FAILED}),
+    ModelState.UNLOADING: frozenset({ModelState.UNLOADED}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A state change the table does not allow: a bug in the manager, never a client's doing."""
+
+
 @dataclass
 class Job:
     """One client request waiting for, or running on, a model's worker."""
@@ -114,6 +129,12 @@ class ModelSlot:
     kv_stats: dict[str, int] = field(default_factory=dict)  # the worker's saved conversation states
     plan: Decision | None = None  # the scheduler's last answer while the model waits for memory
     pending_since: float | None = None
+
+    def transition(self, to: ModelState) -> None:
+        """The one way a model changes state, checked against ``TRANSITIONS``."""
+        if to not in TRANSITIONS[self.state]:
+            raise IllegalTransition(f"{self.name}: {self.state} -> {to} is not a state change a model makes")
+        self.state = to
 
     @property
     def busy(self) -> bool:
