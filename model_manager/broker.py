@@ -36,15 +36,16 @@ from model_client.errors import (
     Timeout,
     error_from_wire,
 )
+from model_manager import policy
 from model_manager import worker_protocol as wire
 from model_manager.config import MIB, Config, ModelSpec
 from model_manager.gatekeeper import WORKERS_DOMAIN, Gatekeeper
 from model_manager.kvcache import spill_path
 from model_manager.memory import MemoryAccounting
 from model_manager.metrics import ManagerMetrics
+from model_manager.policy import Decision, decay_demand
 from model_manager.pool import WorkerHandle, WorkerPool
 from model_manager.ratelimit import RateLimiter
-from model_manager.scheduler import Decision, decay_demand, idle_expired
 from model_manager.slots import Job, ModelSlot, ModelState, Waiter
 from model_manager.status import catalogue_entry, device_entry, model_entry
 
@@ -52,7 +53,6 @@ VERSION = "0.1.0"
 TICK_S = 0.05
 SHUTDOWN_GRACE_S = 5.0
 SPARE_RESTART_BACKOFF_S = 5.0
-SPARE_REFILL_MAX_DELAY_S = 10.0
 
 log = structlog.get_logger("model_manager")
 
@@ -665,26 +665,8 @@ class ModelManagerAgent:
     def _housekeeping(self, now: float) -> None:
         self._reap()
         limits, manager = self.config.limits, self.config.manager
-        wall = time.time()
-        for slot in self.slots.values():
-            worker = slot.worker
-            if worker is None or worker.exit_deadline is not None:
-                continue
-            late = [j for j in slot.running.values() if j.started_at and now - j.started_at > limits.request_timeout_s]
-            if late:
-                slot.unload_reason = "request_timeout"
-                log.error("request_timed_out", model=slot.name, id=late[0].request_id)
-                worker.kill()
-            elif (
-                slot.state is ModelState.LOADING
-                and slot.load_started_at
-                and now - slot.load_started_at > manager.load_timeout_s
-            ):
-                slot.unload_reason = "load_timeout"
-                worker.kill()
-            elif slot.state is ModelState.READY and not slot.busy:
-                if idle_expired(slot.idle_for(wall), slot.spec.idle_ttl_s, slot.spec.pinned):
-                    self._maybe_unload(slot, reason="idle")
+        for action in policy.due(self._facts(now), now, limits.request_timeout_s, manager.load_timeout_s):
+            self._carry_out(action)
         for slot in self.slots.values():
             for job in slot.queue.expired(now):
                 late = Timeout(
@@ -693,9 +675,11 @@ class ModelManagerAgent:
                 self._reply_error(job.route, job.request_id, late)
                 self._log_request(slot, job, "deadline")
         self.memory.prune_releasing(now)
-        if any(s.wants_load and s.state in (ModelState.UNLOADED, ModelState.FAILED) for s in self.slots.values()):
-            self._schedule()
-        if not self.stopping and now >= self._spares_paused_until and self._quiet_or_overdue(now):
+        computing = any(s.state is ModelState.LOADING or s.running for s in self.slots.values())
+        refill, self._spare_missing_since = policy.spare_due(
+            len(self.pool.spares()), self._spare_missing_since, computing, now
+        )
+        if refill and not self.stopping and now >= self._spares_paused_until:
             self.pool.refill()
         if self.metrics.url is not None and now >= self._next_metrics:
             self._next_metrics = now + 1.0
@@ -704,16 +688,35 @@ class ModelManagerAgent:
             self._next_heartbeat = now + manager.heartbeat_s
             self._publish(protocol.EVENT_HEARTBEAT, **self._heartbeat())
 
-    def _quiet_or_overdue(self, now: float) -> bool:
-        """Start a spare when no model loads or computes, so its start-up does not slow a request down
-        (measured: on two cores a spare starting beside a freshly loaded model tripled that model's first-token
-        time), or once it has been missing for SPARE_REFILL_MAX_DELAY_S."""
-        if self.pool.spares():
-            self._spare_missing_since = None
-            return False
-        self._spare_missing_since = self._spare_missing_since or now
-        busy = any(s.state is ModelState.LOADING or s.running for s in self.slots.values())
-        return not busy or now - self._spare_missing_since > SPARE_REFILL_MAX_DELAY_S
+    def _facts(self, now: float) -> list[policy.ModelFacts]:
+        wall = time.time()
+        return [
+            policy.ModelFacts(
+                name=slot.name,
+                state=slot.state.value,
+                live_worker=slot.worker is not None and slot.worker.exit_deadline is None,
+                oldest_run_started=min((j.started_at for j in slot.running.values() if j.started_at), default=None),
+                load_started=slot.load_started_at,
+                idle_s=slot.idle_for(wall),
+                idle_ttl_s=slot.spec.idle_ttl_s,
+                pinned=slot.spec.pinned,
+                waiting=slot.wants_load,
+            )
+            for slot in self.slots.values()
+        ]
+
+    def _carry_out(self, action: policy.Action) -> None:
+        if isinstance(action, policy.KillWorker):
+            slot = self.slots[action.model]
+            assert slot.worker is not None
+            slot.unload_reason = action.reason
+            if action.reason == "request_timeout":
+                log.error("request_timed_out", model=slot.name, ids=list(slot.running))
+            slot.worker.kill()
+        elif isinstance(action, policy.Unload):
+            self._maybe_unload(self.slots[action.model], reason=action.reason)
+        elif isinstance(action, policy.PlaceWaiting):
+            self._schedule()
 
     def _on_worker_exit(self, handle: WorkerHandle, code: int) -> None:
         slot = self.slots.get(handle.model) if handle.model else None

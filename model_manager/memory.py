@@ -17,8 +17,8 @@ from model_client.errors import ModelLoadFailed
 from model_manager.config import MIB, Config, ModelSpec
 from model_manager.devices import Device, open_inventory, process_rss
 from model_manager.footprint import DEFAULT_WORKER_BASE, FootprintStore, estimate_gguf, estimate_speech
+from model_manager.policy import Decision, DeviceView, PlacementRequest, Resident, device_views, plan_placement
 from model_manager.pool import WorkerPool
-from model_manager.scheduler import Decision, DeviceView, PlacementRequest, Resident, device_views, plan_placement
 from model_manager.slots import ModelSlot, ModelState
 
 DEFAULT_LOAD_MS = 1000.0

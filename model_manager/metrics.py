@@ -15,7 +15,7 @@ from model_client.security import is_local
 from model_manager.config import Metrics as MetricsSettings
 
 if TYPE_CHECKING:
-    from model_manager.scheduler import DeviceView
+    from model_manager.policy import DeviceView
     from model_manager.slots import ModelSlot
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)

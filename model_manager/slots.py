@@ -9,8 +9,8 @@ from typing import Any
 
 from model_manager.config import ModelSpec
 from model_manager.footprint import Estimate
+from model_manager.policy import Decision
 from model_manager.pool import WorkerHandle
-from model_manager.scheduler import Decision
 
 
 class ModelState(StrEnum):

@@ -9,7 +9,7 @@ import msgspec
 
 from model_manager.devices import Device
 from model_manager.footprint import files_bytes
-from model_manager.scheduler import DeviceView
+from model_manager.policy import DeviceView
 from model_manager.slots import ModelSlot, ModelState
 
 

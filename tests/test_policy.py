@@ -1,10 +1,11 @@
-"""The placement and eviction policy on its own: every rule of model_manager/scheduler.py, one test each."""
+"""The scheduling policy on its own: every rule of model_manager/policy.py (where, whom, when), one test each."""
 
 from __future__ import annotations
 
+from model_manager import policy
 from model_manager.config import MIB, DeviceSettings, SchedulerSettings
 from model_manager.devices import Device
-from model_manager.scheduler import PlacementRequest, Resident, eviction_order, idle_expired, plan_placement
+from model_manager.policy import PlacementRequest, Resident, eviction_order, idle_expired, plan_placement
 
 NOW = 1000.0
 SETTINGS = DeviceSettings(gpu_headroom_mib=0, host_headroom_mib=0, cuda_context_mib=0)
@@ -123,3 +124,59 @@ def test_keep_alive_rules() -> None:
     assert not idle_expired(10_000.0, -1, pinned=False), "ttl -1 never unloads"
     assert not idle_expired(10_000.0, 5, pinned=True), "pinned models stay"
     assert idle_expired(6.0, 5, pinned=False) and not idle_expired(4.0, 5, pinned=False)
+
+
+# ----- when: one rule a test ------------------------------------------------------------------------------------
+
+TIMEOUTS = {"request_timeout_s": 60.0, "load_timeout_s": 120.0}
+
+
+def facts(**overrides: object) -> policy.ModelFacts:
+    base = {"name": "m", "state": "ready", "live_worker": True}
+    return policy.ModelFacts(**{**base, **overrides})  # type: ignore[arg-type]
+
+
+def test_a_request_past_the_request_timeout_kills_its_worker() -> None:
+    late = facts(oldest_run_started=NOW - 61)
+    assert policy.due([late], NOW, **TIMEOUTS) == [policy.KillWorker("m", "request_timeout")]
+    assert policy.due([facts(oldest_run_started=NOW - 59)], NOW, **TIMEOUTS) == []
+
+
+def test_a_load_past_the_load_timeout_kills_its_worker() -> None:
+    loading = facts(state="loading", load_started=NOW - 121)
+    assert policy.due([loading], NOW, **TIMEOUTS) == [policy.KillWorker("m", "load_timeout")]
+    assert policy.due([facts(state="loading", load_started=NOW - 119)], NOW, **TIMEOUTS) == []
+
+
+def test_a_ready_model_idle_for_its_ttl_is_unloaded_unless_pinned_or_kept_forever() -> None:
+    assert policy.due([facts(idle_s=300, idle_ttl_s=300)], NOW, **TIMEOUTS) == [policy.Unload("m", "idle")]
+    assert policy.due([facts(idle_s=299, idle_ttl_s=300)], NOW, **TIMEOUTS) == []
+    assert policy.due([facts(idle_s=10**6, idle_ttl_s=-1)], NOW, **TIMEOUTS) == []
+    assert policy.due([facts(idle_s=10**6, idle_ttl_s=0, pinned=True)], NOW, **TIMEOUTS) == []
+    assert policy.due([facts(idle_s=None, idle_ttl_s=0)], NOW, **TIMEOUTS) == []  # busy: never idle
+
+
+def test_a_worker_already_exiting_gets_no_second_action() -> None:
+    exiting = facts(live_worker=False, oldest_run_started=NOW - 999, idle_s=999, idle_ttl_s=0)
+    assert policy.due([exiting], NOW, **TIMEOUTS) == []
+
+
+def test_a_request_timeout_comes_before_idleness() -> None:
+    both = facts(oldest_run_started=NOW - 61, idle_s=999, idle_ttl_s=0)
+    assert policy.due([both], NOW, **TIMEOUTS) == [policy.KillWorker("m", "request_timeout")]
+
+
+def test_models_waiting_while_unloaded_or_failed_are_placed() -> None:
+    waiting = [facts(name="a", state="unloaded", live_worker=False, waiting=True), facts(name="b", idle_s=1)]
+    assert policy.due(waiting, NOW, **TIMEOUTS) == [policy.PlaceWaiting()]
+    failed = facts(state="failed", live_worker=False, waiting=True)
+    assert policy.due([failed], NOW, **TIMEOUTS) == [policy.PlaceWaiting()]
+    assert policy.due([facts(state="unloaded", live_worker=False)], NOW, **TIMEOUTS) == []
+
+
+def test_a_spare_starts_when_nothing_computes_or_once_overdue() -> None:
+    assert policy.spare_due(1, None, computing=False, now=NOW) == (False, None)
+    assert policy.spare_due(0, None, computing=False, now=NOW) == (True, NOW)
+    assert policy.spare_due(0, None, computing=True, now=NOW) == (False, NOW)  # not beside a load or a request
+    late = NOW + policy.SPARE_MAX_DELAY_S + 1
+    assert policy.spare_due(0, NOW, computing=True, now=late) == (True, NOW)

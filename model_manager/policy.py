@@ -1,11 +1,21 @@
-"""The whole placement and eviction policy, in one place, as pure functions over a snapshot.
+"""The whole scheduling policy, in one place, as pure functions over a snapshot and the time.
 
-The agent describes the world (devices, what each model reserves where, which models are busy) and asks
-``plan_placement`` where a model should go; the answer is one ``Decision``: place it, evict these first, wait,
-or fail with ``insufficient_memory``. ``eviction_order`` and ``idle_expired`` hold the rest of the policy, so every
-load and unload decision can be read here.
+Where and whom: the broker describes the world (devices, what each model reserves where, which models are busy)
+and asks ``plan_placement`` where a model should go; the answer is one ``Decision``: place it, evict these first,
+wait, or fail with ``insufficient_memory``. When: ``due`` reads each model's facts and returns what the time calls
+for (kill a worker whose request or load ran too long, unload an idle model, place models that wait), and
+``spare_due`` says when to start a spare worker. The broker only carries the actions out.
 
-Rules, in order:
+When, per model, each tick (the first rule that applies):
+a. A request running longer than ``limits.request_timeout_s``: kill the worker (its requests get ``timeout``).
+b. A load running longer than ``manager.load_timeout_s``: kill the worker (``model_load_failed``).
+c. A ready model, idle (no request running or queued) for its ``idle_ttl_s`` (0: after each request, -1: never)
+   and not pinned: unload it.
+And: when any unloaded or failed model has requests waiting, place it (below); start a spare worker when none is
+there and nothing loads or computes (a spare starting beside a fresh load slows its first token), or once one has
+been missing for ``SPARE_MAX_DELAY_S`` anyway.
+
+Where and whom, in order:
 1. A model pinned to a GPU (``gpu: N``) goes there or nowhere. A model with ``n_gpu_layers: 0`` goes to the CPU.
    Any other model goes to the GPU with the most memory free after reservations, then (``allow_split``, LLMs
    only) split over several GPUs, then (``allow_cpu_fallback``) to the CPU.
@@ -16,7 +26,7 @@ Rules, in order:
    thrashing) a model that served a request less than ``hold_after_use_s`` ago, unless the waiting request has
    waited ``max_wait_s``.
 4. If memory would be enough once busy or held models are done, or once models already unloading have gone, wait
-   (the agent fails the request after ``wait_for_memory_s``). If not even that: ``insufficient_memory`` now.
+   (the broker fails the request after ``wait_for_memory_s``). If not even that: ``insufficient_memory`` now.
 """
 
 from __future__ import annotations
@@ -200,3 +210,67 @@ def plan_placement(
 def idle_expired(idle_s: float | None, ttl_s: float, pinned: bool) -> bool:
     """Keep-alive: ``ttl_s`` 0 unloads after each request, -1 never; pinned models stay."""
     return not pinned and ttl_s >= 0 and idle_s is not None and idle_s >= ttl_s
+
+
+# ----- when: timers, idle models, spares ------------------------------------------------------------------------
+
+SPARE_MAX_DELAY_S = 10.0
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the "when" rules read of one model, at one instant (monotonic seconds)."""
+
+    name: str
+    state: str  # a ModelState value
+    live_worker: bool  # it has a worker that is not already on its way out
+    oldest_run_started: float | None = None  # the request running longest, when it started
+    load_started: float | None = None
+    idle_s: float | None = None  # None while it has requests running or queued
+    idle_ttl_s: float = 300.0
+    pinned: bool = False
+    waiting: bool = False  # requests or load requests wait for it
+
+
+@dataclass(frozen=True)
+class KillWorker:
+    model: str
+    reason: str  # request_timeout | load_timeout
+
+
+@dataclass(frozen=True)
+class Unload:
+    model: str
+    reason: str  # idle
+
+
+@dataclass(frozen=True)
+class PlaceWaiting:
+    """Unloaded or failed models have requests waiting: run ``plan_placement`` for them."""
+
+
+Action = KillWorker | Unload | PlaceWaiting
+
+
+def due(models: list[ModelFacts], now: float, request_timeout_s: float, load_timeout_s: float) -> list[Action]:
+    actions: list[Action] = []
+    for m in models:
+        if not m.live_worker:
+            continue
+        if m.oldest_run_started is not None and now - m.oldest_run_started > request_timeout_s:
+            actions.append(KillWorker(m.name, "request_timeout"))
+        elif m.state == "loading" and m.load_started is not None and now - m.load_started > load_timeout_s:
+            actions.append(KillWorker(m.name, "load_timeout"))
+        elif m.state == "ready" and idle_expired(m.idle_s, m.idle_ttl_s, m.pinned):
+            actions.append(Unload(m.name, "idle"))
+    if any(m.waiting and m.state in ("unloaded", "failed") for m in models):
+        actions.append(PlaceWaiting())
+    return actions
+
+
+def spare_due(spares: int, missing_since: float | None, computing: bool, now: float) -> tuple[bool, float | None]:
+    """Whether to start a spare worker now, and since when one has been missing (the caller keeps it)."""
+    if spares:
+        return False, None
+    missing_since = missing_since if missing_since is not None else now
+    return (not computing or now - missing_since > SPARE_MAX_DELAY_S), missing_since
