@@ -157,10 +157,16 @@ class ManagerProcess:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def subscribe(self, ctx: zmq.Context | None = None) -> zmq.Socket:
+        """A SUB for the model events, returned once the manager has its subscription: the first heartbeat (a
+        subscription made after ``model.``) proves it, where a sleep would only hope (ZeroMQ's slow joiner)."""
         sock = (ctx or zmq.Context.instance()).socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, b"model.")
+        sock.setsockopt(zmq.SUBSCRIBE, protocol.EVENT_HEARTBEAT.encode())
         sock.connect(self.events_endpoint)
+        deadline = time.monotonic() + 10
+        while protocol.decode_event(sock.recv_multipart())[0] != protocol.EVENT_HEARTBEAT:
+            assert time.monotonic() < deadline, "no heartbeat: the subscription did not reach the manager"
         return sock
 
 
@@ -314,11 +320,13 @@ def subscriber(endpoint: str, *topics: str) -> zmq.Socket:
 
 
 def collect_events(sock: zmq.Socket, until: float) -> list[dict]:
-    """Model events received until ``until`` (monotonic seconds)."""
+    """Model events received until ``until`` (monotonic seconds); heartbeats left out."""
     events = []
     while (left := until - time.monotonic()) > 0:
         if sock.poll(left * 1000):
-            events.append(protocol.decode_event(sock.recv_multipart())[1])
+            topic, event = protocol.decode_event(sock.recv_multipart())
+            if topic != protocol.EVENT_HEARTBEAT:
+                events.append(event)
     return events
 
 

@@ -127,7 +127,6 @@ def test_two_models_generate_in_parallel(manager: ManagerProcess) -> None:
 
 def test_first_use_loads_once_for_concurrent_requests(fresh_manager: ManagerProcess) -> None:
     events = fresh_manager.subscribe()
-    time.sleep(0.3)  # let the subscription reach the publisher
     with fresh_manager.client() as c:
         assert model_status(c, "smollm2")["state"] == "unloaded"
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -145,7 +144,6 @@ def test_first_use_loads_once_for_concurrent_requests(fresh_manager: ManagerProc
 
 def test_load_and_unload_ops_publish_events(fresh_manager: ManagerProcess) -> None:
     events = fresh_manager.subscribe()
-    time.sleep(0.3)
     with fresh_manager.client() as c:
         loaded = c.load("smollm2")
         assert loaded["state"] == "ready" and loaded["pid"]
@@ -160,7 +158,6 @@ def test_load_and_unload_ops_publish_events(fresh_manager: ManagerProcess) -> No
 
 def test_idle_ttl_unloads_the_model(manager: ManagerProcess) -> None:
     events = manager.subscribe()
-    time.sleep(0.3)
     with manager.client() as c:
         c.chat("smollm2-quick-idle", QUESTION, max_tokens=2)
         wait_for(lambda: model_status(c, "smollm2-quick-idle")["state"] == "unloaded", timeout=10)

@@ -65,7 +65,6 @@ def test_simulated_devices_are_visible_as_such(sim: ManagerProcess) -> None:
 
 def test_alternating_models_that_cannot_coreside_all_succeed(sim: ManagerProcess) -> None:
     events = sim.subscribe()
-    time.sleep(0.3)
     with sim.client(timeout=60) as c:
         for model in ("smollm2", "gemma3-270m", "smollm2", "gemma3-270m"):
             assert c.chat(model, QUESTION, max_tokens=3, **GREEDY).text is not None
@@ -116,7 +115,6 @@ def test_a_model_fitting_nowhere_gets_insufficient_memory_at_once(sim: ManagerPr
 
 def test_a_model_with_a_request_in_flight_is_not_unloaded_under_it(sim: ManagerProcess) -> None:
     events = sim.subscribe()
-    time.sleep(0.3)
     finished: dict[str, float] = {}
 
     def long_stream() -> None:
