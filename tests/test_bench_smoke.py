@@ -1,7 +1,7 @@
 """Every benchmark still runs: each script in bench/ runs in a tiny mode and must end with its JSON line of figures.
 
 No figure is asserted (speed is measured by running the benchmarks on a quiet machine, not here), so the scripts
-run side by side to keep the suite short; a new script must be given its tiny mode here.
+run side by side, one engine thread each, to keep the suite short; a new script must be given its tiny mode here.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from tests.conftest import REPO
 BENCH = REPO / "bench"
 HELPERS = {"daemon.py"}  # not a benchmark: the daemon the benchmarks start
 TINY = {
-    "transport.py": ["--pings", "50", "--tokens", "8", "--rounds", "1"],
-    "swap.py": ["--rounds", "1"],
-    "kv_cache.py": ["--conversations", "1", "--turns", "2"],
-    "speech.py": ["--rounds", "1"],
+    "transport.py": ["--pings", "50", "--tokens", "8", "--rounds", "1", "--threads", "1"],
+    "swap.py": ["--rounds", "1", "--threads", "1"],
+    "kv_cache.py": ["--conversations", "1", "--turns", "2", "--threads", "1"],
+    "speech.py": ["--rounds", "1", "--threads", "1"],
     "load.py": ["--levels", "2", "--requests", "4", "--budget", "30", "--soak", "0"],
     "voice_turn.py": ["--turns", "1"],
 }
