@@ -330,6 +330,14 @@ def collect_events(sock: zmq.Socket, until: float) -> list[dict]:
     return events
 
 
+def rss_bytes(pid: int) -> int:
+    """A daemon's resident memory, to check that what peers send does not grow it."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while True:

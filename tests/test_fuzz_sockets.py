@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from model_client import ModelClient
+from model_client.endpoints import ipc_path
 from model_manager.config import MIB
-from tests.conftest import DaemonProcess, ManagerProcess, stack_config
-from tests.test_hostile_peers import ipc_path, rss_bytes
+from tests.conftest import DaemonProcess, ManagerProcess, rss_bytes, stack_config
 
 
 @dataclass
@@ -128,7 +128,7 @@ def raw_bytes(endpoint: str, data: bytes) -> None:
     raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     raw.settimeout(1)
     try:
-        raw.connect(ipc_path(endpoint))
+        raw.connect(str(ipc_path(endpoint)))
         raw.sendall(data)
     except OSError:
         pass

@@ -22,17 +22,11 @@ import pytest
 import zmq
 
 from model_client import ModelClient
+from model_client.endpoints import ipc_path
 from model_client.errors import BadRequest
 from model_manager.config import MIB
-from tests.conftest import GREEDY, ManagerProcess, base_config, subscriber, wait_for
+from tests.conftest import GREEDY, ManagerProcess, base_config, rss_bytes, subscriber, wait_for
 from tests.test_cli import mm
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def answers_quickly(manager: ManagerProcess, within_s: float = 2.0) -> float:
@@ -41,11 +35,6 @@ def answers_quickly(manager: ManagerProcess, within_s: float = 2.0) -> float:
     with manager.client(timeout=within_s, retries=0) as fresh:
         assert fresh.ping(timeout=within_s)["pong"] is True
     return time.monotonic() - started
-
-
-def ipc_path(endpoint: str) -> str:
-    assert endpoint.startswith("ipc://")
-    return endpoint[len("ipc://") :]
 
 
 HOSTILE_SUBSCRIBER = """
@@ -133,7 +122,7 @@ def test_strangers_on_the_workers_socket_are_refused_and_the_manager_stays_up(ma
         sock.send(hello, flags=zmq.NOBLOCK) if sock.poll(500, zmq.POLLOUT) else None
         strangers.append(sock)
     raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    raw.connect(ipc_path(workers))
+    raw.connect(str(ipc_path(workers)))
     raw.sendall(b"\xff" + os.urandom(64))
     raw.close()
     try:
