@@ -24,6 +24,7 @@ import msgspec
 from model_client.endpoints import config_path, config_section, resolve_endpoint
 from model_client.protocol import NoArgs, OpArgs
 
+TOPIC_HEARTBEAT = "agent.heartbeat"  # agent PUB: {persona, pid, uptime_s}; at once to a new subscriber
 TOPIC_REPLY = "agent.reply"  # agent PUB: {persona, answered_by, session_id, turn_id, text, usage, timings, ...}
 GREETINGS = ("hey", "hi", "hello", "ok", "okay", "yo", "dear")
 

@@ -13,6 +13,7 @@ Turns run one at a time per persona; messages that arrive meanwhile wait in the 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import time
@@ -24,10 +25,10 @@ import msgspec
 import structlog
 import zmq
 
-from agents.config import AGENT_OPS, TOPIC_REPLY, AgentsConfig, AskArgs, Persona, route
+from agents.config import AGENT_OPS, TOPIC_HEARTBEAT, TOPIC_REPLY, AgentsConfig, AskArgs, Persona, route
 from agents.pieces import SpeechPieces
 from daemonkit.binding import Binder, CurveServer, prepare_ipc_dir, remove_ipc_file
-from daemonkit.publisher import EventPublisher
+from daemonkit.publisher import HEARTBEAT_S, EventPublisher, Heartbeat
 from daemonkit.request_socket import MAX_TEXT_MESSAGE_BYTES, RequestSocket
 from model_client import protocol
 from model_client.client import ModelClient, Stream
@@ -93,8 +94,17 @@ class PersonaAgent:
         self.transcripts = self._socket(zmq.SUB, connect=services.stt.events, topic=TOPIC_TRANSCRIPT)
         self.audio = self._socket(zmq.SUB, connect=services.tts.events, topic=TOPIC_AUDIO)
         self.poller = zmq.Poller()
+        self.started_at = time.monotonic()
         self.events = EventPublisher(
-            self.ctx, self.events_endpoint, lambda s, e: self.binder.bind(s, e, f"agents ({name})"), self.poller
+            self.ctx,
+            self.events_endpoint,
+            lambda s, e: self.binder.bind(s, e, f"agents ({name})"),
+            self.poller,
+            heartbeat=Heartbeat(
+                TOPIC_HEARTBEAT,
+                lambda: {"persona": name, "pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started_at, 1)},
+                HEARTBEAT_S,
+            ),
         )
         for sock in (self.requests, self.transcripts, self.audio):
             self.poller.register(sock, zmq.POLLIN)
@@ -136,6 +146,7 @@ class PersonaAgent:
                     self._on_audio(self.audio.recv_multipart())
             if self.events.sock in ready:
                 self.events.on_readable()
+            self.events.tick(time.monotonic())
         self.client.close()
         for sock in (self.requests, self.say, self.transcripts, self.audio):
             sock.close(linger=0)

@@ -73,3 +73,23 @@ def catalogue_entry(slot: ModelSlot) -> dict[str, Any]:
         "file_exists": path.exists(),
         "file_bytes": files_bytes(str(path)) if path.exists() else None,
     }
+
+
+def manager_report(
+    *,
+    manager: dict[str, Any],
+    inventory: dict[str, Any],
+    views: list[DeviceView],
+    slots: list[ModelSlot],
+    now: float,
+) -> dict[str, Any]:
+    """The whole ``status`` answer: the manager's own facts, each memory pool, each model."""
+    return {
+        "manager": manager,
+        "devices": {**inventory, "list": [device_entry(view) for view in views]},
+        "models": [model_entry(slot, now) for slot in slots],
+    }
+
+
+def heartbeat(pid: int, uptime_s: float, slots: list[ModelSlot]) -> dict[str, Any]:
+    return {"pid": pid, "uptime_s": round(uptime_s, 1), "models": {slot.name: slot.state.value for slot in slots}}

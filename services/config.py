@@ -17,6 +17,8 @@ from model_client.protocol import NoArgs, OpArgs
 
 TOPIC_TRANSCRIPT = "stt.transcript"  # STT service PUB: {session_id, utterance, text, segments, timings, source}
 TOPIC_SAY = "tts.say"  # publishers -> TTS service: {text, voice, session_id, speed}
+TOPIC_STT_HEARTBEAT = "stt.heartbeat"  # STT service PUB: {pid, uptime_s, sessions}; at once to a new subscriber
+TOPIC_TTS_HEARTBEAT = "tts.heartbeat"  # TTS service PUB: {pid, uptime_s}; at once to a new subscriber
 TOPIC_AUDIO = "tts.audio"  # TTS service PUB: {session_id, utterance_id, seq, final, sample_rate, ...} + PCM
 
 

@@ -156,18 +156,9 @@ class ManagerProcess:
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def subscribe(self, ctx: zmq.Context | None = None) -> zmq.Socket:
-        """A SUB for the model events, returned once the manager has its subscription: the first heartbeat (a
-        subscription made after ``model.``) proves it, where a sleep would only hope (ZeroMQ's slow joiner)."""
-        sock = (ctx or zmq.Context.instance()).socket(zmq.SUB)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SUBSCRIBE, b"model.")
-        sock.setsockopt(zmq.SUBSCRIBE, protocol.EVENT_HEARTBEAT.encode())
-        sock.connect(self.events_endpoint)
-        deadline = time.monotonic() + 10
-        while protocol.decode_event(sock.recv_multipart())[0] != protocol.EVENT_HEARTBEAT:
-            assert time.monotonic() < deadline, "no heartbeat: the subscription did not reach the manager"
-        return sock
+    def subscribe(self) -> zmq.Socket:
+        """A SUB for the model events, returned once the manager has its subscription."""
+        return subscriber(self.events_endpoint, "model.", heartbeat=protocol.EVENT_HEARTBEAT)
 
 
 class DaemonProcess:
@@ -310,22 +301,49 @@ class SupervisedStack:
             self.proc.wait()
 
 
-def subscriber(endpoint: str, *topics: str) -> zmq.Socket:
+def subscriber(endpoint: str, *topics: str, heartbeat: str | None = None) -> zmq.Socket:
+    """A SUB to ``topics``. With ``heartbeat`` (the daemon's heartbeat topic) it is returned once the daemon has
+    the subscriptions: a daemon greets each new subscriber of its heartbeat with one at once, and subscriptions
+    arrive in order, so the greeting proves the others are in place, where a sleep would only hope (ZeroMQ's slow
+    joiner)."""
     sock = zmq.Context.instance().socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
     for topic in topics:
         sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    if heartbeat is not None:
+        sock.setsockopt(zmq.SUBSCRIBE, heartbeat.encode())
     sock.connect(endpoint)
+    if heartbeat is not None:
+        deadline = time.monotonic() + 10
+        while True:
+            assert sock.poll(max(0.0, deadline - time.monotonic()) * 1000), f"no {heartbeat}: not subscribed"
+            if protocol.decode_event(sock.recv_multipart())[0] == heartbeat:
+                break
     return sock
 
 
+def is_heartbeat(topic: str) -> bool:
+    return topic.endswith(".heartbeat")
+
+
+def next_event(sock: zmq.Socket, timeout: float = 60.0) -> tuple[str, dict, list[bytes]]:
+    """The next event that is not a heartbeat: (topic, body, binary frames)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert sock.poll(max(0.0, deadline - time.monotonic()) * 1000), "no event arrived"
+        frames = sock.recv_multipart()
+        topic, body = protocol.decode_event(frames)
+        if not is_heartbeat(topic):
+            return topic, body, frames[2:]
+
+
 def collect_events(sock: zmq.Socket, until: float) -> list[dict]:
-    """Model events received until ``until`` (monotonic seconds); heartbeats left out."""
+    """Events received until ``until`` (monotonic seconds); heartbeats left out."""
     events = []
     while (left := until - time.monotonic()) > 0:
         if sock.poll(left * 1000):
             topic, event = protocol.decode_event(sock.recv_multipart())
-            if topic != protocol.EVENT_HEARTBEAT:
+            if not is_heartbeat(topic):
                 events.append(event)
     return events
 

@@ -17,8 +17,8 @@ import zmq
 from model_client import ModelClient, protocol
 from model_client.audio import Audio, read_wav
 from model_client.errors import BadRequest, InvalidAudio
-from services.config import TOPIC_AUDIO, TOPIC_SAY, TOPIC_TRANSCRIPT
-from tests.conftest import DaemonProcess, ManagerProcess, base_config, subscriber, wait_for
+from services.config import TOPIC_AUDIO, TOPIC_SAY, TOPIC_STT_HEARTBEAT, TOPIC_TRANSCRIPT, TOPIC_TTS_HEARTBEAT
+from tests.conftest import DaemonProcess, ManagerProcess, base_config, next_event, subscriber, wait_for
 from tests.test_speech import wer
 
 QUESTION = "What is the capital of France?"
@@ -74,16 +74,8 @@ def speak(stack: Stack, text: str) -> Audio:
         return client.synthesize(text, voice="joe").audio
 
 
-def next_event(sock: zmq.Socket, timeout: float = 60.0) -> tuple[str, dict, list[bytes]]:
-    assert sock.poll(timeout * 1000), "no event arrived"
-    frames = sock.recv_multipart()
-    topic, body = protocol.decode_event(frames)
-    return topic, body, frames[2:]
-
-
 def test_a_clip_comes_back_as_a_published_transcript(stack: Stack) -> None:
-    transcripts = subscriber(stack.services["stt"]["events"], TOPIC_TRANSCRIPT)
-    time.sleep(0.3)  # let the subscription reach the publisher
+    transcripts = subscriber(stack.services["stt"]["events"], TOPIC_TRANSCRIPT, heartbeat=TOPIC_STT_HEARTBEAT)
     wav = speak(stack, QUESTION).to_wav()
     with ModelClient(stack.stt.endpoint, timeout=60) as stt:
         reply = stt.request("stt.clip", {"session_id": "kitchen"}, payloads=(wav,))
@@ -101,8 +93,7 @@ def test_a_live_stream_is_cut_into_utterances(stack: Stack) -> None:
     rate = first.sample_rate
     silence = bytes(2 * rate)  # one second
     stream = silence + first.pcm + silence + second.pcm + silence[:rate]  # the last pause is short: stop flushes
-    transcripts = subscriber(stack.services["stt"]["events"], TOPIC_TRANSCRIPT)
-    time.sleep(0.3)
+    transcripts = subscriber(stack.services["stt"]["events"], TOPIC_TRANSCRIPT, heartbeat=TOPIC_STT_HEARTBEAT)
     chunk = 2 * rate // 10  # 100 ms, like a microphone callback
     with ModelClient(stack.stt.endpoint, timeout=60) as stt:
         stt.request("stt.start", {"session_id": "mic-1", "sample_rate": rate})
@@ -139,11 +130,12 @@ def test_bad_input_to_the_stt_service_gets_typed_errors(stack: Stack) -> None:
 
 
 def test_published_say_comes_out_as_audio_chunks_and_a_wav(stack: Stack) -> None:
-    audio = subscriber(stack.services["tts"]["events"], TOPIC_AUDIO)
-    publisher = zmq.Context.instance().socket(zmq.PUB)
+    audio = subscriber(stack.services["tts"]["events"], TOPIC_AUDIO, heartbeat=TOPIC_TTS_HEARTBEAT)
+    # An XPUB is a PUB that hears the subscriptions: the service's own tells it the one message will arrive.
+    publisher = zmq.Context.instance().socket(zmq.XPUB)
     publisher.setsockopt(zmq.LINGER, 1000)
     publisher.connect(stack.services["tts"]["say"])
-    time.sleep(0.5)  # both subscriptions must be in place before the one message is published
+    assert publisher.poll(10_000) and publisher.recv() == b"\x01" + TOPIC_SAY.encode()
     text = "Paris is the capital of France. It is a beautiful city."
     publisher.send_multipart(protocol.encode_event(TOPIC_SAY, {"text": text, "session_id": "s-42"}, time.time()))
     chunks = []

@@ -10,6 +10,7 @@ utterances by the ``Segmenter``. Audio files dropped into ``watch_dir`` are tran
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from collections import OrderedDict
@@ -22,11 +23,19 @@ import zmq
 
 from daemonkit.binding import Binder, CurveServer, prepare_ipc_dir, remove_ipc_file
 from daemonkit.dispatcher import Dispatcher
-from daemonkit.publisher import EventPublisher
+from daemonkit.publisher import HEARTBEAT_S, EventPublisher, Heartbeat
 from daemonkit.request_socket import MAX_CLIP_BYTES, RequestSocket
 from model_client import protocol
 from model_client.errors import BadRequest, Busy, ModelManagerError
-from services.config import STT_OPS, TOPIC_TRANSCRIPT, ClipArgs, SessionArgs, StreamStartArgs, SttSettings
+from services.config import (
+    STT_OPS,
+    TOPIC_STT_HEARTBEAT,
+    TOPIC_TRANSCRIPT,
+    ClipArgs,
+    SessionArgs,
+    StreamStartArgs,
+    SttSettings,
+)
 from services.stt.segmenter import Segmenter
 
 TICK_S = 0.1
@@ -62,8 +71,13 @@ class SttService:
         self.binder.bind(self.frontend, settings.requests, "services.stt.requests")
         self.requests = RequestSocket(self.frontend, STT_OPS, MAX_CLIP_BYTES)
         self.poller = zmq.Poller()
+        self.started_at = time.monotonic()
         self.events = EventPublisher(
-            self.ctx, settings.events, lambda s, e: self.binder.bind(s, e, "services.stt.events"), self.poller
+            self.ctx,
+            settings.events,
+            lambda s, e: self.binder.bind(s, e, "services.stt.events"),
+            self.poller,
+            heartbeat=Heartbeat(TOPIC_STT_HEARTBEAT, self._heartbeat, HEARTBEAT_S),
         )
         self.poller.register(self.frontend, zmq.POLLIN)
         self.manager = Dispatcher(manager_endpoint, self.poller, timeout=settings.manager_timeout_s, context=self.ctx)
@@ -74,6 +88,10 @@ class SttService:
         self._next_watch = 0.0
 
     # ----- the loop -------------------------------------------------------------------------------------------
+
+    def _heartbeat(self) -> dict[str, Any]:
+        uptime = round(time.monotonic() - self.started_at, 1)
+        return {"pid": os.getpid(), "uptime_s": uptime, "sessions": len(self.sessions)}
 
     def serve(self) -> None:
         signal.signal(signal.SIGTERM, self._stop)
@@ -89,6 +107,7 @@ class SttService:
                 self.events.on_readable()
             now = time.monotonic()
             self.manager.check(now)
+            self.events.tick(now)
             if self.settings.watch_dir and now >= self._next_watch and not self.stopping:
                 self._next_watch = now + self.settings.watch_interval_s
                 self._scan_watch_dir(Path(self.settings.watch_dir))

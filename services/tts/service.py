@@ -9,6 +9,7 @@ with ``final: true``. With ``output_dir`` set, the utterance is also written the
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import signal
 import time
@@ -21,12 +22,12 @@ import zmq
 
 from daemonkit.binding import Binder, CurveServer, prepare_ipc_dir, remove_ipc_file
 from daemonkit.dispatcher import Dispatcher
-from daemonkit.publisher import EventPublisher
+from daemonkit.publisher import HEARTBEAT_S, EventPublisher, Heartbeat
 from daemonkit.request_socket import MAX_TEXT_MESSAGE_BYTES, RequestSocket
 from model_client import protocol
 from model_client.audio import pcm_to_wav
 from model_client.errors import BadRequest, ModelManagerError
-from services.config import TOPIC_AUDIO, TOPIC_SAY, TTS_OPS, SayArgs, TtsSettings
+from services.config import TOPIC_AUDIO, TOPIC_SAY, TOPIC_TTS_HEARTBEAT, TTS_OPS, SayArgs, TtsSettings
 
 TICK_S = 0.1
 
@@ -55,8 +56,17 @@ class TtsService:
         self.say.setsockopt(zmq.SUBSCRIBE, TOPIC_SAY.encode())
         self.binder.bind(self.say, settings.say, "services.tts.say")
         self.poller = zmq.Poller()
+        self.started_at = time.monotonic()
         self.events = EventPublisher(
-            self.ctx, settings.events, lambda s, e: self.binder.bind(s, e, "services.tts.events"), self.poller
+            self.ctx,
+            settings.events,
+            lambda s, e: self.binder.bind(s, e, "services.tts.events"),
+            self.poller,
+            heartbeat=Heartbeat(
+                TOPIC_TTS_HEARTBEAT,
+                lambda: {"pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started_at, 1)},
+                HEARTBEAT_S,
+            ),
         )
         self.poller.register(self.frontend, zmq.POLLIN)
         self.poller.register(self.say, zmq.POLLIN)
@@ -83,6 +93,7 @@ class TtsService:
             if self.events.sock in ready:
                 self.events.on_readable()
             self.manager.check()
+            self.events.tick(time.monotonic())
         self.manager.close()
         for sock in (self.frontend, self.say):
             sock.close(linger=0)

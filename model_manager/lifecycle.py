@@ -1,0 +1,505 @@
+"""Each catalogue model's life: placed, loaded, serving its queue, unloaded, failed; and what its worker says.
+
+``Lifecycle`` owns every ``ModelSlot`` and changes a state only through ``ModelSlot.transition``. It decides
+nothing about *where* or *when* (that is ``policy``); it carries out the policy's actions and reacts to events. It
+reaches the world through two small interfaces, so tests drive it with fakes: ``Workers`` (start, message, end and
+reap worker processes; the real one is ``pool.WorkerPool``) and ``Outbox`` (frames to a client's route, events to
+subscribers; the real one is the broker).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+import structlog
+
+from model_client import protocol
+from model_client.errors import (
+    Busy,
+    InsufficientMemory,
+    ModelFailed,
+    ModelLoadFailed,
+    ModelManagerError,
+    Timeout,
+    error_from_wire,
+)
+from model_manager import policy
+from model_manager import worker_protocol as wire
+from model_manager.config import MIB, Config, ModelSpec
+from model_manager.kvcache import spill_path
+from model_manager.memory import MemoryAccounting
+from model_manager.metrics import ManagerMetrics
+from model_manager.policy import Decision, decay_demand
+from model_manager.pool import WorkerHandle
+from model_manager.slots import Job, ModelSlot, ModelState, Waiter
+from model_manager.status import model_entry
+
+SPARE_RESTART_BACKOFF_S = 5.0
+
+log = structlog.get_logger("model_manager")
+
+
+class Workers(Protocol):
+    """The worker processes, as the lifecycle needs them."""
+
+    by_id: dict[str, WorkerHandle]
+
+    def take(self, model: str, kind: str) -> WorkerHandle: ...
+    def send(self, handle: WorkerHandle, message: wire.ToWorker) -> None: ...
+    def end(self, handle: WorkerHandle, grace_s: float) -> None: ...
+    def spares(self) -> list[WorkerHandle]: ...
+    def refill(self) -> None: ...
+    def reap(self) -> list[tuple[WorkerHandle, int]]: ...
+    def close(self, grace_s: float) -> None: ...
+
+
+class Outbox(Protocol):
+    """Where answers and events go."""
+
+    def send(self, route: list[bytes], frames: list[bytes]) -> bool:
+        """False when the client is gone (or not reading): the frames could not go."""
+        ...
+
+    def publish(self, topic: str, **body: Any) -> None: ...
+
+
+def _payloads(payload: bytes | None) -> tuple[bytes, ...]:
+    """Binary data a worker sent beside a result or chunk travels to the client as its own frame."""
+    return (payload,) if payload is not None else ()
+
+
+class Lifecycle:
+    def __init__(
+        self, config: Config, workers: Workers, memory: MemoryAccounting, metrics: ManagerMetrics, outbox: Outbox
+    ) -> None:
+        self.config = config
+        self.workers = workers
+        self.memory = memory
+        self.metrics = metrics
+        self.outbox = outbox
+        self.slots = {name: ModelSlot(name=name, spec=spec) for name, spec in config.models.items()}
+        self.stopping = False
+        self._spares_paused_until = 0.0
+        self._spare_missing_since: float | None = None
+
+    # ----- what clients ask for -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Warm the spare workers and load the models marked ``preload``."""
+        self.workers.refill()
+        for slot in self.slots.values():
+            slot.want_loaded = slot.spec.preload
+        self.schedule()
+
+    def enqueue(self, slot: ModelSlot, job: Job) -> None:
+        if len(slot.queue) >= slot.spec.max_queue:
+            raise Busy(f"model {slot.name!r} has {len(slot.queue)} requests queued", queued=len(slot.queue))
+        slot.queue.append(job)
+        now = time.monotonic()
+        half_life = self.config.scheduler.demand_half_life_s
+        slot.demand = decay_demand(slot.demand, now - slot.last_used_mono, half_life) + 1.0
+        self._pump(slot)
+
+    def load(self, slot: ModelSlot, waiter: Waiter) -> None:
+        """Answer ``waiter`` with the model's status once it is loaded (at once if it is)."""
+        if slot.state is ModelState.READY:
+            self._reply(waiter, model_entry(slot, time.time()))
+            return
+        slot.load_waiters.append(waiter)
+        self._pump(slot)
+
+    def unload(self, slot: ModelSlot, waiter: Waiter) -> None:
+        """Answer ``waiter`` once the model is unloaded; a busy model finishes its queue first."""
+        if slot.state in (ModelState.UNLOADED, ModelState.FAILED) and not slot.busy:
+            self._reply(waiter, model_entry(slot, time.time()))
+            return
+        slot.unload_waiters.append(waiter)
+        self._maybe_unload(slot)
+
+    def drop_conversation(self, slot: ModelSlot, waiter: Waiter, job: Job) -> None:
+        """The spilled files belong to the model's worker while it lives: a loaded model's worker drops the state
+        itself (in turn with its requests), an exiting one first writes its states out, so the drop waits until it
+        is gone; with no worker, the lifecycle deletes the file."""
+        if slot.state in (ModelState.READY, ModelState.LOADING):
+            self.enqueue(slot, job)
+        elif slot.worker is not None:
+            slot.drop_waiters.append((waiter, job.args["conversation_id"]))
+        else:
+            self._reply(waiter, self._drop_spilled(slot, job.args["conversation_id"]))
+
+    # ----- answers --------------------------------------------------------------------------------------------
+
+    def _reply(self, waiter: Waiter | Job, result: Any, payloads: tuple[bytes, ...] = ()) -> None:
+        self.outbox.send(waiter.route, protocol.encode_result(waiter.request_id, result, payloads))
+
+    def _reply_error(self, waiter: Waiter | Job, error: ModelManagerError) -> None:
+        self.outbox.send(waiter.route, protocol.encode_error(waiter.request_id, error))
+
+    def _answer_drop_waiters(self, slot: ModelSlot) -> None:
+        for waiter, conversation_id in slot.drop_waiters:
+            self._reply(waiter, self._drop_spilled(slot, conversation_id))
+        slot.drop_waiters.clear()
+
+    def _drop_spilled(self, slot: ModelSlot, conversation_id: str) -> dict[str, Any]:
+        dropped = False
+        if self.config.kv_cache.spill_dir:
+            path = spill_path(self.config.kv_cache.spill_dir, slot.name, conversation_id)
+            dropped = path.exists()
+            path.unlink(missing_ok=True)
+        return {"dropped": dropped, "conversation_id": conversation_id}
+
+    def _answer_unload_waiters(self, slot: ModelSlot) -> None:
+        status = model_entry(slot, time.time())
+        for waiter in slot.unload_waiters:
+            self._reply(waiter, status)
+        slot.unload_waiters.clear()
+
+    # ----- loading and unloading ------------------------------------------------------------------------------
+
+    def schedule(self) -> None:
+        """Place every model that waits to be loaded, or evict to make room, or give up on it (see policy)."""
+        now = time.monotonic()
+        pending = [
+            s for s in self.slots.values() if s.state in (ModelState.UNLOADED, ModelState.FAILED) and s.wants_load
+        ]
+        for slot in sorted(pending, key=lambda s: (-s.spec.priority, s.pending_since or now)):
+            slot.pending_since = slot.pending_since or now
+            try:
+                needs = self.memory.needs(slot)
+            except ModelManagerError as exc:
+                self._fail_load(slot, exc)
+                continue
+            if needs is None:
+                continue  # the GGUF header is being read
+            decision = self.memory.plan(slot, list(self.slots.values()), needs, now)
+            slot.plan = decision
+            if decision.action == "place":
+                self._start_load(slot, self.memory.place(slot, decision, needs))
+            elif decision.action == "evict":
+                log.info("evicting", model=slot.name, victims=decision.evict, device=decision.device_ids[0])
+                for victim in decision.evict:
+                    self._maybe_unload(self.slots[victim], reason="pressure")
+            elif decision.action == "fail" or now - slot.pending_since > self.config.scheduler.wait_for_memory_s:
+                self._fail_load(slot, _insufficient_memory(slot, decision))
+
+    def _start_load(self, slot: ModelSlot, spec: ModelSpec) -> None:
+        slot.transition(ModelState.LOADING)
+        slot.plan, slot.pending_since = None, None
+        slot.load_started_at = time.monotonic()
+        slot.load_spec = spec
+        slot.worker = self.workers.take(slot.name, slot.spec.kind)
+        log.info(
+            "model_loading",
+            model=slot.name,
+            device="+".join(slot.placements),
+            reserved_mib=round(sum(slot.placements.values()) / MIB, 1),
+            worker=slot.worker.id,
+            spare=slot.worker.ready,
+        )
+        if slot.worker.ready:
+            self._send_load(slot)
+
+    def _send_load(self, slot: ModelSlot) -> None:
+        assert slot.worker is not None and slot.load_spec is not None
+        load = wire.Load(
+            name=slot.name,
+            spec=slot.load_spec,
+            warm=slot.want_loaded and slot.spec.preload,
+            kv=self.config.kv_cache,
+            limits=self.config.limits,
+        )
+        self.workers.send(slot.worker, load)
+
+    def _pump(self, slot: ModelSlot) -> None:
+        """Start the next queued request if the model can take it; ask for a load if the model is not there."""
+        if self.stopping and slot.state is not ModelState.READY:
+            return
+        if slot.state in (ModelState.UNLOADED, ModelState.FAILED):
+            if slot.wants_load:
+                self.schedule()
+        elif slot.state is ModelState.READY:
+            assert slot.worker is not None
+            while slot.queue and len(slot.running) < slot.capacity:
+                job = slot.queue.popleft()
+                job.started_at = time.monotonic()
+                slot.running[job.request_id] = job
+                run = wire.Run(rid=job.request_id, op=job.op, args=job.args)
+                if job.deadline is not None and not job.stream:
+                    # The client waits this much longer for the one reply: the worker stops past it. (A stream's
+                    # client waits per chunk; if it goes away, the failed send of a chunk cancels the request.)
+                    run.deadline_s = max(0.0, job.deadline - job.started_at)
+                self.workers.send(slot.worker, run)
+
+    def _maybe_unload(self, slot: ModelSlot, reason: str = "requested") -> None:
+        if slot.state is ModelState.READY and not slot.busy and slot.worker is not None:
+            slot.transition(ModelState.UNLOADING)
+            slot.unload_reason = reason
+            self.workers.end(slot.worker, self.config.manager.unload_timeout_s)
+            log.info("model_unloading", model=slot.name, reason=reason)
+
+    def _finish(self, slot: ModelSlot, job: Job) -> None:
+        slot.running.pop(job.request_id, None)
+        slot.last_used, slot.last_used_mono = time.time(), time.monotonic()
+        slot.requests_served += 1
+        if slot.unload_waiters:
+            self._maybe_unload(slot)
+        self._pump(slot)
+        if not slot.busy:
+            self.schedule()  # a model that stopped being busy may now be evicted for one that waits
+
+    def _fail_load(self, slot: ModelSlot, error: ModelManagerError) -> None:
+        """Every request that needed this load gets ``error``; the model shows ``failed`` until asked again."""
+        if slot.worker is not None:
+            self.workers.end(slot.worker, self.config.manager.unload_timeout_s)
+        slot.transition(ModelState.FAILED)
+        slot.worker, slot.last_error, slot.info = None, error.to_wire(), {}
+        slot.placements, slot.plan, slot.pending_since, slot.want_loaded = {}, None, None, False
+        log.error("model_load_failed", model=slot.name, code=error.code, message=error.message)
+        self.metrics.loads.labels(slot.name, "error").inc()
+        self.outbox.publish(protocol.EVENT_MODEL_FAILED, model=slot.name, reason="load", error=error.to_wire())
+        while slot.queue:
+            self._reply_error(slot.queue.popleft(), error)
+        for waiter in slot.load_waiters:
+            self._reply_error(waiter, error)
+        slot.load_waiters.clear()
+        self._answer_unload_waiters(slot)
+
+    # ----- what workers say -----------------------------------------------------------------------------------
+
+    def on_worker_message(self, handle: WorkerHandle, message: wire.FromWorker) -> None:
+        if isinstance(message, wire.Ready):
+            handle.ready = True
+            if handle.model is None:
+                self.memory.spare_ready(message.rss)
+        slot = self.slots.get(handle.model) if handle.model else None
+        if slot is None or slot.worker is not handle:
+            return
+        # A worker runs engines on untrusted input: what it says out of turn (loaded twice, a load failure after
+        # loading) is dropped, never a state change the table forbids.
+        loading = slot.state is ModelState.LOADING
+        if isinstance(message, wire.Ready | wire.Loaded | wire.LoadFailed) and not loading:
+            if not isinstance(message, wire.Ready):
+                log.warning("worker_message_out_of_turn", worker=handle.id, model=slot.name, state=slot.state.value)
+            return
+        if isinstance(message, wire.Ready):
+            self._send_load(slot)
+        elif isinstance(message, wire.Loaded):
+            self._on_loaded(slot, message.info)
+        elif isinstance(message, wire.LoadFailed):
+            self._fail_load(slot, error_from_wire(message.error))
+        elif isinstance(message, wire.Idle):
+            slot.kv_stats = message.kv or {}
+        elif isinstance(message, wire.Chunk | wire.Done | wire.Failed):
+            job = slot.running.get(message.rid)
+            if job is not None:
+                self._on_job_message(slot, job, message)
+
+    def _on_job_message(self, slot: ModelSlot, job: Job, message: wire.Chunk | wire.Done | wire.Failed) -> None:
+        if isinstance(message, wire.Chunk):
+            if job.stream and not job.cancelled:
+                frames = protocol.encode_chunk(job.request_id, message.chunk, _payloads(message.payload))
+                if not self.outbox.send(job.route, frames):
+                    self._cancel(slot, job, "client_gone")
+            return
+        if isinstance(message, wire.Done):
+            self._reply(job, self._final_result(slot, job, message.result), _payloads(message.payload))
+            self._log_request(slot, job, "ok")
+        else:
+            error = error_from_wire(message.error)
+            self._reply_error(job, error)
+            self._log_request(slot, job, error.code)
+        self._finish(slot, job)
+
+    def _cancel(self, slot: ModelSlot, job: Job, reason: str) -> None:
+        """The client will not read the answer: the worker stops generating within a token."""
+        if job.cancelled:
+            return
+        job.cancelled = True
+        self.metrics.cancelled.labels(slot.name, reason).inc()
+        log.info("request_cancelled", id=job.request_id, model=slot.name, reason=reason)
+        if slot.worker is not None:
+            self.workers.send(slot.worker, wire.Cancel(rid=job.request_id))
+
+    def _on_loaded(self, slot: ModelSlot, info: dict[str, Any]) -> None:
+        slot.transition(ModelState.READY)
+        slot.info, slot.last_error, slot.want_loaded = info, None, False
+        slot.last_used, slot.last_used_mono = time.time(), time.monotonic()
+        assert slot.worker is not None
+        rss = info.get("rss_bytes")  # the worker's own word, shown but not trusted: else measured here
+        self.memory.loaded(slot, slot.worker.pid, rss if isinstance(rss, int) and rss > 0 else None)
+        if slot.spec.kind == "llm" and info.get("quantization") not in (None, slot.spec.quantization):
+            log.warning(
+                "quantization_label_mismatch", model=slot.name, config=slot.spec.quantization, gguf=info["quantization"]
+            )
+        log.info("model_loaded", model=slot.name, pid=slot.worker.pid, load_ms=info.get("load_ms"))
+        self.metrics.loads.labels(slot.name, "ok").inc()
+        self.outbox.publish(protocol.EVENT_MODEL_LOADED, model=slot.name, device="+".join(slot.placements), info=info)
+        status = model_entry(slot, time.time())
+        for waiter in slot.load_waiters:
+            self._reply(waiter, status)
+        slot.load_waiters.clear()
+        if slot.unload_waiters and not slot.queue:
+            self._maybe_unload(slot)
+        self._pump(slot)
+
+    def _final_result(self, slot: ModelSlot, job: Job, result: dict[str, Any]) -> dict[str, Any]:
+        assert job.started_at is not None
+        result["model"] = slot.name
+        ttft_ms = (result.get("timings") or {}).get("ttft_ms")
+        if ttft_ms is not None:
+            self.metrics.ttft.labels(slot.name).observe(ttft_ms / 1000)
+        if "timings" in result:
+            result["timings"]["queue_ms"] = round((job.started_at - job.received_at) * 1000, 2)
+        return result
+
+    def _log_request(self, slot: ModelSlot, job: Job, outcome: str) -> None:
+        now = time.monotonic()
+        self.metrics.requests.labels(job.op, slot.name, outcome).inc()
+        self.metrics.latency.labels(job.op, slot.name).observe(now - job.received_at)
+        if job.started_at is not None:
+            self.metrics.queue_wait.labels(job.op, slot.name).observe(job.started_at - job.received_at)
+        log.info(
+            "request_done",
+            id=job.request_id,
+            op=job.op,
+            model=slot.name,
+            outcome=outcome,
+            ms=round((now - job.received_at) * 1000, 2),
+            conversation_id=job.args.get("conversation_id"),
+        )
+
+    # ----- worker exits ---------------------------------------------------------------------------------------
+
+    def reap(self) -> None:
+        for handle, code in self.workers.reap():
+            self._on_worker_exit(handle, code)
+
+    def _on_worker_exit(self, handle: WorkerHandle, code: int) -> None:
+        slot = self.slots.get(handle.model) if handle.model else None
+        if slot is None or slot.worker is not handle:
+            if handle.model is None and not handle.ready and not self.stopping:
+                log.error("spare_worker_died", worker=handle.id, exit_code=code)
+                self._spares_paused_until = time.monotonic() + SPARE_RESTART_BACKOFF_S
+            return
+        slot.worker = None
+        self.memory.unloaded(slot, handle.pid)
+        self._answer_drop_waiters(slot)
+        if slot.state is ModelState.UNLOADING:
+            slot.transition(ModelState.UNLOADED)
+            slot.info = {}
+            log.info("model_unloaded", model=slot.name, reason=slot.unload_reason, exit_code=code)
+            self.metrics.unloads.labels(slot.name, slot.unload_reason).inc()
+            self.outbox.publish(protocol.EVENT_MODEL_UNLOADED, model=slot.name, reason=slot.unload_reason)
+            self._answer_unload_waiters(slot)
+            self._pump(slot)
+            self.schedule()
+        elif slot.state is ModelState.LOADING:
+            reason = "timed out" if slot.unload_reason == "load_timeout" else f"exited with code {code}"
+            self._fail_load(slot, ModelLoadFailed(f"worker for {slot.name!r} {reason} while loading", exit_code=code))
+        else:
+            self._on_worker_crash(slot, code)
+
+    def _on_worker_crash(self, slot: ModelSlot, code: int) -> None:
+        """The worker died under a loaded model: its requests fail, queued ones get a fresh worker."""
+        jobs = list(slot.running.values())
+        if slot.unload_reason == "request_timeout":
+            limit = self.config.limits.request_timeout_s
+            error: ModelManagerError = Timeout(f"request ran past {limit} s", limit_s=limit)
+        else:
+            error = ModelFailed(f"worker for {slot.name!r} exited with code {code}", exit_code=code)
+        slot.transition(ModelState.FAILED)
+        slot.info, slot.last_error, slot.running = {}, error.to_wire(), {}
+        slot.unload_reason = "requested"
+        log.error("model_failed", model=slot.name, exit_code=code, code=error.code)
+        self.metrics.unloads.labels(slot.name, "error").inc()
+        self.outbox.publish(protocol.EVENT_MODEL_FAILED, model=slot.name, reason="worker_exit", error=error.to_wire())
+        self.outbox.publish(protocol.EVENT_MODEL_UNLOADED, model=slot.name, reason="error")
+        for job in jobs:
+            self._reply_error(job, error)
+            self._log_request(slot, job, error.code)
+        self._answer_unload_waiters(slot)
+        self._pump(slot)
+
+    # ----- the clock ------------------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Worker exits, the policy's time rules, client deadlines, memory coming back, spare workers."""
+        self.reap()
+        limits, manager = self.config.limits, self.config.manager
+        for action in policy.due(self._facts(now), now, limits.request_timeout_s, manager.load_timeout_s):
+            self._carry_out(action)
+        for slot in self.slots.values():
+            for job in slot.queue.expired(now):
+                self._reply_error(
+                    job,
+                    Timeout(
+                        "the client's deadline passed before the request could start", queued_s=now - job.received_at
+                    ),
+                )
+                self._log_request(slot, job, "deadline")
+        self.memory.prune_releasing(now)
+        computing = any(s.state is ModelState.LOADING or s.running for s in self.slots.values())
+        refill, self._spare_missing_since = policy.spare_due(
+            len(self.workers.spares()), self._spare_missing_since, computing, now
+        )
+        if refill and not self.stopping and now >= self._spares_paused_until:
+            self.workers.refill()
+
+    def _facts(self, now: float) -> list[policy.ModelFacts]:
+        wall = time.time()
+        return [
+            policy.ModelFacts(
+                name=slot.name,
+                state=slot.state.value,
+                live_worker=slot.worker is not None and slot.worker.exit_deadline is None,
+                oldest_run_started=min((j.started_at for j in slot.running.values() if j.started_at), default=None),
+                load_started=slot.load_started_at,
+                idle_s=slot.idle_for(wall),
+                idle_ttl_s=slot.spec.idle_ttl_s,
+                pinned=slot.spec.pinned,
+                waiting=slot.wants_load,
+            )
+            for slot in self.slots.values()
+        ]
+
+    def _carry_out(self, action: policy.Action) -> None:
+        if isinstance(action, policy.KillWorker):
+            slot = self.slots[action.model]
+            assert slot.worker is not None
+            slot.unload_reason = action.reason
+            if action.reason == "request_timeout":
+                log.error("request_timed_out", model=slot.name, ids=list(slot.running))
+            slot.worker.kill()
+        elif isinstance(action, policy.Unload):
+            self._maybe_unload(self.slots[action.model], reason=action.reason)
+        elif isinstance(action, policy.PlaceWaiting):
+            self.schedule()
+
+    # ----- the end --------------------------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return any(slot.busy for slot in self.slots.values())
+
+    def shutdown(self) -> None:
+        """Fail what has not been answered, end every worker, then do the drops that waited for them."""
+        stopped = ModelFailed("the model manager shut down before this request ran")
+        for slot in self.slots.values():
+            for job in [*slot.running.values(), *slot.queue]:
+                self._reply_error(job, stopped)
+            slot.queue.clear()
+        self.workers.close(self.config.manager.unload_timeout_s)
+        for slot in self.slots.values():  # every worker is gone: their files are the manager's now
+            self._answer_drop_waiters(slot)
+
+
+def _insufficient_memory(slot: ModelSlot, decision: Decision) -> InsufficientMemory:
+    free = {device: round(bytes_ / MIB, 1) for device, bytes_ in decision.free.items()}
+    reason = f"waited too long; {decision.reason}" if decision.action == "wait" else decision.reason
+    return InsufficientMemory(
+        f"{slot.name!r} needs {decision.need / MIB:.0f} MiB: {reason}",
+        model=slot.name,
+        needed_mib=round(decision.need / MIB, 1),
+        free_mib=free,
+    )
