@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -16,6 +14,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from daemonkit.process import DaemonProcess  # noqa: E402
 from model_client import ModelClient  # noqa: E402
 
 SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,17 +42,12 @@ def running_daemon(config: dict) -> Iterator[ModelClient]:
         "metrics": {"port": 0, **config.get("metrics", {})},
     }
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "model_manager", "--config", str(run_dir / "config.yaml")],
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-    )
+    daemon = DaemonProcess("model_manager", run_dir / "config.yaml", config["endpoints"]["requests"])
     client = ModelClient(config["endpoints"]["requests"], timeout=300, retries=20)
     try:
-        client.ping(timeout=1.0)
+        daemon.start(timeout=60)
         yield client
     finally:
         client.close()
-        daemon.terminate()
-        daemon.wait(30)
+        daemon.stop(timeout=30)
         shutil.rmtree(run_dir, ignore_errors=True)

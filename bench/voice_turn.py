@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -30,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agents.talk import talk  # noqa: E402
+from daemonkit.process import DaemonProcess  # noqa: E402
 from model_client import ModelClient  # noqa: E402
 
 QUESTIONS = [
@@ -83,25 +83,22 @@ def main() -> None:
     config = bench_config(run)
     config_path = run / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    commands = {
-        "manager": ["-m", "model_manager"],
-        "stt": ["-m", "services.stt", "--log-level", "warning"],
-        "tts": ["-m", "services.tts", "--log-level", "warning"],
-        "jarvis": ["-m", "agents", "--persona", "jarvis", "--log-level", "warning"],
-    }
-    procs = {
-        name: subprocess.Popen([sys.executable, *cmd, "--config", str(config_path)], cwd=REPO, env=env)
-        for name, cmd in commands.items()
-    }
+    services, persona = config["services"], config["agents"]["requests"].format(persona="jarvis")
+    quiet = ("--log-level", "warning")
+    daemons = [
+        DaemonProcess("model_manager", config_path, config["endpoints"]["requests"]),
+        DaemonProcess("services.stt", config_path, services["stt"]["requests"], None, *quiet),
+        DaemonProcess("services.tts", config_path, services["tts"]["requests"], None, *quiet),
+        DaemonProcess("agents", config_path, persona, None, "--persona", "jarvis", *quiet),
+    ]
     rows: list[dict] = []
     try:
+        for daemon in daemons:
+            daemon.start(wait=False)
+        for daemon in daemons:
+            daemon.wait_ready(timeout=60)
         with ModelClient(config["endpoints"]["requests"], timeout=120) as client:
-            client.wait_ready(timeout=60)
             clips = [client.synthesize(q).audio.to_wav() for q in QUESTIONS[: args.turns]]
-        for endpoint in (config["services"]["stt"]["requests"], config["agents"]["requests"].format(persona="jarvis")):
-            with ModelClient(endpoint, timeout=60) as daemon:
-                daemon.wait_ready(timeout=60)
         talk(clips[0], session_id="warm-up", config=config_path)  # loads the persona's model once, not measured
         for i, clip in enumerate(clips):
             result = talk(clip, session_id="bench", config=config_path)
@@ -110,10 +107,8 @@ def main() -> None:
                 print("   ", result["breakdown"], result.get("stt_timings"), flush=True)
             print(f"  turn {i + 1:2}: {result['heard'][:44]:<44} -> {str(result['reply'])[:50]!r}", flush=True)
     finally:
-        for proc in procs.values():
-            proc.terminate()
-        for proc in procs.values():
-            proc.wait(30)
+        for daemon in reversed(daemons):  # the agent first: it talks to the others
+            daemon.stop(timeout=30)
         shutil.rmtree(run, ignore_errors=True)
 
     medians = {name: round(statistics.median(r[name] for r in rows if r[name] is not None), 1) for name in FIGURES}

@@ -2,9 +2,9 @@
 
 The services poll many sockets in one thread; a blocking ``ModelClient`` call would stall them while Whisper
 works. A ``Dispatcher`` owns one DEALER socket, which the daemon adds to its poller: ``submit`` sends and returns,
-``on_readable`` routes chunks and final replies to their callbacks, ``check`` times requests out. Idempotent ops
-are sent again on a fresh socket after a timeout (the manager may be restarting), the others fail with
-``timeout``, as in ``ModelClient``.
+``on_readable`` routes chunks and final replies to their callbacks, ``check`` times requests out. It speaks through
+the client's ``Connection``, the same Lazy Pirate rules as ``ModelClient``: idempotent ops are sent again on a fresh
+socket after a timeout (the manager may be restarting), the others fail with ``timeout``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from typing import Any
 import zmq
 
 from model_client import protocol
+from model_client.connection import Connection
 from model_client.errors import ModelManagerError, Timeout, error_from_wire
-from model_client.security import CurveClient, connect_securely
+from model_client.security import CurveClient
 
 OnChunk = Callable[[dict[str, Any], tuple[bytes, ...]], None]
 OnResult = Callable[[dict[str, Any], tuple[bytes, ...]], None]
@@ -48,26 +49,19 @@ class Dispatcher:
     ) -> None:
         self.endpoint = endpoint
         self.priority = priority
-        self.curve = CurveClient.from_env()
         self.poller = poller
         self.timeout = timeout
-        self.retries = retries
-        self.ctx = context or zmq.Context.instance()
+        self.connection = Connection(endpoint, CurveClient.from_env(), context or zmq.Context.instance(), retries)
         self.pending: dict[str, Pending] = {}
-        self.sock = self._open()
-
-    def _open(self) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        connect_securely(sock, self.endpoint, self.curve)
-        self.poller.register(sock, zmq.POLLIN)
-        return sock
+        self.sock = self.connection.sock
+        self.poller.register(self.sock, zmq.POLLIN)
 
     def _reopen(self) -> None:
         """A fresh socket, so that replies to requests given up on can never arrive."""
         self.poller.unregister(self.sock)
-        self.sock.close(linger=0)
-        self.sock = self._open()
+        self.connection.reset()
+        self.sock = self.connection.sock
+        self.poller.register(self.sock, zmq.POLLIN)
 
     def submit(
         self,
@@ -80,17 +74,13 @@ class Dispatcher:
     ) -> str:
         request = protocol.Request(op=op, args=args, payloads=payloads, priority=self.priority)
         self.pending[request.id] = Pending(request, on_result, on_error, on_chunk, time.monotonic() + self.timeout)
-        self._send(request)
+        self.connection.send(request)
         return request.id
-
-    def _send(self, request: protocol.Request) -> None:
-        self.sock.send_multipart([b"", *protocol.encode_request(request)])
 
     def on_readable(self) -> None:
         while self.sock.get(zmq.EVENTS) & zmq.POLLIN:
-            frames = self.sock.recv_multipart()
             try:
-                reply = protocol.decode_reply(frames[1:] if frames and frames[0] == b"" else frames)
+                reply = self.connection.recv(zmq.NOBLOCK)
             except ModelManagerError:
                 continue
             pending = self.pending.get(reply.id or "")
@@ -116,7 +106,7 @@ class Dispatcher:
         self._reopen()  # every request still pending is resent on the new socket, or failed
         for pending in list(self.pending.values()):
             request = pending.request
-            retry = request.op in protocol.IDEMPOTENT_OPS and pending.attempts <= self.retries
+            retry = self.connection.may_resend(request.op, pending.attempts)
             if request.id in late and not retry:
                 del self.pending[request.id]
                 message = f"no reply from {self.endpoint} within {self.timeout} s"
@@ -130,8 +120,8 @@ class Dispatcher:
                 pending.on_error(Timeout("the connection to the manager was reset", endpoint=self.endpoint))
                 continue
             pending.deadline = now + self.timeout
-            self._send(request)
+            self.connection.send(request)
 
     def close(self) -> None:
         self.poller.unregister(self.sock)
-        self.sock.close(linger=0)
+        self.connection.close()

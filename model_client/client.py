@@ -1,9 +1,9 @@
 """``ModelClient``: what agents import to use the manager's models; ``Conversation`` keeps a chat's messages.
 
-The client speaks through a DEALER socket so that it can receive streamed chunks. Reliability is the zguide's
-Lazy Pirate pattern: wait for a reply with a timeout; on timeout close the socket (dropping any late reply),
-reconnect and resend, a bounded number of times, and only for ops that are safe to repeat. A client object is
-meant for one thread; give each thread its own.
+The client speaks through a DEALER socket so that it can receive streamed chunks, kept the Lazy Pirate way (see
+``connection``): a late reply is waited for with a timeout, then the request is sent again on a fresh socket, a
+bounded number of times, and only for ops that are safe to repeat. A client object is meant for one thread; give
+each thread its own.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import zmq
 
 from model_client import protocol
 from model_client.audio import Audio, read_wav
+from model_client.connection import Connection
 from model_client.endpoints import default_endpoint
 from model_client.errors import InternalError, Timeout, error_from_wire
-from model_client.security import CurveClient, connect_securely
+from model_client.security import CurveClient
 
 
 @dataclass
@@ -122,30 +123,16 @@ class ModelClient:
         curve: CurveClient | None = None,
     ) -> None:
         self.endpoint = endpoint or default_endpoint()
-        self.curve = curve or CurveClient.from_env()  # only used for a non-local endpoint
         self.timeout = timeout
-        self.retries = retries
         self.priority = priority  # 0..100 (protocol.PRIORITY_*); None: the manager's default
-        self.ctx = context or zmq.Context.instance()
-        self._sock: zmq.Socket | None = None
+        self.connection = Connection(
+            self.endpoint, curve or CurveClient.from_env(), context or zmq.Context.instance(), retries
+        )
 
     # ----- plumbing -------------------------------------------------------------------------------------------
 
-    def _socket(self) -> zmq.Socket:
-        if self._sock is None:
-            sock = self.ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            connect_securely(sock, self.endpoint, self.curve)
-            self._sock = sock
-        return self._sock
-
-    def _reset(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
-
     def close(self) -> None:
-        self._reset()
+        self.connection.reset()
 
     def __enter__(self) -> ModelClient:
         return self
@@ -155,14 +142,12 @@ class ModelClient:
 
     def _receive(self, request_id: str, timeout: float) -> protocol.Reply:
         """The next reply to ``request_id``; replies to requests abandoned earlier are skipped."""
-        sock = self._socket()
-        sock.rcvtimeo = round(timeout * 1000)  # one blocking recv is cheaper than poll + recv on the hot path
+        self.connection.sock.rcvtimeo = round(timeout * 1000)  # one blocking recv is cheaper than poll + recv
         while True:
             try:
-                frames = sock.recv_multipart()
+                reply = self.connection.recv()
             except zmq.Again:
                 raise Timeout(f"no reply from {self.endpoint} within {timeout} s", endpoint=self.endpoint) from None
-            reply = protocol.decode_reply(frames[1:] if frames and frames[0] == b"" else frames)
             if reply.id in (request_id, None):
                 return reply
 
@@ -173,9 +158,6 @@ class ModelClient:
         return protocol.Request(
             op=op, args=args, payloads=payloads, deadline_ms=round(timeout * 1000, 1), priority=self.priority
         )
-
-    def _send(self, request: protocol.Request) -> None:
-        self._socket().send_multipart([b"", *protocol.encode_request(request)])
 
     def request(
         self,
@@ -197,20 +179,20 @@ class ModelClient:
         """Send one request (with binary payload frames) and return its final reply, result or error."""
         timeout = self.timeout if timeout is None else timeout
         request = self._request(op, args or {}, timeout, payloads)
-        attempts = 1 + (self.retries if op in protocol.IDEMPOTENT_OPS else 0)
-        for attempt in range(attempts):
-            self._send(request)
+        attempts = 0
+        while True:
+            self.connection.send(request)
+            attempts += 1
             try:
                 reply = self._receive(request.id, timeout)
             except Timeout:
-                self._reset()  # Lazy Pirate: a fresh socket, so a late reply cannot be taken for the next one
-                if attempt + 1 == attempts:
+                self.connection.reset()  # a fresh socket, so a late reply cannot be taken for the next one
+                if not self.connection.may_resend(op, attempts):
                     raise
                 continue
             while not reply.is_final:  # a streamed request answered here: keep only the final reply
                 reply = self._receive(request.id, timeout)
             return reply
-        raise AssertionError("unreachable")
 
     @staticmethod
     def _result(reply: protocol.Reply) -> Any:
@@ -221,7 +203,7 @@ class ModelClient:
     def _replies(self, op: str, args: dict[str, Any], timeout: float) -> Iterator[protocol.Reply]:
         """Send a streamed request; yield its chunks, then its final reply (raised if it is an error)."""
         request = self._request(op, {**args, "stream": True}, timeout)
-        self._send(request)
+        self.connection.send(request)
         try:
             while True:
                 reply = self._receive(request.id, timeout)
@@ -231,7 +213,7 @@ class ModelClient:
                     return
                 yield reply
         except BaseException:
-            self._reset()  # abandoning the stream: later chunks must not reach the next request
+            self.connection.reset()  # abandoning the stream: later chunks must not reach the next request
             raise
 
     def _stream(self, op: str, args: dict[str, Any], timeout: float) -> Iterator[str | Completion]:

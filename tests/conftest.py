@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,7 @@ import pytest
 import yaml
 import zmq
 
+from daemonkit.process import DaemonProcess
 from model_client import ModelClient, protocol
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,110 +99,20 @@ def base_config(run_dir: Path) -> dict:
     }
 
 
-class ManagerProcess:
-    """The real daemon as a subprocess; its JSON log lines go to ``log_path``."""
+class ManagerProcess(DaemonProcess):
+    """The real manager as a subprocess on ``config`` (written beside its log, ``manager.log``)."""
 
     def __init__(self, run_dir: Path, config: dict) -> None:
         self.run_dir = run_dir
         self.config = config
-        self.config_path = run_dir / "llm_config.yaml"
-        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.endpoint = config["endpoints"]["requests"]
+        config_path = run_dir / "llm_config.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        super().__init__("model_manager", config_path, config["endpoints"]["requests"], run_dir / "manager.log")
         self.events_endpoint = config["endpoints"]["events"]
-        self.log_path = run_dir / "manager.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, wait: bool = True) -> None:
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "model_manager", "--config", str(self.config_path)],
-                stdout=log,
-                stderr=log,
-                env=env,
-                cwd=REPO,
-            )
-        if wait:
-            self.wait_ready()
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        with self.client(timeout=0.5, retries=0) as client:
-            while True:
-                assert self.proc is not None and self.proc.poll() is None, self.log_tail()
-                try:
-                    client.ping(timeout=0.5)
-                    return
-                except Exception:
-                    client.close()
-                    if time.monotonic() > deadline:
-                        raise
-
-    def client(self, **kwargs) -> ModelClient:
-        return ModelClient(self.endpoint, **kwargs)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-    def log_tail(self, lines: int = 40) -> str:
-        if not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def subscribe(self) -> zmq.Socket:
         """A SUB for the model events, returned once the manager has its subscription."""
         return subscriber(self.events_endpoint, "model.", heartbeat=protocol.EVENT_HEARTBEAT)
-
-
-class DaemonProcess:
-    """A service or agent daemon (``python -m <module> --config ...``) as a subprocess, logging to a file."""
-
-    def __init__(self, module: str, config_path: Path, endpoint: str, log_path: Path, *extra: str) -> None:
-        self.module = module
-        self.config_path = config_path
-        self.endpoint = endpoint  # its request socket, answered with ping when ready
-        self.log_path = log_path
-        self.extra = extra
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 30.0) -> DaemonProcess:
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", self.module, "--config", str(self.config_path), *self.extra],
-                stdout=log,
-                stderr=log,
-                env=env,
-                cwd=REPO,
-            )
-        deadline = time.monotonic() + timeout
-        with ModelClient(self.endpoint, timeout=0.5, retries=0) as client:
-            while True:
-                assert self.proc.poll() is None, self.log_path.read_text(errors="replace")[-3000:]
-                try:
-                    client.request("ping", timeout=0.5)
-                    return self
-                except Exception:
-                    client.close()
-                    if time.monotonic() > deadline:
-                        raise
-
-    def stop(self, timeout: float = 20.0) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
 
 
 SHIPPED_CONFIG = REPO / "config" / "llm_config.yaml"
