@@ -21,7 +21,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from model_client.endpoints import config_path, config_section, resolve_endpoint
+from daemonkit.settings import Section, convert, read_sections, resolve_path
+from model_client.endpoints import config_path, resolve_endpoint
 from model_client.protocol import NoArgs, OpArgs
 
 TOPIC_HEARTBEAT = "agent.heartbeat"  # agent PUB: {persona, pid, uptime_s}; at once to a new subscriber
@@ -29,11 +30,7 @@ TOPIC_REPLY = "agent.reply"  # agent PUB: {persona, answered_by, session_id, tur
 GREETINGS = ("hey", "hi", "hello", "ok", "okay", "yo", "dear")
 
 
-class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    pass
-
-
-class Generation(_Section):
+class Generation(Section):
     max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 128
     temperature: Annotated[float, msgspec.Meta(ge=0.0, le=5.0)] = 0.3
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.9
@@ -42,7 +39,7 @@ class Generation(_Section):
     seed: int | None = None
 
 
-class Persona(_Section):
+class Persona(Section):
     model: str  # an llm of the catalogue
     system_prompt: str
     # chat: the model's chat template (instruction-tuned models). transcript: a plain-text "Question: / Answer:"
@@ -60,14 +57,14 @@ class Persona(_Section):
     fallback: str | None = None  # the persona that answers when this one's model cannot be served
 
 
-class Routing(_Section):
+class Routing(Section):
     default: str
     analysis: str | None = None
     analysis_keywords: list[str] = []
     long_request_words: Annotated[int, msgspec.Meta(ge=1)] = 30
 
 
-class AgentSettings(_Section):
+class AgentSettings(Section):
     requests: str = "ipc://../run/agent-{persona}.sock"  # ROUTER: ping, agent.ask
     events: str = "ipc://../run/agent-{persona}-events.sock"  # PUB: agent.reply
     history_dir: str | None = "../run/agents"  # each session's messages, kept across restarts
@@ -92,21 +89,16 @@ class AgentsConfig:
 def load_agents_config(path: Path | None = None) -> AgentsConfig:
     """The three sections, validated: every persona named in routing and fallbacks must exist."""
     path = path or config_path()
-    personas_raw, base = config_section("personas", path)
-    routing_raw, _ = config_section("routing", path)
-    agents_raw, _ = config_section("agents", path)
-    try:
-        personas = msgspec.convert(personas_raw, dict[str, Persona])
-        routing = msgspec.convert(routing_raw, Routing)
-        agents = msgspec.convert(agents_raw, AgentSettings)
-    except msgspec.ValidationError as exc:
-        raise ValueError(f"personas / routing / agents: {exc}") from None
+    sections, base = read_sections(path)
+    personas = convert(sections.get("personas") or {}, dict[str, Persona], str(path), "$.personas")
+    routing = convert(sections.get("routing") or {}, Routing, str(path), "$.routing")
+    agents = convert(sections.get("agents") or {}, AgentSettings, str(path), "$.agents")
     named = [("routing.default", routing.default), ("routing.analysis", routing.analysis)]
     named += [(f"personas.{n}.fallback", p.fallback) for n, p in personas.items()]
     for where, name in named:
         if name is not None and name not in personas:
             raise ValueError(f"{where} names {name!r}, which is not a persona ({sorted(personas)})")
-    history = str((base / agents.history_dir).resolve()) if agents.history_dir else None
+    history = str(resolve_path(agents.history_dir, base)) if agents.history_dir else None
     agents = msgspec.structs.replace(
         agents,
         requests=resolve_endpoint(agents.requests, base),

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.daemon import SMOLLM2, llm_entry, running_daemon  # noqa: E402
 from model_client import ModelClient  # noqa: E402
+from model_client.protocol import MIB  # noqa: E402
 
 SYSTEM = "You are a friendly assistant in a kitchen. Answer in two or three sentences."
 TOPICS = ["apricots", "bread", "coffee", "dumplings", "eggs", "fennel", "garlic", "honey"]
@@ -98,7 +99,7 @@ def main() -> None:
     for turn in (t - 1 for t in REPORTED_TURNS if t <= args.turns):
         speedup = plain[turn] / median[turn]
         print(f"{turn + 1:>5}{tokens[turn]:>16}{median[turn]:>15.1f}{plain[turn]:>18.1f}{speedup:>10.2f}")
-    print(f"saved states: {kv['conversations']} conversations, {kv['bytes'] / 2**20:.1f} MiB in RAM")
+    print(f"saved states: {kv['conversations']} conversations, {kv['bytes'] / MIB:.1f} MiB in RAM")
     figures = {
         "ttft_turn10_reuse_ms": round(median[last], 1),
         "ttft_turn10_noreuse_ms": round(plain[last], 1),

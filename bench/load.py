@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.daemon import REPO, SMOLLM2, llm_entry, running_daemon  # noqa: E402
 from model_client import protocol  # noqa: E402
+from model_client.protocol import MIB  # noqa: E402
 
 WHISPER = REPO / "models" / "whisper-tiny.en"
 VOICE = REPO / "models" / "piper" / "en_US-joe-medium.onnx"
@@ -139,7 +140,7 @@ async def level(
         "error_rate": round(sum(1 for o, _ in results if o == "error") / n, 4) if n else 0.0,
         "shed_rate": round(sum(1 for o, _ in results if o == "shed") / n, 4) if n else 0.0,
         "throughput_rps": round(len(ok) / elapsed, 2),
-        "max_rss_mb": round(sampler.peak / 2**20, 1),
+        "max_rss_mb": round(sampler.peak / MIB, 1),
     }
 
 
@@ -154,9 +155,9 @@ async def soak(endpoint: str, sampler: Sampler, seconds: float, timeout: float) 
         "ok": result["ok"],
         "error_rate": result["error_rate"],
         "shed_rate": result["shed_rate"],
-        "rss_start_mb": round(before / 2**20, 1),
-        "rss_end_mb": round(after / 2**20, 1),
-        "rss_growth_mb": round((after - before) / 2**20, 1),
+        "rss_start_mb": round(before / MIB, 1),
+        "rss_end_mb": round(after / MIB, 1),
+        "rss_growth_mb": round((after - before) / MIB, 1),
     }
 
 

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.daemon import REPO, running_daemon  # noqa: E402
 from model_client import ModelClient  # noqa: E402
+from model_client.protocol import MIB  # noqa: E402
 
 WHISPER = REPO / "models" / "whisper-tiny.en"
 VOICE = REPO / "models" / "piper" / "en_US-joe-medium.onnx"
@@ -47,7 +48,7 @@ TWO_SENTENCES = "Paris is the capital of France. It is known for its museums and
 def daemon_config(device: str, batch_size: int, threads: int | None) -> dict:
     compute = "int8" if device == "cpu" else "float16"
     return {
-        "limits": {"max_message_bytes": 64 * 1024 * 1024},
+        "limits": {"max_message_bytes": 64 * MIB},
         "manager": {"spare_workers": 0},
         "models": {
             "whisper": {

@@ -15,7 +15,8 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from model_client.endpoints import config_section, ipc_path
+from daemonkit.settings import Section, convert, read_sections, resolve_path
+from model_client.endpoints import ipc_path
 from model_client.security import is_local
 
 
@@ -79,14 +80,26 @@ def remove_ipc_file(endpoint: str) -> None:
         path.unlink(missing_ok=True)
 
 
+class Security(Section):
+    """CURVE for endpoints that are not local (``mm keys`` makes the files); without it a daemon refuses them."""
+
+    curve_server_secret_key: str | None = None  # the server's .key_secret file
+    curve_authorized_keys: str | None = None  # a directory of the client public keys allowed in
+
+    def resolved(self, base_dir: Path) -> Security:
+        """Relative paths made absolute against the YAML's directory."""
+        secret, authorized = self.curve_server_secret_key, self.curve_authorized_keys
+        return Security(
+            curve_server_secret_key=str(resolve_path(secret, base_dir)) if secret else None,
+            curve_authorized_keys=str(resolve_path(authorized, base_dir)) if authorized else None,
+        )
+
+
 def server_from_config(path: Path) -> CurveServer | None:
-    """The ``security`` section of the YAML (relative paths against its directory), for any daemon."""
-    section, base = config_section("security", path)
-    secret, authorized = section.get("curve_server_secret_key"), section.get("curve_authorized_keys")
-    return load_server(
-        str((base / secret).resolve()) if secret else None,
-        str((base / authorized).resolve()) if authorized else None,
-    )
+    """The ``security`` section of the YAML, for any daemon."""
+    sections, base = read_sections(path)
+    security = convert(sections.get("security") or {}, Security, str(path), "$.security").resolved(base)
+    return load_server(security.curve_server_secret_key, security.curve_authorized_keys)
 
 
 class Binder:

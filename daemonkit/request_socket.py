@@ -20,8 +20,8 @@ Handler = Callable[[list[bytes], protocol.Request, Any], None]
 # What one message to a daemon may hold: text ops (the agents, the TTS service) and audio clips (the STT service).
 # Set as the socket's ZMQ_MAXMSGSIZE before it binds (a larger frame disconnects its sender), and checked for the
 # whole message here.
-MAX_TEXT_MESSAGE_BYTES = 1024 * 1024
-MAX_CLIP_BYTES = 16 * 1024 * 1024
+MAX_TEXT_MESSAGE_BYTES = protocol.MIB
+MAX_CLIP_BYTES = 16 * protocol.MIB
 log = structlog.get_logger("daemonkit.request_socket")
 
 

@@ -32,19 +32,27 @@ def ipc_path(endpoint: str) -> Path | None:
     return Path(endpoint[len("ipc://") :]) if endpoint.startswith("ipc://") else None
 
 
-def config_section(name: str, path: Path | None = None) -> tuple[dict, Path]:
-    """One top-level section of the YAML (each daemon validates its own), and the YAML's directory."""
-    path = path or config_path()
-    with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh) or {}
-    return data.get(name) or {}, path.resolve().parent
+def read_yaml(path: Path) -> dict:
+    """The config file as a mapping: the one place it is read. Raises OSError, or ValueError (``parse_yaml``)."""
+    return parse_yaml(Path(path).read_text(encoding="utf-8"))
+
+
+def parse_yaml(text: str) -> dict:
+    """YAML text as a mapping; ValueError if it is not YAML or not a mapping of keys."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError("the top level must be a mapping of keys")
+    return data
 
 
 def configured_endpoints(path: Path | None = None) -> dict[str, str]:
     path = path or config_path()
-    with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh) or {}
-    section = data.get("endpoints") or {}
+    section = read_yaml(path).get("endpoints") or {}
     return {name: resolve_endpoint(str(value), path.parent) for name, value in section.items()}
 
 

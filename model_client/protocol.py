@@ -18,6 +18,7 @@ import msgspec
 from model_client.errors import BadRequest, ModelManagerError, UnknownOp, UnsupportedVersion
 
 PROTOCOL_VERSION = 1
+MIB = 1024 * 1024  # the one size unit: limits, the YAML, status and logs speak in bytes or MiB
 
 REPLY_RESULT = "result"
 REPLY_ERROR = "error"

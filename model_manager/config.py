@@ -11,32 +11,26 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
-import yaml
 
+from daemonkit.binding import Security
+from daemonkit.settings import ConfigError, Section, convert, read_sections, resolve_path, sections_from_text
 from model_client.endpoints import resolve_endpoint
+from model_client.protocol import MIB
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 ModelName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
 
 
-MIB = 1024 * 1024  # the one byte unit of the manager: sizes in the YAML, status and logs are MiB
+__all__ = ["MIB", "Config", "ConfigError", "ModelSpec", "load_config", "parse_config"]
 
 
-class ConfigError(ValueError):
-    """The YAML is unreadable or invalid; the message names the file, the key and the problem."""
-
-
-class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    pass
-
-
-class Endpoints(_Section):
+class Endpoints(Section):
     requests: str = "ipc://../run/manager.sock"
     events: str = "ipc://../run/events.sock"
     workers: str = "ipc://../run/workers.sock"
 
 
-class Defaults(_Section):
+class Defaults(Section):
     n_ctx: PositiveInt = 2048
     n_gpu_layers: int = 0
     n_threads: PositiveInt | None = None
@@ -47,21 +41,21 @@ class Defaults(_Section):
     context_overflow: Literal["error", "truncate"] = "error"
 
 
-class Limits(_Section):
-    max_message_bytes: PositiveInt = 16 * 1024 * 1024
+class Limits(Section):
+    max_message_bytes: PositiveInt = 16 * MIB
     max_tokens: PositiveInt = 4096
     request_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
     max_audio_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0  # longest clip `transcribe` accepts
     max_text_chars: PositiveInt = 10_000  # longest text `synthesize` accepts
     max_prompt_tokens: PositiveInt = 32_768  # longest prompt (after the chat template) a model evaluates
-    max_prompt_bytes: PositiveInt = 1024 * 1024  # longest prompt text (UTF-8), checked before tokenizing
+    max_prompt_bytes: PositiveInt = MIB  # longest prompt text (UTF-8), checked before tokenizing
     max_messages: PositiveInt = 512  # messages in one chat request
     requests_per_second: Annotated[float, msgspec.Meta(gt=0)] = 100.0  # per client connection; more: busy
     burst: PositiveInt = 200  # requests a client may send at once before the rate applies
     rate_limit_local: bool = False  # the rate applies to CURVE (remote) clients; true: to local ones too
 
 
-class ManagerSettings(_Section):
+class ManagerSettings(Section):
     spare_workers: Annotated[int, msgspec.Meta(ge=0, le=4)] = 1
     heartbeat_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     load_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0
@@ -70,13 +64,13 @@ class ManagerSettings(_Section):
     state_dir: str = "../run/state"  # measured model sizes and cached GGUF facts survive restarts here
 
 
-class SimulatedGpu(_Section, kw_only=True):
+class SimulatedGpu(Section, kw_only=True):
     name: str = "simulated GPU"
     total_mib: PositiveInt
     used_by_others_mib: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
-class DeviceSettings(_Section):
+class DeviceSettings(Section):
     """Where models may go. ``simulated`` GPUs drive placement on a machine without them (never implicitly)."""
 
     mode: Literal["auto", "cpu-only", "simulated"] = "auto"
@@ -91,7 +85,7 @@ class DeviceSettings(_Section):
     memory_release_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
 
 
-class KvCacheSettings(_Section):
+class KvCacheSettings(Section):
     """Saved KV-cache states of conversations (``conversation_id``), per model, in its worker's RAM."""
 
     enabled: bool = True
@@ -101,14 +95,14 @@ class KvCacheSettings(_Section):
     disk_ttl_s: Annotated[float, msgspec.Meta(gt=0)] = 7 * 86400.0
 
 
-class SchedulerSettings(_Section):
+class SchedulerSettings(Section):
     hold_after_use_s: Annotated[float, msgspec.Meta(ge=0)] = 2.0  # a model that just served is not evicted yet...
     max_wait_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0  # ...unless a request has waited this long
     wait_for_memory_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0  # then `insufficient_memory`
     demand_half_life_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0  # how fast past requests stop counting
 
 
-class ModelSpec(_Section):
+class ModelSpec(Section):
     """One catalogue entry. ``None`` fields take the ``defaults`` value when the config is loaded.
 
     ``llm``: a GGUF file (llama-cpp-python). ``stt``: a faster-whisper (CTranslate2) model directory. ``tts``: a
@@ -149,14 +143,7 @@ class ModelSpec(_Section):
         return self.n_gpu_layers != 0 if self.kind == "llm" else self.device == "cuda"
 
 
-class Security(_Section):
-    """CURVE for endpoints that are not local (``mm keys`` makes the files); without it the manager refuses them."""
-
-    curve_server_secret_key: str | None = None  # the server's .key_secret file
-    curve_authorized_keys: str | None = None  # a directory of the client public keys allowed in
-
-
-class Metrics(_Section):
+class Metrics(Section):
     """A Prometheus endpoint (HTTP), on loopback unless ``allow_remote``."""
 
     enabled: bool = True
@@ -165,7 +152,7 @@ class Metrics(_Section):
     allow_remote: bool = False
 
 
-class Config(_Section, rename={"enable_legacy_models": "ENABLE_LEGACY_MODELS"}):
+class Config(Section, rename={"enable_legacy_models": "ENABLE_LEGACY_MODELS"}):
     enable_legacy_models: bool = False
     endpoints: Endpoints = msgspec.field(default_factory=Endpoints)
     defaults: Defaults = msgspec.field(default_factory=Defaults)
@@ -198,57 +185,31 @@ def _resolve_model(spec: ModelSpec, defaults: Defaults, base_dir: Path) -> Model
             "context_overflow",
         )
     }
-    return msgspec.structs.replace(spec, path=str(_resolve_path(spec.path, base_dir)), **filled)
-
-
-def _resolve_path(value: str, base_dir: Path) -> Path:
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else (base_dir / path).resolve()
-
-
-def _convert(value: object, type_: type, source: str, at: str):
-    """msgspec.convert whose error names the whole key path (msgspec writes ``[...]`` for mapping keys)."""
-    try:
-        return msgspec.convert(value, type_)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        message = message.replace("`$", f"`{at}") if "`$" in message else f"{message} - at `{at}`"
-        raise ConfigError(f"{source}: {message}") from None
+    return msgspec.structs.replace(spec, path=str(resolve_path(spec.path, base_dir)), **filled)
 
 
 def parse_config(text: str, base_dir: Path, source: str = "<string>") -> Config:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    return config_from_sections(sections_from_text(text, source), base_dir, source)
+
+
+def config_from_sections(data: dict[str, Any], base_dir: Path, source: str) -> Config:
     models = data.pop("models", None) or {}
     if not isinstance(models, dict):
         raise ConfigError(f"{source}: Expected `object`, got `{type(models).__name__}` - at `$.models`")
-    config = _convert(data, Config, source, "$")
+    config = convert(data, Config, source, "$")
     config.models = {
-        _convert(name, ModelName, source, f"$.models, the name {name!r}"): _convert(
+        convert(name, ModelName, source, f"$.models, the name {name!r}"): convert(
             spec, ModelSpec, source, f"$.models.{name}"
         )
         for name, spec in models.items()
     }
     if config.devices.mode == "simulated" and not config.devices.simulated:
         raise ConfigError(f"{source}: devices.mode is simulated but devices.simulated lists no GPU - at `$.devices`")
-    manager = msgspec.structs.replace(config.manager, state_dir=str(_resolve_path(config.manager.state_dir, base_dir)))
-    security = config.security
-    if security.curve_server_secret_key or security.curve_authorized_keys:
-        security = Security(
-            curve_server_secret_key=str(_resolve_path(security.curve_server_secret_key, base_dir))
-            if security.curve_server_secret_key
-            else None,
-            curve_authorized_keys=str(_resolve_path(security.curve_authorized_keys, base_dir))
-            if security.curve_authorized_keys
-            else None,
-        )
+    manager = msgspec.structs.replace(config.manager, state_dir=str(resolve_path(config.manager.state_dir, base_dir)))
+    security = config.security.resolved(base_dir)
     kv_cache = config.kv_cache
     if kv_cache.spill_dir:
-        kv_cache = msgspec.structs.replace(kv_cache, spill_dir=str(_resolve_path(kv_cache.spill_dir, base_dir)))
+        kv_cache = msgspec.structs.replace(kv_cache, spill_dir=str(resolve_path(kv_cache.spill_dir, base_dir)))
     endpoints = Endpoints(
         **{name: resolve_endpoint(getattr(config.endpoints, name), base_dir) for name in Endpoints.__struct_fields__}
     )
@@ -262,9 +223,5 @@ def parse_config(text: str, base_dir: Path, source: str = "<string>") -> Config:
 
 
 def load_config(path: str | Path) -> Config:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
-    return parse_config(text, path.resolve().parent, source=str(path))
+    data, base_dir = read_sections(Path(path))
+    return config_from_sections(data, base_dir, str(path))

@@ -12,7 +12,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from model_client.endpoints import config_path, config_section, resolve_endpoint
+from daemonkit.settings import Section, convert, read_sections, resolve_path
+from model_client.endpoints import config_path, resolve_endpoint
 from model_client.protocol import NoArgs, OpArgs
 
 TOPIC_TRANSCRIPT = "stt.transcript"  # STT service PUB: {session_id, utterance, text, segments, timings, source}
@@ -25,11 +26,7 @@ TOPIC_AUDIO = "tts.audio"  # TTS service PUB: {session_id, utterance_id, seq, fi
 # ----- the YAML ---------------------------------------------------------------------------------------------
 
 
-class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    pass
-
-
-class Segmenter(_Section):
+class Segmenter(Section):
     """Cuts a live PCM stream into utterances by loudness: speech starts when a 30 ms frame is louder than the
     threshold (or than ``noise_ratio`` x the running noise floor), and ends after ``min_silence_ms`` of quiet."""
 
@@ -41,7 +38,7 @@ class Segmenter(_Section):
     max_utterance_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
 
 
-class SttSettings(_Section):
+class SttSettings(Section):
     requests: str = "ipc://../run/stt.sock"  # ROUTER: producers send clips and PCM streams
     events: str = "ipc://../run/stt-events.sock"  # PUB: stt.transcript
     model: str | None = None  # an stt model of the catalogue; None: the first
@@ -53,7 +50,7 @@ class SttSettings(_Section):
     segmenter: Segmenter = msgspec.field(default_factory=Segmenter)
 
 
-class TtsSettings(_Section):
+class TtsSettings(Section):
     requests: str = "ipc://../run/tts.sock"  # ROUTER: direct requests (op tts.say)
     say: str = "ipc://../run/tts-say.sock"  # SUB, bound: any publisher connects and sends tts.say
     events: str = "ipc://../run/tts-events.sock"  # PUB: tts.audio
@@ -62,21 +59,19 @@ class TtsSettings(_Section):
     manager_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
 
 
-class ServicesConfig(_Section):
+class ServicesConfig(Section):
     stt: SttSettings = msgspec.field(default_factory=SttSettings)
     tts: TtsSettings = msgspec.field(default_factory=TtsSettings)
 
 
 def load_services_config(path: Path | None = None) -> ServicesConfig:
     """The ``services`` section, validated, with relative endpoints and directories made absolute."""
-    section, base = config_section("services", path or config_path())
-    try:
-        config = msgspec.convert(section, ServicesConfig)
-    except msgspec.ValidationError as exc:
-        raise ValueError(f"services section: {exc}") from None
+    path = path or config_path()
+    sections, base = read_sections(path)
+    config = convert(sections.get("services") or {}, ServicesConfig, str(path), "$.services")
 
     def where(value: str | None) -> str | None:
-        return None if value is None else str((base / Path(value).expanduser()).resolve())
+        return None if value is None else str(resolve_path(value, base))
 
     stt, tts = config.stt, config.tts
     stt = msgspec.structs.replace(

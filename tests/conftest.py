@@ -17,6 +17,7 @@ import zmq
 
 from daemonkit.process import DaemonProcess
 from model_client import ModelClient, protocol
+from model_client.protocol import MIB
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -53,7 +54,7 @@ def base_config(run_dir: Path) -> dict:
     corrupt.write_bytes(b"GGUF" + os.urandom(4096))
     truncated = run_dir / "truncated.gguf"
     with open(SMOLLM2, "rb") as src:
-        truncated.write_bytes(src.read(2 * 1024 * 1024))
+        truncated.write_bytes(src.read(2 * MIB))
     return {
         "ENABLE_LEGACY_MODELS": False,
         "endpoints": {
@@ -62,7 +63,7 @@ def base_config(run_dir: Path) -> dict:
             "workers": f"ipc://{run_dir}/workers.sock",
         },
         "limits": {
-            "max_message_bytes": 4 * 1024 * 1024,
+            "max_message_bytes": 4 * MIB,
             "max_tokens": 512,
             "request_timeout_s": 60,
             "max_audio_s": MAX_AUDIO_S,

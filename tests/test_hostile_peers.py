@@ -212,7 +212,7 @@ def test_an_oversized_prompt_is_refused_before_any_tokenizing(manager: ManagerPr
         with pytest.raises(BadRequest) as refused:
             client.complete("smollm2", prompt, max_tokens=1)
         took = time.monotonic() - started
-        assert refused.value.details["max_prompt_bytes"] == 1024 * 1024
+        assert refused.value.details["max_prompt_bytes"] == MIB
         assert took < 1.0, f"refusing took {took:.2f} s"
         assert client.chat("smollm2", [{"role": "user", "content": "Hi"}], max_tokens=2).usage["completion_tokens"] >= 1
 

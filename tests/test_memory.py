@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from model_client import InsufficientMemory
-from model_manager.config import DeviceSettings
+from model_manager.config import MIB, DeviceSettings
 from model_manager.devices import open_inventory
 from tests.conftest import GREEDY, ManagerProcess, base_config, collect_events, model_status, wait_for
 
@@ -59,7 +59,7 @@ def test_simulated_devices_are_visible_as_such(sim: ManagerProcess) -> None:
         devices = c.status()["devices"]
     assert devices["mode"] == "simulated" and devices["simulated"] is True
     gpu = next(d for d in devices["list"] if d["kind"] == "gpu")
-    assert gpu["id"] == "sim:0" and gpu["simulated"] is True and gpu["total_bytes"] == SIM_GPU_MIB * 1024 * 1024
+    assert gpu["id"] == "sim:0" and gpu["simulated"] is True and gpu["total_bytes"] == SIM_GPU_MIB * MIB
     assert '"event": "devices_simulated"' in sim.log_path.read_text()
 
 

@@ -35,7 +35,7 @@ from llama_cpp.llama_chat_format import ChatFormatter, Jinja2ChatFormatter
 
 from model_client.errors import BadRequest, ContextOverflow, ModelLoadFailed
 from model_manager.backends import Emit
-from model_manager.config import KvCacheSettings, Limits, ModelSpec
+from model_manager.config import MIB, KvCacheSettings, Limits, ModelSpec
 from model_manager.kvcache import ConversationStore
 
 # Used when a GGUF carries no chat template and the YAML names no ``chat_format`` (base models).
@@ -98,9 +98,7 @@ class GGUFBackend:
         self.formatter = self._chat_formatter(llm, spec.chat_format)
         if kv is not None and kv.enabled:
             identity = f"{spec.path}|{os.path.getsize(spec.path)}|ctx={llm.n_ctx()}|layers={spec.n_gpu_layers}"
-            self.store = ConversationStore(
-                name, identity, kv.budget_mib * 1024 * 1024, kv.ttl_s, kv.spill_dir, kv.disk_ttl_s
-            )
+            self.store = ConversationStore(name, identity, kv.budget_mib * MIB, kv.ttl_s, kv.spill_dir, kv.disk_ttl_s)
         file_type = llm.metadata.get("general.file_type")
         return {
             "load_ms": round((time.perf_counter() - started) * 1000, 1),
