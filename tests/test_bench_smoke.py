@@ -18,7 +18,7 @@ TINY = {
     "transport.py": ["--pings", "50", "--tokens", "8", "--rounds", "1", "--threads", "1"],
     "swap.py": ["--rounds", "1", "--threads", "1"],
     "kv_cache.py": ["--conversations", "1", "--turns", "2", "--threads", "1"],
-    "speech.py": ["--rounds", "1", "--threads", "1"],
+    "speech.py": ["--rounds", "1", "--threads", "1", "--clips", "2"],
     "load.py": ["--levels", "2", "--requests", "4", "--budget", "30", "--soak", "0"],
     "voice_turn.py": ["--turns", "1"],
 }

@@ -20,7 +20,7 @@ USER_TURNS = [
     "What else could I cook with it?",
     "Thank you. Summarise our talk in one line.",
 ]
-PARAMS = {"max_tokens": 20, **GREEDY}
+PARAMS = {"max_tokens": 12, **GREEDY}
 
 
 def converse(c: ModelClient, conversations: list[str], turns: int) -> dict[str, list[tuple[list, Completion]]]:
