@@ -33,8 +33,8 @@ from faster_whisper.transcribe import (
 from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
 
 from model_client.errors import BadRequest, ModelLoadFailed, ModelManagerError
-from model_manager.audio import SAMPLE_RATE, decode
 from model_manager.backends import Emit
+from model_manager.backends.audio_input import SAMPLE_RATE, decode
 from model_manager.config import KvCacheSettings, Limits, ModelSpec
 
 WINDOW_S = 30  # Whisper hears 30 s at a time
