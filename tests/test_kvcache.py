@@ -58,7 +58,7 @@ def test_one_conversation_reuses_its_history_exactly(client: ModelClient) -> Non
 
 
 def test_interleaved_conversations_each_resume_their_own_state(client: ModelClient) -> None:
-    record = converse(client, ["alpha", "beta", "gamma"], turns=3)
+    record = converse(client, ["alpha", "beta", "gamma"], turns=2)
     for cid, turns in record.items():
         first, *later = [reply for _, reply in turns]
         for previous, reply in zip([first, *later], later, strict=False):
