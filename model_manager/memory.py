@@ -64,7 +64,8 @@ class MemoryAccounting:
         where = f"gpu:{spec.n_gpu_layers}" if on_gpu else "cpu"
         if spec.kind != "llm":
             return f"{file_key}|{spec.kind}|{spec.compute_type}|batch={spec.batch_size}|{where}"
-        return f"{file_key}|ctx={spec.n_ctx}|batch={spec.n_batch}|{where}"
+        parallel = f"|parallel={spec.parallel}" if spec.parallel > 1 else ""
+        return f"{file_key}|ctx={spec.n_ctx}|batch={spec.n_batch}{parallel}|{where}"
 
     def needs(self, slot: ModelSlot) -> tuple[int, int] | None:
         """(bytes on a GPU, bytes on the CPU) for ``slot``; None while its header is still being read.
@@ -85,8 +86,9 @@ class MemoryAccounting:
         context = self.config.devices.cuda_context_mib * MIB
         simulated = self.inventory.mode == "simulated"
         on_gpu = spec.wants_gpu and not simulated
-        est_cpu = estimate_gguf(facts, spec.n_ctx, spec.n_batch, False, 0, self.worker_base)
-        est_gpu = estimate_gguf(facts, spec.n_ctx, spec.n_batch, True, spec.n_gpu_layers, context)
+        n_ctx = spec.n_ctx * spec.parallel  # the KV pool of every sequence
+        est_cpu = estimate_gguf(facts, n_ctx, spec.n_batch, False, 0, self.worker_base)
+        est_gpu = estimate_gguf(facts, n_ctx, spec.n_batch, True, spec.n_gpu_layers, context)
         slot.estimate = est_gpu if on_gpu else est_cpu
         cpu = self.store.measured(self.measured_key(spec, False)) or est_cpu.total
         gpu = cpu if simulated else self.store.measured(self.measured_key(spec, True)) or est_gpu.total

@@ -150,8 +150,10 @@ class ModelSlot:
 
     @property
     def capacity(self) -> int:
-        """Requests the worker may hold at once: its batch size for a batching model, else one."""
-        return self.spec.batch_size if self.spec.kind == "stt" else 1
+        """Requests the worker may hold at once: Whisper's batch size, an LLM's parallel sequences, else one."""
+        if self.spec.kind == "stt":
+            return self.spec.batch_size
+        return self.spec.parallel if self.spec.kind == "llm" else 1
 
     def idle_for(self, now: float) -> float | None:
         return None if self.last_used is None or self.busy else max(0.0, now - self.last_used)

@@ -1,8 +1,10 @@
 """The per-model worker process: one backend, one DEALER socket to the manager's worker ROUTER.
 
 A worker starts as a spare (interpreter up, engine imported), is told to ``load`` one model, then serves
-``run`` commands until told to ``exit``: one at a time, or, for a backend's batchable ops, as many as arrive
-within its batch wait (up to its batch size), run together. Ending the process is what gives all the model's memory
+``run`` commands until told to ``exit``: one at a time; or, for a backend's batchable ops, as many as arrive
+within its batch wait (up to its batch size), run together; or, for a stepping backend (an LLM with ``parallel``
+sequences), each request joins the running ones as it arrives and the worker steps them all together, reading
+its socket between steps. Ending the process is what gives all the model's memory
 back; a native abort inside the engine ends this process only, and the manager sees it die.
 
 The messages are the typed structs of ``worker_protocol`` (docs/workers.md).
@@ -60,6 +62,7 @@ class Worker:
         self.current: str | None = None  # the request being served
         self.deadline: float | None = None  # ...and when its client gives up (monotonic)
         self.stop_reason: str | None = None
+        self.deadlines: dict[str, float] = {}  # a stepping backend's requests, by id: when their client gives up
 
     def send(self, message: wire.FromWorker) -> None:
         self.sock.send(wire.encode(message))
@@ -78,9 +81,17 @@ class Worker:
         """A request cancelled while it still waits here: it never runs."""
         self.pending = deque(m for m in self.pending if not (isinstance(m, wire.Run) and m.rid == rid))
 
+    @property
+    def stepping(self) -> bool:
+        return self.backend is not None and hasattr(self.backend, "step")
+
     def serve(self) -> None:
         self.send(wire.Ready(pid=os.getpid(), rss=resident_bytes()))
         while True:
+            if self.stepping and self.backend.busy:  # type: ignore[union-attr]
+                if self._step():
+                    return
+                continue
             message = self._next(PARENT_CHECK_MS)
             if message is None:
                 if os.getppid() != self.parent:
@@ -89,7 +100,9 @@ class Worker:
             if isinstance(message, wire.Load):
                 self._load(message)
             elif isinstance(message, wire.Run):
-                if self.backend is not None and message.op in self.backend.batchable_ops:
+                if self.stepping and message.op != "conversation.drop":
+                    self._submit(message)
+                elif self.backend is not None and message.op in self.backend.batchable_ops:
                     self._run_batch(self._collect(message))
                 else:
                     self._run(message)
@@ -105,7 +118,7 @@ class Worker:
             spec = load.spec
             if spec.nice:
                 os.nice(spec.nice)
-            self.backend = create_backend(spec.kind)
+            self.backend = create_backend(spec.kind, spec.parallel)
             info = self.backend.load(spec, load.name, load.kv, load.limits)
             # Speech models always run once at load: cheap, and the measured size then includes working buffers.
             if load.warm or spec.kind != "llm":
@@ -160,6 +173,74 @@ class Worker:
         # The reply is out: now save the conversation's state, off the request's critical path.
         self.backend.after_reply(idle=not self.pending and not self.sock.poll(0))
         self.send(wire.Idle(kv=self.backend.kv_stats()))
+
+    # ----- a stepping backend: requests join and leave between steps ---------------------------------------------
+
+    def _submit(self, run: wire.Run) -> None:
+        backend: Any = self.backend
+        rid = run.rid
+
+        def emit(chunk: dict[str, Any]) -> None:
+            self.send(wire.Chunk(rid=rid, chunk=chunk, payload=chunk.pop(PAYLOAD, None)))
+
+        try:
+            backend.submit(rid, run.op, run.args, emit)
+        except ModelManagerError as exc:
+            self.send(wire.Failed(rid=rid, error=exc.to_wire()))
+            return
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            self.send(wire.Failed(rid=rid, error=InternalError(f"{type(exc).__name__}: {exc}").to_wire()))
+            return
+        if run.deadline_s is not None:
+            self.deadlines[rid] = time.monotonic() + run.deadline_s
+
+    def _step(self) -> bool:
+        """Read what arrived, end requests whose client gave up, decode one step; True when told to exit."""
+        backend: Any = self.backend
+        while self.pending or self.sock.poll(0):
+            message = self.pending.popleft() if self.pending else self._receive()
+            if isinstance(message, wire.Run):
+                if message.op == "conversation.drop":
+                    self._run(message)
+                else:
+                    self._submit(message)
+            elif isinstance(message, wire.Cancel):
+                self._finish(backend.cancel(message.rid, "cancelled"))
+            elif isinstance(message, wire.Exit):
+                backend.unload()
+                return True
+        now = time.monotonic()
+        for rid in [rid for rid, deadline in self.deadlines.items() if now > deadline]:
+            self._finish(backend.cancel(rid, "deadline"))
+        try:
+            outcomes = backend.step()
+        except Exception as exc:  # the engine is in an unknown state: fail what runs, let the manager restart it
+            traceback.print_exc(file=sys.stderr)
+            error = InternalError(f"{type(exc).__name__}: {exc}")
+            for rid in list(backend.requests):
+                self.send(wire.Failed(rid=rid, error=error.to_wire()))
+            os._exit(3)
+        for outcome in outcomes:
+            self._finish(outcome)
+        if not backend.busy:
+            backend.after_reply(idle=True)
+            self.send(wire.Idle(kv=backend.kv_stats()))
+        return False
+
+    def _finish(self, outcome: tuple[str, dict[str, Any] | Exception] | None) -> None:
+        if outcome is None:
+            return
+        rid, result = outcome
+        self.deadlines.pop(rid, None)
+        if isinstance(result, ModelManagerError):
+            self.send(wire.Failed(rid=rid, error=result.to_wire()))
+        elif isinstance(result, Exception):
+            self.send(wire.Failed(rid=rid, error=InternalError(f"{type(result).__name__}: {result}").to_wire()))
+        else:
+            self.send(wire.Done(rid=rid, result=result, payload=result.pop(PAYLOAD, None)))
+
+    # ----- a batching backend: requests collected, then run together ------------------------------------------
 
     def _collect(self, first: wire.Run) -> list[wire.Run]:
         """``first`` and the runs of the same op that arrive within the batch wait, up to the batch size.

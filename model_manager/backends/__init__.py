@@ -50,7 +50,11 @@ def warm_up(kind: str) -> None:
     create_backend(kind)
 
 
-def create_backend(kind: str) -> Backend:
+def create_backend(kind: str, parallel: int = 1) -> Backend:
+    if kind == "llm" and parallel > 1:
+        from model_manager.backends.gguf_batched import BatchedGGUFBackend
+
+        return BatchedGGUFBackend()
     if kind == "llm":
         from model_manager.backends.gguf import GGUFBackend
 

@@ -112,17 +112,7 @@ class GGUFBackend:
 
     @staticmethod
     def _chat_formatter(llm: Llama, chat_format: str | None) -> ChatFormatter:
-        """The YAML's ``chat_format`` (a llama-cpp-python format name), else the GGUF's template, else ChatML."""
-        template = llm.metadata.get("tokenizer.chat_template")
-        if chat_format is None and template:
-            eos = llm._model.token_get_text(llm.token_eos()) if llm.token_eos() >= 0 else ""
-            bos = llm._model.token_get_text(llm.token_bos()) if llm.token_bos() >= 0 else ""
-            return Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos, stop_token_ids=[llm.token_eos()])
-        name = chat_format or FALLBACK_CHAT_FORMAT
-        formatter = getattr(llama_chat_format, "format_" + name.replace("-", "_"), None)
-        if formatter is None:
-            raise ModelLoadFailed(f"unknown chat_format {name!r}", chat_format=name)
-        return formatter
+        return chat_formatter(llm._model, llm.metadata, chat_format)
 
     def warm_up(self) -> None:
         assert self.llm is not None
@@ -146,23 +136,8 @@ class GGUFBackend:
         return result
 
     def _chat_prompt(self, args: dict[str, Any]) -> tuple[list[int], list[str], int]:
-        """Tokens of the chat prompt; under the ``truncate`` policy, the oldest turns go until it fits."""
         assert self.llm is not None and self.formatter is not None and self.spec is not None
-        messages = list(args["messages"])
-        n_ctx = self.llm.n_ctx()
-        room = min(args["max_tokens"], n_ctx // 2)
-        dropped = 0
-        while True:
-            formatted = self.formatter(messages=messages)
-            stops = [*([formatted.stop] if isinstance(formatted.stop, str) else formatted.stop or []), *args["stop"]]
-            tokens = self.llm.tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special, special=True)
-            if self.spec.context_overflow != "truncate" or len(tokens) + room <= n_ctx:
-                return tokens, stops, dropped
-            oldest = next((i for i, m in enumerate(messages[:-1]) if m["role"] != "system"), None)
-            if oldest is None:
-                return tokens, stops, dropped  # only the system prompt and the last message are left
-            del messages[oldest]
-            dropped += 1
+        return chat_prompt(self.formatter, self.llm.tokenize, self.llm.n_ctx(), self.spec.context_overflow, args)
 
     def _drop(self, conversation_id: str) -> dict[str, Any]:
         dropped = self.store.drop(conversation_id) if self.store else False
@@ -330,6 +305,42 @@ class GGUFBackend:
                 else 0.0,
             },
         }
+
+
+def chat_formatter(model: Any, metadata: dict[str, str], chat_format: str | None) -> ChatFormatter:
+    """The YAML's ``chat_format`` (a llama-cpp-python format name), else the GGUF's template, else ChatML."""
+    template = metadata.get("tokenizer.chat_template")
+    if chat_format is None and template:
+        eos_id, bos_id = model.token_eos(), model.token_bos()
+        eos = model.token_get_text(eos_id) if eos_id >= 0 else ""
+        bos = model.token_get_text(bos_id) if bos_id >= 0 else ""
+        return Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos, stop_token_ids=[eos_id])
+    name = chat_format or FALLBACK_CHAT_FORMAT
+    formatter = getattr(llama_chat_format, "format_" + name.replace("-", "_"), None)
+    if formatter is None:
+        raise ModelLoadFailed(f"unknown chat_format {name!r}", chat_format=name)
+    return formatter
+
+
+def chat_prompt(
+    formatter: ChatFormatter, tokenize: Callable[..., list[int]], n_ctx: int, policy: str | None, args: dict[str, Any]
+) -> tuple[list[int], list[str], int]:
+    """Tokens of the chat prompt, its stop strings, and how many old turns were dropped: under the ``truncate``
+    policy, the oldest turns go until the prompt and the reply fit in ``n_ctx``."""
+    messages = list(args["messages"])
+    room = min(args["max_tokens"], n_ctx // 2)
+    dropped = 0
+    while True:
+        formatted = formatter(messages=messages)
+        stops = [*([formatted.stop] if isinstance(formatted.stop, str) else formatted.stop or []), *args["stop"]]
+        tokens = tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special, special=True)
+        if policy != "truncate" or len(tokens) + room <= n_ctx:
+            return tokens, stops, dropped
+        oldest = next((i for i, m in enumerate(messages[:-1]) if m["role"] != "system"), None)
+        if oldest is None:
+            return tokens, stops, dropped  # only the system prompt and the last message are left
+        del messages[oldest]
+        dropped += 1
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
