@@ -128,7 +128,8 @@ class ModelSpec(Section):
     # CPU scheduling priority of the model's worker (os.nice, 0-19): a higher value yields the CPU to the others
     # when they compete, e.g. an LLM finishing its reply while Piper speaks its first sentence.
     nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 0
-    # llm: requests served at once (continuous batching over one KV pool of n_ctx x parallel); 1 is one at a time
+    # llm: requests served at once (continuous batching; each sequence holds n_ctx, the KV memory is n_ctx x parallel);
+    # 1 serves one at a time, bit-exact with and without conversation reuse
     parallel: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     pinned: bool = False  # never evicted
     preload: bool = False  # loaded and warmed up when the manager starts

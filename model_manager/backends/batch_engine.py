@@ -1,6 +1,6 @@
 """Continuous batching for a GGUF model: many requests decode together, one ``llama_decode`` a step.
 
-llama.cpp keeps several sequences in one context (``n_seq_max``) over one unified KV pool. Each step puts one token
+llama.cpp keeps several sequences in one context (``n_seq_max``), each with its own KV stream. Each step puts one token
 for every generating sequence into one batch, plus chunks of waiting prompts under a per-step token budget (chunked
 prefill: a long prompt never freezes the streams already running), then samples every sequence that produced
 logits with its own sampler chain. This is the shape of llama.cpp's own server (its "slots") and of Ollama's runner;

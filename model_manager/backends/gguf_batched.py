@@ -90,10 +90,14 @@ class BatchedGGUFBackend:
             model_params.tensor_split = split
         threads = spec.n_threads or max(1, (os.cpu_count() or 2) // 2)
         ctx_params = llama_cpp.llama_context_default_params()
-        ctx_params.n_ctx = self.n_ctx * self.parallel  # one unified pool, n_ctx a sequence on average
+        ctx_params.n_ctx = self.n_ctx * self.parallel
         ctx_params.n_batch = ctx_params.n_ubatch = STEP_TOKENS
         ctx_params.n_seq_max = self.parallel
-        ctx_params.kv_unified = True
+        # One KV stream a sequence, n_ctx each, rather than one pool shared by all: measured on SmolLM2, a
+        # sequence's results then do not depend on what the others hold (with a shared pool, another
+        # conversation's cells moved a reply's log-probabilities by up to 0.19), and no sequence can crowd out
+        # the others.
+        ctx_params.kv_unified = False
         ctx_params.n_threads = ctx_params.n_threads_batch = threads
         try:
             with suppress_stdout_stderr(disable=False):
@@ -158,9 +162,7 @@ class BatchedGGUFBackend:
         assert self.engine is not None and self.model is not None and self.spec is not None
         context: dict[str, Any] = {"policy": self.spec.context_overflow, "dropped_messages": 0}
         if op == "chat":
-            tokens, stops, context["dropped_messages"] = chat_prompt(
-                self.formatter, self.model.tokenize, self.n_ctx, self.spec.context_overflow, args
-            )
+            tokens, stops, context["dropped_messages"] = self._chat_prompt(args)
         elif op == "complete":
             stops = list(args["stop"])
             tokens = self.model.tokenize(args["prompt"].encode(), add_bos=True, special=False)
@@ -200,6 +202,13 @@ class BatchedGGUFBackend:
         sequence = self._sequence_for(job, conversation_id, reuse)
         self.engine.start_on(sequence, job, conversation_id, reuse)
         self.requests[rid] = request
+
+    def _chat_prompt(self, args: dict[str, Any]) -> tuple[list[int], list[str], int]:
+        assert self.model is not None and self.spec is not None
+        return chat_prompt(self.formatter, self.model.tokenize, self.n_ctx, self.spec.context_overflow, args)
+
+    def _chat_tokens(self, args: dict[str, Any]) -> list[int]:
+        return self._chat_prompt(args)[0]
 
     def _sequence_for(self, job: Job, conversation_id: str | None, reuse: bool) -> Sequence:
         """The conversation's own sequence; else a free one, the conversation's saved state put back into it;

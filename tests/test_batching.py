@@ -1,0 +1,125 @@
+"""Continuous batching through the real daemon: a model with ``parallel`` sequences serves its requests together.
+
+Each check is ordered by events (first chunk, last chunk), never by elapsed time: served one at a time, a second
+stream could not start before the first ended, and a short request would wait for every long one.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import GREEDY, ManagerProcess, base_config, model_status
+
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"  # greedy decoding keeps counting: a reliably long request
+SYSTEM = {"role": "system", "content": "You are a helpful assistant who answers briefly."}
+
+
+@pytest.fixture(scope="module")
+def batching() -> Iterator[ManagerProcess]:
+    run = Path(tempfile.mkdtemp(prefix="mm-batching-"))
+    config = base_config(run)
+    smollm2 = config["models"]["smollm2"]
+    config["models"] = {
+        "x4": {**smollm2, "parallel": 4, "n_threads": 2},
+        "x2": {**smollm2, "parallel": 2, "n_ctx": 1024, "n_threads": 2},
+    }
+    manager = ManagerProcess(run, config)
+    manager.start()
+    yield manager
+    manager.stop()
+    shutil.rmtree(run, ignore_errors=True)
+
+
+class Streams:
+    """Long streamed completions in threads, each with events for its first chunk and its end."""
+
+    def __init__(self, manager: ManagerProcess, model: str, count: int, max_tokens: int) -> None:
+        self.started = [threading.Event() for _ in range(count)]
+        self.ended = [threading.Event() for _ in range(count)]
+        self.results: list = [None] * count
+        self.abandon: set[int] = set()
+        self.go = threading.Barrier(count)
+        self.threads = [
+            threading.Thread(target=self._run, args=(manager, model, i, max_tokens), daemon=True) for i in range(count)
+        ]
+
+    def _run(self, manager: ManagerProcess, model: str, i: int, max_tokens: int) -> None:
+        with manager.client(timeout=120) as client:
+            self.go.wait()
+            stream = client.complete(model, COUNTING, stream=True, max_tokens=max_tokens, **GREEDY)
+            for _ in stream:
+                self.started[i].set()
+                if i in self.abandon:
+                    break  # the client goes away mid-stream
+            self.results[i] = stream.result
+        self.ended[i].set()
+
+    def start(self) -> Streams:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(120)
+
+
+def test_concurrent_streams_run_together(batching: ManagerProcess) -> None:
+    with batching.client() as client:
+        client.load("x4")
+    streams = Streams(batching, "x4", 4, max_tokens=64).start()
+    for started in streams.started:
+        assert started.wait(60), "a stream never started"
+    assert not any(ended.is_set() for ended in streams.ended), "a stream ended before all had started"
+    streams.join()
+    assert all(r is not None and r.usage["completion_tokens"] == 64 for r in streams.results)
+
+
+def test_a_short_request_is_answered_while_long_ones_run(batching: ManagerProcess) -> None:
+    streams = Streams(batching, "x4", 3, max_tokens=300).start()
+    for started in streams.started:
+        assert started.wait(60)
+    with batching.client(timeout=60) as client:
+        reply = client.chat("x4", [{"role": "user", "content": "Say yes."}], max_tokens=4, **GREEDY)
+    assert reply.usage["completion_tokens"] >= 1
+    assert not any(ended.is_set() for ended in streams.ended), "the short request waited for the long ones"
+    streams.join()
+
+
+def test_a_client_gone_frees_its_sequence_for_the_next_request(batching: ManagerProcess) -> None:
+    streams = Streams(batching, "x2", 2, max_tokens=400)
+    streams.abandon.add(0)
+    streams.start()
+    assert streams.ended[0].wait(60) and streams.started[1].wait(60)
+    with batching.client(timeout=60) as client:
+        reply = client.chat("x2", [{"role": "user", "content": "Say yes."}], max_tokens=4, **GREEDY)
+    assert reply.usage["completion_tokens"] >= 1
+    assert not streams.ended[1].is_set(), "the next request waited for the other stream instead of the freed sequence"
+    streams.join()
+
+
+def test_a_conversation_resumes_on_its_sequence_and_after_giving_it_up(batching: ManagerProcess) -> None:
+    """Two sequences, three conversations: the third takes the sequence of the one idle longest, whose state is
+    saved and comes back when it speaks again; each second turn evaluates only its new tokens."""
+    history: dict[str, list[dict]] = {}
+    first: dict[str, int] = {}
+    with batching.client(timeout=60) as client:
+        for cid in ("amber", "basil", "cedar"):
+            history[cid] = [SYSTEM, {"role": "user", "content": f"My name is {cid}. What is yours?"}]
+            reply = client.chat("x2", history[cid], conversation_id=cid, max_tokens=12, **GREEDY)
+            history[cid].append({"role": "assistant", "content": reply.text})
+            first[cid] = reply.usage["prompt_tokens"]
+        kv = model_status(client, "x2")["kv_cache"]
+        assert kv["conversations"] >= 1, "the conversation that gave up its sequence was saved"
+        for cid in ("amber", "cedar"):  # amber was saved and comes back; cedar is still live
+            history[cid].append({"role": "user", "content": "And what is my name?"})
+            reply = client.chat("x2", history[cid], conversation_id=cid, max_tokens=12, **GREEDY)
+            assert reply.usage["cached_tokens"] >= first[cid], cid
+        assert client.drop_conversation("x2", "basil") is True
+        assert client.drop_conversation("x2", "basil") is False
