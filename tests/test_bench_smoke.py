@@ -21,6 +21,7 @@ TINY = {
     "speech.py": ["--rounds", "1", "--threads", "1", "--clips", "2"],
     "load.py": ["--levels", "2", "--requests", "4", "--budget", "30", "--soak", "0"],
     "voice_turn.py": ["--turns", "1"],
+    "batching.py": ["--levels", "1,2", "--tokens", "8", "--long", "1", "--rounds", "1", "--models", "smollm2"],
 }
 
 

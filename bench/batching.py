@@ -1,0 +1,200 @@
+"""Continuous batching: N concurrent streams through the daemon against the engine's ceiling, and a short request's
+time to first token while long ones run.
+
+For each model and each N, N streams of ``--tokens`` tokens each go through the daemon (a model with ``parallel``
+= the largest N), measured at the clients as aggregate tokens per second; beside them, raw ``llama_decode`` in this
+process with N sequences in one context (one token of each a step, the same threads and context set-up): what the
+engine could do with no daemon around it. Then, with ``--long`` streams generating, a short chat's time to first
+token, over the same request's time to first token on the idle model.
+
+    daemon_over_ceiling_N = daemon tokens/s / raw tokens/s      (the lower of the models)
+    ttft_under_load_ratio = TTFT with the long streams running / TTFT idle      (the higher of the models)
+
+Prints a table, then one JSON line of figures. Run: ``.venv/bin/python bench/batching.py`` on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.daemon import GEMMA, SMOLLM2, llm_entry, running_daemon  # noqa: E402
+from model_client import ModelClient  # noqa: E402
+
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"  # greedy decoding keeps counting: every stream runs its full length
+N_CTX = 512
+MODELS = {"smollm2": (SMOLLM2, "Q4_1", None), "gemma3-270m": (GEMMA, "Q4_K_M", "gemma")}
+
+
+def ceiling(path: Path, sequences: int, parallel: int, tokens: int, threads: int) -> float:
+    """Aggregate tokens/s of raw llama_decode: ``sequences`` sequences, one token each a step."""
+    import llama_cpp
+    from llama_cpp._internals import LlamaContext, LlamaModel
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    with suppress_stdout_stderr(disable=False):
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = 0
+        model = LlamaModel(path_model=str(path), params=params, verbose=False)
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx, ctx_params.n_seq_max, ctx_params.kv_unified = N_CTX * parallel, parallel, False
+        ctx_params.n_batch = ctx_params.n_ubatch = 512
+        ctx_params.n_threads = ctx_params.n_threads_batch = threads
+        ctx = LlamaContext(model=model, params=ctx_params, verbose=False)
+    prompt = model.tokenize(COUNTING.encode(), add_bos=True, special=False)
+    batch = llama_cpp.llama_batch_init(512, 0, 1)
+    samplers = []
+
+    def decode(entries: list[tuple[int, int, int, bool]]) -> None:
+        for i, (seq, token, pos, logits) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
+            batch.seq_id[i][0], batch.logits[i] = seq, logits
+        batch.n_tokens = len(entries)
+        assert llama_cpp.llama_decode(ctx.ctx, batch) == 0
+
+    for _ in range(sequences):
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        samplers.append(chain)
+    decode([(s, t, p, p == len(prompt) - 1) for s in range(sequences) for p, t in enumerate(prompt)])
+    last = [llama_cpp.llama_sampler_sample(samplers[s], ctx.ctx, (s + 1) * len(prompt) - 1) for s in range(sequences)]
+    started = time.perf_counter()
+    for step in range(tokens - 1):
+        decode([(s, last[s], len(prompt) + step, True) for s in range(sequences)])
+        last = [llama_cpp.llama_sampler_sample(samplers[s], ctx.ctx, s) for s in range(sequences)]
+    elapsed = time.perf_counter() - started
+    for chain in samplers:
+        llama_cpp.llama_sampler_free(chain)
+    llama_cpp.llama_batch_free(batch)
+    ctx.close()
+    model.close()
+    return sequences * (tokens - 1) / elapsed
+
+
+def through_daemon(endpoint: str, model: str, sequences: int, tokens: int) -> float:
+    """Aggregate tokens/s of ``sequences`` concurrent streams while all of them are decoding: chunks (one token
+    each here) received between the last stream's first chunk and the first stream's last, over that window. The
+    ceiling is measured the same way: every sequence decoding, prompts already evaluated."""
+    go = threading.Barrier(sequences)
+    times: list[list[float]] = []
+
+    def one() -> None:
+        with ModelClient(endpoint, timeout=300) as client:
+            go.wait()
+            stamps = [
+                time.perf_counter()
+                for _ in client.complete(model, COUNTING, stream=True, max_tokens=tokens, temperature=0.0)
+            ]
+            times.append(stamps)
+
+    threads = [threading.Thread(target=one) for _ in range(sequences)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    start, end = max(t[0] for t in times), min(t[-1] for t in times)
+    inside = sum(1 for stamps in times for stamp in stamps if start < stamp <= end)
+    return inside / (end - start)
+
+
+def ttft(client: ModelClient, model: str) -> float:
+    started = time.perf_counter()
+    stream = client.chat(model, [{"role": "user", "content": "Say yes."}], stream=True, max_tokens=4, cache=False)
+    first = None
+    for _ in stream:
+        first = first or time.perf_counter()
+    return ((first or time.perf_counter()) - started) * 1000
+
+
+def ttft_under_load(endpoint: str, model: str, long_streams: int, tokens: int, rounds: int) -> tuple[float, float]:
+    """A short chat's time to first token, idle and with ``long_streams`` long generations running (ms)."""
+    with ModelClient(endpoint, timeout=300) as client:
+        idle = statistics.median(ttft(client, model) for _ in range(rounds))
+        running = threading.Event()
+        stop = threading.Event()
+
+        def long_one() -> None:
+            with ModelClient(endpoint, timeout=300) as c:
+                while not stop.is_set():
+                    for _ in c.complete(model, COUNTING, stream=True, max_tokens=tokens, temperature=0.0):
+                        running.set()
+
+        threads = [threading.Thread(target=long_one, daemon=True) for _ in range(long_streams)]
+        for thread in threads:
+            thread.start()
+        running.wait(60)
+        loaded = statistics.median(ttft(client, model) for _ in range(rounds))
+        stop.set()
+        for thread in threads:
+            thread.join()
+    return idle, loaded
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levels", default="1,2,4,8", help="concurrent streams")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--long", type=int, default=3, help="long generations running while TTFT is measured")
+    parser.add_argument("--rounds", type=int, default=3, help="TTFT samples, idle and under load")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    parallel = max(max(levels), args.long + 1)
+    names = args.models.split(",")
+    config = {
+        "models": {
+            name: llm_entry(
+                MODELS[name][0],
+                MODELS[name][1],
+                args.threads,
+                parallel=parallel,
+                n_ctx=N_CTX,
+                **({"chat_format": MODELS[name][2]} if MODELS[name][2] else {}),
+            )
+            for name in names
+        }
+    }
+    rows, figures = [], {"threads": args.threads, "tokens": args.tokens, "parallel": parallel}
+    ratios: dict[str, dict[int, float]] = {}
+    ttft_ratios = {}
+    with running_daemon(config) as client:
+        for name in names:
+            client.load(name)
+            through_daemon(client.endpoint, name, 1, 8)  # warm the worker's first request
+            for n in levels:
+                raw = ceiling(MODELS[name][0], n, parallel, args.tokens, args.threads)
+                served = through_daemon(client.endpoint, name, n, args.tokens)
+                ratios.setdefault(name, {})[n] = served / raw
+                rows.append((name, n, raw, served))
+            idle, loaded = ttft_under_load(client.endpoint, name, args.long, args.tokens, args.rounds)
+            ttft_ratios[name] = loaded / idle
+            figures[f"{name}_ttft_idle_ms"] = round(idle, 1)
+            figures[f"{name}_ttft_under_load_ms"] = round(loaded, 1)
+            client.unload(name)
+    print(f"{'model':<14}{'streams':>8}{'raw tok/s':>12}{'daemon tok/s':>14}{'ratio':>8}")
+    for name, n, raw, served in rows:
+        print(f"{name:<14}{n:>8}{raw:>12.1f}{served:>14.1f}{served / raw:>8.3f}")
+        figures[f"{name}_raw_{n}_tok_s"] = round(raw, 1)
+        figures[f"{name}_daemon_{n}_tok_s"] = round(served, 1)
+    for name in names:
+        print(
+            f"{name}: short chat TTFT idle {figures[f'{name}_ttft_idle_ms']} ms, with {args.long} long streams "
+            f"{figures[f'{name}_ttft_under_load_ms']} ms"
+        )
+    top = max(levels)
+    figures[f"daemon_over_ceiling_{top}"] = round(min(r[top] for r in ratios.values()), 3)
+    figures["ttft_under_load_ratio"] = round(max(ttft_ratios.values()), 3)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
