@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--parallel", type=int, default=1, help="the model's sequences (continuous batching)")
     parser.add_argument(
         "--think-ms", type=float, default=0.0, help="pause before each request, as a user speaking (default: none)"
     )
@@ -82,7 +83,7 @@ def main() -> None:
 
     config = {
         "kv_cache": {"budget_mib": 1024, "spill_dir": None},
-        "models": {"smollm2": llm_entry(SMOLLM2, "Q4_1", args.threads)},
+        "models": {"smollm2": llm_entry(SMOLLM2, "Q4_1", args.threads, parallel=args.parallel)},
     }
     with running_daemon(config) as client:
         client.load("smollm2")
@@ -113,6 +114,7 @@ def main() -> None:
         "think_ms": args.think_ms,
         "conversations": args.conversations,
         "turns": args.turns,
+        "parallel": args.parallel,
     }
     print(json.dumps(figures))
 

@@ -38,7 +38,8 @@ def _conversations(kv: dict[str, int] | None) -> str:
     if not kv:
         return "-"
     spilled = f" +{kv['spilled']} on disk" if kv.get("spilled") else ""
-    return f"{kv['conversations']} ({_size(kv['bytes'])}){spilled}"
+    live = f"{kv['live']} live, " if kv.get("live") else ""
+    return f"{live}{kv['conversations']} ({_size(kv['bytes'])}){spilled}"
 
 
 def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
@@ -49,7 +50,19 @@ def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
 def format_status(status: dict[str, Any]) -> str:
     """Two tables: models (like ``ollama ps``) and devices, then one line about the manager."""
     models = _table(
-        ("MODEL", "KIND", "DEVICE", "SIZE", "STATE", "IDLE", "TTL LEFT", "REQUESTS", "QUEUE", "CONVERSATIONS", "PID"),
+        (
+            "MODEL",
+            "KIND",
+            "DEVICE",
+            "SIZE",
+            "STATE",
+            "IDLE",
+            "TTL LEFT",
+            "REQUESTS",
+            "BUSY+QUEUE",
+            "CONVERSATIONS",
+            "PID",
+        ),
         [
             (
                 m["name"],
@@ -60,7 +73,7 @@ def format_status(status: dict[str, Any]) -> str:
                 _ago(m["idle_s"]),
                 "pinned" if m.get("pinned") else _ago(m["ttl_left_s"]) if m["ttl_s"] >= 0 else "forever",
                 str(m["requests"]),
-                f"{m['in_flight']}+{m['queued']}",
+                f"{m['in_flight']}/{m.get('parallel', 1)}+{m['queued']}",
                 _conversations(m.get("kv_cache")),
                 str(m["pid"] or "-"),
             )

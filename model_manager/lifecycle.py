@@ -95,6 +95,15 @@ class Lifecycle:
     def enqueue(self, slot: ModelSlot, job: Job) -> None:
         if len(slot.queue) >= slot.spec.max_queue:
             raise Busy(f"model {slot.name!r} has {len(slot.queue)} requests queued", queued=len(slot.queue))
+        if slot.state is ModelState.READY and job.deadline is not None:
+            ahead = len(slot.running) + slot.queue.ahead_of(job.priority)
+            late_s = policy.admission(ahead, slot.capacity, slot.service_s, job.deadline - time.monotonic())
+            if late_s is not None:
+                raise Busy(
+                    f"model {slot.name!r} would start this request after its deadline: {ahead} requests are ahead",
+                    queued=len(slot.queue),
+                    retry_after_ms=round(late_s * 1000),
+                )
         slot.queue.append(job)
         now = time.monotonic()
         half_life = self.config.scheduler.demand_half_life_s
@@ -240,6 +249,8 @@ class Lifecycle:
 
     def _finish(self, slot: ModelSlot, job: Job) -> None:
         slot.running.pop(job.request_id, None)
+        if job.started_at is not None and job.op != "conversation.drop":
+            slot.service_s = policy.service_time(slot.service_s, time.monotonic() - job.started_at)
         slot.last_used, slot.last_used_mono = time.time(), time.monotonic()
         slot.requests_served += 1
         if slot.unload_waiters:
@@ -290,6 +301,8 @@ class Lifecycle:
             self._fail_load(slot, error_from_wire(message.error))
         elif isinstance(message, wire.Idle):
             slot.kv_stats = message.kv or {}
+        elif isinstance(message, wire.Stats):
+            slot.kv_stats, slot.batching = message.kv or {}, message.batching or {}
         elif isinstance(message, wire.Chunk | wire.Done | wire.Failed):
             job = slot.running.get(message.rid)
             if job is not None:

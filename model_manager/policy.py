@@ -11,6 +11,9 @@ a. A request running longer than ``limits.request_timeout_s``: kill the worker (
 b. A load running longer than ``manager.load_timeout_s``: kill the worker (``model_load_failed``).
 c. A ready model, idle (no request running or queued) for its ``idle_ttl_s`` (0: after each request, -1: never)
    and not pinned: unload it.
+d. A request whose client gave a deadline is admitted only when its predicted wait fits it (``admission``):
+   the requests ahead of it at its priority or higher, served ``parallel`` at a time at the model's measured
+   service time. Otherwise it gets ``busy`` at once, with when to try again, instead of a ``timeout`` later.
 And: when any unloaded or failed model has requests waiting, place it (below); start a spare worker when none is
 there and nothing loads or computes (a spare starting beside a fresh load slows its first token), or once one has
 been missing for ``SPARE_MAX_DELAY_S`` anyway.
@@ -266,6 +269,26 @@ def due(models: list[ModelFacts], now: float, request_timeout_s: float, load_tim
     if any(m.waiting and m.state in ("unloaded", "failed") for m in models):
         actions.append(PlaceWaiting())
     return actions
+
+
+SERVICE_EWMA = 0.2  # weight of the newest request in a model's mean service time
+
+
+def service_time(mean_s: float | None, took_s: float) -> float:
+    """A model's mean time per request, moved towards the one just served."""
+    return took_s if mean_s is None else (1 - SERVICE_EWMA) * mean_s + SERVICE_EWMA * took_s
+
+
+def admission(ahead: int, capacity: int, service_s: float | None, wait_allowed_s: float | None) -> float | None:
+    """None to admit a request; else the seconds after which one would fit. ``ahead``: requests running or queued
+    before it (at its priority or higher); ``wait_allowed_s``: until its client's deadline (None: no deadline)."""
+    if wait_allowed_s is None or service_s is None or ahead < capacity:
+        return None  # no deadline, nothing measured yet, or a free place now
+    rounds = ahead // capacity  # full rounds of service before its turn
+    wait_s = rounds * service_s
+    if wait_s <= wait_allowed_s:
+        return None
+    return wait_s - wait_allowed_s
 
 
 def spare_due(spares: int, missing_since: float | None, computing: bool, now: float) -> tuple[bool, float | None]:

@@ -90,6 +90,10 @@ class JobQueue:
     def __iter__(self):
         return iter(list(self._jobs))
 
+    def ahead_of(self, priority: int) -> int:
+        """Queued requests that would run before a new one of ``priority``."""
+        return sum(1 for job in self._jobs if job.priority >= priority)
+
 
 @dataclass
 class Waiter:
@@ -120,6 +124,7 @@ class ModelSlot:
     last_used_mono: float = 0.0
     requests_served: int = 0
     demand: float = 0.0  # requests, decayed over time (the scheduler's "recent demand")
+    service_s: float | None = None  # mean seconds a request takes once started (for admission by deadline)
     want_loaded: bool = False  # preload: load without a request waiting
     # Placement: where the model is (or is going), and what it reserves there.
     placements: dict[str, int] = field(default_factory=dict)
@@ -127,6 +132,7 @@ class ModelSlot:
     estimate: Estimate | None = None
     measured: int | None = None
     kv_stats: dict[str, int] = field(default_factory=dict)  # the worker's saved conversation states
+    batching: dict[str, float] = field(default_factory=dict)  # a batching worker's last figures
     plan: Decision | None = None  # the scheduler's last answer while the model waits for memory
     pending_since: float | None = None
 

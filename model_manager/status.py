@@ -59,6 +59,8 @@ def model_entry(slot: ModelSlot, now: float) -> dict[str, Any]:
         "ttl_s": ttl,
         "ttl_left_s": ttl_left,
         "waiting_for": waiting,
+        "parallel": slot.capacity,
+        "batching": slot.batching or None if loaded else None,
         "kv_cache": slot.kv_stats or None,
         "last_error": slot.last_error,
     }

@@ -30,6 +30,7 @@ from model_manager.backends import PAYLOAD, Backend, create_backend, warm_up
 from model_manager.gatekeeper import SECRET_ENV
 
 PARENT_CHECK_MS = 1000
+STATS_EVERY_S = 1.0
 
 
 def _die_with_parent(parent: int) -> None:
@@ -63,6 +64,7 @@ class Worker:
         self.deadline: float | None = None  # ...and when its client gives up (monotonic)
         self.stop_reason: str | None = None
         self.deadlines: dict[str, float] = {}  # a stepping backend's requests, by id: when their client gives up
+        self._next_stats = 0.0
 
     def send(self, message: wire.FromWorker) -> None:
         self.sock.send(wire.encode(message))
@@ -223,6 +225,9 @@ class Worker:
             os._exit(3)
         for outcome in outcomes:
             self._finish(outcome)
+        if now >= self._next_stats:
+            self._next_stats = now + STATS_EVERY_S
+            self.send(wire.Stats(kv=backend.kv_stats(), batching=backend.batching_stats()))
         if not backend.busy:
             backend.after_reply(idle=True)
             self.send(wire.Idle(kv=backend.kv_stats()))

@@ -81,9 +81,16 @@ class Idle(FromWorker, tag="idle", kw_only=True):
     kv: dict[str, int] | None = None  # saved conversations: count, bytes, spilled
 
 
+class Stats(FromWorker, tag="stats", kw_only=True):
+    """Sent each second while a batching worker runs requests: what ``status`` shows of it."""
+
+    kv: dict[str, int] | None = None
+    batching: dict[str, float] | None = None  # tokens_per_s, mean_batch (sequences a step), sequences_busy
+
+
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(Load | Run | Cancel | Exit)
-_from_worker = msgspec.msgpack.Decoder(Ready | Loaded | LoadFailed | Chunk | Done | Failed | Idle)
+_from_worker = msgspec.msgpack.Decoder(Ready | Loaded | LoadFailed | Chunk | Done | Failed | Idle | Stats)
 
 
 def encode(message: ToWorker | FromWorker) -> bytes:

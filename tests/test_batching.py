@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GREEDY, ManagerProcess, base_config, model_status
+from tests.conftest import GREEDY, ManagerProcess, base_config, model_status, wait_for
 
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"  # greedy decoding keeps counting: a reliably long request
 SYSTEM = {"role": "system", "content": "You are a helpful assistant who answers briefly."}
@@ -89,6 +89,10 @@ def test_a_short_request_is_answered_while_long_ones_run(batching: ManagerProces
         reply = client.chat("x4", [{"role": "user", "content": "Say yes."}], max_tokens=4, **GREEDY)
     assert reply.usage["completion_tokens"] >= 1
     assert not any(ended.is_set() for ended in streams.ended), "the short request waited for the long ones"
+    with batching.client(timeout=60) as client:  # status shows the batch while the long ones run
+        batch = wait_for(lambda: (model_status(client, "x4")["batching"] or {}).get("mean_batch", 0) > 2, timeout=20)
+        assert batch and model_status(client, "x4")["in_flight"] == 3
+    assert not any(ended.is_set() for ended in streams.ended)
     streams.join()
 
 

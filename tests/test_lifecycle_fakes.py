@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from model_client import protocol
+from model_client.errors import Busy
 from model_manager import worker_protocol as wire
 from model_manager.config import MIB, Config, parse_config
 from model_manager.kvcache import spill_path
@@ -370,3 +371,21 @@ def test_a_worker_loaded_message_with_odd_facts_still_serves(tmp_path: Path, inf
     assert bench.slot().state is ModelState.READY
     bench.say(handle, wire.Done(rid=job.request_id, result={}))
     assert bench.outbox.to(b"c1")[-1].type == "result"
+
+
+def test_a_request_that_would_start_after_its_deadline_is_refused_at_once(tmp_path: Path) -> None:
+    bench = Bench(tmp_path)
+    first = bench.ask(b"c1")
+    handle = bench.load()
+    bench.slot().service_s = 2.0  # as measured
+    queued = bench.ask(b"c2")  # no deadline: queued behind the first
+    late = Job(route=[b"c3", b""], request_id="late", op="synthesize", args={"text": "hi"})
+    late.deadline = late.received_at + 1.0  # two requests ahead at 2 s each
+    with pytest.raises(Busy) as refused:
+        bench.life.enqueue(bench.slot(), late)
+    assert 2000 <= refused.value.details["retry_after_ms"] <= 3100
+    patient = Job(route=[b"c4", b""], request_id="patient", op="synthesize", args={"text": "hi"})
+    patient.deadline = patient.received_at + 10.0
+    bench.life.enqueue(bench.slot(), patient)
+    bench.say(handle, wire.Done(rid=first.request_id, result={}))
+    assert runs(bench.workers, handle) == [first.request_id, queued.request_id]

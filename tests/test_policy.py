@@ -180,3 +180,20 @@ def test_a_spare_starts_when_nothing_computes_or_once_overdue() -> None:
     assert policy.spare_due(0, None, computing=True, now=NOW) == (False, NOW)  # not beside a load or a request
     late = NOW + policy.SPARE_MAX_DELAY_S + 1
     assert policy.spare_due(0, NOW, computing=True, now=late) == (True, NOW)
+
+
+def test_a_request_is_admitted_when_its_predicted_wait_fits_its_deadline() -> None:
+    assert policy.admission(ahead=0, capacity=1, service_s=2.0, wait_allowed_s=0.1) is None, "a free place now"
+    assert policy.admission(ahead=3, capacity=4, service_s=2.0, wait_allowed_s=0.1) is None, "a free sequence"
+    assert policy.admission(ahead=5, capacity=1, service_s=None, wait_allowed_s=0.1) is None, "nothing measured"
+    assert policy.admission(ahead=5, capacity=1, service_s=2.0, wait_allowed_s=None) is None, "no deadline"
+    assert policy.admission(ahead=4, capacity=2, service_s=1.0, wait_allowed_s=2.5) is None  # two rounds: 2 s
+    assert policy.admission(ahead=4, capacity=2, service_s=1.0, wait_allowed_s=1.5) == 0.5  # retry in 0.5 s
+
+
+def test_the_service_time_follows_the_requests_served() -> None:
+    assert policy.service_time(None, 3.0) == 3.0
+    mean = 1.0
+    for _ in range(50):
+        mean = policy.service_time(mean, 5.0)
+    assert 4.9 < mean <= 5.0

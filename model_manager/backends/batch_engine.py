@@ -81,7 +81,9 @@ class BatchEngine:
         self.batch = llama_cpp.llama_batch_init(step_tokens, 0, 1)
         self.n_vocab = model.n_vocab()
         self.steps = 0
-        self.batched_tokens = 0
+        self.batched_tokens = 0  # tokens decoded, prompts included
+        self.sequence_steps = 0  # sequences decoded, summed over steps
+        self.generated = 0
 
     def close(self) -> None:
         for sequence in self.sequences:
@@ -192,6 +194,7 @@ class BatchEngine:
         status = llama_cpp.llama_decode(self.ctx.ctx, batch)
         self.steps += 1
         self.batched_tokens += len(entries)
+        self.sequence_steps += len({e[0].seq_id for e in entries})
         if status != 0:
             return self._failed_step(entries, status)
         ended: list[Job] = []
@@ -217,6 +220,7 @@ class BatchEngine:
             job.finish_reason = "stop"
             return
         job.generated.append(token)
+        self.generated += 1
         if not job.on_token(token):
             job.finish_reason = job.finish_reason or "stop"
         elif len(job.generated) >= job.max_new:
