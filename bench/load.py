@@ -168,6 +168,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds a client waits for each reply")
     parser.add_argument("--budget", type=float, default=60.0, help="seconds per level at most")
     parser.add_argument("--soak", type=float, default=20.0, help="seconds of soak; 0 skips it")
+    parser.add_argument("--parallel", type=int, default=4, help="the chat model's sequences (continuous batching)")
+    parser.add_argument("--ops", default="chat,transcribe")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     port = free_port()
@@ -176,7 +178,7 @@ def main() -> None:
         "manager": {"spare_workers": 0},
         "limits": {"requests_per_second": 1000, "burst": 1000},
         "models": {
-            "smollm2": llm_entry(SMOLLM2, "Q4_1", None, max_queue=32),
+            "smollm2": llm_entry(SMOLLM2, "Q4_1", None, max_queue=32, parallel=args.parallel),
             "whisper": {
                 "kind": "stt",
                 "path": str(WHISPER),
@@ -197,6 +199,8 @@ def main() -> None:
         sampler = Sampler(client.status()["manager"]["pid"])
         endpoint = client.endpoint
         for op, op_args, payloads in (("chat", CHAT, ()), ("transcribe", {"model": "whisper"}, (clip,))):
+            if op not in args.ops.split(","):
+                continue
             for clients in levels:
                 total = max(clients, args.requests)
                 row = asyncio.run(
@@ -221,6 +225,7 @@ def main() -> None:
         "levels": rows,
         "soak": soaked,
         "max_error_rate_upto_256": max(upto_256) if upto_256 else None,
+        "parallel": args.parallel,
     }
     print(json.dumps(figures))
 

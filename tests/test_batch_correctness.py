@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import llama_cpp
 import numpy as np
 import pytest
 
-from model_manager.backends.batch_engine import Job, Sampling, make_sampler
+from model_manager.backends.batch_engine import BatchEngine, Job, Sampling, make_sampler
 from model_manager.backends.gguf_batched import BatchedGGUFBackend
 from model_manager.config import KvCacheSettings, ModelSpec
 from model_manager.kvcache import ConversationStore
@@ -29,12 +28,12 @@ TRAFFIC = ["Tell me about the sea.", "List three fruits.", "What is two plus two
 class Forced:
     """A sampler that records the log-probabilities at each step and returns the reference token."""
 
-    def __init__(self, reply: list[int], n_vocab: int) -> None:
-        self.reply, self.n_vocab = reply, n_vocab
+    def __init__(self, reply: list[int], engine: BatchEngine) -> None:
+        self.reply, self.engine = reply, engine
         self.logprobs: list[np.ndarray] = []
 
-    def sample(self, ctx, index: int) -> int:
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx.ctx, index), shape=(self.n_vocab,))
+    def sample(self, _ctx, index: int) -> int:
+        logits = self.engine.logits(index)
         shifted = logits.astype(np.float64) - logits.max()
         self.logprobs.append(shifted - np.log(np.exp(shifted).sum()))
         return self.reply[len(self.logprobs) - 1]
@@ -90,7 +89,7 @@ def forced(
         job = Job(f"t{i}", tokens, 64, make_sampler(backend.model, Sampling(temperature=0.0)), lambda _t: True)
         engine.start_on(engine.choose(tokens, None, reuse=False), job, None, reuse=False)
         others.append(job)
-    sampler = Forced(reply, backend.model.n_vocab())
+    sampler = Forced(reply, engine)
     job = Job("forced", prompt, len(reply), sampler, lambda _t: True)  # type: ignore[arg-type]
     sequence = engine.choose(prompt, owner, reuse)
     if before_start is not None:
@@ -191,9 +190,8 @@ def test_a_position_off_by_one_is_caught(backend, case) -> None:
     greedy(backend, case["first"], 12, owner="ann")
 
     def one_later(target):  # every cell one position later than the books say (the last one makes room)
-        memory, n = backend.engine.memory, len(target.cells)
-        llama_cpp.llama_memory_seq_rm(memory, target.seq_id, n - 1, -1)
-        llama_cpp.llama_memory_seq_add(memory, target.seq_id, 0, -1, 1)
+        backend.engine.remove_cells(target, len(target.cells) - 1, -1)
+        backend.engine.shift_cells(target, 0, -1, 1)
 
     got, _ = forced(backend, case["second"], case["reply"], owner="ann", before_start=one_later)
     assert caught(case, got)
@@ -205,8 +203,8 @@ def test_a_dropped_token_is_caught(backend, case) -> None:
 
     def drop_one(target):  # a cell in the middle goes, the later ones move up: the books do not notice
         middle = len(target.cells) // 2
-        llama_cpp.llama_memory_seq_rm(backend.engine.memory, target.seq_id, middle, middle + 1)
-        llama_cpp.llama_memory_seq_add(backend.engine.memory, target.seq_id, middle + 1, -1, -1)
+        backend.engine.remove_cells(target, middle, middle + 1)
+        backend.engine.shift_cells(target, middle + 1, -1, -1)
         del target.cells[-1]
 
     got, _ = forced(backend, case["second"], case["reply"], owner="ann", before_start=drop_one)
@@ -224,7 +222,7 @@ def test_another_conversations_state_is_caught(backend, case) -> None:
 
     def pretend(target):
         n = min(len(target.cells), len(case["first"]))
-        llama_cpp.llama_memory_seq_rm(backend.engine.memory, target.seq_id, n, -1)
+        backend.engine.remove_cells(target, n, -1)
         target.cells = list(case["first"][:n])
 
     got, cached = forced(backend, case["second"], case["reply"], owner="ann", before_start=pretend)

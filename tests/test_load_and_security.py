@@ -198,9 +198,12 @@ def test_higher_priority_requests_go_first(manager: ManagerProcess) -> None:
         sock.close()
 
 
-def test_work_whose_client_gave_up_is_dropped(manager: ManagerProcess) -> None:
-    sock = dealer(manager.endpoint)
+def test_work_whose_client_gave_up_is_dropped(fresh_manager: ManagerProcess) -> None:
+    """Admitted (nothing measured yet to predict its wait by), then dropped once its deadline passes in the queue."""
+    sock = dealer(fresh_manager.endpoint)
     try:
+        with fresh_manager.client(timeout=60) as client:
+            client.load("smollm2")
         args = {"model": "smollm2", "messages": QUESTION, **GREEDY}
         running = raw_request(sock, "chat", {**args, "max_tokens": 400}, deadline_ms=1500)
         queued = raw_request(sock, "chat", {**args, "max_tokens": 8}, deadline_ms=300)
@@ -321,3 +324,19 @@ def test_no_request_can_name_a_path(client: ModelClient) -> None:
             client.synthesize("Hello.", voice=name)
         with pytest.raises(ModelNotFound):
             client.transcribe(b"RIFF", model=name)
+
+
+def test_work_that_would_start_after_its_deadline_is_refused_at_once(fresh_manager: ManagerProcess) -> None:
+    sock = dealer(fresh_manager.endpoint)
+    try:
+        args = {"model": "smollm2", "messages": QUESTION, **GREEDY}
+        with fresh_manager.client(timeout=60) as client:
+            client.chat("smollm2", QUESTION, max_tokens=24, **GREEDY)  # the model's time per request, measured
+        running = raw_request(sock, "chat", {**args, "max_tokens": 400})
+        hopeless = raw_request(sock, "chat", {**args, "max_tokens": 8}, deadline_ms=50)
+        first = replies(sock, 1, timeout=30)
+        assert list(first) == [hopeless], "refused before the running request ended, not timed out after"
+        assert first[hopeless].body["code"] == "busy" and first[hopeless].body["details"]["retry_after_ms"] > 0
+        assert replies(sock, 1, timeout=60)[running].type == "result"
+    finally:
+        sock.close()

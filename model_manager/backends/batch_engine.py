@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import llama_cpp
+import numpy as np
 from llama_cpp._internals import LlamaContext, LlamaModel, LlamaSampler
 
 PENALTY_LAST_N = 64  # as llama-cpp-python's Llama: the tokens a repeat penalty looks back on
@@ -133,6 +134,18 @@ class BatchEngine:
 
     def clear(self, sequence: Sequence) -> None:
         self._truncate(sequence, 0)
+
+    def remove_cells(self, sequence: Sequence, start: int, end: int) -> None:
+        """Drop the cells at positions [start, end) (-1: to the end); the books are the caller's to keep."""
+        llama_cpp.llama_memory_seq_rm(self.memory, sequence.seq_id, start, end)
+
+    def shift_cells(self, sequence: Sequence, start: int, end: int, delta: int) -> None:
+        """Move the cells at positions [start, end) by ``delta`` positions."""
+        llama_cpp.llama_memory_seq_add(self.memory, sequence.seq_id, start, end, delta)
+
+    def logits(self, index: int) -> np.ndarray:
+        """The last step's logits for its ``index``-th token (a view: copy it before the next step)."""
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx.ctx, index), shape=(self.n_vocab,))
 
     def _truncate(self, sequence: Sequence, keep: int) -> None:
         if keep < len(sequence.cells):
