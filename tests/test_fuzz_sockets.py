@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from model_client import ModelClient
 from model_client.endpoints import ipc_path
 from model_manager.config import MIB
-from tests.conftest import DaemonProcess, ManagerProcess, rss_bytes, stack_config
+from tests.conftest import DaemonProcess, ManagerProcess, rss_bytes, stack_config, wait_for
 
 
 @dataclass
@@ -186,6 +186,11 @@ def test_arbitrary_peers_never_hurt_a_daemon(
     finally:
         for sock in peers:
             sock.close(linger=0)
+    # Bounded, not zero: a clip still on its way to the manager (up to 16 MiB) is held until the manager answers,
+    # so memory is given a few seconds to come back before it counts as grown.
     for name, pid in daemons.pids().items():
-        grown = rss_bytes(pid) - BASELINE[name]
-        assert grown < 20 * MIB, f"{name} grew by {grown / MIB:.1f} MiB"
+        try:
+            wait_for(lambda pid=pid, name=name: rss_bytes(pid) - BASELINE[name] < 20 * MIB, timeout=10)
+        except AssertionError:
+            grown = rss_bytes(pid) - BASELINE[name]
+            raise AssertionError(f"{name} grew by {grown / MIB:.1f} MiB and stayed so") from None

@@ -332,7 +332,7 @@ def test_work_that_would_start_after_its_deadline_is_refused_at_once(fresh_manag
         args = {"model": "smollm2", "messages": QUESTION, **GREEDY}
         with fresh_manager.client(timeout=60) as client:
             client.chat("smollm2", QUESTION, max_tokens=24, **GREEDY)  # the model's time per request, measured
-        running = raw_request(sock, "chat", {**args, "max_tokens": 400})
+        running = raw_request(sock, "chat", {**args, "max_tokens": 64})
         hopeless = raw_request(sock, "chat", {**args, "max_tokens": 8}, deadline_ms=50)
         first = replies(sock, 1, timeout=30)
         assert list(first) == [hopeless], "refused before the running request ended, not timed out after"
