@@ -50,6 +50,7 @@ lint: install
 
 bench: install
 	$(PY) bench/transport.py
+	$(PY) bench/batching.py
 	$(PY) bench/speech.py
 	$(PY) bench/voice_turn.py
 

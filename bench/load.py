@@ -170,6 +170,7 @@ def main() -> None:
     parser.add_argument("--soak", type=float, default=20.0, help="seconds of soak; 0 skips it")
     parser.add_argument("--parallel", type=int, default=4, help="the chat model's sequences (continuous batching)")
     parser.add_argument("--ops", default="chat,transcribe")
+    parser.add_argument("--max-queue", type=int, default=32, help="the chat model's queue")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     port = free_port()
@@ -178,7 +179,7 @@ def main() -> None:
         "manager": {"spare_workers": 0},
         "limits": {"requests_per_second": 1000, "burst": 1000},
         "models": {
-            "smollm2": llm_entry(SMOLLM2, "Q4_1", None, max_queue=32, parallel=args.parallel),
+            "smollm2": llm_entry(SMOLLM2, "Q4_1", None, max_queue=args.max_queue, parallel=args.parallel),
             "whisper": {
                 "kind": "stt",
                 "path": str(WHISPER),
