@@ -57,6 +57,9 @@ class GenerationArgs(OpArgs, kw_only=True):
     seed: int | None = None
     stop: list[str] = []
     cache: bool = True  # reuse the KV cache (the conversation's, or the live context's); false: evaluate it all
+    # Constrained output, at most one: a GBNF grammar (llama.cpp's format), or a JSON schema the reply must match.
+    grammar: Annotated[str, msgspec.Meta(min_length=1, max_length=65536)] | None = None
+    json_schema: dict[str, Any] | None = None
 
 
 class ChatArgs(GenerationArgs, kw_only=True):

@@ -77,6 +77,8 @@ class Ops:
             raise BadRequest(
                 f"{messages} messages is over the limit of {limits.max_messages}", max_messages=limits.max_messages
             )
+        if args.grammar is not None and args.json_schema is not None:
+            raise BadRequest("give grammar or json_schema, not both")
         # Checked here, before a worker spends seconds tokenizing megabytes only to refuse them by token count.
         texts = [args.prompt] if isinstance(args, protocol.CompleteArgs) else [m.content for m in args.messages]
         prompt_bytes = sum(len(text.encode()) for text in texts)

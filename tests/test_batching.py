@@ -6,6 +6,7 @@ stream could not start before the first ended, and a short request would wait fo
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import threading
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from model_client import BadRequest
 from tests.conftest import GREEDY, ManagerProcess, base_config, model_status, wait_for
 
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"  # greedy decoding keeps counting: a reliably long request
@@ -28,6 +30,7 @@ def batching() -> Iterator[ManagerProcess]:
     config["models"] = {
         "x4": {**smollm2, "parallel": 4, "n_threads": 2},
         "x2": {**smollm2, "parallel": 2, "n_ctx": 1024, "n_threads": 2},
+        "x1": {**smollm2, "n_threads": 2},  # one at a time, the exact engine
     }
     manager = ManagerProcess(run, config)
     manager.start()
@@ -132,3 +135,20 @@ def test_a_conversation_resumes_on_its_sequence_and_after_giving_it_up(batching:
             assert reply.usage["cached_tokens"] >= first[cid], cid
         assert client.drop_conversation("x2", "basil") is True
         assert client.drop_conversation("x2", "basil") is False
+
+
+@pytest.mark.parametrize("model", ["x1", "x4"])
+def test_constrained_output_follows_its_grammar_or_schema(batching: ManagerProcess, model: str) -> None:
+    question = [{"role": "user", "content": "Is the sky blue? Answer yes or no."}]
+    with batching.client(timeout=60) as client:
+        said = client.chat(model, question, grammar='root ::= "yes" | "no"', max_tokens=4, **GREEDY)
+        assert said.text in ("yes", "no"), said.text
+        schema = {"type": "object", "properties": {"answer": {"type": "boolean"}}, "required": ["answer"]}
+        shaped = client.chat(model, question, json_schema=schema, max_tokens=24, **GREEDY)
+        assert isinstance(json.loads(shaped.text)["answer"], bool), shaped.text
+        with pytest.raises(BadRequest, match="grammar does not compile") as broken:
+            client.chat(model, question, grammar="root ::= (unclosed", max_tokens=4)
+        assert broken.value.details["field"] == "grammar"
+        with pytest.raises(BadRequest, match="not both"):
+            client.chat(model, question, grammar='root ::= "a"', json_schema=schema, max_tokens=4)
+        assert client.chat(model, question, max_tokens=2, **GREEDY).usage["completion_tokens"] >= 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -58,6 +59,7 @@ class Job:
     cached: int = 0  # of which reused from an earlier request
     generated: list[int] = field(default_factory=list)
     pending_token: int | None = None  # sampled, not yet decoded
+    prompt_into_sampler: bool = True  # the repeat penalty sees the prompt; not with a grammar, which is for the reply
     finish_reason: str | None = None
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -123,8 +125,9 @@ class BatchEngine:
         keep = min(keep, len(job.prompt) - 1)  # the last prompt token is evaluated again for its logits
         self._truncate(sequence, keep)
         job.evaluated = job.cached = keep
-        for token in job.prompt:
-            job.sampler.accept(token)  # the repeat penalty sees the prompt, as in llama.cpp
+        if job.prompt_into_sampler:
+            for token in job.prompt:
+                job.sampler.accept(token)  # the repeat penalty sees the prompt, as in llama.cpp
         sequence.job, sequence.owner = job, owner
 
     def start(self, job: Job, owner: str | None, reuse: bool = True) -> Sequence:
@@ -266,10 +269,12 @@ class BatchEngine:
         return job
 
 
-def make_sampler(model: LlamaModel, sampling: Sampling) -> LlamaSampler:
+def make_sampler(model: LlamaModel, sampling: Sampling, grammar: Any = None) -> LlamaSampler:
     """The sampler chain of llama-cpp-python's ``Llama``, so a request samples alike on either engine."""
     sampler = LlamaSampler()
     sampler.add_penalties(model.n_vocab(), PENALTY_LAST_N, sampling.repeat_penalty, 0.0, 0.0)
+    if grammar is not None:
+        sampler.add_grammar(model, grammar)
     if sampling.temperature == 0.0:
         sampler.add_greedy()
     else:

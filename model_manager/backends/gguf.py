@@ -23,6 +23,7 @@ cache has the shape a fresh evaluation gives it.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import time
 from collections.abc import Callable
@@ -241,6 +242,7 @@ class GGUFBackend:
                 policy=self.spec.context_overflow if self.spec else "error",
             )
         max_new = min(args["max_tokens"], n_ctx - len(prompt))
+        grammar = compile_grammar(llm._model.vocab, args)
         if args.get("seed") is not None:
             llm.set_seed(args["seed"])
         stream = args["stream"]
@@ -257,6 +259,7 @@ class GGUFBackend:
         pending = bytearray()
         for token in llm.generate(
             prompt,
+            grammar=grammar,
             temp=args["temperature"],
             top_p=args["top_p"],
             top_k=args["top_k"],
@@ -402,3 +405,24 @@ class _StopText:
         out, self.pending = self.pending, ""
         self.released += out
         return out
+
+
+def compile_grammar(vocab: Any, args: dict[str, Any]) -> Any:
+    """The request's ``grammar`` (GBNF) or ``json_schema`` as a llama.cpp grammar; None when it has neither.
+    Raises BadRequest naming what does not compile (tried here: llama.cpp takes a broken grammar silently)."""
+    from llama_cpp import LlamaGrammar
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    grammar, schema = args.get("grammar"), args.get("json_schema")
+    if grammar is None and schema is None:
+        return None
+    what = "grammar" if grammar is not None else "json_schema"
+    try:
+        text = grammar if grammar is not None else json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:  # a schema the converter does not support
+        raise BadRequest(f"the json_schema cannot be turned into a grammar: {exc}", field=what) from None
+    trial = llama_cpp.llama_sampler_init_grammar(vocab, text.encode(), b"root")
+    if not trial:
+        raise BadRequest(f"the {what} does not compile (llama.cpp's GBNF, with a `root` rule)", field=what)
+    llama_cpp.llama_sampler_free(trial)
+    return LlamaGrammar.from_string(text, verbose=False)

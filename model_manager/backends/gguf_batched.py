@@ -33,6 +33,7 @@ from model_manager.backends.gguf import (
     _StopText,
     chat_formatter,
     chat_prompt,
+    compile_grammar,
     quantization_label,
 )
 from model_manager.config import MIB, KvCacheSettings, Limits, ModelSpec
@@ -195,12 +196,14 @@ class BatchedGGUFBackend:
             repeat_penalty=args["repeat_penalty"],
             seed=args.get("seed"),
         )
+        grammar = compile_grammar(self.model.vocab, args)
         job = Job(
             rid=rid,
             prompt=tokens,
             max_new=min(args["max_tokens"], self.n_ctx - len(tokens)),
-            sampler=make_sampler(self.model, sampling),
+            sampler=make_sampler(self.model, sampling, grammar),
             on_token=lambda token: self._on_token(request, token),
+            prompt_into_sampler=grammar is None,
         )
         request.job = job
         sequence = self._sequence_for(job, conversation_id, reuse)
