@@ -227,3 +227,16 @@ def test_another_conversations_state_is_caught(backend, case) -> None:
 
     got, cached = forced(backend, case["second"], case["reply"], owner="ann", before_start=pretend)
     assert cached > 0 and caught(case, got)
+
+
+def test_a_prefix_copied_from_another_sequence_matches_a_fresh_evaluation(backend, case) -> None:
+    clear(backend)
+    greedy(backend, case["first"], 12, owner="ann")
+    source = next(s for s in backend.engine.sequences if s.owner == "ann")
+
+    def copy(target):  # bob's request starts like ann's conversation: the shared cells are copied, not evaluated
+        backend.engine.copy_prefix(source, target, len(case["first"]))
+
+    got, cached = forced(backend, case["second"], case["reply"], owner="bob", traffic=1, before_start=copy)
+    assert cached >= len(case["first"]) - 1
+    assert difference(case["fresh"], got) <= case["tolerance"]

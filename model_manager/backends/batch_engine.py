@@ -87,6 +87,7 @@ class BatchEngine:
         self.batched_tokens = 0  # tokens decoded, prompts included
         self.sequence_steps = 0  # sequences decoded, summed over steps
         self.generated = 0
+        self.prefix_copies = 0
 
     def close(self) -> None:
         for sequence in self.sequences:
@@ -105,18 +106,38 @@ class BatchEngine:
         return any(s.job is not None for s in self.sequences)
 
     def choose(self, prompt: list[int], owner: str | None, reuse: bool = True) -> Sequence:
-        """The idle sequence for a request: the conversation's own; else the one sharing the longest prefix of
-        ``prompt``; else the one idle longest, free ones before those holding a conversation."""
+        """The idle sequence for a request: the conversation's own; else a free one (no conversation on it), the
+        one sharing the longest prefix of ``prompt`` first; else the one whose conversation is idle longest (the
+        caller saves that conversation first). A prefix another sequence holds can then be copied in."""
         idle = [s for s in self.sequences if s.job is None]
         assert idle, "no free sequence"
         mine = [s for s in idle if owner is not None and s.owner == owner]
         if mine:
             return mine[0]
-        if reuse:
-            best = max(idle, key=lambda s: (_common_prefix(s.cells, prompt), -s.last_used))
-            if _common_prefix(best.cells, prompt) > 0:
-                return best
-        return min(idle, key=lambda s: (s.owner is not None, s.last_used))
+        free = [s for s in idle if s.owner is None]
+        if free:
+            shared = (lambda s: _common_prefix(s.cells, prompt)) if reuse else (lambda s: 0)
+            return max(free, key=lambda s: (shared(s), -s.last_used))
+        return min(idle, key=lambda s: s.last_used)
+
+    def donor(self, prompt: list[int], exclude: Sequence) -> tuple[Sequence | None, int]:
+        """The other sequence, busy or not, holding the longest prefix of ``prompt``, and its length."""
+        best, length = None, 0
+        for sequence in self.sequences:
+            if sequence is not exclude:
+                shared = _common_prefix(sequence.cells, prompt)
+                if shared > length:
+                    best, length = sequence, shared
+        return best, length
+
+    def copy_prefix(self, source: Sequence, target: Sequence, length: int) -> None:
+        """Give ``target`` the first ``length`` cells of ``source``, copied, not evaluated again. Between KV
+        streams llama.cpp copies a whole sequence; the cells past ``length`` are dropped at once."""
+        llama_cpp.llama_memory_seq_rm(self.memory, target.seq_id, -1, -1)
+        llama_cpp.llama_memory_seq_cp(self.memory, source.seq_id, target.seq_id, -1, -1)
+        llama_cpp.llama_memory_seq_rm(self.memory, target.seq_id, length, -1)
+        target.cells = list(source.cells[:length])
+        self.prefix_copies += 1
 
     def start_on(self, sequence: Sequence, job: Job, owner: str | None, reuse: bool = True) -> None:
         """Run ``job`` on ``sequence``, keeping the cells it shares with the prompt (the rest are dropped)."""

@@ -39,6 +39,7 @@ from model_manager.backends.gguf import (
 from model_manager.config import MIB, KvCacheSettings, Limits, ModelSpec
 from model_manager.kvcache import ConversationStore
 
+MIN_PREFIX_COPY = 16  # tokens: a shorter shared prefix is cheaper to evaluate than a sequence to copy
 STEP_TOKENS = 512  # tokens one step may decode: every running request's next token, then prompt chunks
 
 
@@ -231,6 +232,10 @@ class BatchedGGUFBackend:
                 sequence.cells, job.prompt
             ):
                 self._restore(sequence, saved.tokens, saved.state)
+        if reuse:
+            donor, shared = self.engine.donor(job.prompt, exclude=sequence)
+            if donor is not None and shared >= _common_prefix(sequence.cells, job.prompt) + MIN_PREFIX_COPY:
+                self.engine.copy_prefix(donor, sequence, shared)
         return sequence
 
     def _save(self, sequence: Sequence) -> None:
@@ -353,6 +358,7 @@ class BatchedGGUFBackend:
         stats["live"] = sum(1 for s in self.engine.sequences if s.owner is not None)
         stats["sequences_busy"] = sum(1 for s in self.engine.sequences if s.job is not None)
         stats["parallel"] = self.parallel
+        stats["prefix_copies"] = self.engine.prefix_copies
         return stats
 
     def batching_stats(self) -> dict[str, float]:
