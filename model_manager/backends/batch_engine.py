@@ -116,7 +116,7 @@ class BatchEngine:
             return mine[0]
         free = [s for s in idle if s.owner is None]
         if free:
-            shared = (lambda s: _common_prefix(s.cells, prompt)) if reuse else (lambda s: 0)
+            shared = (lambda s: common_prefix(s.cells, prompt)) if reuse else (lambda s: 0)
             return max(free, key=lambda s: (shared(s), -s.last_used))
         return min(idle, key=lambda s: s.last_used)
 
@@ -125,7 +125,7 @@ class BatchEngine:
         best, length = None, 0
         for sequence in self.sequences:
             if sequence is not exclude:
-                shared = _common_prefix(sequence.cells, prompt)
+                shared = common_prefix(sequence.cells, prompt)
                 if shared > length:
                     best, length = sequence, shared
         return best, length
@@ -142,7 +142,7 @@ class BatchEngine:
     def start_on(self, sequence: Sequence, job: Job, owner: str | None, reuse: bool = True) -> None:
         """Run ``job`` on ``sequence``, keeping the cells it shares with the prompt (the rest are dropped)."""
         assert sequence.job is None
-        keep = _common_prefix(sequence.cells, job.prompt) if reuse else 0
+        keep = common_prefix(sequence.cells, job.prompt) if reuse else 0
         keep = min(keep, len(job.prompt) - 1)  # the last prompt token is evaluated again for its logits
         self._truncate(sequence, keep)
         job.evaluated = job.cached = keep
@@ -309,7 +309,8 @@ def make_sampler(model: LlamaModel, sampling: Sampling, grammar: Any = None) -> 
     return sampler
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:

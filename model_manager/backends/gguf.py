@@ -36,6 +36,7 @@ from llama_cpp.llama_chat_format import ChatFormatter, Jinja2ChatFormatter
 
 from model_client.errors import BadRequest, ContextOverflow, ModelLoadFailed
 from model_manager.backends import Emit
+from model_manager.backends.batch_engine import common_prefix as _common_prefix
 from model_manager.config import MIB, KvCacheSettings, Limits, ModelSpec
 from model_manager.kvcache import ConversationStore
 
@@ -231,16 +232,7 @@ class GGUFBackend:
         llm = self.llm
         assert llm is not None
         n_ctx = llm.n_ctx()
-        if len(prompt) > self.max_prompt_tokens:
-            limit = self.max_prompt_tokens
-            raise BadRequest(f"prompt is {len(prompt)} tokens, over the limit of {limit}", max_prompt_tokens=limit)
-        if len(prompt) >= n_ctx:
-            raise ContextOverflow(
-                f"prompt is {len(prompt)} tokens, the context holds {n_ctx}",
-                prompt_tokens=len(prompt),
-                n_ctx=n_ctx,
-                policy=self.spec.context_overflow if self.spec else "error",
-            )
+        check_prompt(prompt, self.max_prompt_tokens, n_ctx, self.spec.context_overflow if self.spec else None)
         max_new = min(args["max_tokens"], n_ctx - len(prompt))
         grammar = compile_grammar(llm._model.vocab, args)
         if args.get("seed") is not None:
@@ -346,13 +338,18 @@ def chat_prompt(
         dropped += 1
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+def check_prompt(tokens: list[int], max_prompt_tokens: int, n_ctx: int, policy: str | None) -> None:
+    """Refuse a prompt over the limit, or one that leaves the context no room for a single new token."""
+    if len(tokens) > max_prompt_tokens:
+        limit = max_prompt_tokens
+        raise BadRequest(f"prompt is {len(tokens)} tokens, over the limit of {limit}", max_prompt_tokens=limit)
+    if len(tokens) >= n_ctx:
+        raise ContextOverflow(
+            f"prompt is {len(tokens)} tokens, the context holds {n_ctx}",
+            prompt_tokens=len(tokens),
+            n_ctx=n_ctx,
+            policy=policy or "error",
+        )
 
 
 def _decode_complete_utf8(buffer: bytearray) -> str:

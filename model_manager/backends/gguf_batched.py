@@ -28,11 +28,13 @@ from llama_cpp._utils import suppress_stdout_stderr
 from model_client.errors import BadRequest, ContextOverflow, ModelLoadFailed, ModelManagerError
 from model_manager.backends import Emit
 from model_manager.backends.batch_engine import BatchEngine, Job, Sampling, Sequence, make_sampler
+from model_manager.backends.batch_engine import common_prefix as _common_prefix
 from model_manager.backends.gguf import (
     _decode_complete_utf8,
     _StopText,
     chat_formatter,
     chat_prompt,
+    check_prompt,
     compile_grammar,
     quantization_label,
 )
@@ -174,16 +176,7 @@ class BatchedGGUFBackend:
             tokens = self.model.tokenize(args["prompt"].encode(), add_bos=True, special=False)
         else:
             raise BadRequest(f"op {op!r} is not served by an llm")
-        if len(tokens) > self.max_prompt_tokens:
-            limit = self.max_prompt_tokens
-            raise BadRequest(f"prompt is {len(tokens)} tokens, over the limit of {limit}", max_prompt_tokens=limit)
-        if len(tokens) >= self.n_ctx:
-            raise ContextOverflow(
-                f"prompt is {len(tokens)} tokens, the context holds {self.n_ctx}",
-                prompt_tokens=len(tokens),
-                n_ctx=self.n_ctx,
-                policy=self.spec.context_overflow,
-            )
+        check_prompt(tokens, self.max_prompt_tokens, self.n_ctx, self.spec.context_overflow)
         if not self.engine.free:
             raise ModelManagerError(f"all {self.parallel} sequences are busy")  # the manager sends at most parallel
         reuse = args.get("cache", True)
@@ -383,12 +376,3 @@ class BatchedGGUFBackend:
                     self._save(sequence)
         if self.store is not None:
             self.store.spill_all()
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
