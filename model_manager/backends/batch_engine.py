@@ -84,7 +84,6 @@ class BatchEngine:
         self.batch = llama_cpp.llama_batch_init(step_tokens, 0, 1)
         self.n_vocab = model.n_vocab()
         self.steps = 0
-        self.batched_tokens = 0  # tokens decoded, prompts included
         self.sequence_steps = 0  # sequences decoded, summed over steps
         self.generated = 0
         self.prefix_copies = 0
@@ -230,7 +229,6 @@ class BatchEngine:
         batch.n_tokens = len(entries)
         status = llama_cpp.llama_decode(self.ctx.ctx, batch)
         self.steps += 1
-        self.batched_tokens += len(entries)
         self.sequence_steps += len({e[0].seq_id for e in entries})
         if status != 0:
             return self._failed_step(entries, status)

@@ -123,16 +123,9 @@ class GGUFBackend:
 
     def run(self, op: str, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         assert self.llm is not None and self.formatter is not None and self.spec is not None
-        context: dict[str, Any] = {"policy": self.spec.context_overflow, "dropped_messages": 0}
         if op == "conversation.drop":
             return self._drop(args["conversation_id"])
-        if op == "chat":
-            tokens, stops, context["dropped_messages"] = self._chat_prompt(args)
-        elif op == "complete":
-            stops = list(args["stop"])
-            tokens = self.llm.tokenize(args["prompt"].encode(), add_bos=True, special=False)
-        else:
-            raise BadRequest(f"op {op!r} is not served by an llm")
+        tokens, stops, context = prompt_for(op, args, self._chat_prompt, self.llm.tokenize, self.spec.context_overflow)
         result = self._generate(tokens, stops, args, emit)
         result["context"] = context
         return result
@@ -336,6 +329,25 @@ def chat_prompt(
             return tokens, stops, dropped  # only the system prompt and the last message are left
         del messages[oldest]
         dropped += 1
+
+
+def prompt_for(
+    op: str,
+    args: dict[str, Any],
+    chat: Callable[[dict[str, Any]], tuple[list[int], list[str], int]],
+    tokenize: Callable[..., list[int]],
+    policy: str | None,
+) -> tuple[list[int], list[str], dict[str, Any]]:
+    """The prompt's tokens, its stop strings, and the ``context`` report (overflow policy, turns dropped)."""
+    context: dict[str, Any] = {"policy": policy, "dropped_messages": 0}
+    if op == "chat":
+        tokens, stops, context["dropped_messages"] = chat(args)
+    elif op == "complete":
+        stops = list(args["stop"])
+        tokens = tokenize(args["prompt"].encode(), add_bos=True, special=False)
+    else:
+        raise BadRequest(f"op {op!r} is not served by an llm")
+    return tokens, stops, context
 
 
 def check_prompt(tokens: list[int], max_prompt_tokens: int, n_ctx: int, policy: str | None) -> None:

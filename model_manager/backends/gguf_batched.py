@@ -25,7 +25,7 @@ from llama_cpp._internals import LlamaContext, LlamaModel
 from llama_cpp._logger import set_verbose
 from llama_cpp._utils import suppress_stdout_stderr
 
-from model_client.errors import BadRequest, ContextOverflow, ModelLoadFailed, ModelManagerError
+from model_client.errors import ContextOverflow, ModelLoadFailed, ModelManagerError
 from model_manager.backends import Emit
 from model_manager.backends.batch_engine import BatchEngine, Job, Sampling, Sequence, make_sampler
 from model_manager.backends.batch_engine import common_prefix as _common_prefix
@@ -36,6 +36,7 @@ from model_manager.backends.gguf import (
     chat_prompt,
     check_prompt,
     compile_grammar,
+    prompt_for,
     quantization_label,
 )
 from model_manager.config import MIB, KvCacheSettings, Limits, ModelSpec
@@ -168,15 +169,9 @@ class BatchedGGUFBackend:
     def submit(self, rid: str, op: str, args: dict[str, Any], emit: Emit) -> None:
         """Start ``rid`` on a free sequence; raises the typed error that refuses it at once."""
         assert self.engine is not None and self.model is not None and self.spec is not None
-        context: dict[str, Any] = {"policy": self.spec.context_overflow, "dropped_messages": 0}
-        if op == "chat":
-            tokens, stops, context["dropped_messages"] = self._chat_prompt(args)
-        elif op == "complete":
-            stops = list(args["stop"])
-            tokens = self.model.tokenize(args["prompt"].encode(), add_bos=True, special=False)
-        else:
-            raise BadRequest(f"op {op!r} is not served by an llm")
-        check_prompt(tokens, self.max_prompt_tokens, self.n_ctx, self.spec.context_overflow)
+        policy = self.spec.context_overflow
+        tokens, stops, context = prompt_for(op, args, self._chat_prompt, self.model.tokenize, policy)
+        check_prompt(tokens, self.max_prompt_tokens, self.n_ctx, policy)
         if not self.engine.free:
             raise ModelManagerError(f"all {self.parallel} sequences are busy")  # the manager sends at most parallel
         reuse = args.get("cache", True)
