@@ -83,6 +83,9 @@ class DeviceSettings(Section):
     allow_split: bool = False  # split a model over several GPUs (tensor_split) when no single one holds it
     max_loaded_models: Annotated[int, msgspec.Meta(ge=0)] = 0  # per device; 0 = no limit
     memory_release_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    # CPU threads handed out to the models computing at once (see model_manager/threads.py): `auto` = the cores
+    # this process may use, a number = that many, 0 = none handed out (each engine takes its own default).
+    cpu_threads: Annotated[int, msgspec.Meta(ge=0, le=1024)] | Literal["auto"] = "auto"
 
 
 class KvCacheSettings(Section):

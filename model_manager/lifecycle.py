@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any, Protocol
 
+import msgspec
 import structlog
 
 from model_client import protocol
@@ -24,7 +25,7 @@ from model_client.errors import (
     Timeout,
     error_from_wire,
 )
-from model_manager import policy
+from model_manager import policy, threads
 from model_manager import worker_protocol as wire
 from model_manager.config import MIB, Config, ModelSpec
 from model_manager.kvcache import spill_path
@@ -79,6 +80,7 @@ class Lifecycle:
         self.metrics = metrics
         self.outbox = outbox
         self.slots = {name: ModelSlot(name=name, spec=spec) for name, spec in config.models.items()}
+        self.cpu_threads = threads.cpu_budget(config.devices.cpu_threads)  # None: not handed out
         self.stopping = False
         self._spares_paused_until = 0.0
         self._spare_missing_since: float | None = None
@@ -196,13 +198,15 @@ class Lifecycle:
         slot.transition(ModelState.LOADING)
         slot.plan, slot.pending_since = None, None
         slot.load_started_at = time.monotonic()
-        slot.load_spec = spec
+        slot.load_spec = spec = self._with_threads(slot, spec)
+        slot.threads = spec.n_threads
         slot.worker = self.workers.take(slot.name, slot.spec.kind)
         log.info(
             "model_loading",
             model=slot.name,
             device="+".join(slot.placements),
             reserved_mib=round(sum(slot.placements.values()) / MIB, 1),
+            threads=slot.threads,
             worker=slot.worker.id,
             spare=slot.worker.ready,
         )
@@ -233,12 +237,45 @@ class Lifecycle:
                 job = slot.queue.popleft()
                 job.started_at = time.monotonic()
                 slot.running[job.request_id] = job
+                if len(slot.running) == 1:
+                    self._hand_out_threads()  # before the run: its worker steps with its new share
                 run = wire.Run(rid=job.request_id, op=job.op, args=job.args)
                 if job.deadline is not None and not job.stream:
                     # The client waits this much longer for the one reply: the worker stops past it. (A stream's
                     # client waits per chunk; if it goes away, the failed send of a chunk cancels the request.)
                     run.deadline_s = max(0.0, job.deadline - job.started_at)
                 self.workers.send(slot.worker, run)
+
+    # ----- CPU threads (see threads.py) -------------------------------------------------------------------------
+
+    def _computing(self) -> list[threads.Computing]:
+        return [
+            threads.Computing(slot.name, slot.threads or 1, threads.adjustable(slot.spec))
+            for slot in self.slots.values()
+            if slot.running and slot.load_spec is not None and threads.computes_on_cpu(slot.load_spec)
+        ]
+
+    def _with_threads(self, slot: ModelSlot, spec: ModelSpec) -> ModelSpec:
+        """The threads a model loads with: a speech model's fixed share; an LLM's share were it computing now."""
+        budget = self.cpu_threads
+        if budget is None or spec.n_threads is not None or not threads.computes_on_cpu(spec):
+            return spec
+        if not threads.adjustable(slot.spec):
+            return msgspec.structs.replace(spec, n_threads=threads.fixed_share(budget))
+        others = [c for c in self._computing() if c.name != slot.name]
+        share = threads.shares(budget, [*others, threads.Computing(slot.name, 1, True)])[slot.name]
+        return msgspec.structs.replace(spec, n_threads=share)
+
+    def _hand_out_threads(self) -> None:
+        """The set of models computing changed: tell each computing LLM whose share moved its new one."""
+        if self.cpu_threads is None:
+            return
+        for name, n in threads.shares(self.cpu_threads, self._computing()).items():
+            slot = self.slots[name]
+            if n != slot.threads and slot.worker is not None:
+                slot.threads = n
+                self.workers.send(slot.worker, wire.Threads(n=n))
+                log.debug("threads_assigned", model=name, threads=n)
 
     def _maybe_unload(self, slot: ModelSlot, reason: str = "requested") -> None:
         if slot.state is ModelState.READY and not slot.busy and slot.worker is not None:
@@ -249,6 +286,8 @@ class Lifecycle:
 
     def _finish(self, slot: ModelSlot, job: Job) -> None:
         slot.running.pop(job.request_id, None)
+        if not slot.running:
+            self._hand_out_threads()
         if job.started_at is not None and job.op != "conversation.drop":
             slot.service_s = policy.service_time(slot.service_s, time.monotonic() - job.started_at)
         slot.last_used, slot.last_used_mono = time.time(), time.monotonic()
@@ -431,6 +470,7 @@ class Lifecycle:
         for job in jobs:
             self._reply_error(job, error)
             self._log_request(slot, job, error.code)
+        self._hand_out_threads()
         self._answer_unload_waiters(slot)
         self._pump(slot)
 

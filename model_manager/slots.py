@@ -118,6 +118,7 @@ class ModelSlot:
     unload_reason: str = "requested"
     load_started_at: float | None = None
     load_spec: ModelSpec | None = None  # the spec as placed (device overrides applied)
+    threads: int | None = None  # the CPU threads its worker was last told to use (None: the engine's default)
     info: dict[str, Any] = field(default_factory=dict)
     last_error: dict[str, Any] | None = None
     last_used: float | None = None  # wall-clock seconds

@@ -110,6 +110,8 @@ class Worker:
                     self._run(message)
             elif isinstance(message, wire.Cancel):
                 self._forget(message.rid)
+            elif isinstance(message, wire.Threads):
+                self._set_threads(message.n)
             elif isinstance(message, wire.Exit):
                 if self.backend is not None:
                     self.backend.unload()
@@ -134,6 +136,11 @@ class Worker:
             info["rss_bytes"] = resident_bytes()
             self.send(wire.Loaded(info=info))
 
+    def _set_threads(self, n: int) -> None:
+        set_threads = getattr(self.backend, "set_threads", None)
+        if set_threads is not None:
+            set_threads(n)
+
     def should_stop(self) -> bool:
         """Asked by a backend between tokens: has the client given up (deadline) or gone away (cancel)?"""
         if self.deadline is not None and time.monotonic() > self.deadline:
@@ -146,6 +153,8 @@ class Worker:
                     self.stop_reason = "cancelled"
                     return True
                 self._forget(message.rid)
+            elif isinstance(message, wire.Threads):  # from the next token on: another model started computing
+                self._set_threads(message.n)
             else:
                 self.pending.append(message)
         return False
@@ -209,6 +218,8 @@ class Worker:
                     self._submit(message)
             elif isinstance(message, wire.Cancel):
                 self._finish(backend.cancel(message.rid, "cancelled"))
+            elif isinstance(message, wire.Threads):
+                self._set_threads(message.n)
             elif isinstance(message, wire.Exit):
                 backend.unload()
                 return True

@@ -1,6 +1,6 @@
 """The manager <-> worker protocol: typed messages, one msgpack frame each, on the manager's workers socket.
 
-Manager -> worker (tag ``cmd``): ``Load`` one model, ``Run`` a request, ``Cancel`` one, ``Exit``.
+Manager -> worker (tag ``cmd``): ``Load`` one model, ``Run`` a request, ``Cancel`` one, ``Threads`` to use, ``Exit``.
 Worker -> manager (tag ``evt``): ``Ready`` (started, engine imported), ``Loaded`` / ``LoadFailed``, then per request
 zero or more ``Chunk`` and one ``Done`` or ``Failed``, and ``Idle`` when it has nothing left to do.
 Binary data a backend makes (audio) travels as ``payload`` and reaches the client as a frame of its own.
@@ -9,7 +9,7 @@ See docs/workers.md.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -37,6 +37,12 @@ class Run(ToWorker, tag="run", kw_only=True):
 
 class Cancel(ToWorker, tag="cancel", kw_only=True):
     rid: str
+
+
+class Threads(ToWorker, tag="threads", kw_only=True):
+    """The CPU threads the model may use from its next step on (an LLM whose threads the manager hands out)."""
+
+    n: Annotated[int, msgspec.Meta(ge=1, le=1024)]
 
 
 class Exit(ToWorker, tag="exit"):
@@ -89,7 +95,7 @@ class Stats(FromWorker, tag="stats", kw_only=True):
 
 
 _encoder = msgspec.msgpack.Encoder()
-_to_worker = msgspec.msgpack.Decoder(Load | Run | Cancel | Exit)
+_to_worker = msgspec.msgpack.Decoder(Load | Run | Cancel | Threads | Exit)
 _from_worker = msgspec.msgpack.Decoder(Ready | Loaded | LoadFailed | Chunk | Done | Failed | Idle | Stats)
 
 

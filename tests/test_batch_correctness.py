@@ -4,7 +4,8 @@ Under batching, llama.cpp's results depend on how a batch is composed, so replie
 documents this for ``cache_prompt``). The test measures that noise first, as the difference between two fresh
 evaluations that differ only in their batch company, then requires every path the engine takes (reuse of a
 conversation's cells under co-batched traffic, a restore from RAM and from disk) to stay within a small multiple of
-it; and it checks that it would notice a real mistake (a position off by one, a dropped token, another
+it; greedy replies with and without reuse must agree up to a divergence the noise explains (a near tie); and it
+checks that it would notice a real mistake (a position off by one, a dropped token, another
 conversation's state), each planted on purpose.
 """
 
@@ -33,10 +34,13 @@ class Forced:
         self.logprobs: list[np.ndarray] = []
 
     def sample(self, _ctx, index: int) -> int:
+        self.record(index)
+        return self.reply[len(self.logprobs) - 1]
+
+    def record(self, index: int) -> None:
         logits = self.engine.logits(index)
         shifted = logits.astype(np.float64) - logits.max()
         self.logprobs.append(shifted - np.log(np.exp(shifted).sum()))
-        return self.reply[len(self.logprobs) - 1]
 
     def accept(self, token: int) -> None:
         pass
@@ -70,6 +74,14 @@ def greedy(backend: BatchedGGUFBackend, prompt: list[int], n: int, owner: str | 
     return job.generated
 
 
+class Greedy(Forced):
+    """A sampler that records the log-probabilities at each step and returns the most likely token."""
+
+    def sample(self, _ctx, index: int) -> int:
+        self.record(index)
+        return int(np.argmax(self.logprobs[-1]))
+
+
 def forced(
     backend: BatchedGGUFBackend,
     prompt: list[int],
@@ -82,6 +94,31 @@ def forced(
 ) -> tuple[np.ndarray, int]:
     """Teacher-forced log-probabilities of ``reply`` after ``prompt`` (one row a position), and the cached count;
     with ``traffic`` other requests decoding in the same steps."""
+    sampler = Forced(reply, backend.engine)
+    job = run(backend, prompt, sampler, len(reply), owner, traffic, reuse, before_start, step_tokens)
+    return np.array(sampler.logprobs), job.cached
+
+
+def greedy_recorded(
+    backend: BatchedGGUFBackend, prompt: list[int], n: int, owner: str | None = None, traffic: int = 0, **how
+) -> tuple[list[int], np.ndarray]:
+    """A greedy reply of ``n`` tokens and the log-probabilities it was chosen from."""
+    sampler = Greedy([], backend.engine)
+    job = run(backend, prompt, sampler, n, owner, traffic, **how)
+    return job.generated, np.array(sampler.logprobs)
+
+
+def run(
+    backend: BatchedGGUFBackend,
+    prompt: list[int],
+    sampler: Forced,
+    n: int,
+    owner: str | None = None,
+    traffic: int = 0,
+    reuse: bool = True,
+    before_start=None,
+    step_tokens: int | None = None,
+) -> Job:
     engine = backend.engine
     others = []
     for i, text in enumerate(TRAFFIC[:traffic]):
@@ -89,8 +126,7 @@ def forced(
         job = Job(f"t{i}", tokens, 64, make_sampler(backend.model, Sampling(temperature=0.0)), lambda _t: True)
         engine.start_on(engine.choose(tokens, None, reuse=False), job, None, reuse=False)
         others.append(job)
-    sampler = Forced(reply, engine)
-    job = Job("forced", prompt, len(reply), sampler, lambda _t: True)  # type: ignore[arg-type]
+    job = Job("measured", prompt, n, sampler, lambda _t: True)  # type: ignore[arg-type]
     sequence = engine.choose(prompt, owner, reuse)
     if before_start is not None:
         sequence = before_start(sequence) or sequence
@@ -103,7 +139,7 @@ def forced(
         engine.step_tokens = budget
     for other in others:
         engine.cancel(other.rid, "done")
-    return np.array(sampler.logprobs), job.cached
+    return job
 
 
 def difference(fresh: np.ndarray, other: np.ndarray) -> float:
@@ -240,3 +276,73 @@ def test_a_prefix_copied_from_another_sequence_matches_a_fresh_evaluation(backen
     got, cached = forced(backend, case["second"], case["reply"], owner="bob", traffic=1, before_start=copy)
     assert cached >= len(case["first"]) - 1
     assert difference(case["fresh"], got) <= case["tolerance"]
+
+
+# ----- greedy, end to end: replies agree, or part where the fresh run was nearly tied ------------------------------
+
+GREEDY_TOKENS = 24
+
+
+def unexplained_divergence(
+    fresh: tuple[list[int], np.ndarray], got: tuple[list[int], np.ndarray], tolerance: float
+) -> int | None:
+    """The first position where ``got`` is not explained by batching noise, or None: up to where its greedy reply
+    leaves the fresh one, both were chosen from log-probabilities within ``tolerance``; and where it leaves, the
+    fresh run's two best tokens were nearly tied (within twice the tolerance: two values that each move by it can
+    swap a gap that wide)."""
+    (tokens, logprobs), (got_tokens, got_logprobs) = fresh, got
+    same = next((i for i, (a, b) in enumerate(zip(tokens, got_tokens, strict=False)) if a != b), None)
+    compared = min(len(tokens), len(got_tokens)) if same is None else same + 1
+    for i in range(compared):
+        if difference(logprobs[i : i + 1], got_logprobs[i : i + 1]) > tolerance:
+            return i
+    if same is not None:
+        best, second = np.sort(logprobs[same])[-2:][::-1]
+        return same if best - second > 2 * tolerance else None
+    return None if len(got_tokens) == len(tokens) else compared
+
+
+@pytest.fixture(scope="module")
+def fresh_greedy(backend, case) -> tuple[list[int], np.ndarray]:
+    clear(backend)
+    return greedy_recorded(backend, case["second"], GREEDY_TOKENS, reuse=False)
+
+
+def test_greedy_replies_with_and_without_reuse_agree_but_where_nearly_tied(backend, case, fresh_greedy) -> None:
+    clear(backend)
+    greedy(backend, case["first"], 12, owner="ann")
+    reused = greedy_recorded(backend, case["second"], GREEDY_TOKENS, owner="ann", traffic=2)
+    assert unexplained_divergence(fresh_greedy, reused, case["tolerance"]) is None
+    clear(backend)
+    greedy(backend, case["first"], 12, owner="ann")
+    source = next(s for s in backend.engine.sequences if s.owner == "ann")
+
+    def copy(target):
+        backend.engine.copy_prefix(source, target, len(case["first"]))
+
+    copied = greedy_recorded(backend, case["second"], GREEDY_TOKENS, owner="bob", traffic=1, before_start=copy)
+    assert unexplained_divergence(fresh_greedy, copied, case["tolerance"]) is None
+
+
+def test_a_greedy_reply_from_another_conversations_state_is_caught(backend, case, fresh_greedy) -> None:
+    clear(backend)
+    other = chat_tokens(backend, "Tell me a long story about a dragon and a knight who live in the mountains.")
+    greedy(backend, other, 12, owner="ann")
+
+    def pretend(target):
+        n = min(len(target.cells), len(case["first"]))
+        backend.engine.remove_cells(target, n, -1)
+        target.cells = list(case["first"][:n])
+
+    wrong = greedy_recorded(backend, case["second"], GREEDY_TOKENS, owner="ann", before_start=pretend)
+    assert unexplained_divergence(fresh_greedy, wrong, case["tolerance"]) == 0
+
+
+def test_a_greedy_reply_that_leaves_a_confident_choice_is_caught(fresh_greedy) -> None:
+    tokens, logprobs = fresh_greedy
+    gaps = [float(np.diff(np.sort(row)[-2:])[0]) for row in logprobs]
+    confident, tied = int(np.argmax(gaps)), int(np.argmin(gaps))
+    for position, expected in ((confident, confident), (tied, None if gaps[tied] <= 0.2 else tied)):
+        runner_up = int(np.argsort(logprobs[position])[-2])
+        swapped = [*tokens[:position], runner_up, *tokens[position + 1 :]]
+        assert unexplained_divergence(fresh_greedy, (swapped, logprobs), 0.1) == expected

@@ -25,8 +25,9 @@ def test_ping_load_status_unload(manager: ManagerProcess) -> None:
     assert "pong from pid" in mm(manager, "ping").stdout
     assert mm(manager, "load", "smollm2").stdout.strip() == "smollm2: ready"
     status = mm(manager, "status").stdout.splitlines()
-    assert status[0].split()[:5] == ["MODEL", "KIND", "DEVICE", "SIZE", "STATE"]
-    assert any(line.startswith("smollm2 ") and " ready " in line for line in status)
+    assert status[0].split()[:6] == ["MODEL", "KIND", "DEVICE", "THREADS", "SIZE", "STATE"]
+    [row] = [line.split() for line in status if line.startswith("smollm2 ")]
+    assert "ready" in row and 1 <= int(row[3]) <= os.cpu_count(), "a CPU model shows the threads it was given"
     assert mm(manager, "unload", "smollm2").stdout.strip() == "smollm2: unloaded"
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from model_client import protocol
 from model_client.errors import Busy
+from model_manager import threads
 from model_manager import worker_protocol as wire
 from model_manager.config import MIB, Config, parse_config
 from model_manager.kvcache import spill_path
@@ -25,6 +26,8 @@ from model_manager.memory import MemoryAccounting
 from model_manager.metrics import ManagerMetrics
 from model_manager.pool import WorkerHandle
 from model_manager.slots import Job, ModelState, Waiter
+from model_manager.status import model_entry
+from tests.conftest import SMOLLM2
 
 VOICE_BYTES = MIB  # a voice needs 1.5 x its file + 80 MiB working + 64 MiB worker: about 146 MiB
 
@@ -113,16 +116,24 @@ class FakeOutbox:
 class Bench:
     """A lifecycle with its fakes, and the moves a test makes as client and as worker."""
 
-    def __init__(self, tmp_path: Path, extra: str = "", voices: tuple[str, ...] = ("a",)) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        extra: str = "",
+        voices: tuple[str, ...] = ("a",),
+        llms: str = "",
+        cpu_threads: str = "auto",
+    ) -> None:
         for name in voices:
             (tmp_path / f"{name}.onnx").write_bytes(b"\0" * VOICE_BYTES)
-        models = "".join(f"  {name}: {{kind: tts, path: {name}.onnx, idle_ttl_s: -1}}\n" for name in voices)
+        models = "".join(f"  {name}: {{kind: tts, path: {name}.onnx, idle_ttl_s: -1}}\n" for name in voices) + llms
         text = textwrap.dedent(
-            """\
-            manager: {state_dir: state}
-            kv_cache: {spill_dir: kv}
-            devices: {mode: simulated, simulated: [{total_mib: 1000}], simulated_host_mib: 400, host_headroom_mib: 0}
-            scheduler: {hold_after_use_s: 0}
+            f"""\
+            manager: {{state_dir: state}}
+            kv_cache: {{spill_dir: kv}}
+            devices: {{mode: simulated, simulated: [{{total_mib: 1000}}], simulated_host_mib: 400,
+                      host_headroom_mib: 0, cpu_threads: {cpu_threads}}}
+            scheduler: {{hold_after_use_s: 0}}
             """
         )
         self.config: Config = parse_config(text + extra + "models:\n" + models, tmp_path)
@@ -389,3 +400,89 @@ def test_a_request_that_would_start_after_its_deadline_is_refused_at_once(tmp_pa
     bench.life.enqueue(bench.slot(), patient)
     bench.say(handle, wire.Done(rid=first.request_id, result={}))
     assert runs(bench.workers, handle) == [first.request_id, queued.request_id]
+
+
+# ----- CPU threads: the models computing at once share the cores ---------------------------------------------------
+
+
+def chat_model(**fields: Any) -> str:
+    extra = "".join(f", {key}: {value}" for key, value in fields.items())
+    return f"  chat: {{kind: llm, path: {SMOLLM2}, quantization: Q4_1, n_ctx: 256, idle_ttl_s: -1{extra}}}\n"
+
+
+def load_with_facts(bench: Bench, name: str) -> WorkerHandle:
+    """Load an LLM whose GGUF header the memory books read first (in the manager, a background read)."""
+    bench.memory.store.read_now(bench.slot(name).spec.path)
+    bench.life.schedule()
+    return bench.load(name)
+
+
+def threads_sent(bench: Bench, handle: WorkerHandle) -> list[int]:
+    return [m.n for m in bench.workers.to(handle) if isinstance(m, wire.Threads)]
+
+
+def test_an_llm_alone_gets_every_core_and_gives_half_to_a_voice_while_it_speaks(tmp_path: Path) -> None:
+    bench = Bench(tmp_path, llms=chat_model(), cpu_threads="2")
+    first = bench.ask(b"c1", "chat")
+    chat = load_with_facts(bench, "chat")
+    [load] = [m for m in bench.workers.to(chat) if isinstance(m, wire.Load)]
+    assert load.spec.n_threads == 2, "alone, the LLM loads with the whole budget"
+    spoken = bench.ask(b"c2", "a")
+    voice = bench.load("a")
+    [voice_load] = [m for m in bench.workers.to(voice) if isinstance(m, wire.Load)]
+    assert voice_load.spec.n_threads == 1, "a speech engine cannot change its threads later: it gets half"
+    assert threads_sent(bench, chat) == [1], "the voice started: the LLM steps on what it leaves"
+    assert model_entry(bench.slot("chat"), time.time())["threads"] == 1
+    bench.say(voice, wire.Done(rid=spoken.request_id, result={}))
+    assert threads_sent(bench, chat) == [1, 2], "the voice is done: the LLM gets every core back"
+    bench.say(chat, wire.Done(rid=first.request_id, result={}))
+    bench.ask(b"c3", "chat")
+    assert threads_sent(bench, chat) == [1, 2], "nothing changed for it: nothing is sent"
+    assert runs(bench.workers, chat)[-1] == "r3"
+
+
+def test_the_new_share_reaches_the_worker_before_the_run_that_needs_it(tmp_path: Path) -> None:
+    bench = Bench(tmp_path, llms=chat_model(), cpu_threads="2")
+    speaking = bench.ask(b"c1", "a")
+    bench.load("a")
+    bench.ask(b"c2", "chat")
+    chat = load_with_facts(bench, "chat")
+    [load] = [m for m in bench.workers.to(chat) if isinstance(m, wire.Load)]
+    assert load.spec.n_threads == 1, "loaded while the voice speaks: the share left beside it"
+    bench.say(bench.worker("a"), wire.Done(rid=speaking.request_id, result={}))
+    assert [type(m) for m in bench.workers.to(chat)] == [wire.Load, wire.Run, wire.Threads]
+    assert threads_sent(bench, chat) == [2]
+
+
+@pytest.mark.parametrize(("cpu_threads", "fields", "loaded_with"), [("0", {}, None), ("2", {"n_threads": 1}, 1)])
+def test_threads_the_yaml_decides_are_never_handed_out(
+    tmp_path: Path, cpu_threads: str, fields: dict, loaded_with: int | None
+) -> None:
+    bench = Bench(tmp_path, llms=chat_model(**fields), cpu_threads=cpu_threads)
+    bench.ask(b"c1", "chat")
+    chat = load_with_facts(bench, "chat")
+    bench.ask(b"c2", "a")
+    voice = bench.load("a")
+    [load] = [m for m in bench.workers.to(chat) if isinstance(m, wire.Load)]
+    [voice_load] = [m for m in bench.workers.to(voice) if isinstance(m, wire.Load)]
+    assert load.spec.n_threads == loaded_with
+    assert voice_load.spec.n_threads == (None if cpu_threads == "0" else 1)
+    assert threads_sent(bench, chat) == []
+
+
+@pytest.mark.parametrize(
+    ("budget", "computing", "expected"),
+    [
+        (2, [("llm", 0)], {"llm": 2}),
+        (2, [("llm", 0), ("whisper", 1)], {"llm": 1}),
+        (3, [("b", 0), ("a", 0)], {"a": 2, "b": 1}),
+        (16, [("a", 0), ("b", 0), ("whisper", 8)], {"a": 4, "b": 4}),
+        (2, [("llm", 0), ("whisper", 1), ("voice", 1)], {"llm": 1}),  # never none, even past the budget
+        (4, [("whisper", 2)], {}),
+    ],
+)
+def test_the_cores_left_by_fixed_shares_are_split_among_the_computing_llms(
+    budget: int, computing: list[tuple[str, int]], expected: dict[str, int]
+) -> None:
+    users = [threads.Computing(name, held or 1, adjustable=held == 0) for name, held in computing]
+    assert threads.shares(budget, users) == expected

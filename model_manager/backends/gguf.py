@@ -89,6 +89,7 @@ class GGUFBackend:
                 split_mode=0 if spec.gpu is not None else 1,  # LLAMA_SPLIT_MODE_NONE pins to main_gpu
                 tensor_split=spec.tensor_split,
                 n_threads=spec.n_threads,
+                n_threads_batch=spec.n_threads,
                 n_batch=spec.n_batch,
                 verbose=False,
             )
@@ -111,6 +112,11 @@ class GGUFBackend:
             "size_bytes": llm._model.size(),
             "architecture": llm.metadata.get("general.architecture", ""),
         }
+
+    def set_threads(self, n: int) -> None:
+        """From the next evaluation on (llama.cpp reads its context's thread counts at each decode)."""
+        assert self.llm is not None
+        llama_cpp.llama_set_n_threads(self.llm.ctx, n, n)
 
     @staticmethod
     def _chat_formatter(llm: Llama, chat_format: str | None) -> ChatFormatter:

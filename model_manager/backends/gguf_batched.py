@@ -335,6 +335,11 @@ class BatchedGGUFBackend:
 
     # ----- between requests -----------------------------------------------------------------------------------
 
+    def set_threads(self, n: int) -> None:
+        """From the next step on (llama.cpp reads its context's thread counts at each decode)."""
+        assert self.ctx is not None
+        llama_cpp.llama_set_n_threads(self.ctx.ctx, n, n)
+
     def after_reply(self, idle: bool = True) -> None:
         if self.store is not None:
             self.store.expire()

@@ -6,12 +6,14 @@ each as a chunk of raw s16 PCM, so a listener hears the first sentence while the
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
+import onnxruntime
 from piper import PiperVoice
-from piper.config import SynthesisConfig
+from piper.config import PiperConfig, SynthesisConfig
 
 from model_client.audio import pcm_to_wav
 from model_client.errors import BadRequest, ModelLoadFailed
@@ -38,7 +40,11 @@ class PiperBackend:
         if not config.is_file():
             raise ModelLoadFailed(f"a Piper voice needs its config beside it: {config} is missing", path=str(config))
         try:
-            self.voice = PiperVoice.load(spec.path, config_path=config, use_cuda=spec.device == "cuda")
+            if spec.n_threads and spec.device == "cpu":  # the manager's share of the cores (model_manager/threads.py)
+                settings = PiperConfig.from_dict(json.loads(config.read_text(encoding="utf-8")))
+                self.voice = PiperVoice(session=_cpu_session(spec.path, spec.n_threads), config=settings)
+            else:
+                self.voice = PiperVoice.load(spec.path, config_path=config, use_cuda=spec.device == "cuda")
         except Exception as exc:
             raise ModelLoadFailed(f"cannot load the Piper voice at {spec.path}: {exc}", path=spec.path) from None
         self.speaker = spec.speaker
@@ -109,3 +115,10 @@ class PiperBackend:
 
     def unload(self) -> None:
         self.voice = None
+
+
+def _cpu_session(path: str, threads: int) -> onnxruntime.InferenceSession:
+    """The voice's ONNX session on ``threads`` CPU threads (Piper's own loader takes every core)."""
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    return onnxruntime.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
