@@ -39,6 +39,7 @@ class Defaults(Section):
     priority: int = 50
     max_queue: PositiveInt = 32
     context_overflow: Literal["error", "truncate"] = "error"
+    parallel: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
 
 
 class Limits(Section):
@@ -133,7 +134,7 @@ class ModelSpec(Section):
     nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 0
     # llm: requests served at once (continuous batching; each sequence holds n_ctx, the KV memory is n_ctx x parallel);
     # 1 serves one at a time, bit-exact with and without conversation reuse
-    parallel: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    parallel: Annotated[int, msgspec.Meta(ge=1, le=64)] | None = None
     pinned: bool = False  # never evicted
     preload: bool = False  # loaded and warmed up when the manager starts
     description: str = ""
@@ -189,6 +190,7 @@ def _resolve_model(spec: ModelSpec, defaults: Defaults, base_dir: Path) -> Model
             "priority",
             "max_queue",
             "context_overflow",
+            "parallel",
         )
     }
     return msgspec.structs.replace(spec, path=str(resolve_path(spec.path, base_dir)), **filled)

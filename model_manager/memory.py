@@ -64,7 +64,7 @@ class MemoryAccounting:
         where = f"gpu:{spec.n_gpu_layers}" if on_gpu else "cpu"
         if spec.kind != "llm":
             return f"{file_key}|{spec.kind}|{spec.compute_type}|batch={spec.batch_size}|{where}"
-        parallel = f"|parallel={spec.parallel}" if spec.parallel > 1 else ""
+        parallel = f"|parallel={spec.parallel}" if (spec.parallel or 1) > 1 else ""
         return f"{file_key}|ctx={spec.n_ctx}|batch={spec.n_batch}{parallel}|{where}"
 
     def needs(self, slot: ModelSlot) -> tuple[int, int] | None:
@@ -86,7 +86,7 @@ class MemoryAccounting:
         context = self.config.devices.cuda_context_mib * MIB
         simulated = self.inventory.mode == "simulated"
         on_gpu = spec.wants_gpu and not simulated
-        n_ctx = spec.n_ctx * spec.parallel  # the KV pool of every sequence
+        n_ctx = spec.n_ctx * (spec.parallel or 1)  # the KV pool of every sequence
         est_cpu = estimate_gguf(facts, n_ctx, spec.n_batch, False, 0, self.worker_base)
         est_gpu = estimate_gguf(facts, n_ctx, spec.n_batch, True, spec.n_gpu_layers, context)
         slot.estimate = est_gpu if on_gpu else est_cpu

@@ -160,7 +160,7 @@ class ModelSlot:
         """Requests the worker may hold at once: Whisper's batch size, an LLM's parallel sequences, else one."""
         if self.spec.kind == "stt":
             return self.spec.batch_size
-        return self.spec.parallel if self.spec.kind == "llm" else 1
+        return (self.spec.parallel or 1) if self.spec.kind == "llm" else 1
 
     def idle_for(self, now: float) -> float | None:
         return None if self.last_used is None or self.busy else max(0.0, now - self.last_used)

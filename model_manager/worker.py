@@ -122,7 +122,7 @@ class Worker:
             spec = load.spec
             if spec.nice:
                 os.nice(spec.nice)
-            self.backend = create_backend(spec.kind, spec.parallel)
+            self.backend = create_backend(spec.kind, spec.parallel or 1)
             info = self.backend.load(spec, load.name, load.kv, load.limits)
             # Speech models always run once at load: cheap, and the measured size then includes working buffers.
             if load.warm or spec.kind != "llm":

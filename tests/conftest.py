@@ -70,6 +70,10 @@ def base_config(run_dir: Path) -> dict:
         },
         "manager": {"heartbeat_s": 0.5, "log_level": "debug", "state_dir": str(state)},
         "metrics": {"port": 0},  # any free port: tests never collide with a running stack
+        # One request at a time per LLM (the exact engine): these tests assert serving order, full queues, exact
+        # replies with reuse and memory sizes. Batching (the shipped default) has its own daemons in
+        # test_batching.py and test_batch_correctness.py.
+        "defaults": {"parallel": 1},
         "kv_cache": {"spill_dir": str(run_dir / "kv")},
         "models": {
             "smollm2": smollm2,

@@ -182,7 +182,7 @@ def test_status_table_reads_like_ollama_ps(client: ModelClient) -> None:
     client.load("smollm2")
     table = format_status(client.status())
     header, *rows = table.splitlines()
-    assert header.split()[:5] == ["MODEL", "KIND", "DEVICE", "SIZE", "STATE"]
+    assert header.split()[:6] == ["MODEL", "KIND", "DEVICE", "THREADS", "SIZE", "STATE"]
     row = next(r for r in rows if r.startswith("smollm2 "))
     assert " llm " in row and "cpu" in row and "ready" in row and "MB" in row
 

@@ -87,7 +87,7 @@ class BatchedGGUFBackend:
         if not os.path.isfile(spec.path):
             raise ModelLoadFailed(f"model file not found: {spec.path}", path=spec.path)
         started = time.perf_counter()
-        self.parallel, self.n_ctx = spec.parallel, spec.n_ctx or 2048
+        self.parallel, self.n_ctx = spec.parallel or 4, spec.n_ctx or 2048
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = spec.n_gpu_layers if spec.n_gpu_layers is not None else 0
         model_params.main_gpu = spec.gpu or 0
