@@ -48,6 +48,7 @@ def ceiling(path: Path, sequences: int, parallel: int, tokens: int, threads: int
         ctx_params.n_ctx, ctx_params.n_seq_max, ctx_params.kv_unified = N_CTX * parallel, parallel, False
         ctx_params.n_batch = ctx_params.n_ubatch = 512
         ctx_params.n_threads = ctx_params.n_threads_batch = threads
+        ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED  # as the daemon's engine
         ctx = LlamaContext(model=model, params=ctx_params, verbose=False)
     prompt = model.tokenize(COUNTING.encode(), add_bos=True, special=False)
     batch = llama_cpp.llama_batch_init(512, 0, 1)
@@ -144,6 +145,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--long", type=int, default=3, help="long generations running while TTFT is measured")
     parser.add_argument("--rounds", type=int, default=3, help="TTFT samples, idle and under load")
+    parser.add_argument("--repeats", type=int, default=3, help="raw and daemon runs per level, alternated (medians)")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
@@ -171,8 +173,11 @@ def main() -> None:
             client.load(name)
             through_daemon(client.endpoint, name, 1, 8)  # warm the worker's first request
             for n in levels:
-                raw = ceiling(MODELS[name][0], n, parallel, args.tokens, args.threads)
-                served = through_daemon(client.endpoint, name, n, args.tokens)
+                raws, serveds = [], []
+                for _ in range(args.repeats):  # alternated, so that the machine's drift hits both sides alike
+                    raws.append(ceiling(MODELS[name][0], n, parallel, args.tokens, args.threads))
+                    serveds.append(through_daemon(client.endpoint, name, n, args.tokens))
+                raw, served = statistics.median(raws), statistics.median(serveds)
                 ratios.setdefault(name, {})[n] = served / raw
                 rows.append((name, n, raw, served))
             idle, loaded = ttft_under_load(client.endpoint, name, args.long, args.tokens, args.rounds)

@@ -40,10 +40,12 @@ def user_turn(conversation: int, turn: int) -> str:
 
 
 def run(client: ModelClient, conversations: int, turns: int, reuse: bool, tag: str, think_s: float = 0.0):
-    """Returns per turn: TTFT of every conversation (ms), prompt tokens, and the replies' texts."""
+    """Returns per turn: TTFT of every conversation (ms), prompt tokens, tokens evaluated (not cached), and the
+    replies' texts."""
     histories = [[{"role": "system", "content": SYSTEM}] for _ in range(conversations)]
     ttft: list[list[float]] = [[] for _ in range(turns)]
     prompt_tokens: list[list[int]] = [[] for _ in range(turns)]
+    evaluated: list[list[int]] = [[] for _ in range(turns)]
     replies: list[str] = []
     for turn in range(turns):
         for conv in range(conversations):
@@ -64,10 +66,12 @@ def run(client: ModelClient, conversations: int, turns: int, reuse: bool, tag: s
                 first = first or time.perf_counter()
             assert stream.result is not None
             ttft[turn].append(((first or time.perf_counter()) - started) * 1000)
-            prompt_tokens[turn].append(stream.result.usage["prompt_tokens"])
+            usage = stream.result.usage
+            prompt_tokens[turn].append(usage["prompt_tokens"])
+            evaluated[turn].append(usage["prompt_tokens"] - usage["cached_tokens"])
             histories[conv].append({"role": "assistant", "content": stream.result.text})
             replies.append(stream.result.text)
-    return ttft, prompt_tokens, replies
+    return ttft, prompt_tokens, evaluated, replies
 
 
 def main() -> None:
@@ -88,18 +92,25 @@ def main() -> None:
     with running_daemon(config) as client:
         client.load("smollm2")
         think = args.think_ms / 1000
-        reuse_ttft, history, reuse_replies = run(client, args.conversations, args.turns, True, "reuse", think)
+        reuse = run(client, args.conversations, args.turns, True, "reuse", think)
+        reuse_ttft, history, evaluated, reuse_replies = reuse
         kv = next(m for m in client.status()["models"] if m["name"] == "smollm2")["kv_cache"]
-        plain_ttft, _, plain_replies = run(client, args.conversations, args.turns, False, "plain", think)
+        plain_ttft, _, _, plain_replies = run(client, args.conversations, args.turns, False, "plain", think)
 
     median = [statistics.median(t) for t in reuse_ttft]
     plain = [statistics.median(t) for t in plain_ttft]
     tokens = [round(statistics.mean(t)) for t in history]
+    new = [round(statistics.mean(t)) for t in evaluated]
     last = args.turns - 1
-    print(f"{'turn':>5}{'history tokens':>16}{'TTFT reuse ms':>15}{'TTFT no reuse ms':>18}{'speed-up':>10}")
+    print(
+        f"{'turn':>5}{'history tokens':>16}{'evaluated':>11}{'TTFT reuse ms':>15}{'TTFT no reuse ms':>18}"
+        f"{'speed-up':>10}"
+    )
     for turn in (t - 1 for t in REPORTED_TURNS if t <= args.turns):
         speedup = plain[turn] / median[turn]
-        print(f"{turn + 1:>5}{tokens[turn]:>16}{median[turn]:>15.1f}{plain[turn]:>18.1f}{speedup:>10.2f}")
+        print(
+            f"{turn + 1:>5}{tokens[turn]:>16}{new[turn]:>11}{median[turn]:>15.1f}{plain[turn]:>18.1f}{speedup:>10.2f}"
+        )
     print(f"saved states: {kv['conversations']} conversations, {kv['bytes'] / MIB:.1f} MiB in RAM")
     figures = {
         "ttft_turn10_reuse_ms": round(median[last], 1),
@@ -108,6 +119,8 @@ def main() -> None:
         "history_tokens_turn10": tokens[last],
         "state_bytes_per_conversation": round(kv["bytes"] / max(1, kv["conversations"])),
         "ttft_growth": round(median[last] / median[0], 3),
+        "evaluated_tokens_turn1": new[0],
+        "evaluated_tokens_turn10": new[last],
         "ttft_turn1_reuse_ms": round(median[0], 1),
         "ttft_turn5_reuse_ms": round(median[min(4, last)], 1),
         "replies_identical": reuse_replies == plain_replies,

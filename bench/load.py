@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--soak", type=float, default=20.0, help="seconds of soak; 0 skips it")
     parser.add_argument("--parallel", type=int, default=4, help="the chat model's sequences (continuous batching)")
     parser.add_argument("--ops", default="chat,transcribe")
-    parser.add_argument("--max-queue", type=int, default=32, help="the chat model's queue")
+    parser.add_argument("--max-queue", type=int, default=64, help="the chat model's queue")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     port = free_port()

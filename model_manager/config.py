@@ -37,7 +37,7 @@ class Defaults(Section):
     n_batch: PositiveInt = 512
     idle_ttl_s: float = 300.0
     priority: int = 50
-    max_queue: PositiveInt = 32
+    max_queue: PositiveInt = 64
     context_overflow: Literal["error", "truncate"] = "error"
     parallel: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
 
@@ -173,6 +173,7 @@ class Config(Section, rename={"enable_legacy_models": "ENABLE_LEGACY_MODELS"}):
     models: dict[ModelName, ModelSpec] = {}
     # Sections read by the other daemons (services, agents); each validates its own.
     services: dict[str, Any] = {}
+    gateway: dict[str, Any] = {}
     agents: dict[str, Any] = {}
     personas: dict[str, Any] = {}
     routing: dict[str, Any] = {}

@@ -22,6 +22,7 @@ TINY = {  # the longest first, so that those run side by side end together
     "voice_turn.py": ["--turns", "1"],
     "kv_cache.py": ["--conversations", "1", "--turns", "2", "--threads", "1"],
     "cpu_share.py": ["--rounds", "1", "--prompt-words", "40"],
+    "gateway.py": ["--rounds", "1", "--tokens", "8"],
     "load.py": ["--levels", "2", "--requests", "4", "--budget", "30", "--soak", "0"],
     "speech.py": ["--rounds", "1", "--threads", "1", "--clips", "2"],
     "transport.py": ["--pings", "50", "--tokens", "8", "--rounds", "1", "--threads", "1"],

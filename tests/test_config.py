@@ -21,7 +21,7 @@ def test_defaults_fill_every_model_field(tmp_path: Path) -> None:
     config = parse_config(MINIMAL, tmp_path)
     spec = config.models["tiny"]
     assert spec.n_ctx == config.defaults.n_ctx == 2048
-    assert spec.idle_ttl_s == 300 and spec.priority == 50 and spec.max_queue == 32
+    assert spec.idle_ttl_s == 300 and spec.priority == 50 and spec.max_queue == 64
     assert spec.path == str(tmp_path / "models" / "tiny.gguf")
     assert config.enable_legacy_models is False
 

@@ -1,0 +1,112 @@
+"""The gateway's ASGI app: the OpenAI routes under ``/v1``, Ollama's under ``/`` and ``/api``, errors in each
+family's own shape, bearer keys off loopback, and a cap on request bodies."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.config import GatewaySettings
+from gateway.errors import HttpError, from_manager, ollama_error, openai_error
+from gateway.link import ManagerLink
+from gateway.ollama_api import Ollama
+from gateway.openai_api import OpenAI
+from model_client.errors import ModelManagerError
+
+log = structlog.get_logger("gateway")
+
+
+def _is_openai(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
+
+
+async def on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HttpError)
+    return openai_error(exc) if _is_openai(request) else ollama_error(exc)
+
+
+async def on_manager_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ModelManagerError)
+    log.info("request_failed", path=request.url.path, code=exc.code, message=exc.message)
+    return await on_http_error(request, from_manager(exc))
+
+
+class Guard:
+    """Bearer keys (when configured) and the body cap, before any route reads the request."""
+
+    def __init__(self, app: ASGIApp, settings: GatewaySettings) -> None:
+        self.app = app
+        self.keys = [key.encode() for key in settings.api_keys]
+        self.max_body = settings.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        openai = scope["path"].startswith("/v1/")
+        if self.keys and not self._authorized(headers.get(b"authorization", b"")):
+            error = HttpError(401, "a valid API key is required (Authorization: Bearer KEY)", code="invalid_api_key")
+            await (openai_error(error) if openai else ollama_error(error))(scope, receive, send)
+            return
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
+            error = HttpError(413, f"the request body is larger than {self.max_body} bytes", code="body_too_large")
+            await (openai_error(error) if openai else ollama_error(error))(scope, receive, send)
+            return
+        seen = 0
+
+        async def capped() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                raise HttpError(413, f"the request body is larger than {self.max_body} bytes", code="body_too_large")
+            return message
+
+        await self.app(scope, capped, send)
+
+    def _authorized(self, header: bytes) -> bool:
+        scheme, _, key = header.partition(b" ")
+        return scheme.lower() == b"bearer" and any(hmac.compare_digest(key.strip(), k) for k in self.keys)
+
+
+def build_app(settings: GatewaySettings, manager_endpoint: str) -> Starlette:
+    link = ManagerLink(manager_endpoint, settings.request_timeout_s)
+    openai, ollama = OpenAI(link), Ollama(link)
+    routes = [
+        Route("/v1/models", openai.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", openai.model, methods=["GET"]),
+        Route("/v1/chat/completions", openai.chat_completions, methods=["POST"]),
+        Route("/v1/completions", openai.completions, methods=["POST"]),
+        Route("/", ollama.root, methods=["GET", "HEAD"]),
+        Route("/api/version", ollama.version, methods=["GET"]),
+        Route("/api/tags", ollama.tags, methods=["GET"]),
+        Route("/api/ps", ollama.ps, methods=["GET"]),
+        Route("/api/show", ollama.show, methods=["POST"]),
+        Route("/api/pull", ollama.pull, methods=["POST"]),
+        Route("/api/chat", ollama.chat, methods=["POST"]),
+        Route("/api/generate", ollama.generate, methods=["POST"]),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        yield
+        link.close()
+
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HttpError: on_http_error, ModelManagerError: on_manager_error},
+        lifespan=lifespan,
+    )
+    app.add_middleware(Guard, settings=settings)
+    return app

@@ -1,0 +1,38 @@
+"""The ``gateway`` section of the YAML."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+
+from daemonkit.settings import ConfigError, Section, convert, read_sections
+
+
+class GatewaySettings(Section):
+    host: str = "127.0.0.1"  # off loopback, `api_keys` must be set: clients then send `Authorization: Bearer KEY`
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8100
+    api_keys: list[Annotated[str, msgspec.Meta(min_length=16)]] = []
+    request_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0  # how long a request may wait for the manager
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 32 * 1024 * 1024
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_gateway_settings(path: Path) -> GatewaySettings:
+    data, _base_dir = read_sections(path)
+    settings = convert(data.get("gateway") or {}, GatewaySettings, str(path), "$.gateway")
+    if not is_loopback(settings.host) and not settings.api_keys:
+        raise ConfigError(
+            f"{path}: gateway.host {settings.host!r} is off loopback: set gateway.api_keys - at `$.gateway`"
+        )
+    return settings

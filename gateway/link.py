@@ -1,0 +1,69 @@
+"""The gateway's link to the manager: asyncio ZeroMQ, one DEALER per request.
+
+A socket of its own per request makes cancelling free: when an HTTP client goes away, its request's generator is
+closed, the socket with it, and the manager's next chunk for it finds no peer, so the manager cancels the
+generation (as it does for any client gone). Requests speak the manager's own envelope (``model_client.protocol``)
+and fail with its typed errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from model_client import protocol
+from model_client.errors import BadRequest, Timeout, error_from_wire
+from model_client.security import CurveClient, connect_securely
+
+
+class ManagerLink:
+    def __init__(self, endpoint: str, timeout_s: float, curve: CurveClient | None = None) -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self.curve = curve or CurveClient.from_env()
+        self.ctx = zmq.asyncio.Context()
+
+    async def replies(
+        self, op: str, args: dict[str, Any], timeout_s: float | None = None, payloads: tuple[bytes, ...] = ()
+    ) -> AsyncIterator[protocol.Reply]:
+        """The request's chunks, then its final result; a typed error is raised. Closing the iterator early (the
+        HTTP client left) closes the socket, which cancels the request in the manager."""
+        timeout_s = timeout_s or self.timeout_s
+        request = protocol.Request(op=op, args=args, payloads=payloads, deadline_ms=round(timeout_s * 1000, 1))
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            connect_securely(sock, self.endpoint, self.curve)
+            await sock.send_multipart([b"", *protocol.encode_request(request)])
+            while True:
+                if not await sock.poll(timeout_s * 1000):
+                    raise Timeout(f"no reply from the model manager within {timeout_s} s", endpoint=self.endpoint)
+                frames = await sock.recv_multipart()
+                try:
+                    reply = protocol.decode_reply(frames[1:] if frames and frames[0] == b"" else frames)
+                except BadRequest:
+                    continue
+                if reply.id not in (request.id, None):
+                    continue
+                if reply.type == protocol.REPLY_ERROR:
+                    raise error_from_wire(reply.body)
+                yield reply
+                if reply.is_final:
+                    return
+        finally:
+            sock.close(linger=0)
+
+    async def request(
+        self, op: str, args: dict[str, Any], timeout_s: float | None = None, payloads: tuple[bytes, ...] = ()
+    ) -> Any:
+        """One request's final result."""
+        async for reply in self.replies(op, args, timeout_s, payloads):
+            if reply.is_final:
+                return reply.body
+        raise Timeout("the model manager ended the reply without a result", endpoint=self.endpoint)
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)

@@ -1,0 +1,283 @@
+"""Ollama's API, the subset Home Assistant's Ollama integration and editors' Ollama providers call: version, tags,
+ps, show, chat and generate (NDJSON streams, streamed unless ``stream: false``), and pull (which never downloads:
+it succeeds for a catalogue name, else 404). Model names may carry Ollama's ``:latest`` tag."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from gateway.errors import HttpError
+from gateway.link import ManagerLink
+from gateway.openai_api import decode
+from model_client import protocol
+
+VERSION = "0.9.0"  # the Ollama API version whose subset is served
+
+
+class Options(msgspec.Struct):
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=5.0)] | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    min_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+    repeat_penalty: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
+    seed: int | None = None
+    num_predict: int | None = None
+    stop: list[str] | None = None
+    num_ctx: int | None = None  # the catalogue decides a model's context: accepted, not applied
+
+
+class OllamaMessage(msgspec.Struct):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+
+
+class Generation(msgspec.Struct, kw_only=True):
+    model: str
+    stream: bool = True
+    format: Literal["json"] | dict[str, Any] | None = None
+    options: Options | None = None
+    keep_alive: str | int | float | None = None
+
+
+class ChatBody(Generation, kw_only=True):
+    messages: list[OllamaMessage] = []
+    tools: list[dict[str, Any]] | None = None
+
+
+class GenerateBody(Generation, kw_only=True):
+    prompt: str = ""
+    system: str | None = None
+
+
+class ModelBody(msgspec.Struct):
+    model: str | None = None
+    name: str | None = None  # older clients
+
+    @property
+    def chosen(self) -> str:
+        if not (self.model or self.name):
+            raise HttpError(400, "model is required", "model")
+        return name_of(self.model or self.name or "")
+
+
+class PullBody(ModelBody):
+    stream: bool = True
+
+
+def name_of(model: str) -> str:
+    return model.removesuffix(":latest")
+
+
+def unloads(keep_alive: str | int | float | None) -> bool:
+    """Ollama's ``keep_alive`` 0 (``"0"``, ``"0s"``, ``"0m"``): unload once answered. Other values keep the
+    catalogue's idle TTL."""
+    if isinstance(keep_alive, int | float):
+        return keep_alive == 0
+    return isinstance(keep_alive, str) and keep_alive.strip().rstrip("smh") in ("0", "0.0")
+
+
+def _args(body: Generation) -> dict[str, Any]:
+    args: dict[str, Any] = {"model": name_of(body.model)}
+    options = body.options or Options()
+    for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "stop"):
+        if (value := getattr(options, name)) is not None:
+            args[name] = value
+    if options.num_predict is not None and options.num_predict > 0:
+        args["max_tokens"] = options.num_predict
+    if body.format == "json":
+        args["json_schema"] = {"type": "object"}
+    elif isinstance(body.format, dict):
+        args["json_schema"] = body.format
+    return args
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _details(entry: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": entry.get("architecture") or "",
+        "families": None,
+        "parameter_size": "",
+        "quantization_level": entry.get("quantization") or "",
+    }
+
+
+class Ollama:
+    def __init__(self, link: ManagerLink) -> None:
+        self.link = link
+
+    async def root(self, request: Request) -> Response:
+        return PlainTextResponse("Ollama is running")
+
+    async def version(self, request: Request) -> Response:
+        return JSONResponse({"version": VERSION})
+
+    async def _llms(self) -> list[dict[str, Any]]:
+        return [m for m in (await self.link.request("models", {}, timeout_s=5.0))["models"] if m["kind"] == "llm"]
+
+    async def tags(self, request: Request) -> Response:
+        models = [
+            {
+                "name": m["name"],
+                "model": m["name"],
+                "modified_at": _now(),
+                "size": m.get("file_bytes") or 0,
+                "digest": "",
+                "details": _details(m),
+            }
+            for m in await self._llms()
+        ]
+        return JSONResponse({"models": models})
+
+    async def ps(self, request: Request) -> Response:
+        status = await self.link.request("status", {}, timeout_s=5.0)
+        running = []
+        for m in status["models"]:
+            if m["kind"] != "llm" or m["state"] != "ready":
+                continue
+            left = m.get("ttl_left_s")
+            expires = datetime.fromtimestamp(time.time() + (left if left is not None else 10 * 365 * 86400), UTC)
+            on_gpu = bool(m["device"]) and "cpu" not in m["device"].split("+")
+            running.append(
+                {
+                    "name": m["name"],
+                    "model": m["name"],
+                    "size": m["size_bytes"] or 0,
+                    "size_vram": (m["size_bytes"] or 0) if on_gpu else 0,
+                    "digest": "",
+                    "details": _details(m),
+                    "expires_at": expires.isoformat().replace("+00:00", "Z"),
+                    "context_length": m.get("n_ctx") or 0,
+                }
+            )
+        return JSONResponse({"models": running})
+
+    async def show(self, request: Request) -> Response:
+        name = (await decode(request, ModelBody)).chosen
+        entry = next((m for m in await self._llms() if m["name"] == name), None)
+        if entry is None:
+            raise HttpError(404, f"model '{name}' not found")
+        architecture = entry.get("architecture") or "llama"
+        return JSONResponse(
+            {
+                "modelfile": "",
+                "parameters": "",
+                "template": "",
+                "details": _details(entry),
+                "model_info": {"general.architecture": architecture, f"{architecture}.context_length": entry["n_ctx"]},
+                "capabilities": ["completion"],
+                "modified_at": _now(),
+            }
+        )
+
+    async def pull(self, request: Request) -> Response:
+        body = await decode(request, PullBody)
+        if body.chosen not in {m["name"] for m in await self._llms()}:
+            raise HttpError(404, "pull model manifest: file does not exist (this server never downloads models)")
+        if body.stream:
+            return StreamingResponse(_lines([{"status": "success"}]), media_type="application/x-ndjson")
+        return JSONResponse({"status": "success"})
+
+    async def chat(self, request: Request) -> Response:
+        body = await decode(request, ChatBody)
+        if body.tools:
+            raise HttpError(400, "tool calling is not served yet: send the request without tools")
+        if not body.messages:  # Ollama's way to load a model (or, with keep_alive 0, to unload it)
+            return await self._load_or_unload(body)
+        args = {**_args(body), "messages": [{"role": m.role, "content": m.content} for m in body.messages]}
+        if cid := request.headers.get("x-conversation-id"):
+            args["conversation_id"] = cid
+        return await self._generate(body, "chat", args)
+
+    async def generate(self, request: Request) -> Response:
+        body = await decode(request, GenerateBody)
+        if not body.prompt:
+            return await self._load_or_unload(body)
+        args = _args(body)
+        if body.system:
+            turns = [{"role": "system", "content": body.system}, {"role": "user", "content": body.prompt}]
+            return await self._generate(body, "chat", {**args, "messages": turns}, field="response")
+        return await self._generate(body, "complete", {**args, "prompt": body.prompt}, field="response")
+
+    async def _load_or_unload(self, body: Generation) -> Response:
+        name = name_of(body.model)
+        op = "unload" if unloads(body.keep_alive) else "load"
+        await self.link.request(op, {"model": name})
+        done = {"model": body.model, "created_at": _now(), "done": True, "done_reason": op}
+        return JSONResponse({**done, "message": {"role": "assistant", "content": ""}, "response": ""})
+
+    async def _generate(self, body: Generation, op: str, args: dict[str, Any], field: str = "message") -> Response:
+        started = time.perf_counter_ns()
+        if not body.stream:
+            result = await self.link.request(op, args)
+            await self._after(body)
+            return JSONResponse(_final(body.model, result, started, field, result["text"]))
+        replies = self.link.replies(op, {**args, "stream": True})
+        first = await anext(replies)
+        return StreamingResponse(self._ndjson(body, first, replies, started, field), media_type="application/x-ndjson")
+
+    async def _ndjson(
+        self,
+        body: Generation,
+        first: protocol.Reply,
+        rest: AsyncIterator[protocol.Reply],
+        started: int,
+        field: str,
+    ) -> AsyncIterator[bytes]:
+        try:
+            reply = first
+            while not reply.is_final:
+                if text := reply.body.get("text"):
+                    piece = {"role": "assistant", "content": text} if field == "message" else text
+                    yield _line({"model": body.model, "created_at": _now(), field: piece, "done": False})
+                reply = await anext(rest)
+            yield _line(_final(body.model, reply.body, started, field, ""))
+        except Exception as exc:
+            yield _line({"error": getattr(exc, "message", str(exc))})
+        finally:
+            await rest.aclose()
+        await self._after(body)
+
+    async def _after(self, body: Generation) -> None:
+        if unloads(body.keep_alive):
+            await self.link.request("unload", {"model": name_of(body.model)})
+
+
+def _final(model: str, result: dict[str, Any], started: int, field: str, text: str) -> dict[str, Any]:
+    usage, timings = result.get("usage") or {}, result.get("timings") or {}
+    total_ms = timings.get("total_ms") or 0.0
+    first_ms = timings.get("ttft_ms") or 0.0
+    return {
+        "model": model,
+        "created_at": _now(),
+        field: {"role": "assistant", "content": text} if field == "message" else text,
+        "done": True,
+        "done_reason": "length" if result.get("finish_reason") == "length" else "stop",
+        "total_duration": time.perf_counter_ns() - started,
+        "load_duration": 0,
+        "prompt_eval_count": usage.get("prompt_tokens", 0),
+        "prompt_eval_duration": int(first_ms * 1e6),
+        "eval_count": usage.get("completion_tokens", 0),
+        "eval_duration": int(max(0.0, total_ms - first_ms) * 1e6),
+    }
+
+
+def _line(data: dict[str, Any]) -> bytes:
+    return json.dumps(data).encode() + b"\n"
+
+
+async def _lines(items: list[dict[str, Any]]) -> AsyncIterator[bytes]:
+    for item in items:
+        yield _line(item)

@@ -1,0 +1,268 @@
+"""OpenAI's API, the part local clients call: models, chat completions (streamed over SSE in OpenAI's order) and
+completions. Requests are validated with msgspec: fields this gateway does not use (``user`` aside, ``n`` of 1,
+penalties, ``logit_bias``, ...) are accepted and ignored, a wrong type is a 400 naming the field."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from gateway.errors import HttpError
+from gateway.link import ManagerLink
+from model_client import protocol
+
+# ----- requests -----------------------------------------------------------------------------------------------
+
+
+class TextPart(msgspec.Struct):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(msgspec.Struct):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(msgspec.Struct):
+    name: str = "response"
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(msgspec.Struct):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class Sampling(msgspec.Struct, kw_only=True):
+    model: str
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Annotated[int, msgspec.Meta(ge=1, le=1)] | None = None  # one choice: the only count served
+    user: str | None = None
+
+
+class ChatRequest(Sampling, kw_only=True):
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+
+class CompletionRequest(Sampling, kw_only=True):
+    prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]
+
+
+def generation_args(body: Sampling, conversation_id: str | None) -> dict[str, Any]:
+    """The manager's arguments for the sampling fields the client set (the rest keep the manager's defaults)."""
+    args: dict[str, Any] = {"model": body.model}
+    if (limit := body.max_completion_tokens or body.max_tokens) is not None:
+        args["max_tokens"] = limit
+    for name in ("temperature", "top_p", "seed"):
+        if (value := getattr(body, name)) is not None:
+            args[name] = value
+    if body.stop:
+        args["stop"] = [body.stop] if isinstance(body.stop, str) else body.stop
+    if conversation_id:
+        args["conversation_id"] = conversation_id
+    return args
+
+
+def _text(message: ChatMessage, index: int) -> str:
+    if message.content is None or isinstance(message.content, str):
+        return message.content or ""
+    pieces = []
+    for part in message.content:
+        if part.type != "text" or part.text is None:
+            raise HttpError(400, f"only text content parts are served, not {part.type!r}", f"messages[{index}].content")
+        pieces.append(part.text)
+    return "".join(pieces)
+
+
+def chat_args(body: ChatRequest, conversation_id: str | None) -> dict[str, Any]:
+    if body.tools and body.tool_choice != "none":
+        raise HttpError(400, "tool calling is not served yet: send the request without tools", "tools")
+    args = generation_args(body, conversation_id)
+    args["messages"] = [
+        {"role": "system" if m.role == "developer" else m.role, "content": _text(m, i)}
+        for i, m in enumerate(body.messages)
+    ]
+    fmt = body.response_format
+    if fmt is not None and fmt.type == "json_object":
+        args["json_schema"] = {"type": "object"}
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.schema is None:
+            raise HttpError(400, "response_format json_schema needs json_schema.schema", "response_format")
+        args["json_schema"] = fmt.json_schema.schema
+    return args
+
+
+def conversation_of(request: Request, body: Sampling) -> str | None:
+    """``X-Conversation-Id``, else the ``user`` field: turn N of the same conversation reuses the KV cache."""
+    return request.headers.get("x-conversation-id") or body.user or None
+
+
+# ----- answers ------------------------------------------------------------------------------------------------
+
+
+def usage_of(result: dict[str, Any]) -> dict[str, Any]:
+    usage = result.get("usage") or {}
+    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": usage.get("cached_tokens", 0)},
+    }
+
+
+def finish_reason(result: dict[str, Any]) -> str:
+    return "length" if result.get("finish_reason") == "length" else "stop"
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    return b"data: " + (data if isinstance(data, str) else json.dumps(data)).encode() + b"\n\n"
+
+
+class OpenAI:
+    """The ``/v1`` routes, bound to the manager link."""
+
+    def __init__(self, link: ManagerLink) -> None:
+        self.link = link
+
+    async def models(self, request: Request) -> Response:
+        catalogue = (await self.link.request("models", {}, timeout_s=5.0))["models"]
+        return JSONResponse({"object": "list", "data": [model_object(m) for m in catalogue]})
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        catalogue = (await self.link.request("models", {}, timeout_s=5.0))["models"]
+        for entry in catalogue:
+            if entry["name"] == name:
+                return JSONResponse(model_object(entry))
+        raise HttpError(404, f"the model {name!r} does not exist", "model", "model_not_found")
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = await decode(request, ChatRequest)
+        args = chat_args(body, conversation_of(request, body))
+        return await self._generate(body, "chat", args, "chat.completion")
+
+    async def completions(self, request: Request) -> Response:
+        body = await decode(request, CompletionRequest)
+        args = generation_args(body, conversation_of(request, body))
+        args["prompt"] = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+        return await self._generate(body, "complete", args, "text_completion")
+
+    async def _generate(self, body: Sampling, op: str, args: dict[str, Any], kind: str) -> Response:
+        ident = ("chatcmpl-" if op == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        if not body.stream:
+            result = await self.link.request(op, args)
+            return JSONResponse(_whole(ident, created, kind, result))
+        replies = self.link.replies(op, {**args, "stream": True})
+        first = await anext(replies)  # an error before the first piece is an HTTP error, not a broken stream
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        chunks = _chunks(ident, created, args["model"], kind, first, replies, usage)
+        return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+T = TypeVar("T")
+
+
+async def decode(request: Request, kind: type[T]) -> T:
+    raw = await request.body()
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        param = message.rsplit("`$.", 1)[1].rstrip("`") if "`$." in message else None
+        raise HttpError(400, message, param, "invalid_value") from None
+    except msgspec.DecodeError as exc:
+        raise HttpError(400, f"the body is not valid JSON: {exc}", None, "invalid_json") from None
+
+
+def model_object(entry: dict[str, Any]) -> dict[str, Any]:
+    return {"id": entry["name"], "object": "model", "created": 0, "owned_by": "model-manager", "kind": entry["kind"]}
+
+
+def _whole(ident: str, created: int, kind: str, result: dict[str, Any]) -> dict[str, Any]:
+    if kind == "chat.completion":
+        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": result["text"]}}
+    else:
+        choice = {"index": 0, "text": result["text"]}
+    choice.update(logprobs=None, finish_reason=finish_reason(result))
+    return {
+        "id": ident,
+        "object": kind,
+        "created": created,
+        "model": result["model"],
+        "system_fingerprint": None,
+        "choices": [choice],
+        "usage": usage_of(result),
+    }
+
+
+async def _chunks(
+    ident: str,
+    created: int,
+    model: str,
+    kind: str,
+    first: protocol.Reply,
+    rest: AsyncIterator[protocol.Reply],
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    """OpenAI's order: a delta with the role, text deltas, a chunk with the finish reason, the usage chunk when
+    asked for, then ``[DONE]``. An error after the stream began ends it with an error event."""
+    chat = kind == "chat.completion"
+    head = {"id": ident, "object": f"{kind}.chunk" if chat else kind, "created": created, "model": model}
+    extra = {"usage": None} if include_usage else {}
+
+    def piece(text: str | None, finish: str | None = None, role: bool = False) -> bytes:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if text:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta}
+        else:
+            choice = {"index": 0, "text": text or ""}
+        choice.update(logprobs=None, finish_reason=finish)
+        return sse({**head, "system_fingerprint": None, "choices": [choice], **extra})
+
+    try:
+        if chat:
+            yield piece(None, role=True)
+        reply = first
+        while True:
+            if reply.is_final:
+                yield piece(None, finish_reason(reply.body))
+                if include_usage:
+                    yield sse({**head, "system_fingerprint": None, "choices": [], "usage": usage_of(reply.body)})
+                yield sse("[DONE]")
+                return
+            if reply.body.get("text"):
+                yield piece(reply.body["text"])
+            reply = await anext(rest)
+    except Exception as exc:  # the manager failed mid-stream: say so in the stream's own terms
+        message = getattr(exc, "message", str(exc))
+        yield sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
+    finally:
+        await rest.aclose()

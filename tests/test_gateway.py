@@ -1,0 +1,209 @@
+"""The HTTP gateway, real end to end: the manager and the gateway as processes, the real models, and the clients
+people point at it (the official ``openai`` and ``ollama`` packages; ``httpx`` for what they cannot send)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import jsonschema
+import ollama
+import openai
+import pytest
+
+from model_client import ModelClient
+from tests.conftest import REPO, ManagerProcess, base_config, model_status, wait_for
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Stack:
+    def __init__(self, manager: ManagerProcess, url: str, proc: subprocess.Popen) -> None:
+        self.manager, self.url, self.proc = manager, url, proc
+        self.openai = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        self.ollama = ollama.Client(host=url, timeout=120)
+
+    def client(self) -> ModelClient:
+        return self.manager.client(timeout=120)
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    run_dir = Path(tempfile.mkdtemp(prefix="mm-"))
+    config = base_config(run_dir)
+    port = free_port()
+    config["gateway"] = {"port": port}
+    manager = ManagerProcess(run_dir, config)
+    manager.start()
+    log = open(run_dir / "gateway.log", "ab")  # noqa: SIM115
+    command = [sys.executable, "-m", "gateway", "--config", str(manager.config_path)]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, (run_dir / "gateway.log").read_text()
+            try:
+                httpx.get(f"{url}/api/version", timeout=1).raise_for_status()
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the gateway did not answer in 30 s"
+                time.sleep(0.1)
+        yield Stack(manager, url, proc)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+        manager.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# ----- OpenAI ---------------------------------------------------------------------------------------------------
+
+
+def test_the_model_list_comes_from_the_catalogue_and_loads_nothing(stack: Stack) -> None:
+    ids = {m.id for m in stack.openai.models.list()}
+    assert {"smollm2", "gemma3-270m", "whisper", "joe"} <= ids
+    assert stack.openai.models.retrieve("smollm2").id == "smollm2"
+    with stack.client() as c:
+        assert all(m["state"] == "unloaded" for m in c.status()["models"])
+    with pytest.raises(openai.NotFoundError):
+        stack.openai.models.retrieve("no-such-model")
+
+
+def test_a_chat_at_temperature_zero_is_the_managers_own_reply(stack: Stack) -> None:
+    reply = stack.openai.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=16, temperature=0)
+    with stack.client() as c:
+        direct = c.chat("smollm2", QUESTION, max_tokens=16, temperature=0.0)
+    assert reply.choices[0].message.content == direct.text
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens == direct.usage["prompt_tokens"] and reply.usage.completion_tokens > 0
+
+
+def test_a_stream_follows_openais_order_and_ends_with_usage(stack: Stack) -> None:
+    stream = stack.openai.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}],
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishing = [i for i, c in enumerate(chunks) if c.choices and c.choices[0].finish_reason]
+    assert len(finishing) == 1 and finishing[0] == len(chunks) - 2, "the finish reason, then the usage chunk"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    whole = stack.openai.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=16, temperature=0)
+    assert text == whole.choices[0].message.content
+
+
+def test_structured_output_validates_against_its_schema(stack: Stack) -> None:
+    reply = stack.openai.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Invent a person: give a name and an age as JSON."}],
+        max_tokens=64,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}},
+    )
+    jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON)
+
+
+def test_completions_and_a_conversation_header_reuse_the_cache(stack: Stack) -> None:
+    text = stack.openai.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8)
+    assert text.object == "text_completion" and text.choices[0].text
+    history = list(QUESTION)
+    headers = {"X-Conversation-Id": "gateway-talk"}
+    first = stack.openai.chat.completions.create(
+        model="smollm2", messages=history, max_tokens=12, temperature=0, extra_headers=headers
+    )
+    history += [{"role": "assistant", "content": first.choices[0].message.content}, QUESTION[0]]
+    second = stack.openai.chat.completions.create(
+        model="smollm2", messages=history, max_tokens=12, temperature=0, extra_headers=headers
+    )
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+
+
+def test_errors_are_typed_and_the_gateway_stays_up(stack: Stack) -> None:
+    with pytest.raises(openai.NotFoundError):
+        stack.openai.chat.completions.create(model="no-such-model", messages=QUESTION)
+    with pytest.raises(openai.BadRequestError) as bad:
+        stack.openai.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens="many")  # type: ignore[arg-type]
+    assert bad.value.body["param"] == "max_tokens"
+    long = [{"role": "user", "content": "Tell me about the sea. " * 200}]
+    with pytest.raises(openai.BadRequestError) as overflow:
+        stack.openai.chat.completions.create(model="smollm2-small-ctx", messages=long, max_tokens=8)
+    assert overflow.value.code == "context_length_exceeded"
+    for body, status in ((b"{not json", 400), (b'{"model": "smollm2"}', 400), (b"x" * (33 * 1024 * 1024), 413)):
+        answer = httpx.post(f"{stack.url}/v1/chat/completions", content=body, timeout=30)
+        assert answer.status_code == status and set(answer.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(f"{stack.url}/v1/models", timeout=10).status_code == 200
+
+
+def test_a_client_that_hangs_up_cancels_its_generation(stack: Stack) -> None:
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "Count to five hundred."}], "stream": True}
+    body |= {"max_tokens": 500, "temperature": 0}
+    log = stack.manager.log_path
+    before = len(log.read_text())
+    with httpx.stream("POST", f"{stack.url}/v1/chat/completions", json=body, timeout=60) as answer:
+        next(answer.iter_lines())
+    # The manager logs the cancel when its next chunk for the request finds the gateway's socket closed.
+    wait_for(lambda: "client_gone" in log.read_text()[before:], timeout=5)
+    with stack.client() as c:
+        wait_for(lambda: model_status(c, "smollm2")["in_flight"] == 0, timeout=5)
+
+
+# ----- Ollama ---------------------------------------------------------------------------------------------------
+
+
+def test_ollama_lists_shows_and_pulls_only_catalogue_models(stack: Stack) -> None:
+    names = {m.model for m in stack.ollama.list().models}
+    assert "smollm2" in names and "whisper" not in names, "Ollama lists language models"
+    shown = stack.ollama.show("smollm2:latest")
+    assert shown.details.quantization_level == "Q4_1" and "completion" in shown.capabilities
+    assert stack.ollama.pull("smollm2").status == "success"
+    with pytest.raises(ollama.ResponseError) as missing:
+        stack.ollama.pull("llama3:70b")
+    assert missing.value.status_code == 404
+    assert httpx.get(stack.url, timeout=5).text == "Ollama is running"
+
+
+def test_ollama_chat_streams_and_generate_answers(stack: Stack) -> None:
+    pieces = list(stack.ollama.chat("smollm2", messages=QUESTION, stream=True, options={"temperature": 0}))
+    assert pieces[-1].done and pieces[-1].eval_count > 0
+    text = "".join(p.message.content for p in pieces)
+    with stack.client() as c:
+        assert text == c.chat("smollm2", QUESTION, max_tokens=256, temperature=0.0).text
+    shaped = stack.ollama.chat("smollm2", messages=QUESTION, format=PERSON, options={"temperature": 0})
+    jsonschema.validate(json.loads(shaped.message.content), PERSON)
+    generated = stack.ollama.generate("smollm2", "The capital of France is", options={"num_predict": 8})
+    assert generated.done and generated.response
+    assert "smollm2" in {m.model for m in stack.ollama.ps().models}
+
+
+def test_ollama_keep_alive_zero_unloads_the_model(stack: Stack) -> None:
+    stack.ollama.generate("gemma3-270m", "Hello", options={"num_predict": 2}, keep_alive="0s")
+    with stack.client() as c:
+        assert model_status(c, "gemma3-270m")["state"] in ("unloading", "unloaded")
+        wait_for(lambda: model_status(c, "gemma3-270m")["state"] == "unloaded", timeout=15)
