@@ -8,6 +8,7 @@ and fail with its typed errors.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -39,9 +40,13 @@ class ManagerLink:
             connect_securely(sock, self.endpoint, self.curve)
             await sock.send_multipart([b"", *protocol.encode_request(request)])
             while True:
-                if not await sock.poll(timeout_s * 1000):
-                    raise Timeout(f"no reply from the model manager within {timeout_s} s", endpoint=self.endpoint)
-                frames = await sock.recv_multipart()
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        frames = await sock.recv_multipart()
+                except TimeoutError:
+                    raise Timeout(
+                        f"no reply from the model manager within {timeout_s} s", endpoint=self.endpoint
+                    ) from None
                 try:
                     reply = protocol.decode_reply(frames[1:] if frames and frames[0] == b"" else frames)
                 except BadRequest:

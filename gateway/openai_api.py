@@ -4,7 +4,6 @@ penalties, ``logit_bias``, ...) are accepted and ignored, a wrong type is a 400 
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -139,8 +138,11 @@ def finish_reason(result: dict[str, Any]) -> str:
     return "length" if result.get("finish_reason") == "length" else "stop"
 
 
+MARK = "\u0000text\u0000"  # where a delta's text goes in its pre-encoded chunk
+
+
 def sse(data: dict[str, Any] | str) -> bytes:
-    return b"data: " + (data if isinstance(data, str) else json.dumps(data)).encode() + b"\n\n"
+    return b"data: " + (data.encode() if isinstance(data, str) else msgspec.json.encode(data)) + b"\n\n"
 
 
 class OpenAI:
@@ -247,6 +249,9 @@ async def _chunks(
         choice.update(logprobs=None, finish_reason=finish)
         return sse({**head, "system_fingerprint": None, "choices": [choice], **extra})
 
+    # A text delta is the one chunk sent per token: its JSON around the text is made once, the text encoded alone.
+    before, after = piece(MARK).split(msgspec.json.encode(MARK), 1)
+
     try:
         if chat:
             yield piece(None, role=True)
@@ -258,8 +263,8 @@ async def _chunks(
                     yield sse({**head, "system_fingerprint": None, "choices": [], "usage": usage_of(reply.body)})
                 yield sse("[DONE]")
                 return
-            if reply.body.get("text"):
-                yield piece(reply.body["text"])
+            if text := reply.body.get("text"):
+                yield before + msgspec.json.encode(text) + after
             reply = await anext(rest)
     except Exception as exc:  # the manager failed mid-stream: say so in the stream's own terms
         message = getattr(exc, "message", str(exc))
