@@ -30,7 +30,7 @@ SETTLE_S = 1.0  # pause between cases, as between turns of a conversation: the s
 
 def daemon_config(threads: int) -> dict:
     """A simulated 500 MiB GPU that holds SmolLM2 or Gemma 3 270M, never both."""
-    gpu = {"n_gpu_layers": -1}
+    gpu = {"n_gpu_layers": -1, "parallel": 1}  # one sequence each: the sizes above
     return {
         "devices": {
             "mode": "simulated",

@@ -20,6 +20,7 @@ from gateway.errors import HttpError, from_manager, ollama_error, openai_error
 from gateway.link import ManagerLink
 from gateway.ollama_api import Ollama
 from gateway.openai_api import OpenAI
+from gateway.openai_audio import OpenAIAudio
 from model_client.errors import ModelManagerError
 
 log = structlog.get_logger("gateway")
@@ -82,8 +83,12 @@ class Guard:
 
 def build_app(settings: GatewaySettings, manager_endpoint: str) -> Starlette:
     link = ManagerLink(manager_endpoint, settings.request_timeout_s)
-    openai, ollama = OpenAI(link), Ollama(link)
+    openai, audio, ollama = OpenAI(link), OpenAIAudio(link), Ollama(link)
     routes = [
+        Route("/v1/audio/speech", audio.speech, methods=["POST"]),
+        Route("/v1/audio/transcriptions", audio.transcriptions, methods=["POST"]),
+        Route("/v1/audio/models", audio.models, methods=["GET"]),
+        Route("/v1/audio/voices", audio.voices, methods=["GET"]),
         Route("/v1/models", openai.models, methods=["GET"]),
         Route("/v1/models/{model:path}", openai.model, methods=["GET"]),
         Route("/v1/chat/completions", openai.chat_completions, methods=["POST"]),

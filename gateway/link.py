@@ -65,9 +65,15 @@ class ManagerLink:
         self, op: str, args: dict[str, Any], timeout_s: float | None = None, payloads: tuple[bytes, ...] = ()
     ) -> Any:
         """One request's final result."""
+        return (await self.final(op, args, timeout_s, payloads)).body
+
+    async def final(
+        self, op: str, args: dict[str, Any], timeout_s: float | None = None, payloads: tuple[bytes, ...] = ()
+    ) -> protocol.Reply:
+        """One request's final reply, binary payloads included (audio)."""
         async for reply in self.replies(op, args, timeout_s, payloads):
             if reply.is_final:
-                return reply.body
+                return reply
         raise Timeout("the model manager ended the reply without a result", endpoint=self.endpoint)
 
     def close(self) -> None:

@@ -3,24 +3,32 @@ people point at it (the official ``openai`` and ``ollama`` packages; ``httpx`` f
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import av
 import httpx
 import jsonschema
 import ollama
 import openai
 import pytest
+from starlette.testclient import TestClient
 
+from daemonkit.settings import ConfigError
+from gateway.app import build_app
+from gateway.config import GatewaySettings, load_gateway_settings
 from model_client import ModelClient
 from tests.conftest import REPO, ManagerProcess, base_config, model_status, wait_for
+from tests.test_speech import wer
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 PERSON = {
@@ -207,3 +215,103 @@ def test_ollama_keep_alive_zero_unloads_the_model(stack: Stack) -> None:
     with stack.client() as c:
         assert model_status(c, "gemma3-270m")["state"] in ("unloading", "unloaded")
         wait_for(lambda: model_status(c, "gemma3-270m")["state"] == "unloaded", timeout=15)
+
+
+# ----- OpenAI's audio ---------------------------------------------------------------------------------------------
+
+SENTENCE = "Please turn off the lights in the kitchen before you go to bed."
+SPEECH_FORMATS = ["mp3", "opus", "aac", "flac", "wav", "pcm"]
+
+
+def seconds_of(data: bytes, fmt: str) -> float:
+    if fmt == "pcm":
+        return len(data) / 2 / 24_000  # OpenAI's pcm: 24 kHz s16 mono
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        return sum(frame.samples for frame in container.decode(stream)) / stream.rate
+
+
+def test_speech_comes_in_every_format_and_speed_two_is_shorter(stack: Stack) -> None:
+    lengths = {}
+    for fmt in SPEECH_FORMATS:
+        made = stack.openai.audio.speech.create(model="tts-1", voice="alloy", input=SENTENCE, response_format=fmt)
+        lengths[fmt] = seconds_of(made.content, fmt)
+    assert 1.5 < lengths["wav"] < 10, lengths
+    assert all(abs(s - lengths["wav"]) < 0.15 * lengths["wav"] for s in lengths.values()), lengths
+    fast = stack.openai.audio.speech.create(model="tts-1", voice="joe", input=SENTENCE, response_format="wav", speed=2)
+    assert seconds_of(fast.content, "wav") < 0.7 * lengths["wav"]
+    voices = httpx.get(f"{stack.url}/v1/audio/voices", timeout=10).json()["voices"]
+    assert [v["id"] for v in voices] == ["joe"]
+
+
+def test_a_transcription_in_every_format_gives_the_words_back(stack: Stack) -> None:
+    spoken = stack.openai.audio.speech.create(model="tts-1", voice="joe", input=SENTENCE, response_format="flac")
+    upload = ("question.flac", spoken.content)
+    heard = {}
+    for fmt in ("json", "verbose_json", "text", "srt", "vtt"):
+        result = stack.openai.audio.transcriptions.create(
+            model="whisper-1", file=upload, response_format=fmt, language="en", timestamp_granularities=["word"]
+        )
+        heard[fmt] = result if isinstance(result, str) else result.text
+    assert heard["srt"].startswith("1\n00:00:0") and heard["vtt"].startswith("WEBVTT\n\n00:00:0")
+    assert " --> " in heard["srt"] and "," in heard["srt"].splitlines()[1] and "." in heard["vtt"].splitlines()[2]
+    for fmt in ("srt", "vtt"):
+        lines = [line for line in heard[fmt].splitlines() if line and "-->" not in line and not line.isdigit()]
+        heard[fmt] = " ".join(line for line in lines if line != "WEBVTT")
+    for fmt, text in heard.items():
+        assert wer(SENTENCE, text) < 0.2, (fmt, text)
+    detailed = stack.openai.audio.transcriptions.create(
+        model="whisper-1", file=upload, response_format="verbose_json", timestamp_granularities=["word"]
+    )
+    assert detailed.duration > 1.5 and detailed.segments and len(detailed.words) >= 8
+
+
+def test_bad_audio_requests_get_openai_errors(stack: Stack) -> None:
+    with pytest.raises(openai.BadRequestError) as voice:
+        stack.openai.audio.speech.create(model="tts-1", voice="nobody", input=SENTENCE)
+    assert voice.value.body["param"] == "voice"
+    for request in (
+        {"data": {"model": "whisper-1"}, "files": {"other": ("x.txt", b"hello")}},  # a form without `file`
+        {"json": {"model": "whisper-1"}},  # not multipart at all
+        {"data": {"model": "whisper-1"}, "files": {"file": ("noise.wav", b"RIFF not really audio")}},
+    ):
+        answer = httpx.post(f"{stack.url}/v1/audio/transcriptions", timeout=30, **request)
+        assert answer.status_code == 400, answer.text
+        assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(f"{stack.url}/v1/audio/models", timeout=10).status_code == 200
+
+
+# ----- admission and keys -----------------------------------------------------------------------------------------
+
+
+def test_a_full_queue_is_a_429_with_retry_after(stack: Stack) -> None:
+    holders = [stack.client() for _ in range(3)]
+    long = [{"role": "user", "content": "Count to three hundred."}]
+    streams = [iter(c.chat("smollm2-short-queue", long, stream=True, max_tokens=400)) for c in holders]
+    try:
+        next(streams[0])  # the first runs; the next two wait in its queue of two
+        for stream in streams[1:]:
+            threading.Thread(target=lambda s=stream: next(s, None), daemon=True).start()
+        with stack.client() as c:
+            wait_for(lambda: model_status(c, "smollm2-short-queue")["queued"] == 2, timeout=10)
+        with pytest.raises(openai.RateLimitError) as busy:
+            stack.openai.chat.completions.create(model="smollm2-short-queue", messages=QUESTION, max_tokens=4)
+        assert int(busy.value.response.headers["retry-after"]) >= 1
+        assert busy.value.code == "rate_limit_exceeded"
+    finally:
+        for holder in holders:
+            holder.close()
+
+
+def test_api_keys_guard_every_route(stack: Stack) -> None:
+    keyed = GatewaySettings(api_keys=["k" * 32])
+    with TestClient(build_app(keyed, stack.manager.endpoint)) as web:
+        assert web.get("/v1/models").status_code == 401
+        assert web.get("/v1/models", headers={"Authorization": "Bearer " + "x" * 32}).status_code == 401
+        answer = web.get("/api/tags")
+        assert answer.status_code == 401 and "error" in answer.json()
+        assert web.get("/v1/models", headers={"Authorization": "Bearer " + "k" * 32}).status_code == 200
+    with pytest.raises(ConfigError, match="api_keys"):
+        path = stack.manager.run_dir / "open.yaml"
+        path.write_text("gateway: {host: 0.0.0.0}\n")
+        load_gateway_settings(path)
