@@ -37,6 +37,8 @@ class Options(msgspec.Struct):
 class OllamaMessage(msgspec.Struct):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
+    tool_calls: list[dict[str, Any]] | None = None  # Ollama's: {"function": {"name", "arguments": {...}}}
+    tool_name: str | None = None
 
 
 class Generation(msgspec.Struct, kw_only=True):
@@ -97,6 +99,26 @@ def _args(body: Generation) -> dict[str, Any]:
     elif isinstance(body.format, dict):
         args["json_schema"] = body.format
     return args
+
+
+def _turn(message: OllamaMessage) -> dict[str, Any]:
+    turn: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        turn["tool_calls"] = [
+            {"function": {"name": c["function"]["name"], "arguments": json.dumps(c["function"].get("arguments", {}))}}
+            for c in message.tool_calls
+            if isinstance(c.get("function"), dict) and "name" in c["function"]
+        ]
+    if message.tool_name:
+        turn["name"] = message.tool_name
+    return turn
+
+
+def _ollama_calls(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {"function": {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}}
+        for c in result.get("tool_calls") or []
+    ]
 
 
 def _now() -> str:
@@ -192,11 +214,11 @@ class Ollama:
 
     async def chat(self, request: Request) -> Response:
         body = await decode(request, ChatBody)
-        if body.tools:
-            raise HttpError(400, "tool calling is not served yet: send the request without tools")
         if not body.messages:  # Ollama's way to load a model (or, with keep_alive 0, to unload it)
             return await self._load_or_unload(body)
-        args = {**_args(body), "messages": [{"role": m.role, "content": m.content} for m in body.messages]}
+        args = {**_args(body), "messages": [_turn(m) for m in body.messages]}
+        if body.tools:
+            args["tools"] = body.tools
         if cid := request.headers.get("x-conversation-id"):
             args["conversation_id"] = cid
         return await self._generate(body, "chat", args)
@@ -223,7 +245,10 @@ class Ollama:
         if not body.stream:
             result = await self.link.request(op, args)
             await self._after(body)
-            return JSONResponse(_final(body.model, result, started, field, result["text"]))
+            answer = _final(body.model, result, started, field, result["text"])
+            if field == "message" and (calls := _ollama_calls(result)):
+                answer["message"]["tool_calls"] = calls
+            return JSONResponse(answer)
         replies = self.link.replies(op, {**args, "stream": True})
         first = await anext(replies)
         return StreamingResponse(self._ndjson(body, first, replies, started, field), media_type="application/x-ndjson")
@@ -237,12 +262,19 @@ class Ollama:
         field: str,
     ) -> AsyncIterator[bytes]:
         try:
-            reply = first
+            reply, streamed = first, False
             while not reply.is_final:
                 if text := reply.body.get("text"):
+                    streamed = True
                     piece = {"role": "assistant", "content": text} if field == "message" else text
                     yield _line({"model": body.model, "created_at": _now(), field: piece, "done": False})
                 reply = await anext(rest)
+            if calls := _ollama_calls(reply.body):  # with tools, the answer comes in the result only
+                message = {"role": "assistant", "content": "", "tool_calls": calls}
+                yield _line({"model": body.model, "created_at": _now(), "message": message, "done": False})
+            elif not streamed and (text := reply.body.get("text")):
+                piece = {"role": "assistant", "content": text} if field == "message" else text
+                yield _line({"model": body.model, "created_at": _now(), field: piece, "done": False})
             yield _line(_final(body.model, reply.body, started, field, ""))
         except Exception as exc:
             yield _line({"error": getattr(exc, "message", str(exc))})

@@ -28,6 +28,9 @@ class TextPart(msgspec.Struct):
 class ChatMessage(msgspec.Struct):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
 
 class StreamOptions(msgspec.Struct):
@@ -97,14 +100,26 @@ def _text(message: ChatMessage, index: int) -> str:
     return "".join(pieces)
 
 
+def _message(message: ChatMessage, index: int) -> dict[str, Any]:
+    turn: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role}
+    turn["content"] = _text(message, index)
+    if message.tool_calls:
+        turn["tool_calls"] = [
+            {"id": c.get("id", ""), "type": "function", "function": c.get("function", {})} for c in message.tool_calls
+        ]
+    for name in ("tool_call_id", "name"):
+        if (value := getattr(message, name)) is not None:
+            turn[name] = value
+    return turn
+
+
 def chat_args(body: ChatRequest, conversation_id: str | None) -> dict[str, Any]:
-    if body.tools and body.tool_choice != "none":
-        raise HttpError(400, "tool calling is not served yet: send the request without tools", "tools")
     args = generation_args(body, conversation_id)
-    args["messages"] = [
-        {"role": "system" if m.role == "developer" else m.role, "content": _text(m, i)}
-        for i, m in enumerate(body.messages)
-    ]
+    args["messages"] = [_message(m, i) for i, m in enumerate(body.messages)]
+    if body.tools:
+        args["tools"] = body.tools
+    if body.tool_choice is not None:
+        args["tool_choice"] = body.tool_choice
     fmt = body.response_format
     if fmt is not None and fmt.type == "json_object":
         args["json_schema"] = {"type": "object"}
@@ -135,7 +150,8 @@ def usage_of(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def finish_reason(result: dict[str, Any]) -> str:
-    return "length" if result.get("finish_reason") == "length" else "stop"
+    reason = result.get("finish_reason")
+    return reason if reason in ("length", "tool_calls") else "stop"
 
 
 MARK = "\u0000text\u0000"  # where a delta's text goes in its pre-encoded chunk
@@ -208,7 +224,10 @@ def model_object(entry: dict[str, Any]) -> dict[str, Any]:
 
 def _whole(ident: str, created: int, kind: str, result: dict[str, Any]) -> dict[str, Any]:
     if kind == "chat.completion":
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": result["text"]}}
+        message: dict[str, Any] = {"role": "assistant", "content": result["text"]}
+        if result.get("tool_calls"):
+            message.update(content=None, tool_calls=result["tool_calls"])
+        choice: dict[str, Any] = {"index": 0, "message": message}
     else:
         choice = {"index": 0, "text": result["text"]}
     choice.update(logprobs=None, finish_reason=finish_reason(result))
@@ -252,18 +271,27 @@ async def _chunks(
     # A text delta is the one chunk sent per token: its JSON around the text is made once, the text encoded alone.
     before, after = piece(MARK).split(msgspec.json.encode(MARK), 1)
 
+    streamed = False
     try:
         if chat:
             yield piece(None, role=True)
         reply = first
         while True:
             if reply.is_final:
+                calls = reply.body.get("tool_calls")
+                if calls:  # a request with tools answers in its result only: its calls as one delta
+                    deltas = [{"index": i, **call} for i, call in enumerate(calls)]
+                    choice = {"index": 0, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None}
+                    yield sse({**head, "system_fingerprint": None, "choices": [choice], **extra})
+                elif not streamed and reply.body.get("text"):
+                    yield piece(reply.body["text"])
                 yield piece(None, finish_reason(reply.body))
                 if include_usage:
                     yield sse({**head, "system_fingerprint": None, "choices": [], "usage": usage_of(reply.body)})
                 yield sse("[DONE]")
                 return
             if text := reply.body.get("text"):
+                streamed = True
                 yield before + msgspec.json.encode(text) + after
             reply = await anext(rest)
     except Exception as exc:  # the manager failed mid-stream: say so in the stream's own terms

@@ -34,6 +34,7 @@ class Completion:
     usage: dict[str, int]
     timings: dict[str, float]
     context: dict[str, Any] = field(default_factory=dict)  # overflow policy, and how many old turns it dropped
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # with `tools`: the calls (finish tool_calls)
 
     @classmethod
     def from_result(cls, result: dict[str, Any]) -> Completion:
@@ -44,6 +45,7 @@ class Completion:
             usage=result["usage"],
             timings=result["timings"],
             context=result.get("context", {}),
+            tool_calls=result.get("tool_calls", []),
         )
 
 

@@ -37,9 +37,44 @@ class ModelArgs(OpArgs, kw_only=True):
     model: str
 
 
-class Message(msgspec.Struct, forbid_unknown_fields=True):
+class ToolFunction(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    description: str = ""
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments; None: any JSON object
+    strict: bool | None = None  # accepted: arguments always follow the schema (they are sampled under it)
+
+
+class Tool(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+
+class ChosenFunction(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+
+
+class ToolChoice(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    type: Literal["function"] = "function"
+    function: ChosenFunction
+
+
+class CalledFunction(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    arguments: str  # JSON text, as OpenAI's API carries it
+
+
+class ToolCall(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class Message(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     role: Literal["system", "user", "assistant", "tool"]
     content: str
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools (its content may be "")
+    tool_call_id: str | None = None  # a tool turn: the call it answers...
+    name: str | None = None  # ...and the function's name
 
 
 class GenerationArgs(OpArgs, kw_only=True):
@@ -64,6 +99,10 @@ class GenerationArgs(OpArgs, kw_only=True):
 
 class ChatArgs(GenerationArgs, kw_only=True):
     messages: Annotated[list[Message], msgspec.Meta(min_length=1)]
+    # Tool calling: the reply is sampled under a grammar made from the tools' schemas, so a call's arguments always
+    # match its function's `parameters`. auto: a call or a message; required: a call; a ToolChoice: that one.
+    tools: Annotated[list[Tool], msgspec.Meta(max_length=128)] | None = None
+    tool_choice: Literal["auto", "none", "required"] | ToolChoice | None = None
 
 
 class CompleteArgs(GenerationArgs, kw_only=True):

@@ -79,6 +79,8 @@ class Ops:
             )
         if args.grammar is not None and args.json_schema is not None:
             raise BadRequest("give grammar or json_schema, not both")
+        if isinstance(args, protocol.ChatArgs):
+            check_tools(args)
         # Checked here, before a worker spends seconds tokenizing megabytes only to refuse them by token count.
         texts = [args.prompt] if isinstance(args, protocol.CompleteArgs) else [m.content for m in args.messages]
         prompt_bytes = sum(len(text.encode()) for text in texts)
@@ -153,3 +155,20 @@ def job_for(route: list[bytes], request: protocol.Request, args: Any, **extra: A
     if request.deadline_ms is not None:
         job.deadline = job.received_at + request.deadline_ms / 1000
     return job
+
+
+def check_tools(args: protocol.ChatArgs) -> None:
+    """Tools are sampled under a schema of their own: not with another grammar; a chosen tool must be given."""
+    choice = args.tool_choice
+    if not args.tools:
+        if choice not in (None, "none", "auto"):
+            raise BadRequest("tool_choice asks for a call, but no tools are given", field="tool_choice")
+        return
+    if choice != "none" and (args.grammar is not None or args.json_schema is not None):
+        raise BadRequest("tools are sampled under their own schema: give tools or grammar/json_schema, not both")
+    names = [tool.function.name for tool in args.tools]
+    if len(set(names)) != len(names):
+        raise BadRequest("two tools have the same name", field="tools")
+    if isinstance(choice, protocol.ToolChoice) and choice.function.name not in names:
+        message = f"tool_choice names {choice.function.name!r}, which is not among the tools"
+        raise BadRequest(message, field="tool_choice")

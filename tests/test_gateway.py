@@ -61,6 +61,7 @@ def stack() -> Iterator[Stack]:
     config = base_config(run_dir)
     port = free_port()
     config["gateway"] = {"port": port}
+    config["models"]["smollm2-batched"] = {**config["models"]["smollm2"], "parallel": 4}
     manager = ManagerProcess(run_dir, config)
     manager.start()
     log = open(run_dir / "gateway.log", "ab")  # noqa: SIM115
@@ -237,9 +238,11 @@ def test_speech_comes_in_every_format_and_speed_two_is_shorter(stack: Stack) -> 
         made = stack.openai.audio.speech.create(model="tts-1", voice="alloy", input=SENTENCE, response_format=fmt)
         lengths[fmt] = seconds_of(made.content, fmt)
     assert 1.5 < lengths["wav"] < 10, lengths
-    assert all(abs(s - lengths["wav"]) < 0.15 * lengths["wav"] for s in lengths.values()), lengths
+    # Each request is synthesized anew and Piper varies its timing a little (noise_w): within a quarter, a format
+    # at a wrong sample rate would be off by 2x or more.
+    assert all(abs(s - lengths["wav"]) < 0.25 * lengths["wav"] for s in lengths.values()), str(lengths)
     fast = stack.openai.audio.speech.create(model="tts-1", voice="joe", input=SENTENCE, response_format="wav", speed=2)
-    assert seconds_of(fast.content, "wav") < 0.7 * lengths["wav"]
+    assert seconds_of(fast.content, "wav") < 0.7 * min(lengths.values())
     voices = httpx.get(f"{stack.url}/v1/audio/voices", timeout=10).json()["voices"]
     assert [v["id"] for v in voices] == ["joe"]
 
@@ -315,3 +318,97 @@ def test_api_keys_guard_every_route(stack: Stack) -> None:
         path = stack.manager.run_dir / "open.yaml"
         path.write_text("gateway: {host: 0.0.0.0}\n")
         load_gateway_settings(path)
+
+
+# ----- tools -------------------------------------------------------------------------------------------------------
+
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 30}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "The weather in a city.", "parameters": WEATHER},
+    },
+    {"type": "function", "function": {"name": "lights_off", "description": "Turn off the lights in a room."}},
+]
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_a_forced_tool_call_has_arguments_that_validate(stack: Stack) -> None:
+    for model in ("smollm2", "smollm2-batched"):
+        reply = stack.openai.chat.completions.create(
+            model=model,
+            messages=ASK_WEATHER,
+            tools=TOOLS,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            temperature=0,
+            max_tokens=64,
+        )
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        [call] = choice.message.tool_calls
+        assert call.function.name == "get_weather" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+
+
+def test_auto_tools_answer_or_call_and_the_result_goes_back_into_the_talk(stack: Stack) -> None:
+    history: list[dict] = list(ASK_WEATHER)
+    for _ in range(2):
+        reply = stack.openai.chat.completions.create(
+            model="smollm2", messages=history, tools=TOOLS, temperature=0, max_tokens=64, stream=True
+        )
+        chunks = list(reply)
+        finish = chunks[-1].choices[0].finish_reason
+        calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        if finish == "tool_calls":
+            [call] = calls
+            assert call.function.name in {"get_weather", "lights_off"}
+            assert isinstance(json.loads(call.function.arguments), dict)
+            history.append(
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": call.id,
+                            "type": "function",
+                            "function": {"name": call.function.name, "arguments": call.function.arguments},
+                        }
+                    ],
+                }
+            )
+            history.append({"role": "tool", "tool_call_id": call.id, "content": '{"sky": "sunny", "celsius": 21}'})
+        else:
+            assert finish == "stop" and text and not calls
+            history += [{"role": "assistant", "content": text}, {"role": "user", "content": "And in Rome?"}]
+
+
+def test_ollama_chat_with_tools_and_bad_tool_requests(stack: Stack) -> None:
+    answer = stack.ollama.chat("smollm2", messages=ASK_WEATHER, tools=TOOLS, options={"temperature": 0})
+    if answer.message.tool_calls:
+        call = answer.message.tool_calls[0].function
+        assert call.name in {"get_weather", "lights_off"} and isinstance(call.arguments, dict)
+    else:
+        assert answer.message.content
+    with pytest.raises(openai.BadRequestError, match="not among the tools"):
+        stack.openai.chat.completions.create(
+            model="smollm2",
+            messages=ASK_WEATHER,
+            tools=TOOLS,
+            tool_choice={"type": "function", "function": {"name": "x"}},
+        )
+    with pytest.raises(openai.BadRequestError, match="not both"):
+        stack.openai.chat.completions.create(
+            model="smollm2",
+            messages=ASK_WEATHER,
+            tools=TOOLS,
+            tool_choice="required",
+            response_format={"type": "json_object"},
+        )
+    with pytest.raises(openai.BadRequestError, match="no tools"):
+        stack.openai.chat.completions.create(model="smollm2", messages=ASK_WEATHER, tool_choice="required")

@@ -35,7 +35,7 @@ from llama_cpp import Llama, llama_chat_format
 from llama_cpp.llama_chat_format import ChatFormatter, Jinja2ChatFormatter
 
 from model_client.errors import BadRequest, ContextOverflow, ModelLoadFailed
-from model_manager.backends import Emit
+from model_manager.backends import Emit, tools
 from model_manager.backends.batch_engine import common_prefix as _common_prefix
 from model_manager.config import MIB, KvCacheSettings, Limits, ModelSpec
 from model_manager.kvcache import ConversationStore
@@ -131,10 +131,12 @@ class GGUFBackend:
         assert self.llm is not None and self.formatter is not None and self.spec is not None
         if op == "conversation.drop":
             return self._drop(args["conversation_id"])
+        if op == "chat":
+            args = tools.prepare(args)
         tokens, stops, context = prompt_for(op, args, self._chat_prompt, self.llm.tokenize, self.spec.context_overflow)
         result = self._generate(tokens, stops, args, emit)
         result["context"] = context
-        return result
+        return tools.finish(args, result)
 
     def _chat_prompt(self, args: dict[str, Any]) -> tuple[list[int], list[str], int]:
         assert self.llm is not None and self.formatter is not None and self.spec is not None

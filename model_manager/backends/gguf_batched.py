@@ -26,7 +26,7 @@ from llama_cpp._logger import set_verbose
 from llama_cpp._utils import suppress_stdout_stderr
 
 from model_client.errors import ContextOverflow, ModelLoadFailed, ModelManagerError
-from model_manager.backends import Emit
+from model_manager.backends import Emit, tools
 from model_manager.backends.batch_engine import BatchEngine, Job, Sampling, Sequence, make_sampler
 from model_manager.backends.batch_engine import common_prefix as _common_prefix
 from model_manager.backends.gguf import (
@@ -172,6 +172,8 @@ class BatchedGGUFBackend:
         """Start ``rid`` on a free sequence; raises the typed error that refuses it at once."""
         assert self.engine is not None and self.model is not None and self.spec is not None
         policy = self.spec.context_overflow
+        if op == "chat":
+            args = tools.prepare(args)
         tokens, stops, context = prompt_for(op, args, self._chat_prompt, self.model.tokenize, policy)
         check_prompt(tokens, self.max_prompt_tokens, self.n_ctx, policy)
         if not self.engine.free:
@@ -317,17 +319,24 @@ class BatchedGGUFBackend:
         decode_s = ended - first
         completion = len(job.generated)
         finish = job.finish_reason if job.finish_reason in ("stop", "length") else "cancelled"
-        return {
-            "text": request.text.released,
-            "finish_reason": finish,
-            "usage": {"prompt_tokens": len(job.prompt), "completion_tokens": completion, "cached_tokens": job.cached},
-            "timings": {
-                "ttft_ms": round((first - job.started) * 1000, 2),
-                "total_ms": round((ended - job.started) * 1000, 2),
-                "tokens_per_s": round((completion - 1) / decode_s, 2) if completion > 1 and decode_s else 0.0,
+        return tools.finish(
+            request.args,
+            {
+                "text": request.text.released,
+                "finish_reason": finish,
+                "usage": {
+                    "prompt_tokens": len(job.prompt),
+                    "completion_tokens": completion,
+                    "cached_tokens": job.cached,
+                },
+                "timings": {
+                    "ttft_ms": round((first - job.started) * 1000, 2),
+                    "total_ms": round((ended - job.started) * 1000, 2),
+                    "tokens_per_s": round((completion - 1) / decode_s, 2) if completion > 1 and decode_s else 0.0,
+                },
+                "context": request.context,
             },
-            "context": request.context,
-        }
+        )
 
     def _drop(self, conversation_id: str) -> dict[str, Any]:
         assert self.engine is not None
