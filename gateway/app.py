@@ -93,6 +93,7 @@ def build_app(settings: GatewaySettings, manager_endpoint: str) -> Starlette:
         Route("/v1/models/{model:path}", openai.model, methods=["GET"]),
         Route("/v1/chat/completions", openai.chat_completions, methods=["POST"]),
         Route("/v1/completions", openai.completions, methods=["POST"]),
+        Route("/v1/embeddings", openai.embeddings, methods=["POST"]),
         Route("/", ollama.root, methods=["GET", "HEAD"]),
         Route("/api/version", ollama.version, methods=["GET"]),
         Route("/api/tags", ollama.tags, methods=["GET"]),
@@ -101,6 +102,7 @@ def build_app(settings: GatewaySettings, manager_endpoint: str) -> Starlette:
         Route("/api/pull", ollama.pull, methods=["POST"]),
         Route("/api/chat", ollama.chat, methods=["POST"]),
         Route("/api/generate", ollama.generate, methods=["POST"]),
+        Route("/api/embed", ollama.embed, methods=["POST"]),
     ]
 
     @contextlib.asynccontextmanager

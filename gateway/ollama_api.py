@@ -70,6 +70,13 @@ class ModelBody(msgspec.Struct):
         return name_of(self.model or self.name or "")
 
 
+class EmbedBody(msgspec.Struct, kw_only=True):
+    model: str
+    input: str | list[str]
+    truncate: bool = True  # accepted; an input over the model's limit is refused
+    keep_alive: str | int | float | None = None
+
+
 class PullBody(ModelBody):
     stream: bool = True
 
@@ -199,7 +206,7 @@ class Ollama:
                 "template": "",
                 "details": _details(entry),
                 "model_info": {"general.architecture": architecture, f"{architecture}.context_length": entry["n_ctx"]},
-                "capabilities": ["completion"],
+                "capabilities": ["completion", "tools", "embedding"],
                 "modified_at": _now(),
             }
         )
@@ -232,6 +239,21 @@ class Ollama:
             turns = [{"role": "system", "content": body.system}, {"role": "user", "content": body.prompt}]
             return await self._generate(body, "chat", {**args, "messages": turns}, field="response")
         return await self._generate(body, "complete", {**args, "prompt": body.prompt}, field="response")
+
+    async def embed(self, request: Request) -> Response:
+        body = await decode(request, EmbedBody)
+        started = time.perf_counter_ns()
+        result = await self.link.request("embed", {"model": name_of(body.model), "input": body.input})
+        await self._after(body)
+        return JSONResponse(
+            {
+                "model": body.model,
+                "embeddings": result["embeddings"],
+                "total_duration": time.perf_counter_ns() - started,
+                "load_duration": 0,
+                "prompt_eval_count": result["usage"]["prompt_tokens"],
+            }
+        )
 
     async def _load_or_unload(self, body: Generation) -> Response:
         name = name_of(body.model)
@@ -282,7 +304,7 @@ class Ollama:
             await rest.aclose()
         await self._after(body)
 
-    async def _after(self, body: Generation) -> None:
+    async def _after(self, body: Generation | EmbedBody) -> None:
         if unloads(body.keep_alive):
             await self.link.request("unload", {"model": name_of(body.model)})
 

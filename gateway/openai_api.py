@@ -4,12 +4,14 @@ penalties, ``logit_bias``, ...) are accepted and ignored, a wrong type is a 400 
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
+import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -72,6 +74,14 @@ class ChatRequest(Sampling, kw_only=True):
 
 class CompletionRequest(Sampling, kw_only=True):
     prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]
+
+
+class EmbeddingRequest(msgspec.Struct, kw_only=True):
+    model: str
+    input: str | list[Any]  # strings; token arrays are refused with a clear error
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None  # accepted; the model's own size is served
+    user: str | None = None
 
 
 def generation_args(body: Sampling, conversation_id: str | None) -> dict[str, Any]:
@@ -189,6 +199,23 @@ class OpenAI:
         args = generation_args(body, conversation_of(request, body))
         args["prompt"] = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
         return await self._generate(body, "complete", args, "text_completion")
+
+    async def embeddings(self, request: Request) -> Response:
+        body = await decode(request, EmbeddingRequest)
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts or not all(isinstance(text, str) for text in texts):
+            raise HttpError(400, "input must be a string or a list of strings (token arrays are not served)", "input")
+        result = await self.link.request("embed", {"model": body.model, "input": texts})
+        data = []
+        for index, vector in enumerate(result["embeddings"]):
+            if body.encoding_format == "base64":  # little-endian float32, as OpenAI's SDK decodes it
+                embedding: Any = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+            else:
+                embedding = vector
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        tokens = result["usage"]["prompt_tokens"]
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return JSONResponse({"object": "list", "data": data, "model": result["model"], "usage": usage})
 
     async def _generate(self, body: Sampling, op: str, args: dict[str, Any], kind: str) -> Response:
         ident = ("chatcmpl-" if op == "chat" else "cmpl-") + uuid.uuid4().hex[:24]

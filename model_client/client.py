@@ -282,6 +282,10 @@ class ModelClient:
         args = {"model": model, "prompt": prompt, "conversation_id": conversation_id, **params}
         return self._generate("complete", args, stream, timeout)
 
+    def embed(self, model: str, texts: str | list[str], normalize: bool = True) -> list[list[float]]:
+        """One vector per text (pooled over its tokens, unit length unless ``normalize`` is false)."""
+        return self.request("embed", {"model": model, "input": texts, "normalize": normalize})["embeddings"]
+
     def transcribe(
         self, audio: bytes, model: str | None = None, timeout: float | None = None, **options: Any
     ) -> Transcript:

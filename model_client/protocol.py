@@ -109,6 +109,14 @@ class CompleteArgs(GenerationArgs, kw_only=True):
     prompt: Annotated[str, msgspec.Meta(min_length=1)]
 
 
+class EmbedArgs(OpArgs, kw_only=True):
+    """Pooled embeddings of each input from an llm of the catalogue, L2-normalized unless ``normalize`` is false."""
+
+    model: str
+    input: Annotated[str, msgspec.Meta(min_length=1)] | Annotated[list[str], msgspec.Meta(min_length=1, max_length=256)]
+    normalize: bool = True
+
+
 class ConversationArgs(OpArgs, kw_only=True):
     model: str
     conversation_id: Annotated[str, msgspec.Meta(min_length=1)]
@@ -149,13 +157,14 @@ OP_ARGS: dict[str, type[OpArgs]] = {
     "unload": ModelArgs,
     "chat": ChatArgs,
     "complete": CompleteArgs,
+    "embed": EmbedArgs,
     "conversation.drop": ConversationArgs,
     "transcribe": TranscribeArgs,
     "synthesize": SynthesizeArgs,
 }
 OPS: tuple[str, ...] = tuple(OP_ARGS)
 # Ops a client may send again after a timeout without changing anything twice (Lazy Pirate retries).
-IDEMPOTENT_OPS = frozenset({"ping", "status", "models", "load", "unload", "conversation.drop", "transcribe"})
+IDEMPOTENT_OPS = frozenset({"ping", "status", "models", "load", "unload", "conversation.drop", "transcribe", "embed"})
 
 
 PRIORITY_BATCH = 10  # background work

@@ -36,6 +36,7 @@ class Ops:
             "chat": self.generate,
             "complete": self.generate,
             "conversation.drop": self.drop_conversation,
+            "embed": self.embed,
             "transcribe": self.transcribe,
             "synthesize": self.synthesize,
         }
@@ -96,6 +97,14 @@ class Ops:
     def drop_conversation(self, route: list[bytes], request: protocol.Request, args: protocol.ConversationArgs) -> None:
         slot = self.kind_slot(args.model, "llm", request.op)
         self.lifecycle.drop_conversation(slot, Waiter(route, request.id), job_for(route, request, args))
+
+    def embed(self, route: list[bytes], request: protocol.Request, args: protocol.EmbedArgs) -> None:
+        texts = [args.input] if isinstance(args.input, str) else args.input
+        total = sum(len(text.encode()) for text in texts)
+        if total > self.config.limits.max_prompt_bytes:
+            raise BadRequest(f"the input is {total} bytes, over the limit of {self.config.limits.max_prompt_bytes}")
+        slot = self.kind_slot(args.model, "llm", request.op)
+        self.lifecycle.enqueue(slot, job_for(route, request, args))
 
     def transcribe(self, route: list[bytes], request: protocol.Request, args: protocol.TranscribeArgs) -> None:
         slot = self.kind_slot(args.model, "stt", request.op)

@@ -30,6 +30,7 @@ from model_manager.backends import PAYLOAD, Backend, create_backend, warm_up
 from model_manager.gatekeeper import SECRET_ENV
 
 PARENT_CHECK_MS = 1000
+DIRECT_OPS = frozenset({"conversation.drop", "embed"})  # a stepping backend runs these at once, between steps
 STATS_EVERY_S = 1.0
 
 
@@ -102,7 +103,7 @@ class Worker:
             if isinstance(message, wire.Load):
                 self._load(message)
             elif isinstance(message, wire.Run):
-                if self.stepping and message.op != "conversation.drop":
+                if self.stepping and message.op not in DIRECT_OPS:
                     self._submit(message)
                 elif self.backend is not None and message.op in self.backend.batchable_ops:
                     self._run_batch(self._collect(message))
@@ -212,7 +213,7 @@ class Worker:
         while self.pending or self.sock.poll(0):
             message = self.pending.popleft() if self.pending else self._receive()
             if isinstance(message, wire.Run):
-                if message.op == "conversation.drop":
+                if message.op in DIRECT_OPS:
                     self._run(message)
                 else:
                     self._submit(message)

@@ -18,6 +18,7 @@ from pathlib import Path
 import av
 import httpx
 import jsonschema
+import numpy as np
 import ollama
 import openai
 import pytest
@@ -412,3 +413,29 @@ def test_ollama_chat_with_tools_and_bad_tool_requests(stack: Stack) -> None:
         )
     with pytest.raises(openai.BadRequestError, match="no tools"):
         stack.openai.chat.completions.create(model="smollm2", messages=ASK_WEATHER, tool_choice="required")
+
+
+# ----- embeddings --------------------------------------------------------------------------------------------------
+
+
+def test_embeddings_are_unit_vectors_that_put_like_with_like(stack: Stack) -> None:
+    texts = ["The cat sits on the mat.", "A kitten is sitting on a rug.", "Stock markets fell sharply today."]
+    for model in ("smollm2", "smollm2-batched"):
+        answer = stack.openai.embeddings.create(model=model, input=texts)  # the SDK asks for base64 and decodes it
+        vectors = np.array([item.embedding for item in answer.data])
+        assert vectors.shape == (3, 576) and answer.usage.prompt_tokens > 10
+        assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+        similar, unlike = vectors[0] @ vectors[1], vectors[0] @ vectors[2]
+        assert similar > unlike + 0.05, (model, similar, unlike)
+    plain = stack.openai.embeddings.create(model="smollm2", input=texts[0], encoding_format="float")
+    assert np.allclose(plain.data[0].embedding, vectors[0], atol=1e-3)
+    ollama_vectors = stack.ollama.embed("smollm2", texts).embeddings
+    assert np.allclose(np.array(ollama_vectors), vectors, atol=1e-3)
+    with stack.client() as c:
+        assert np.allclose(c.embed("smollm2", texts[2]), vectors[2:], atol=1e-3)
+    with pytest.raises(openai.BadRequestError):
+        stack.openai.embeddings.create(model="smollm2", input=[[1, 2, 3]])
+    with pytest.raises(openai.BadRequestError, match="tokens, over"):
+        stack.openai.embeddings.create(model="smollm2", input="word " * 600)
+    with pytest.raises(openai.NotFoundError):
+        stack.openai.embeddings.create(model="no-such-model", input="x")

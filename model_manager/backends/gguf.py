@@ -37,6 +37,7 @@ from llama_cpp.llama_chat_format import ChatFormatter, Jinja2ChatFormatter
 from model_client.errors import BadRequest, ContextOverflow, ModelLoadFailed
 from model_manager.backends import Emit, tools
 from model_manager.backends.batch_engine import common_prefix as _common_prefix
+from model_manager.backends.embedding import Embedder
 from model_manager.config import MIB, KvCacheSettings, Limits, ModelSpec
 from model_manager.kvcache import ConversationStore
 
@@ -66,6 +67,8 @@ class GGUFBackend:
         self.spec: ModelSpec | None = None
         self.formatter: ChatFormatter | None = None
         self.store: ConversationStore | None = None
+        self.embedder: Embedder | None = None  # made on the first `embed`
+        self.threads: int | None = None
         self.live_conversation: str | None = None  # the conversation whose tokens the context holds
         self.to_save: str | None = None  # saved after the reply is sent, off the request's critical path
         self.prompt_len = 0  # the last prompt: the context cells that batch evaluation computed
@@ -95,7 +98,7 @@ class GGUFBackend:
             )
         except Exception as exc:  # llama.cpp reports every load problem as a plain ValueError
             raise ModelLoadFailed(f"llama.cpp could not load {spec.path}: {exc}", path=spec.path) from None
-        self.llm, self.spec = llm, spec
+        self.llm, self.spec, self.threads = llm, spec, spec.n_threads
         if limits is not None:
             self.max_prompt_tokens = limits.max_prompt_tokens
         self.formatter = self._chat_formatter(llm, spec.chat_format)
@@ -117,6 +120,15 @@ class GGUFBackend:
         """From the next evaluation on (llama.cpp reads its context's thread counts at each decode)."""
         assert self.llm is not None
         llama_cpp.llama_set_n_threads(self.llm.ctx, n, n)
+        self.threads = n
+        if self.embedder is not None:
+            self.embedder.set_threads(n)
+
+    def _embedder(self) -> Embedder:
+        assert self.llm is not None
+        if self.embedder is None:
+            self.embedder = Embedder(self.llm._model, self.threads or self.llm.n_threads)
+        return self.embedder
 
     @staticmethod
     def _chat_formatter(llm: Llama, chat_format: str | None) -> ChatFormatter:
@@ -131,6 +143,10 @@ class GGUFBackend:
         assert self.llm is not None and self.formatter is not None and self.spec is not None
         if op == "conversation.drop":
             return self._drop(args["conversation_id"])
+        if op == "embed":
+            return self._embedder().embed(
+                [args["input"]] if isinstance(args["input"], str) else args["input"], args["normalize"]
+            )
         if op == "chat":
             args = tools.prepare(args)
         tokens, stops, context = prompt_for(op, args, self._chat_prompt, self.llm.tokenize, self.spec.context_overflow)

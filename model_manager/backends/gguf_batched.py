@@ -29,6 +29,7 @@ from model_client.errors import ContextOverflow, ModelLoadFailed, ModelManagerEr
 from model_manager.backends import Emit, tools
 from model_manager.backends.batch_engine import BatchEngine, Job, Sampling, Sequence, make_sampler
 from model_manager.backends.batch_engine import common_prefix as _common_prefix
+from model_manager.backends.embedding import Embedder
 from model_manager.backends.gguf import (
     _decode_complete_utf8,
     _StopText,
@@ -73,6 +74,8 @@ class BatchedGGUFBackend:
         self.spec: ModelSpec | None = None
         self.formatter: Any = None
         self.store: ConversationStore | None = None
+        self.embedder: Embedder | None = None  # made on the first `embed`
+        self.threads: int | None = None
         self.requests: dict[str, _Request] = {}
         self.n_ctx = 0  # one sequence's context: the YAML's n_ctx
         self.parallel = 1
@@ -108,7 +111,7 @@ class BatchedGGUFBackend:
         # Flash attention: a conversation's later turns attend over a long history; measured with bench/kv_cache.py
         # (8 live conversations, SmolLM2, 2 cores), turn 10's time to first token 695 -> 572 ms, turn 1's 431 -> 407.
         ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        ctx_params.n_threads = ctx_params.n_threads_batch = threads
+        ctx_params.n_threads = ctx_params.n_threads_batch = self.threads = threads
         set_verbose(False)  # llama.cpp's own log lines (each state restore, ...) only for errors
         try:
             with suppress_stdout_stderr(disable=False):
@@ -159,6 +162,10 @@ class BatchedGGUFBackend:
         """One request alone (conversation.drop, and callers that do not step): submit, step until it ends."""
         if op == "conversation.drop":
             return self._drop(args["conversation_id"])
+        if op == "embed":
+            return self._embedder().embed(
+                [args["input"]] if isinstance(args["input"], str) else args["input"], args["normalize"]
+            )
         rid = f"run-{time.monotonic_ns()}"
         self.submit(rid, op, args, emit)
         while True:
@@ -350,6 +357,15 @@ class BatchedGGUFBackend:
         """From the next step on (llama.cpp reads its context's thread counts at each decode)."""
         assert self.ctx is not None
         llama_cpp.llama_set_n_threads(self.ctx.ctx, n, n)
+        self.threads = n
+        if self.embedder is not None:
+            self.embedder.set_threads(n)
+
+    def _embedder(self) -> Embedder:
+        assert self.model is not None
+        if self.embedder is None:
+            self.embedder = Embedder(self.model, self.threads)
+        return self.embedder
 
     def after_reply(self, idle: bool = True) -> None:
         if self.store is not None:
