@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -228,7 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     keys = sub.add_parser("keys", help="make CURVE key pairs for a manager on a network address")
     keys.add_argument("--dir", type=Path, default=Path("keys"), help="where to write them (default: keys/)")
     keys.add_argument("--client", action="append", help="a client's name (repeatable; default: one 'client')")
+    keys.add_argument("--api", action="store_true", help="print a bearer API key for the HTTP gateway instead")
     args = parser.parse_args(argv)
+    if args.command == "keys" and args.api:
+        key = secrets.token_urlsafe(32)
+        print(key)
+        print(f'\nIn config/llm_config.yaml:\n  gateway:\n    api_keys: ["{key}"]', file=sys.stderr)
+        print("Clients send: Authorization: Bearer <the key>", file=sys.stderr)
+        return 0
     if args.command == "keys":
         return _keys(args.dir, tuple(args.client or ["client"]))
 

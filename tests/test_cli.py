@@ -64,3 +64,10 @@ def test_keys_makes_a_server_pair_and_authorized_client_keys(tmp_path) -> None:
     assert (keys / "server.key").is_file() and (keys / "server.key_secret").stat().st_mode & 0o077 == 0
     assert (keys / "authorized" / "kitchen.key").read_bytes() == (keys / "kitchen.key").read_bytes()
     assert "curve_server_secret_key:" in run.stdout and "curve_authorized_keys:" in run.stdout
+
+
+def test_keys_api_prints_a_gateway_key(manager: ManagerProcess) -> None:
+    run = mm(manager, "keys", "--api")
+    key = run.stdout.strip()
+    assert run.returncode == 0 and len(key) >= 32 and "api_keys" in run.stderr
+    assert mm(manager, "keys", "--api").stdout.strip() != key, "a new key each time"

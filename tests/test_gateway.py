@@ -439,3 +439,31 @@ def test_embeddings_are_unit_vectors_that_put_like_with_like(stack: Stack) -> No
         stack.openai.embeddings.create(model="smollm2", input="word " * 600)
     with pytest.raises(openai.NotFoundError):
         stack.openai.embeddings.create(model="no-such-model", input="x")
+
+
+# ----- LangChain ---------------------------------------------------------------------------------------------------
+
+
+def test_langchain_chat_openai_invokes_streams_and_structures(stack: Stack) -> None:
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    llm = ChatOpenAI(
+        base_url=f"{stack.url}/v1", api_key="unused", model="smollm2", temperature=0, max_tokens=24, max_retries=0
+    )
+    answer = llm.invoke("What is the capital of France?")
+    assert answer.content and answer.usage_metadata["output_tokens"] > 0
+    pieces = list(llm.stream("What is the capital of France?", stream_usage=True))
+    assert "".join(p.content for p in pieces) == answer.content
+    assert sum((p.usage_metadata or {}).get("output_tokens", 0) for p in pieces) > 0
+
+    class Person(BaseModel):
+        name: str = Field(max_length=20)
+        age: int = Field(ge=0, le=150)
+
+    longer = ChatOpenAI(
+        base_url=f"{stack.url}/v1", api_key="unused", model="smollm2", temperature=0, max_tokens=64, max_retries=0
+    )
+    for method in ("json_schema", "function_calling"):
+        person = longer.with_structured_output(Person, method=method).invoke("Invent a person with a name and an age.")
+        assert isinstance(person, Person), method
