@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from starlette.testclient import TestClient
 from daemonkit.settings import ConfigError
 from gateway.app import build_app
 from gateway.config import GatewaySettings, load_gateway_settings
-from model_client import ModelClient
+from model_client import ModelClient, protocol
 from tests.conftest import REPO, ManagerProcess, base_config, model_status, wait_for
 from tests.test_speech import wer
 
@@ -291,11 +290,12 @@ def test_bad_audio_requests_get_openai_errors(stack: Stack) -> None:
 def test_a_full_queue_is_a_429_with_retry_after(stack: Stack) -> None:
     holders = [stack.client() for _ in range(3)]
     long = [{"role": "user", "content": "Count to three hundred."}]
-    streams = [iter(c.chat("smollm2-short-queue", long, stream=True, max_tokens=400)) for c in holders]
     try:
-        next(streams[0])  # the first runs; the next two wait in its queue of two
-        for stream in streams[1:]:
-            threading.Thread(target=lambda s=stream: next(s, None), daemon=True).start()
+        running = iter(holders[0].chat("smollm2-short-queue", long, stream=True, max_tokens=400))
+        next(running)  # the first runs; the next two are sent and left waiting in its queue of two
+        for holder in holders[1:]:
+            args = {"model": "smollm2-short-queue", "messages": long, "max_tokens": 400, "stream": True}
+            holder.connection.send(protocol.Request(op="chat", args=args))
         with stack.client() as c:
             wait_for(lambda: model_status(c, "smollm2-short-queue")["queued"] == 2, timeout=10)
         with pytest.raises(openai.RateLimitError) as busy:
@@ -390,12 +390,22 @@ def test_auto_tools_answer_or_call_and_the_result_goes_back_into_the_talk(stack:
 
 
 def test_ollama_chat_with_tools_and_bad_tool_requests(stack: Stack) -> None:
-    answer = stack.ollama.chat("smollm2", messages=ASK_WEATHER, tools=TOOLS, options={"temperature": 0})
-    if answer.message.tool_calls:
-        call = answer.message.tool_calls[0].function
-        assert call.name in {"get_weather", "lights_off"} and isinstance(call.arguments, dict)
-    else:
-        assert answer.message.content
+    for stream in (False, True):
+        if stream:
+            parts = list(stack.ollama.chat("smollm2", messages=ASK_WEATHER, tools=TOOLS, stream=True))
+            assert parts[-1].done
+            calls = [call for part in parts for call in part.message.tool_calls or []]
+            content = "".join(part.message.content or "" for part in parts)
+        else:
+            answer = stack.ollama.chat("smollm2", messages=ASK_WEATHER, tools=TOOLS, options={"temperature": 0})
+            calls, content = answer.message.tool_calls or [], answer.message.content
+        if calls:
+            assert calls[0].function.name in {"get_weather", "lights_off"}
+            assert isinstance(calls[0].function.arguments, dict)
+        else:
+            assert content
+    shaped = list(stack.ollama.chat("smollm2", messages=QUESTION, format=PERSON, stream=True))
+    jsonschema.validate(json.loads("".join(part.message.content for part in shaped)), PERSON)
     with pytest.raises(openai.BadRequestError, match="not among the tools"):
         stack.openai.chat.completions.create(
             model="smollm2",
