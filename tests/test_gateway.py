@@ -171,7 +171,8 @@ def test_errors_are_typed_and_the_gateway_stays_up(stack: Stack) -> None:
 
 
 def test_a_client_that_hangs_up_cancels_its_generation(stack: Stack) -> None:
-    body = {"model": "smollm2", "messages": [{"role": "user", "content": "Count to five hundred."}], "stream": True}
+    counting = "Count from 1 to 500, separated by commas: 1, 2, 3,"  # greedy: it goes on to max_tokens
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": counting}], "stream": True}
     body |= {"max_tokens": 500, "temperature": 0}
     log = stack.manager.log_path
     before = len(log.read_text())
@@ -199,11 +200,13 @@ def test_ollama_lists_shows_and_pulls_only_catalogue_models(stack: Stack) -> Non
 
 
 def test_ollama_chat_streams_and_generate_answers(stack: Stack) -> None:
-    pieces = list(stack.ollama.chat("smollm2", messages=QUESTION, stream=True, options={"temperature": 0}))
+    pieces = list(
+        stack.ollama.chat("smollm2", messages=QUESTION, stream=True, options={"temperature": 0, "num_predict": 24})
+    )
     assert pieces[-1].done and pieces[-1].eval_count > 0
     text = "".join(p.message.content for p in pieces)
     with stack.client() as c:
-        assert text == c.chat("smollm2", QUESTION, max_tokens=256, temperature=0.0).text
+        assert text == c.chat("smollm2", QUESTION, max_tokens=24, temperature=0.0).text
     shaped = stack.ollama.chat("smollm2", messages=QUESTION, format=PERSON, options={"temperature": 0})
     jsonschema.validate(json.loads(shaped.message.content), PERSON)
     generated = stack.ollama.generate("smollm2", "The capital of France is", options={"num_predict": 8})
@@ -242,7 +245,7 @@ def test_speech_comes_in_every_format_and_speed_two_is_shorter(stack: Stack) -> 
     # at a wrong sample rate would be off by 2x or more.
     assert all(abs(s - lengths["wav"]) < 0.25 * lengths["wav"] for s in lengths.values()), str(lengths)
     fast = stack.openai.audio.speech.create(model="tts-1", voice="joe", input=SENTENCE, response_format="wav", speed=2)
-    assert seconds_of(fast.content, "wav") < 0.7 * min(lengths.values())
+    assert seconds_of(fast.content, "wav") < 0.8 * min(lengths.values()), "the pauses between words do not scale"
     voices = httpx.get(f"{stack.url}/v1/audio/voices", timeout=10).json()["voices"]
     assert [v["id"] for v in voices] == ["joe"]
 
@@ -289,12 +292,18 @@ def test_bad_audio_requests_get_openai_errors(stack: Stack) -> None:
 
 def test_a_full_queue_is_a_429_with_retry_after(stack: Stack) -> None:
     holders = [stack.client() for _ in range(3)]
-    long = [{"role": "user", "content": "Count to three hundred."}]
+    long = [{"role": "user", "content": "Count from 1 to 300, separated by commas: 1, 2, 3,"}]  # greedy: it goes on
     try:
-        running = iter(holders[0].chat("smollm2-short-queue", long, stream=True, max_tokens=400))
+        running = iter(holders[0].chat("smollm2-short-queue", long, stream=True, max_tokens=400, temperature=0.0))
         next(running)  # the first runs; the next two are sent and left waiting in its queue of two
         for holder in holders[1:]:
-            args = {"model": "smollm2-short-queue", "messages": long, "max_tokens": 400, "stream": True}
+            args = {
+                "model": "smollm2-short-queue",
+                "messages": long,
+                "max_tokens": 400,
+                "stream": True,
+                "temperature": 0.0,
+            }
             holder.connection.send(protocol.Request(op="chat", args=args))
         with stack.client() as c:
             wait_for(lambda: model_status(c, "smollm2-short-queue")["queued"] == 2, timeout=10)
@@ -392,19 +401,23 @@ def test_auto_tools_answer_or_call_and_the_result_goes_back_into_the_talk(stack:
 def test_ollama_chat_with_tools_and_bad_tool_requests(stack: Stack) -> None:
     for stream in (False, True):
         if stream:
-            parts = list(stack.ollama.chat("smollm2", messages=ASK_WEATHER, tools=TOOLS, stream=True))
+            options = {"temperature": 0, "num_predict": 64}
+            parts = list(stack.ollama.chat("smollm2", messages=ASK_WEATHER, tools=TOOLS, stream=True, options=options))
             assert parts[-1].done
             calls = [call for part in parts for call in part.message.tool_calls or []]
             content = "".join(part.message.content or "" for part in parts)
         else:
-            answer = stack.ollama.chat("smollm2", messages=ASK_WEATHER, tools=TOOLS, options={"temperature": 0})
+            options = {"temperature": 0, "num_predict": 64}
+            answer = stack.ollama.chat("smollm2", messages=ASK_WEATHER, tools=TOOLS, options=options)
             calls, content = answer.message.tool_calls or [], answer.message.content
         if calls:
             assert calls[0].function.name in {"get_weather", "lights_off"}
             assert isinstance(calls[0].function.arguments, dict)
         else:
             assert content
-    shaped = list(stack.ollama.chat("smollm2", messages=QUESTION, format=PERSON, stream=True))
+    shaped = list(
+        stack.ollama.chat("smollm2", messages=QUESTION, format=PERSON, stream=True, options={"num_predict": 64})
+    )
     jsonschema.validate(json.loads("".join(part.message.content for part in shaped)), PERSON)
     with pytest.raises(openai.BadRequestError, match="not among the tools"):
         stack.openai.chat.completions.create(
