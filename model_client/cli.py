@@ -114,8 +114,8 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join([*models, "", *device_rows, "", footer])
 
 
-def _chat(client: ModelClient, model: str, system: str | None) -> None:
-    conversation = Conversation(client, model, system=system)
+def _chat(client: ModelClient, model: str, system: str | None, max_tokens: int) -> None:
+    conversation = Conversation(client, model, system=system, params={"max_tokens": max_tokens})
     print(f"chatting with {model} (conversation {conversation.conversation_id[:8]}); Ctrl-D to end", file=sys.stderr)
     while True:
         try:
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     chat = sub.add_parser("chat", help="interactive, streamed chat")
     chat.add_argument("model")
     chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--max-tokens", type=int, default=256, help="the longest reply (default: 256)")
     transcribe = sub.add_parser("transcribe", help="speech to text of an audio file (WAV, FLAC, MP3, OGG, ...)")
     transcribe.add_argument("file", type=Path)
     transcribe.add_argument("--model", help="an stt model of the catalogue (default: the first)")
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = getattr(client, args.command)(args.model)
                 print(f"{result['name']}: {result['state']}")
             elif args.command == "chat":
-                _chat(client, args.model, args.system)
+                _chat(client, args.model, args.system, args.max_tokens)
             elif args.command == "talk":
                 _talk(args)
             elif args.command == "transcribe":

@@ -17,16 +17,29 @@ from tests.conftest import REPO
 BENCH = REPO / "bench"
 SIDE_BY_SIDE = 2
 HELPERS = {"daemon.py"}  # not a benchmark: the daemon the benchmarks start
-TINY = {  # the longest first, so that those run side by side end together
-    "swap.py": ["--rounds", "1", "--threads", "1"],
-    "voice_turn.py": ["--turns", "1"],
-    "kv_cache.py": ["--conversations", "1", "--turns", "2", "--threads", "1"],
+TINY = {  # the longest first (measured alone: 16, 16, 11, 11, 10, 10, 8, 6, 5 s), so those side by side end together
     "cpu_share.py": ["--rounds", "1", "--prompt-words", "40"],
-    "gateway.py": ["--rounds", "1", "--tokens", "8"],
+    "kv_cache.py": ["--conversations", "1", "--turns", "2", "--threads", "1"],
+    "voice_turn.py": ["--turns", "1"],
+    "swap.py": ["--rounds", "1", "--threads", "1"],
     "load.py": ["--levels", "2", "--requests", "4", "--budget", "30", "--soak", "0"],
     "speech.py": ["--rounds", "1", "--threads", "1", "--clips", "2"],
+    "batching.py": [
+        "--levels",
+        "1,2",
+        "--tokens",
+        "8",
+        "--long",
+        "1",
+        "--rounds",
+        "1",
+        "--repeats",
+        "1",
+        "--models",
+        "smollm2",
+    ],
     "transport.py": ["--pings", "50", "--tokens", "8", "--rounds", "1", "--threads", "1"],
-    "batching.py": ["--levels", "1,2", "--tokens", "8", "--long", "1", "--rounds", "1", "--models", "smollm2"],
+    "gateway.py": ["--rounds", "1", "--tokens", "8", "--threads", "1"],
 }
 
 

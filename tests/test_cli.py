@@ -38,7 +38,7 @@ def test_models_lists_the_catalogue(manager: ManagerProcess) -> None:
 
 
 def test_chat_streams_replies_for_each_line(manager: ManagerProcess) -> None:
-    run = mm(manager, "chat", "smollm2", stdin="Hello there\nWhat is two plus two?\n")
+    run = mm(manager, "chat", "smollm2", "--max-tokens", "16", stdin="Hello there\nWhat is two plus two?\n")
     assert run.returncode == 0, run.stderr
     assert run.stdout.count(">>> ") == 3  # two questions answered, then the prompt that meets end of input
     assert len(run.stdout.replace(">>> ", "").strip()) > 0
