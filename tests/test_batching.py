@@ -160,12 +160,13 @@ def test_a_new_conversation_copies_a_shared_prefix_instead_of_evaluating_it(batc
     system = {"role": "system", "content": "You are Jarvis, the butler of a quiet house by the sea. " * 4}
     with batching.client(timeout=60) as client:
         client.unload("x4")  # fresh sequences
-        first = client.chat("x4", [system, {"role": "user", "content": "Hello."}], conversation_id="ada", **GREEDY)
-        other = client.chat("x4", [system, {"role": "user", "content": "Good day."}], conversation_id="bo", **GREEDY)
+        short = {"max_tokens": 8, **GREEDY}
+        first = client.chat("x4", [system, {"role": "user", "content": "Hello."}], conversation_id="ada", **short)
+        other = client.chat("x4", [system, {"role": "user", "content": "Good day."}], conversation_id="bo", **short)
         assert other.usage["cached_tokens"] >= 40, "the system prompt came from ada's sequence"
         copies = lambda: (model_status(client, "x4")["kv_cache"] or {}).get("prefix_copies", 0)  # noqa: E731
         assert wait_for(lambda: copies() >= 1, timeout=10)  # counted in the worker's next report
         again = [system, {"role": "user", "content": "Hello."}, {"role": "assistant", "content": first.text}]
         again.append({"role": "user", "content": "Thanks."})
-        reply = client.chat("x4", again, conversation_id="ada", **GREEDY)
+        reply = client.chat("x4", again, conversation_id="ada", **short)
         assert reply.usage["cached_tokens"] >= first.usage["prompt_tokens"], "ada kept her own sequence"
