@@ -39,7 +39,15 @@ def user_turn(conversation: int, turn: int) -> str:
     )
 
 
-def run(client: ModelClient, conversations: int, turns: int, reuse: bool, tag: str, think_s: float = 0.0):
+def run(
+    client: ModelClient,
+    conversations: int,
+    turns: int,
+    reuse: bool,
+    tag: str,
+    think_s: float = 0.0,
+    max_tokens: int = 48,
+):
     """Returns per turn: TTFT of every conversation (ms), prompt tokens, tokens evaluated (not cached), and the
     replies' texts."""
     histories = [[{"role": "system", "content": SYSTEM}] for _ in range(conversations)]
@@ -58,7 +66,7 @@ def run(client: ModelClient, conversations: int, turns: int, reuse: bool, tag: s
                 conversation_id=f"{tag}-{conv}" if reuse else None,
                 cache=reuse,
                 stream=True,
-                max_tokens=48,
+                max_tokens=max_tokens,
                 temperature=0.0,
             )
             first = None
@@ -80,6 +88,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--parallel", type=int, default=1, help="the model's sequences (continuous batching)")
+    parser.add_argument("--max-tokens", type=int, default=48, help="each reply's length")
     parser.add_argument(
         "--think-ms", type=float, default=0.0, help="pause before each request, as a user speaking (default: none)"
     )
@@ -92,10 +101,12 @@ def main() -> None:
     with running_daemon(config) as client:
         client.load("smollm2")
         think = args.think_ms / 1000
-        reuse = run(client, args.conversations, args.turns, True, "reuse", think)
+        reuse = run(client, args.conversations, args.turns, True, "reuse", think, args.max_tokens)
         reuse_ttft, history, evaluated, reuse_replies = reuse
         kv = next(m for m in client.status()["models"] if m["name"] == "smollm2")["kv_cache"]
-        plain_ttft, _, _, plain_replies = run(client, args.conversations, args.turns, False, "plain", think)
+        plain_ttft, _, _, plain_replies = run(
+            client, args.conversations, args.turns, False, "plain", think, args.max_tokens
+        )
 
     median = [statistics.median(t) for t in reuse_ttft]
     plain = [statistics.median(t) for t in plain_ttft]
