@@ -77,6 +77,23 @@ class ManagerMetrics:
         self.conversation_bytes = Gauge(
             "mm_cached_conversation_bytes", "RAM held by saved conversation states", ["model"], registry=r
         )
+        self.parallel = Gauge("mm_parallel", "Requests a model serves at once (its sequences)", ["model"], registry=r)
+        self.sequences_busy = Gauge(
+            "mm_sequences_busy", "A batching model's sequences decoding now", ["model"], registry=r
+        )
+        self.live_conversations = Gauge(
+            "mm_live_conversations", "Conversations held on a batching model's sequences", ["model"], registry=r
+        )
+        self.tokens_per_second = Gauge(
+            "mm_generated_tokens_per_second",
+            "A batching model's tokens generated, over its last second",
+            ["model"],
+            registry=r,
+        )
+        self.mean_batch = Gauge(
+            "mm_mean_batch", "Sequences a batching model decoded per step, over its last second", ["model"], registry=r
+        )
+        self.threads = Gauge("mm_threads", "CPU threads a model's worker was last given", ["model"], registry=r)
         self.url: str | None = None
         self._server = None
 
@@ -100,6 +117,14 @@ class ManagerMetrics:
                 self.model_bytes.labels(slot.name, device).set(slot.placements.get(device, 0))
             self.conversations.labels(slot.name).set(slot.kv_stats.get("conversations", 0))
             self.conversation_bytes.labels(slot.name).set(slot.kv_stats.get("bytes", 0))
+            self.parallel.labels(slot.name).set(slot.capacity)
+            loaded = slot.state.value == "ready"
+            batching = slot.batching if loaded else {}
+            self.sequences_busy.labels(slot.name).set(batching.get("sequences_busy", 0))
+            self.tokens_per_second.labels(slot.name).set(batching.get("tokens_per_s", 0))
+            self.mean_batch.labels(slot.name).set(batching.get("mean_batch", 0))
+            self.live_conversations.labels(slot.name).set(slot.kv_stats.get("live", 0) if loaded else 0)
+            self.threads.labels(slot.name).set((slot.threads or 0) if slot.worker is not None else 0)
         for view in views:
             device = view.device
             self.device_bytes.labels(device.id, "total").set(device.total)

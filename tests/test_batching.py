@@ -17,6 +17,7 @@ import pytest
 
 from model_client import BadRequest
 from tests.conftest import GREEDY, ManagerProcess, base_config, model_status, wait_for
+from tests.test_load_and_security import scrape
 
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"  # greedy decoding keeps counting: a reliably long request
 SYSTEM = {"role": "system", "content": "You are a helpful assistant who answers briefly."}
@@ -102,6 +103,10 @@ def test_a_short_request_is_answered_while_long_ones_run(batching: ManagerProces
     with batching.client(timeout=60) as client:  # status shows the batch while the long ones run
         batch = wait_for(lambda: (model_status(client, "x4")["batching"] or {}).get("mean_batch", 0) > 2, timeout=20)
         assert batch and model_status(client, "x4")["in_flight"] == 3
+        url = client.status()["manager"]["metrics"]  # and so do the metrics, refreshed each second
+        samples = wait_for(lambda: (m := scrape(url)).get('mm_mean_batch{model="x4"}', 0) > 2 and m, timeout=10)
+        assert samples['mm_parallel{model="x4"}'] == 4 and samples['mm_sequences_busy{model="x4"}'] >= 3
+        assert samples['mm_generated_tokens_per_second{model="x4"}'] > 0 and samples['mm_threads{model="x4"}'] >= 1
     assert not any(ended.is_set() for ended in streams.ended)
     streams.stop()
 
