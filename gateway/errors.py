@@ -5,25 +5,24 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import msgspec
 from starlette.responses import JSONResponse
 
 from model_client.errors import ModelManagerError
 
-# code -> (HTTP status, OpenAI error type, OpenAI error code)
-STATUS: dict[str, tuple[int, str, str | None]] = {
-    "bad_request": (400, "invalid_request_error", None),
-    "invalid_audio": (400, "invalid_request_error", "invalid_audio"),
-    "unknown_op": (400, "invalid_request_error", None),
-    "unsupported_version": (400, "invalid_request_error", None),
-    "context_overflow": (400, "invalid_request_error", "context_length_exceeded"),
-    "model_not_found": (404, "invalid_request_error", "model_not_found"),
-    "busy": (429, "rate_limit_error", "rate_limit_exceeded"),
-    "insufficient_memory": (503, "server_error", "insufficient_memory"),
-    "model_load_failed": (503, "server_error", "model_load_failed"),
-    "model_failed": (503, "server_error", "model_failed"),
-    "timeout": (504, "server_error", "timeout"),
-    "internal": (500, "server_error", None),
+# the manager's error code -> (HTTP status, OpenAI's error code); OpenAI's error type follows from the status
+STATUS: dict[str, tuple[int, str | None]] = {
+    "bad_request": (400, None),
+    "invalid_audio": (400, "invalid_audio"),
+    "unknown_op": (400, None),
+    "unsupported_version": (400, None),
+    "context_overflow": (400, "context_length_exceeded"),
+    "model_not_found": (404, "model_not_found"),
+    "busy": (429, "rate_limit_exceeded"),
+    "insufficient_memory": (503, "insufficient_memory"),
+    "model_load_failed": (503, "model_load_failed"),
+    "model_failed": (503, "model_failed"),
+    "timeout": (504, "timeout"),
+    "internal": (500, None),
 }
 
 
@@ -44,15 +43,9 @@ class HttpError(Exception):
 
 
 def from_manager(error: ModelManagerError) -> HttpError:
-    status, _type, code = STATUS.get(error.code, (500, "server_error", None))
+    status, code = STATUS.get(error.code, (500, None))
     retry = error.details.get("retry_after_ms") if error.code == "busy" else None
     return HttpError(status, error.message, code=code or error.code, retry_after_ms=retry)
-
-
-def from_validation(error: msgspec.ValidationError | msgspec.DecodeError) -> HttpError:
-    message = str(error)
-    param = message.rsplit("`$.", 1)[1].rstrip("`") if "`$." in message else None
-    return HttpError(400, message, param=param, code="invalid_request" if param is None else "invalid_value")
 
 
 def _headers(error: HttpError) -> dict[str, str]:
