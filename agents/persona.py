@@ -12,56 +12,33 @@ Turns run one at a time per persona; messages that arrive meanwhile wait in the 
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import signal
 import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import structlog
 import zmq
 
+from agents.answer import UNSERVABLE, generation_request
 from agents.config import AGENT_OPS, TOPIC_HEARTBEAT, TOPIC_REPLY, AgentsConfig, AskArgs, Persona, route
+from agents.history import Histories
 from agents.pieces import SpeechPieces
 from daemonkit.binding import Binder, CurveServer, prepare_ipc_dir, remove_ipc_file
 from daemonkit.publisher import HEARTBEAT_S, EventPublisher, Heartbeat
 from daemonkit.request_socket import MAX_TEXT_MESSAGE_BYTES, RequestSocket
 from model_client import protocol
 from model_client.client import ModelClient, Stream
-from model_client.errors import (
-    InsufficientMemory,
-    ModelFailed,
-    ModelLoadFailed,
-    ModelManagerError,
-    ModelNotFound,
-)
+from model_client.errors import ModelManagerError
 from services.config import TOPIC_AUDIO, TOPIC_SAY, TOPIC_TRANSCRIPT, ServicesConfig
 
 TICK_S = 0.1
-UNSERVABLE = (ModelLoadFailed, InsufficientMemory, ModelNotFound, ModelFailed)  # the fallback persona answers
 OPEN_TURNS = 64  # turns whose audio is still awaited for the breakdown log
-SESSIONS_IN_MEMORY = 256  # the most recent sessions' histories (all are kept on disk) and turn counters
-
-TRANSCRIPT_STOPS = ["\nQuestion:", "\n\n"]
+SESSIONS_IN_MEMORY = 256  # turn counters of the most recent sessions
 
 log = structlog.get_logger("agents")
-
-
-def transcript_prompt(system: str, history: list[dict[str, str]], text: str) -> str:
-    """A base model's prompt: the system text, then the session as a question-and-answer transcript. Each turn
-    only appends to it, so the manager's KV cache of the conversation still applies."""
-    lines = [system.strip(), ""]
-    for message in history:
-        label = "Question" if message["role"] == "user" else "Answer"
-        lines.append(f"{label}: {message['content'].strip()}")
-        if label == "Answer":
-            lines.append("")
-    lines += [f"Question: {text.strip()}", "Answer:"]
-    return "\n".join(lines)
 
 
 class PersonaAgent:
@@ -108,11 +85,11 @@ class PersonaAgent:
         )
         for sock in (self.requests, self.transcripts, self.audio):
             self.poller.register(sock, zmq.POLLIN)
-        self.sessions: OrderedDict[str, list[dict[str, str]]] = OrderedDict()
         self.turn_counts: OrderedDict[str, int] = OrderedDict()
         self.open_turns: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.devices_checked: set[str] = set()
-        self.history_dir = Path(self.settings.history_dir) / name if self.settings.history_dir else None
+        history_dir = Path(self.settings.history_dir) / name if self.settings.history_dir else None
+        self.histories = Histories(history_dir, self.settings.max_history_messages, name)
         self.stopping = False
 
     def _socket(self, kind: int, bind: str | None = None, connect: str | None = None, topic: str = "") -> zmq.Socket:
@@ -178,7 +155,7 @@ class PersonaAgent:
 
     def _on_request(self, route: list[bytes], request: protocol.Request, args: Any) -> None:
         if request.op == "ping":
-            self.server.reply(route, request.id, {"pong": True, "persona": self.name, "sessions": len(self.sessions)})
+            self.server.reply(route, request.id, {"pong": True, "persona": self.name, "sessions": len(self.histories)})
             return
         assert isinstance(args, AskArgs)
         self.server.reply(route, request.id, self.turn(args.session_id, args.text, "explicit", "agent.ask"))
@@ -194,7 +171,7 @@ class PersonaAgent:
         if len(self.turn_counts) > SESSIONS_IN_MEMORY:
             self.turn_counts.popitem(last=False)
         turn_id = f"{self.name}:{session_id}:{count}"
-        history = self._history(session_id)
+        history = self.histories.get(session_id)
         answered_by, persona, fallback = self.name, self.persona, None
         try:
             outcome = self._answer(persona, self.name, session_id, history, text, turn_id, started)
@@ -214,7 +191,7 @@ class PersonaAgent:
         completion, parts, first_say_ms = outcome
         answer = completion.text.strip()
         history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
-        self._save_history(session_id, history)
+        self.histories.save(session_id, history)
         stt_ms = None
         if transcript is not None:
             stt_ms = transcript.get("timings", {}).get("service_ms")
@@ -268,23 +245,8 @@ class PersonaAgent:
         started: float,
     ) -> tuple[Any, int, float | None]:
         """Stream the reply from ``persona``'s model, sending each speakable piece to the TTS service."""
-        generation = {k: v for k, v in msgspec.structs.asdict(persona.generation).items() if v is not None}
-        conversation_id = f"{persona_name}:{session_id}"
-        if persona.prompt_style == "transcript":
-            stream = self.client.complete(
-                persona.model,
-                transcript_prompt(persona.system_prompt, history, text),
-                conversation_id=conversation_id,
-                stream=True,
-                stop=TRANSCRIPT_STOPS,
-                **generation,
-            )
-        else:
-            system = {"role": "system", "content": persona.system_prompt}
-            messages = [system, *history, {"role": "user", "content": text}]
-            stream = self.client.chat(
-                persona.model, messages, conversation_id=conversation_id, stream=True, **generation
-            )
+        op, args = generation_request(persona, history, text, f"{persona_name}:{session_id}")
+        stream = self.client.generate(op, args, stream=True)
         assert isinstance(stream, Stream)
         pieces = SpeechPieces(self.settings.first_piece_words)
         first_say_ms = None
@@ -373,37 +335,3 @@ class PersonaAgent:
             tts_first_audio_ms=(event.get("timings") or {}).get("first_audio_ms"),
             first_audio_ms=e2e,
         )
-
-    # ----- history, kept on disk so a restarted agent goes on where it was ---------------------------------
-
-    def _history_path(self, session_id: str) -> Path | None:
-        if self.history_dir is None:
-            return None
-        return self.history_dir / (re.sub(r"[^A-Za-z0-9._-]+", "_", session_id)[:100] + ".json")
-
-    def _history(self, session_id: str) -> list[dict[str, str]]:
-        if session_id not in self.sessions:
-            path = self._history_path(session_id)
-            messages: list[dict[str, str]] = []
-            if path is not None and path.exists():
-                try:
-                    messages = json.loads(path.read_text(encoding="utf-8"))["messages"]
-                except (OSError, ValueError, KeyError):
-                    log.warning("history_unreadable", session_id=session_id, path=str(path))
-            self.sessions[session_id] = messages
-            if len(self.sessions) > SESSIONS_IN_MEMORY:
-                self.sessions.popitem(last=False)
-        self.sessions.move_to_end(session_id)
-        return list(self.sessions[session_id])
-
-    def _save_history(self, session_id: str, messages: list[dict[str, str]]) -> None:
-        keep = self.settings.max_history_messages
-        messages = messages[-keep:]
-        self.sessions[session_id] = messages
-        path = self._history_path(session_id)
-        if path is None:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"persona": self.name, "messages": messages}, indent=1), encoding="utf-8")
-        tmp.replace(path)

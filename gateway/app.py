@@ -17,10 +17,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.config import GatewaySettings
 from gateway.errors import HttpError, from_manager, ollama_error, openai_error
-from gateway.link import ManagerLink
 from gateway.ollama_api import Ollama
 from gateway.openai_api import OpenAI
 from gateway.openai_audio import OpenAIAudio
+from model_client.aio import ManagerLink
 from model_client.errors import ModelManagerError
 
 log = structlog.get_logger("gateway")

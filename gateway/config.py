@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import Annotated
 
 import msgspec
 
 from daemonkit.settings import ConfigError, Section, convert, read_sections
+from model_client.security import is_loopback
 
 
 class GatewaySettings(Section):
@@ -17,15 +17,6 @@ class GatewaySettings(Section):
     api_keys: list[Annotated[str, msgspec.Meta(min_length=16)]] = []
     request_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0  # how long a request may wait for the manager
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 32 * 1024 * 1024
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def load_gateway_settings(path: Path) -> GatewaySettings:

@@ -15,9 +15,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from gateway.errors import HttpError
-from gateway.link import ManagerLink
 from gateway.openai_api import decode
 from model_client import protocol
+from model_client.aio import ManagerLink
 
 VERSION = "0.9.0"  # the Ollama API version whose subset is served
 

@@ -16,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from gateway.errors import HttpError
-from gateway.link import ManagerLink
 from model_client import protocol
+from model_client.aio import ManagerLink
 
 # ----- requests -----------------------------------------------------------------------------------------------
 

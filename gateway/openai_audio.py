@@ -14,8 +14,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from gateway.audio_codecs import encode
 from gateway.errors import HttpError
-from gateway.link import ManagerLink
 from gateway.openai_api import decode, model_object
+from model_client.aio import ManagerLink
 
 # OpenAI's own voice and model names: a client that sends them gets the catalogue's first voice or Whisper model
 OPENAI_VOICES = {"alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse"}

@@ -268,7 +268,7 @@ class ModelClient:
     ) -> Completion | Stream:
         """Chat with ``model``; ``params`` are sampling parameters named as llama.cpp names them."""
         args = {"model": model, "messages": messages, "conversation_id": conversation_id, **params}
-        return self._generate("chat", args, stream, timeout)
+        return self.generate("chat", args, stream, timeout)
 
     def complete(
         self,
@@ -280,7 +280,7 @@ class ModelClient:
         **params: Any,
     ) -> Completion | Stream:
         args = {"model": model, "prompt": prompt, "conversation_id": conversation_id, **params}
-        return self._generate("complete", args, stream, timeout)
+        return self.generate("complete", args, stream, timeout)
 
     def embed(self, model: str, texts: str | list[str], normalize: bool = True) -> list[list[float]]:
         """One vector per text (pooled over its tokens, unit length unless ``normalize`` is false)."""
@@ -332,7 +332,10 @@ class ModelClient:
             chunk, pcm = reply.body, reply.payloads[0] if reply.payloads else b""
             yield Audio(pcm, chunk["sample_rate"], chunk.get("sample_width", 2), chunk.get("channels", 1))
 
-    def _generate(self, op: str, args: dict[str, Any], stream: bool, timeout: float | None) -> Completion | Stream:
+    def generate(
+        self, op: str, args: dict[str, Any], stream: bool = False, timeout: float | None = None
+    ) -> Completion | Stream:
+        """``chat`` or ``complete`` from ready-made protocol arguments (``chat`` and ``complete`` build them)."""
         timeout = self.timeout if timeout is None else timeout
         if stream:
             return Stream(self._stream(op, args, timeout))

@@ -24,13 +24,17 @@ def is_local(endpoint: str) -> bool:
         return True
     if not endpoint.startswith("tcp://"):
         return False
-    host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+    return is_loopback(endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]"))
+
+
+def is_loopback(host: str) -> bool:
+    """A host name or address that only this machine reaches (an interface name or a wildcard is not)."""
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return False  # an interface name or a wildcard (*): not loopback
+        return False
 
 
 @dataclass(frozen=True)

@@ -174,6 +174,7 @@ class Config(Section, rename={"enable_legacy_models": "ENABLE_LEGACY_MODELS"}):
     # Sections read by the other daemons (services, agents); each validates its own.
     services: dict[str, Any] = {}
     gateway: dict[str, Any] = {}
+    wyoming: dict[str, Any] = {}
     agents: dict[str, Any] = {}
     personas: dict[str, Any] = {}
     routing: dict[str, Any] = {}

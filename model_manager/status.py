@@ -11,6 +11,7 @@ from model_manager.devices import Device
 from model_manager.footprint import files_bytes
 from model_manager.policy import DeviceView
 from model_manager.slots import ModelSlot, ModelState
+from model_manager.speech_facts import speech_facts
 
 
 def device_entry(view: DeviceView) -> dict[str, Any]:
@@ -75,6 +76,7 @@ def catalogue_entry(slot: ModelSlot) -> dict[str, Any]:
         "state": slot.state.value,
         "file_exists": path.exists(),
         "file_bytes": files_bytes(str(path)) if path.exists() else None,
+        **speech_facts(slot.spec.kind, str(path)),
     }
 
 

@@ -1,9 +1,9 @@
-"""The gateway's link to the manager: asyncio ZeroMQ, one DEALER per request.
+"""An asyncio link to the manager (the HTTP gateway and the Wyoming service use it): one DEALER per request.
 
-A socket of its own per request makes cancelling free: when an HTTP client goes away, its request's generator is
-closed, the socket with it, and the manager's next chunk for it finds no peer, so the manager cancels the
-generation (as it does for any client gone). Requests speak the manager's own envelope (``model_client.protocol``)
-and fail with its typed errors.
+A socket of its own per request makes cancelling free: when a caller goes away (an HTTP client, a Wyoming peer),
+its request's generator is closed, the socket with it, and the manager's next chunk for it finds no peer, so the
+manager cancels the generation (as it does for any client gone). Requests speak the manager's own envelope
+(``model_client.protocol``) and fail with its typed errors.
 """
 
 from __future__ import annotations
@@ -21,9 +21,12 @@ from model_client.security import CurveClient, connect_securely
 
 
 class ManagerLink:
-    def __init__(self, endpoint: str, timeout_s: float, curve: CurveClient | None = None) -> None:
+    def __init__(
+        self, endpoint: str, timeout_s: float, curve: CurveClient | None = None, connect_timeout_s: float = 2.0
+    ) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
         self.curve = curve or CurveClient.from_env()
         self.ctx = zmq.asyncio.Context()
 
@@ -31,13 +34,23 @@ class ManagerLink:
         self, op: str, args: dict[str, Any], timeout_s: float | None = None, payloads: tuple[bytes, ...] = ()
     ) -> AsyncIterator[protocol.Reply]:
         """The request's chunks, then its final result; a typed error is raised. Closing the iterator early (the
-        HTTP client left) closes the socket, which cancels the request in the manager."""
+        caller left) closes the socket, which cancels the request in the manager. A manager that cannot be reached
+        fails the request within ``connect_timeout_s`` (the socket queues only to a connected peer), not after
+        ``timeout_s``."""
         timeout_s = timeout_s or self.timeout_s
         request = protocol.Request(op=op, args=args, payloads=payloads, deadline_ms=round(timeout_s * 1000, 1))
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
         try:
             connect_securely(sock, self.endpoint, self.curve)
+            if not await sock.poll(self.connect_timeout_s * 1000, zmq.POLLOUT):
+                raise Timeout(
+                    f"the model manager at {self.endpoint} is not reachable (no connection within "
+                    f"{self.connect_timeout_s} s): is it running?",
+                    endpoint=self.endpoint,
+                    reason="unreachable",
+                )
             await sock.send_multipart([b"", *protocol.encode_request(request)])
             while True:
                 try:

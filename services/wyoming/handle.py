@@ -1,0 +1,126 @@
+"""A persona's port: Home Assistant's conversation agent. ``transcript{text, context}`` -> the persona's answer,
+streamed (``handled-start``, ``handled-chunk``* as the model writes, ``handled-stop``) and then whole in
+``handled{text, context}`` for peers that do not stream. Home Assistant's ``context.conversation_id`` keys the
+history and the manager's ``conversation_id``, so turn 2 costs only its new tokens.
+
+Routing as the agents do it, from this port's persona: a wake word or another persona's name at the start hands
+the turn to that persona; a persona whose model cannot be served hands it to its ``fallback``."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import structlog
+from wyoming.asr import Transcript
+from wyoming.event import Event
+from wyoming.handle import Handled, HandledChunk, HandledStart, HandledStop, NotHandled
+
+from agents.answer import UNSERVABLE, generation_request
+from agents.config import AgentsConfig, route
+from agents.history import Histories
+from model_client import protocol
+from model_client.aio import ManagerLink
+from model_client.errors import ModelManagerError
+from services.wyoming.connection import Peer
+
+log = structlog.get_logger("wyoming")
+
+
+class PersonaDoor:
+    """What every connection to one persona's port shares: the histories of its personas' sessions."""
+
+    def __init__(self, persona: str, agents: AgentsConfig) -> None:
+        self.persona = persona
+        self.agents = agents
+        directory = Path(agents.agents.history_dir) if agents.agents.history_dir else None
+        self.histories = {
+            name: Histories(directory / name if directory else None, agents.agents.max_history_messages, name)
+            for name in agents.personas
+        }
+
+
+class HandleHandler:
+    def __init__(self, peer: Peer, link: ManagerLink, door: PersonaDoor) -> None:
+        self.peer, self.link, self.door = peer, link, door
+
+    async def on_event(self, event: Event) -> bool:
+        if not Transcript.is_type(event.type):
+            return True
+        transcript = Transcript.from_event(event)
+        context = dict(transcript.context or {})
+        conversation = str(context.get("conversation_id") or uuid.uuid4().hex)[:128]
+        context["conversation_id"] = conversation
+        text = transcript.text.strip()
+        if not text:
+            await self.peer.send(NotHandled(text="Nothing was said.", context=context).event())
+            return True
+        try:
+            await self._turn(text, conversation, context)
+        except ModelManagerError as exc:
+            await self.peer.failed(exc)
+            return False
+        return True
+
+    async def _turn(self, text: str, conversation: str, context: dict[str, Any]) -> None:
+        started = time.monotonic()
+        agents = self.door.agents
+        chosen = route(text, agents.personas, agents.routing)
+        name = chosen.persona if chosen.reason == "wake_word" else self.door.persona
+        session_id = "wyoming-" + re.sub(r"[^A-Za-z0-9._-]+", "_", conversation)
+        histories = self.door.histories[name]
+        history = histories.get(session_id)
+        answered_by = name
+        try:
+            answer, usage = await self._answer(name, history, text, session_id, context)
+        except UNSERVABLE as exc:  # raised before any text (the model could not be loaded or placed)
+            fallback = agents.personas[name].fallback
+            if not fallback:
+                raise
+            log.warning("persona_fallback", persona=name, to=fallback, code=exc.code, message=exc.message)
+            answered_by = fallback
+            answer, usage = await self._answer(fallback, history, text, session_id, context)
+        answer = answer.strip()
+        histories.save(
+            session_id, [*history, {"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+        )
+        await self.peer.send(Handled(text=answer, context=context).event())
+        log.info(
+            "turn",
+            port_persona=self.door.persona,
+            persona=name,
+            answered_by=answered_by,
+            conversation_id=conversation,
+            route=chosen.reason,
+            prompt_tokens=usage.get("prompt_tokens"),
+            cached_tokens=usage.get("cached_tokens"),
+            ms=round((time.monotonic() - started) * 1000, 1),
+        )
+
+    async def _answer(
+        self, name: str, history: list[dict[str, str]], text: str, session_id: str, context: dict[str, Any]
+    ) -> tuple[str, dict[str, Any]]:
+        """The persona's reply, streamed to the peer as it comes, and the usage the manager reports."""
+        persona = self.door.agents.personas[name]
+        op, args = generation_request(persona, history, text, f"{name}:{session_id}")
+        parts: list[str] = []
+        usage: dict[str, Any] = {}
+        async for reply in self.link.replies(op, {**args, "stream": True}):
+            if reply.type == protocol.REPLY_CHUNK:
+                piece = str(reply.body.get("text") or "")
+                if piece:
+                    if not parts:
+                        await self.peer.send(HandledStart(context=context).event())
+                    parts.append(piece)
+                    await self.peer.send(HandledChunk(text=piece).event())
+            elif reply.is_final:
+                usage = reply.body.get("usage") or {}
+        if parts:
+            await self.peer.send(HandledStop().event())
+        return "".join(parts), usage
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,134 @@
+"""The Wyoming service: one asyncio loop serving the speech-to-text port, the text-to-speech port and one port per
+persona, all through the manager (this process loads no model)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from wyoming.event import Event
+
+from model_client.aio import ManagerLink
+from services.wyoming.asr import AsrHandler
+from services.wyoming.catalogue import ASR_PROGRAM, TTS_PROGRAM, Catalogue
+from services.wyoming.config import WyomingConfig
+from services.wyoming.connection import Handler, Peer, serve_connection
+from services.wyoming.handle import HandleHandler, PersonaDoor
+from services.wyoming.tts import TtsHandler
+
+HEADER_LINE_LIMIT = 64 * 1024  # an event's JSON header line (its data and payload have their own limit)
+
+log = structlog.get_logger("wyoming")
+
+
+class Port:
+    def __init__(self, name: str, port: int, describe: Callable[[], Event], handler: Callable[[Peer], Handler]):
+        self.name, self.port, self.describe, self.handler = name, port, describe, handler
+
+
+class WyomingService:
+    def __init__(self, config: WyomingConfig, manager_endpoint: str) -> None:
+        self.config = config
+        self.settings = config.settings
+        self.link = ManagerLink(manager_endpoint, self.settings.manager_timeout_s)
+        self.catalogue = Catalogue(self.link, config.agents.personas, self.settings.catalogue_refresh_s)
+        self.connections = 0
+        self.servers: list[asyncio.Server] = []
+        self.ports = self._ports()
+
+    def _ports(self) -> list[Port]:
+        s, link, catalogue = self.settings, self.link, self.catalogue
+        ports = []
+        if s.asr_port:
+            ports.append(Port(ASR_PROGRAM, s.asr_port, catalogue.asr_info, lambda p: AsrHandler(p, link, catalogue, s)))
+        if s.tts_port:
+            ports.append(Port(TTS_PROGRAM, s.tts_port, catalogue.tts_info, lambda p: TtsHandler(p, link, catalogue, s)))
+        for persona, number in s.handle_ports.items():
+            door = PersonaDoor(persona, self.config.agents)
+            ports.append(
+                Port(
+                    persona,
+                    number,
+                    lambda name=persona: catalogue.handle_info(name),
+                    lambda p, door=door: HandleHandler(p, link, door),
+                )
+            )
+        return ports
+
+    async def serve(self) -> None:
+        await self.catalogue.refresh()
+        refresher = asyncio.create_task(self.catalogue.keep_fresh())
+        for port in self.ports:
+            server = await asyncio.start_server(
+                lambda r, w, port=port: self._connection(port, r, w),
+                self.settings.host,
+                port.port,
+                limit=HEADER_LINE_LIMIT,
+                reuse_address=True,
+            )
+            self.servers.append(server)
+            log.info("wyoming_listening", service=port.name, host=self.settings.host, port=port.port)
+        zeroconf = await self._advertise() if self.settings.zeroconf else None
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.info("wyoming_stopping")
+        refresher.cancel()
+        for server in self.servers:
+            server.close()
+        if zeroconf is not None:
+            with contextlib.suppress(Exception):
+                await zeroconf.async_close()
+        self.link.close()
+
+    async def _connection(self, port: Port, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = Peer(writer, port.name)
+        if self.connections >= self.settings.max_connections:
+            with contextlib.suppress(Exception):
+                await peer.error(f"{self.connections} connections are open, the most this service takes", "busy")
+            writer.close()
+            return
+        self.connections += 1
+        try:
+            await serve_connection(
+                reader,
+                peer,
+                port.handler(peer),
+                port.describe,
+                self.settings.max_event_bytes,
+                self.settings.idle_timeout_s,
+            )
+        except Exception:  # noqa: BLE001 - one peer's failure must not reach the others
+            log.exception("wyoming_connection_failed", service=port.name)
+        finally:
+            self.connections -= 1
+            writer.close()
+
+    async def _advertise(self) -> Any:
+        """mDNS records so Home Assistant discovers each port (the ``zeroconf`` package, when installed)."""
+        try:
+            from zeroconf import ServiceInfo
+            from zeroconf.asyncio import AsyncZeroconf
+        except ImportError:
+            log.warning("zeroconf_unavailable", hint="pip install zeroconf")
+            return None
+        import socket
+
+        zeroconf = AsyncZeroconf()
+        address = socket.inet_aton(self.settings.host) if self.settings.host not in ("0.0.0.0", "") else None
+        for port in self.ports:
+            info = ServiceInfo(
+                "_wyoming._tcp.local.",
+                f"model-manager-{port.name}._wyoming._tcp.local.",
+                addresses=[address] if address else None,
+                port=port.port,
+            )
+            await zeroconf.async_register_service(info)
+            log.info("zeroconf_advertised", service=port.name, port=port.port)
+        return zeroconf
