@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -124,6 +125,12 @@ SHIPPED_CONFIG = REPO / "config" / "llm_config.yaml"
 SUPERVISORD_CONF = REPO / "supervisord.conf"
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def stack_config(run_dir: Path) -> dict:
     """``base_config`` plus the shipped services, agents, routing and personas, on sockets in ``run_dir``."""
     shipped = yaml.safe_load(SHIPPED_CONFIG.read_text())
@@ -151,6 +158,10 @@ def stack_config(run_dir: Path) -> dict:
     }
     config["routing"] = shipped["routing"]
     config["personas"] = shipped["personas"]
+    # The network front ends on ports of their own: a test never meets a stack running on this machine.
+    config["gateway"] = {"port": free_port()}
+    ports = {"asr_port": free_port(), "tts_port": free_port()}
+    config["wyoming"] = {**ports, "handle_ports": {name: free_port() for name in shipped["personas"]}}
     return config
 
 

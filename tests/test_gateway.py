@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from daemonkit.settings import ConfigError
 from gateway.app import build_app
 from gateway.config import GatewaySettings, load_gateway_settings
 from model_client import ModelClient, protocol
-from tests.conftest import REPO, ManagerProcess, base_config, model_status, wait_for
+from tests.conftest import REPO, ManagerProcess, base_config, free_port, model_status, wait_for
 from tests.test_speech import wer
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -37,12 +36,6 @@ PERSON = {
     "required": ["name", "age"],
     "additionalProperties": False,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Stack:

@@ -18,7 +18,7 @@ import pytest
 from model_client import ModelClient
 from tests.conftest import REPO, SupervisedStack, stack_config, wait_for
 
-PROGRAMS = ("manager", "stt", "tts", "agent-jarvis", "agent-leonardo", "agent-sherlock")
+PROGRAMS = ("manager", "stt", "tts", "wyoming", "agent-jarvis", "agent-leonardo", "agent-sherlock")
 
 
 @pytest.fixture(scope="module")

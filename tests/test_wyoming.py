@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from wyoming.asr import Transcribe, Transcript
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
@@ -27,9 +28,10 @@ from wyoming.handle import Handled, HandledChunk, HandledStart, HandledStop
 from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
 
+from daemonkit.settings import ConfigError
 from model_client.audio import Audio
-from tests.conftest import REPO, ManagerProcess, rss_bytes, stack_config, wait_for
-from tests.test_gateway import free_port
+from services.wyoming.config import load_wyoming_config
+from tests.conftest import REPO, SHIPPED_CONFIG, ManagerProcess, rss_bytes, stack_config, wait_for
 from tests.test_speech import wer
 
 QUESTION = "What is the weather forecast for tomorrow morning?"
@@ -74,13 +76,9 @@ def service() -> Iterator[Service]:
     config = stack_config(run_dir)
     for persona in config["personas"].values():
         persona["generation"]["max_tokens"] = 24
-    ports = {name: free_port() for name in ("asr", "tts", "jarvis", "leonardo")}
-    config["wyoming"] = {
-        "asr_port": ports["asr"],
-        "tts_port": ports["tts"],
-        "handle_ports": {"jarvis": ports["jarvis"], "leonardo": ports["leonardo"]},
-        "max_event_bytes": 256 * 1024,
-    }
+    config["wyoming"]["max_event_bytes"] = 256 * 1024
+    wyoming = config["wyoming"]
+    ports = {"asr": wyoming["asr_port"], "tts": wyoming["tts_port"], **wyoming["handle_ports"]}
     manager = ManagerProcess(run_dir, config)
     manager.start()
     log = run_dir / "wyoming.log"
@@ -354,3 +352,27 @@ def test_a_manager_that_is_down_gets_an_error_event_and_describe_still_answers(s
         assert info.tts and describe_s < 1.0
     finally:
         service.manager.start()
+
+
+# ----- the YAML -------------------------------------------------------------------------------------------------
+
+
+def test_the_shipped_wyoming_section_validates_and_unsafe_or_wrong_ones_are_refused(tmp_path: Path) -> None:
+    config = load_wyoming_config(SHIPPED_CONFIG)
+    assert config.settings.host == "127.0.0.1" and not config.settings.allow_remote
+    assert set(config.settings.handle_ports) == set(config.agents.personas)
+    shipped = yaml.safe_load(SHIPPED_CONFIG.read_text())
+    for change, message in (
+        ({"host": "0.0.0.0"}, "no authentication"),
+        ({"handle_ports": {"sherlock": 10700}}, "not a persona"),
+        ({"tts_port": 10300}, "share a port"),
+        ({"max_conections": 3}, "max_conections"),
+    ):
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump({**shipped, "wyoming": {**shipped["wyoming"], **change}}))
+        with pytest.raises(ConfigError, match=message):
+            load_wyoming_config(path)
+    path.write_text(
+        yaml.safe_dump({**shipped, "wyoming": {**shipped["wyoming"], "host": "0.0.0.0", "allow_remote": True}})
+    )
+    assert load_wyoming_config(path).settings.allow_remote
