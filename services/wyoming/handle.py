@@ -1,7 +1,8 @@
 """A persona's port: Home Assistant's conversation agent. ``transcript{text, context}`` -> the persona's answer,
-streamed (``handled-start``, ``handled-chunk``* as the model writes, ``handled-stop``) and then whole in
-``handled{text, context}`` for peers that do not stream. Home Assistant's ``context.conversation_id`` keys the
-history and the manager's ``conversation_id``, so turn 2 costs only its new tokens.
+streamed (``handled-start``, a ``handled-chunk`` per speakable piece as the model writes, ``handled-stop``) and
+then whole in ``handled{text, context}`` for peers that do not stream. Home Assistant's
+``context.conversation_id`` keys the history and the manager's ``conversation_id``, so turn 2 costs only its new
+tokens.
 
 Routing as the agents do it, from this port's persona: a wake word or another persona's name at the start hands
 the turn to that persona; a persona whose model cannot be served hands it to its ``fallback``."""
@@ -22,6 +23,7 @@ from wyoming.handle import Handled, HandledChunk, HandledStart, HandledStop, Not
 from agents.answer import UNSERVABLE, generation_request
 from agents.config import AgentsConfig, route
 from agents.history import Histories
+from agents.pieces import SpeechPieces
 from model_client import protocol
 from model_client.aio import ManagerLink
 from model_client.errors import ModelManagerError
@@ -103,24 +105,36 @@ class HandleHandler:
     async def _answer(
         self, name: str, history: list[dict[str, str]], text: str, session_id: str, context: dict[str, Any]
     ) -> tuple[str, dict[str, Any]]:
-        """The persona's reply, streamed to the peer as it comes, and the usage the manager reports."""
+        """The persona's reply, streamed to the peer a speakable piece at a time, and the usage the manager
+        reports. A chunk per piece, not per token: a text-to-speech stream downstream can start on each chunk
+        at once, and on two cores the hops a token would cost (this service, the peer, its TTS) are taken from
+        the decoding."""
         persona = self.door.agents.personas[name]
         op, args = generation_request(persona, history, text, f"{name}:{session_id}")
+        pieces = SpeechPieces(self.door.agents.agents.first_piece_words)
         parts: list[str] = []
+        pending = ""
         usage: dict[str, Any] = {}
         async for reply in self.link.replies(op, {**args, "stream": True}):
             if reply.type == protocol.REPLY_CHUNK:
-                piece = str(reply.body.get("text") or "")
-                if piece:
-                    if not parts:
-                        await self.peer.send(HandledStart(context=context).event())
-                    parts.append(piece)
-                    await self.peer.send(HandledChunk(text=piece).event())
+                token_text = str(reply.body.get("text") or "")
+                pending += token_text
+                if token_text and pieces.feed(token_text):  # a piece is complete: its text (as written) goes out
+                    await self._chunk(parts, pending, context)
+                    pending = ""
             elif reply.is_final:
                 usage = reply.body.get("usage") or {}
+        if pending.strip():
+            await self._chunk(parts, pending, context)
         if parts:
             await self.peer.send(HandledStop().event())
         return "".join(parts), usage
+
+    async def _chunk(self, parts: list[str], text: str, context: dict[str, Any]) -> None:
+        if not parts:
+            await self.peer.send(HandledStart(context=context).event())
+        parts.append(text)
+        await self.peer.send(HandledChunk(text=text).event())
 
     async def close(self) -> None:
         return None
