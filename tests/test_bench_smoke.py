@@ -17,7 +17,8 @@ from tests.conftest import REPO
 BENCH = REPO / "bench"
 SIDE_BY_SIDE = 2
 HELPERS = {"daemon.py"}  # not a benchmark: the daemon the benchmarks start
-TINY = {  # the longest first (measured alone: 8, 9, 11, 11, 10, 10, 8, 6, 5 s), so those side by side end together
+TINY = {  # the longest first (measured alone: 11, 8, 9, 11, 11, 10, 10, 8, 6, 5 s), so those side by side end together
+    "wyoming.py": ["--turns", "1", "--repeats", "1"],
     "cpu_share.py": ["--rounds", "1", "--prompt-words", "40", "--only", "handed out"],
     "kv_cache.py": ["--conversations", "1", "--turns", "2", "--threads", "1", "--max-tokens", "8"],
     "voice_turn.py": ["--turns", "1"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -376,3 +377,12 @@ def test_the_shipped_wyoming_section_validates_and_unsafe_or_wrong_ones_are_refu
         yaml.safe_dump({**shipped, "wyoming": {**shipped["wyoming"], "host": "0.0.0.0", "allow_remote": True}})
     )
     assert load_wyoming_config(path).settings.allow_remote
+
+
+def test_the_error_codes_docs_wyoming_md_lists_are_the_ones_the_service_sends() -> None:
+    doc = (REPO / "docs" / "wyoming.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", doc, re.MULTILINE))
+    source = "".join(p.read_text(encoding="utf-8") for p in (REPO / "services" / "wyoming").glob("*.py"))
+    # Each error's code is the call's last argument, a string literal.
+    sent = set(re.findall(r'\.error\((?:[^()]|\([^()]*\))*?"([a-z_]+)",?\s*\)', source, re.DOTALL))
+    assert "bad_event" in documented and sent - {"busy"} == documented, (sent, documented)
