@@ -28,11 +28,12 @@ from wyoming.event import Event
 from wyoming.handle import Handled, HandledChunk, HandledStart, HandledStop
 from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
+from zeroconf import Zeroconf
 
 from daemonkit.settings import ConfigError
 from model_client.audio import Audio
 from services.wyoming.config import load_wyoming_config
-from tests.conftest import REPO, SHIPPED_CONFIG, ManagerProcess, rss_bytes, stack_config, wait_for
+from tests.conftest import REPO, SHIPPED_CONFIG, ManagerProcess, free_port, rss_bytes, stack_config, wait_for
 from tests.test_speech import wer
 
 QUESTION = "What is the weather forecast for tomorrow morning?"
@@ -336,6 +337,24 @@ def _frame(event: Event) -> bytes:
     return json.dumps(header).encode() + b"\n" + (event.payload or b"")
 
 
+def test_zeroconf_announces_the_port_to_home_assistant(service: Service) -> None:
+    config = yaml.safe_load(service.manager.config_path.read_text())
+    port = free_port()
+    config["wyoming"] = {"host": "0.0.0.0", "allow_remote": True, "zeroconf": True, "asr_port": port}
+    config.update(wyoming={**config["wyoming"], "tts_port": None, "handle_ports": {}})
+    path = service.manager.run_dir / "zeroconf.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = start_service(path, service.manager.run_dir / "zeroconf.log", port)
+    browser = Zeroconf()
+    try:
+        found = browser.get_service_info("_wyoming._tcp.local.", "model-manager-stt._wyoming._tcp.local.", 10_000)
+        assert found is not None and found.port == port and found.parsed_addresses()
+    finally:
+        browser.close()
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def test_a_manager_that_is_down_gets_an_error_event_and_describe_still_answers(service: Service) -> None:
     service.manager.stop(signal.SIGKILL)
     try:
@@ -368,6 +387,7 @@ def test_the_shipped_wyoming_section_validates_and_unsafe_or_wrong_ones_are_refu
         ({"handle_ports": {"sherlock": 10700}}, "not a persona"),
         ({"tts_port": 10300}, "share a port"),
         ({"max_conections": 3}, "max_conections"),
+        ({"zeroconf": True}, "zeroconf announces"),
     ):
         path = tmp_path / "config.yaml"
         path.write_text(yaml.safe_dump({**shipped, "wyoming": {**shipped["wyoming"], **change}}))

@@ -23,7 +23,7 @@ class WyomingSettings(Section):
     asr_port: Port | None = 10300  # speech to text (the port wyoming-faster-whisper uses); null: not served
     tts_port: Port | None = 10200  # text to speech (wyoming-piper's port); null: not served
     handle_ports: dict[str, Port] = {}  # persona -> port: each persona a conversation agent of its own
-    zeroconf: bool = False  # advertise the ports by mDNS so Home Assistant discovers them (needs allow_remote)
+    zeroconf: bool = False  # advertise the ports by mDNS so Home Assistant discovers them (a host off loopback)
     language: str | None = None  # the language asked of Whisper when the peer names none; None: detect
     vad_filter: bool = True  # the manager's VAD trims silence before Whisper
     catalogue_refresh_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0  # `describe` answers from a cached copy
@@ -59,5 +59,10 @@ def load_wyoming_config(path: Path) -> WyomingConfig:
         raise ConfigError(
             f"{path}: wyoming.host {settings.host!r} is off loopback, and Wyoming has no authentication: set "
             "wyoming.allow_remote: true to serve your network anyway - at `$.wyoming`"
+        )
+    if settings.zeroconf and is_loopback(settings.host):
+        raise ConfigError(
+            f"{path}: wyoming.zeroconf announces the ports to the network, but wyoming.host {settings.host!r} is "
+            "loopback: set host (e.g. 0.0.0.0) and allow_remote, or zeroconf: false - at `$.wyoming`"
         )
     return WyomingConfig(settings=settings, agents=agents)

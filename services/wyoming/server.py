@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -111,24 +112,39 @@ class WyomingService:
             writer.close()
 
     async def _advertise(self) -> Any:
-        """mDNS records so Home Assistant discovers each port (the ``zeroconf`` package, when installed)."""
+        """mDNS records (``_wyoming._tcp``) so Home Assistant discovers each port."""
         try:
             from zeroconf import ServiceInfo
             from zeroconf.asyncio import AsyncZeroconf
         except ImportError:
             log.warning("zeroconf_unavailable", hint="pip install zeroconf")
             return None
-        import socket
-
-        zeroconf = AsyncZeroconf()
-        address = socket.inet_aton(self.settings.host) if self.settings.host not in ("0.0.0.0", "") else None
-        for port in self.ports:
-            info = ServiceInfo(
-                "_wyoming._tcp.local.",
-                f"model-manager-{port.name}._wyoming._tcp.local.",
-                addresses=[address] if address else None,
-                port=port.port,
-            )
-            await zeroconf.async_register_service(info)
-            log.info("zeroconf_advertised", service=port.name, port=port.port)
+        try:  # the ports are served either way: discovery failing is logged, not fatal
+            host = self.settings.host
+            if host in ("0.0.0.0", "", "::"):
+                host = lan_address()
+            zeroconf = AsyncZeroconf()
+            for port in self.ports:
+                info = ServiceInfo(
+                    "_wyoming._tcp.local.",
+                    f"{mdns_name(port.name)}._wyoming._tcp.local.",
+                    addresses=[socket.inet_aton(host)],
+                    port=port.port,
+                )
+                await zeroconf.async_register_service(info)
+                log.info("zeroconf_advertised", service=port.name, address=host, port=port.port)
+        except (OSError, ValueError) as exc:
+            log.warning("zeroconf_failed", error=str(exc))
+            return None
         return zeroconf
+
+
+def mdns_name(service: str) -> str:
+    return service if service.startswith("model-manager-") else f"model-manager-{service}"
+
+
+def lan_address() -> str:
+    """This machine's address on the network mDNS goes out on (a UDP "connection" sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("224.0.0.251", 5353))
+        return probe.getsockname()[0]
