@@ -78,13 +78,17 @@ def service() -> Iterator[Service]:
     config = stack_config(run_dir)
     for persona in config["personas"].values():
         persona["generation"]["max_tokens"] = 24
-    config["wyoming"]["max_event_bytes"] = 256 * 1024
+    # A persona on a model that queues two requests at most: the third waiting gets `busy`.
+    config["personas"]["hasty"] = {**config["personas"]["jarvis"], "model": "smollm2-short-queue", "wake_words": []}
+    config["personas"]["hasty"]["fallback"] = None
+    config["wyoming"].update(max_event_bytes=256 * 1024, max_audio_bytes=256 * 1024)
     wyoming = config["wyoming"]
+    wyoming["handle_ports"]["hasty"] = free_port()
     ports = {"asr": wyoming["asr_port"], "tts": wyoming["tts_port"], **wyoming["handle_ports"]}
     manager = ManagerProcess(run_dir, config)
     manager.start()
     log = run_dir / "wyoming.log"
-    proc = start_service(manager.config_path, log, ports["leonardo"])
+    proc = start_service(manager.config_path, log, ports["hasty"])
     try:
         yield Service(manager, proc, ports, log)
     finally:
@@ -254,6 +258,24 @@ def test_two_turns_of_one_conversation_reuse_its_cache_and_a_wake_word_hands_ove
     assert handed[0]["port_persona"] == "jarvis" and handed[0]["answered_by"] == "leonardo"
 
 
+def test_a_busy_model_answers_with_an_error_event_and_the_other_turns_are_served(service: Service) -> None:
+    async def turn(i: int) -> list[Event]:
+        async with service.client("hasty") as client:
+            context = {"conversation_id": f"busy-{i}"}
+            return await exchange(
+                client, Transcript(f"Count to {i + 20}.", context=context).event(), until=("handled",)
+            )
+
+    async def run() -> list[list[Event]]:
+        return await asyncio.gather(*(turn(i) for i in range(5)))
+
+    outcomes = [events[-1] for events in asyncio.run(run())]
+    busy = [Error.from_event(e) for e in outcomes if Error.is_type(e.type)]
+    assert busy and all(e.code == "busy" and e.text for e in busy)
+    handled = sum(Handled.is_type(e.type) for e in outcomes)
+    assert handled >= 2 and handled + len(busy) == len(outcomes)  # the queue's two (at least) were served
+
+
 # ----- hostile and broken peers -------------------------------------------------------------------------------
 
 
@@ -288,6 +310,18 @@ def test_bad_input_gets_a_typed_error_event_and_the_service_keeps_serving(servic
         async with service.client("asr") as client:  # a chunk before audio-start: dropped, the connection goes on
             events = await exchange(client, chunk, Describe().event(), until=("info",), past_errors=True)
             assert errors(events) == ["audio_not_started"] and events[-1].type == "info"
+            # An utterance over the PCM limit (256 KiB here): dropped with its error, the next audio-stop has none.
+            big = AudioChunk(rate=16000, width=2, channels=1, audio=bytes(100_000)).event()
+            events = await exchange(
+                client,
+                AudioStart(rate=16000, width=2, channels=1).event(),
+                *[big] * 3,
+                AudioStop().event(),
+                Describe().event(),
+                until=("info",),
+                past_errors=True,
+            )
+            assert errors(events) == ["audio_too_long", "audio_not_started"]
             start = AudioStart(rate=16000, width=3, channels=1).event()
             events = await exchange(client, start, Describe().event(), until=("info",), past_errors=True)
             assert errors(events) == ["bad_audio_format"]

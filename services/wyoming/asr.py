@@ -56,7 +56,7 @@ class AsrHandler:
             return
         self.format = (rate, width, channels)
         self.pcm.clear()
-        self.max_bytes = int(self.settings.max_audio_s * rate) * width * channels
+        self.max_bytes = min(int(self.settings.max_audio_s * rate) * width * channels, self.settings.max_audio_bytes)
 
     async def _chunk(self, chunk: AudioChunk) -> None:
         if self.format is None:
@@ -71,7 +71,9 @@ class AsrHandler:
             self.format = None
             self.pcm = bytearray()
             await self.peer.error(
-                f"the utterance is longer than {self.settings.max_audio_s} s: it is dropped", "audio_too_long"
+                f"the utterance is longer than {self.settings.max_audio_s} s or "
+                f"{self.settings.max_audio_bytes} bytes: it is dropped",
+                "audio_too_long",
             )
             return
         self.pcm += chunk.audio or b""

@@ -31,7 +31,8 @@ class WyomingSettings(Section):
     idle_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0  # a connection silent this long is closed
     max_connections: Annotated[int, msgspec.Meta(ge=1)] = 64  # all ports together; more are refused with `busy`
     max_event_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 1024 * 1024  # header line, data or payload
-    max_audio_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0  # longest utterance a transcription takes
+    max_audio_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0  # longest utterance a transcription takes...
+    max_audio_bytes: Annotated[int, msgspec.Meta(ge=65536)] = 8 * 1024 * 1024  # ...and its most PCM, whatever format
     max_text_chars: Annotated[int, msgspec.Meta(ge=1)] = 10000  # longest text a synthesis takes
     samples_per_chunk: Annotated[int, msgspec.Meta(ge=64)] = 1024  # audio-chunk size sent to the peer
 
