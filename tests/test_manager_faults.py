@@ -273,4 +273,5 @@ def test_a_request_past_its_time_limit_gets_timeout(run_dir) -> None:
                 "a fresh worker serves the next one"
             )
     finally:
-        assert manager.stop() == 0
+        code = manager.stop()
+        assert code == 0, f"the manager ended with {code} (-9: it did not stop within 20 s)\n{manager.log_tail(80)}"
