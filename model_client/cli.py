@@ -85,7 +85,7 @@ def format_status(status: dict[str, Any]) -> str:
     )
     devices = status.get("devices") or {"list": [], "mode": "?"}
     device_rows = _table(
-        ("DEVICE", "NAME", "TOTAL", "OTHERS", "RESERVED", "FREE", "MODELS"),
+        ("DEVICE", "NAME", "TOTAL", "OTHERS", "RESERVED", "BUDGET", "FREE", "MODELS"),
         [
             (
                 d["id"],
@@ -93,6 +93,7 @@ def format_status(status: dict[str, Any]) -> str:
                 _size(d["total_bytes"]),
                 _size(d["used_by_others_bytes"]),
                 _size(d["reserved_bytes"]),
+                _size(d["budget_bytes"]) if d.get("budget_bytes") else "-",
                 _size(d["free_bytes"]),
                 str(d["models"]),
             )

@@ -71,6 +71,15 @@ class SimulatedGpu(Section, kw_only=True):
     used_by_others_mib: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
+class GpuBudget(Section, kw_only=True):
+    """One GPU's share for the manager: a ceiling on what its models book there in all (room left for a game or a
+    desktop; on a big card, the behaviour of a small one), and its own headroom."""
+
+    index: Annotated[int, msgspec.Meta(ge=0)]  # as NVML numbers the GPUs (for simulated GPUs: their order)
+    max_mib: PositiveInt | None = None  # the most the manager's models book on this GPU together
+    headroom_mib: Annotated[int, msgspec.Meta(ge=0)] | None = None  # instead of gpu_headroom_mib
+
+
 class DeviceSettings(Section):
     """Where models may go. ``simulated`` GPUs drive placement on a machine without them (never implicitly)."""
 
@@ -78,6 +87,7 @@ class DeviceSettings(Section):
     simulated: list[SimulatedGpu] = []
     simulated_host_mib: PositiveInt | None = None  # simulated mode only: pretend the host has this much RAM
     gpu_headroom_mib: Annotated[int, msgspec.Meta(ge=0)] = 256  # left free on every GPU
+    gpus: list[GpuBudget] = []  # per-GPU ceilings and headrooms (GPUs not listed: the whole card, less headroom)
     host_headroom_mib: Annotated[int, msgspec.Meta(ge=0)] = 1024  # left to the OS and other programs
     cuda_context_mib: Annotated[int, msgspec.Meta(ge=0)] = 300  # each GPU worker's CUDA context, until measured
     allow_cpu_fallback: bool = True  # a GPU model that fits no GPU runs on the CPU rather than failing
@@ -215,6 +225,9 @@ def config_from_sections(data: dict[str, Any], base_dir: Path, source: str) -> C
     }
     if config.devices.mode == "simulated" and not config.devices.simulated:
         raise ConfigError(f"{source}: devices.mode is simulated but devices.simulated lists no GPU - at `$.devices`")
+    indexes = [gpu.index for gpu in config.devices.gpus]
+    if len(indexes) != len(set(indexes)):
+        raise ConfigError(f"{source}: devices.gpus names GPU {indexes} more than once - at `$.devices.gpus`")
     manager = msgspec.structs.replace(config.manager, state_dir=str(resolve_path(config.manager.state_dir, base_dir)))
     security = config.security.resolved(base_dir)
     kv_cache = config.kv_cache

@@ -85,18 +85,27 @@ class DeviceView:
     reserved: int
     headroom: int
     loaded: int
+    budget: int | None = None  # devices.gpus max_mib: the most the manager's models book here together
 
     @property
     def free(self) -> int:
-        return self.device.total - self.device.used_by_others - self.reserved - self.headroom
+        """What a new model may book: the device's free memory less headroom, and never past the budget (evicting a
+        model frees as much of both, so eviction arithmetic holds)."""
+        free = self.device.total - self.device.used_by_others - self.reserved - self.headroom
+        return free if self.budget is None else min(free, self.budget - self.reserved)
 
 
 def device_views(devices: list[Device], residents: list[Resident], settings: DeviceSettings) -> list[DeviceView]:
+    budgets = {gpu.index: gpu for gpu in settings.gpus}
     views = []
     for device in devices:
         on_it = [r.placements[device.id] for r in residents if device.id in r.placements]
-        headroom = (settings.gpu_headroom_mib if device.kind == "gpu" else settings.host_headroom_mib) * MIB
-        views.append(DeviceView(device, sum(on_it), headroom, len(on_it)))
+        headroom_mib = settings.gpu_headroom_mib if device.kind == "gpu" else settings.host_headroom_mib
+        budget = budgets.get(device.index) if device.kind == "gpu" and device.index is not None else None
+        if budget is not None and budget.headroom_mib is not None:
+            headroom_mib = budget.headroom_mib
+        ceiling = budget.max_mib * MIB if budget is not None and budget.max_mib is not None else None
+        views.append(DeviceView(device, sum(on_it), headroom_mib * MIB, len(on_it), ceiling))
     return views
 
 

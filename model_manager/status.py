@@ -25,6 +25,7 @@ def device_entry(view: DeviceView) -> dict[str, Any]:
         "used_by_others_bytes": device.used_by_others,
         "reserved_bytes": view.reserved,
         "headroom_bytes": view.headroom,
+        "budget_bytes": view.budget,
         "free_bytes": max(0, view.free),
         "models": view.loaded,
     }

@@ -46,6 +46,8 @@ def test_relative_ipc_endpoints_resolve_against_the_config_dir(tmp_path: Path) -
         ("models:\n  'bad name!':\n    kind: llm\n    path: x\n    quantization: q\n", ["bad name!"]),
         ("- just\n- a list\n", ["mapping"]),
         ("key: [unclosed\n", ["YAML"]),
+        ("devices:\n  gpus: [{index: 0, max_mib: 4096}, {index: 0}]\n", ["devices.gpus", "more than once"]),
+        ("devices:\n  gpus: [{max_mib: 4096}]\n", ["index", "$.devices.gpus[0]"]),
     ],
     ids=[
         "unknown-top-key",
@@ -59,6 +61,8 @@ def test_relative_ipc_endpoints_resolve_against_the_config_dir(tmp_path: Path) -
         "bad-model-name",
         "not-a-mapping",
         "not-yaml",
+        "gpu-budget-twice",
+        "gpu-budget-without-index",
     ],
 )
 def test_invalid_configs_name_the_key_and_the_problem(tmp_path: Path, text: str, names: list[str]) -> None:

@@ -63,25 +63,35 @@ def test_simulated_devices_are_visible_as_such(sim: ManagerProcess) -> None:
     assert '"event": "devices_simulated"' in sim.log_path.read_text()
 
 
-def test_alternating_models_that_cannot_coreside_all_succeed(sim: ManagerProcess) -> None:
+def test_alternating_models_that_cannot_coreside_all_succeed(run_dir: Path) -> None:
+    """On a card big enough for both, whose budget (devices.gpus max_mib) holds only one of them."""
+    config = simulated_config(run_dir)
+    config["devices"]["simulated"] = [{"name": "big sim-gpu", "total_mib": 140_000}]
+    config["devices"]["gpus"] = [{"index": 0, "max_mib": SIM_GPU_MIB}]
+    sim = start(run_dir, config)
     events = sim.subscribe()
-    with sim.client(timeout=60) as c:
-        for model in ("smollm2", "gemma3-270m", "smollm2", "gemma3-270m"):
-            assert c.chat(model, QUESTION, max_tokens=3, **GREEDY).usage["completion_tokens"] >= 1
-            status = c.status()
-            ready = [m["name"] for m in status["models"] if m["state"] == "ready"]
-            assert ready == [model], "only the model in use holds the simulated GPU"
-            assert model_status(c, model)["device"] == "sim:0"
-    assert model_events(events) == [
-        ("model.loaded", "smollm2", None),
-        ("model.unloaded", "smollm2", "pressure"),
-        ("model.loaded", "gemma3-270m", None),
-        ("model.unloaded", "gemma3-270m", "pressure"),
-        ("model.loaded", "smollm2", None),
-        ("model.unloaded", "smollm2", "pressure"),
-        ("model.loaded", "gemma3-270m", None),
-    ]
-    events.close()
+    try:
+        with sim.client(timeout=60) as c:
+            (gpu,) = [d for d in c.status()["devices"]["list"] if d["kind"] == "gpu"]
+            assert gpu["budget_bytes"] == SIM_GPU_MIB * MIB and gpu["free_bytes"] == SIM_GPU_MIB * MIB
+            for model in ("smollm2", "gemma3-270m", "smollm2", "gemma3-270m"):
+                assert c.chat(model, QUESTION, max_tokens=3, **GREEDY).usage["completion_tokens"] >= 1
+                status = c.status()
+                ready = [m["name"] for m in status["models"] if m["state"] == "ready"]
+                assert ready == [model], "only the model in use fits the GPU's budget"
+                assert model_status(c, model)["device"] == "sim:0"
+        assert model_events(events) == [
+            ("model.loaded", "smollm2", None),
+            ("model.unloaded", "smollm2", "pressure"),
+            ("model.loaded", "gemma3-270m", None),
+            ("model.unloaded", "gemma3-270m", "pressure"),
+            ("model.loaded", "smollm2", None),
+            ("model.unloaded", "smollm2", "pressure"),
+            ("model.loaded", "gemma3-270m", None),
+        ]
+    finally:
+        events.close()
+        sim.stop()
 
 
 def test_a_pinned_model_is_never_evicted(run_dir: Path) -> None:

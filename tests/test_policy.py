@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from model_manager import policy
-from model_manager.config import MIB, DeviceSettings, SchedulerSettings
+from model_manager.config import MIB, DeviceSettings, GpuBudget, SchedulerSettings
 from model_manager.devices import Device
 from model_manager.policy import PlacementRequest, Resident, eviction_order, idle_expired, plan_placement
 
@@ -197,3 +197,30 @@ def test_the_service_time_follows_the_requests_served() -> None:
     for _ in range(50):
         mean = policy.service_time(mean, 5.0)
     assert 4.9 < mean <= 5.0
+
+
+def test_a_gpu_budget_caps_what_the_manager_books_there_and_a_big_card_acts_small() -> None:
+    big = gpu(0, 140_000)  # an H200, told to behave like an 8 GB card
+    budget = DeviceSettings(
+        gpu_headroom_mib=0, host_headroom_mib=0, allow_cpu_fallback=False, gpus=[GpuBudget(index=0, max_mib=8192)]
+    )
+    assert plan(request(5000), [HOST, big], [], settings=budget).device_ids == ("cuda:0",)
+    assert plan(request(9000), [HOST, big], [], settings=budget).action == "fail"  # fits the card, not the budget
+    # One 5000 MiB model fits the budget, two do not: the second evicts the first although the card has room.
+    decision = plan(request(5000), [HOST, big], [resident("a", "cuda:0", 5000)], settings=budget)
+    assert (decision.action, decision.evict) == ("evict", ["a"])
+    assert decision.free["cuda:0"] == (8192 - 5000) * MIB
+    # The budget never lends more than the card has free either.
+    busy_card = gpu(0, 10_000, others_mib=6000)
+    assert plan(request(5000), [HOST, busy_card], [], settings=budget).action == "fail"
+    # Without the budget the same card takes both.
+    assert plan(request(5000), [HOST, big], [resident("a", "cuda:0", 5000)]).action == "place"
+
+
+def test_a_gpu_headroom_of_its_own_replaces_the_common_one() -> None:
+    settings = DeviceSettings(
+        gpu_headroom_mib=4000, host_headroom_mib=0, allow_cpu_fallback=False, gpus=[GpuBudget(index=1, headroom_mib=0)]
+    )
+    decision = plan(request(6000), [HOST, gpu(0, 8192), gpu(1, 6144)], [], settings=settings)
+    assert decision.device_ids == ("cuda:1",)  # GPU 0 keeps 4000 MiB free; GPU 1 gives all of its 6144
+    assert decision.free == {"cpu": 16000 * MIB, "cuda:0": 4192 * MIB, "cuda:1": 6144 * MIB}
