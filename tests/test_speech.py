@@ -18,7 +18,7 @@ import zmq
 from model_client import Audio, InvalidAudio, ModelClient, protocol
 from model_client.audio import read_wav
 from model_client.errors import BadRequest, ModelNotFound
-from tests.conftest import MAX_AUDIO_S, ManagerProcess
+from tests.conftest import MAX_AUDIO_S, VOICE, ManagerProcess
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -209,3 +209,17 @@ def test_speech_models_show_in_status_with_kind_and_measured_size(client: ModelC
         assert entry["measured_bytes"] and 0.5 < entry["measured_bytes"] / entry["estimated_bytes"] < 1.5
     catalogue = {m["name"]: m for m in client.models()}
     assert catalogue["whisper"]["file_exists"] and catalogue["whisper"]["file_bytes"] > 70_000_000
+
+
+def test_a_voice_booked_on_a_gpu_runs_on_that_gpu() -> None:
+    """ONNX Runtime gets the GPU the manager placed the voice on (Piper's own loader always takes GPU 0)."""
+    from model_manager.backends.piper import session_providers
+    from model_manager.config import ModelSpec
+
+    def voice(**kw) -> ModelSpec:
+        return ModelSpec(kind="tts", path=str(VOICE), **kw)
+
+    cuda = {"device_id": 1, "cudnn_conv_algo_search": "HEURISTIC"}
+    assert session_providers(voice(device="cuda", gpu=1)) == [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+    assert session_providers(voice(device="cuda"))[0][1]["device_id"] == 0
+    assert session_providers(voice(device="cpu", n_threads=1)) == ["CPUExecutionProvider"]

@@ -40,11 +40,8 @@ class PiperBackend:
         if not config.is_file():
             raise ModelLoadFailed(f"a Piper voice needs its config beside it: {config} is missing", path=str(config))
         try:
-            if spec.n_threads and spec.device == "cpu":  # the manager's share of the cores (model_manager/threads.py)
-                settings = PiperConfig.from_dict(json.loads(config.read_text(encoding="utf-8")))
-                self.voice = PiperVoice(session=_cpu_session(spec.path, spec.n_threads), config=settings)
-            else:
-                self.voice = PiperVoice.load(spec.path, config_path=config, use_cuda=spec.device == "cuda")
+            settings = PiperConfig.from_dict(json.loads(config.read_text(encoding="utf-8")))
+            self.voice = PiperVoice(session=voice_session(spec), config=settings)
         except Exception as exc:
             raise ModelLoadFailed(f"cannot load the Piper voice at {spec.path}: {exc}", path=spec.path) from None
         self.speaker = spec.speaker
@@ -117,8 +114,19 @@ class PiperBackend:
         self.voice = None
 
 
-def _cpu_session(path: str, threads: int) -> onnxruntime.InferenceSession:
-    """The voice's ONNX session on ``threads`` CPU threads (Piper's own loader takes every core)."""
+def session_providers(spec: ModelSpec) -> list[Any]:
+    """Where the voice runs: on the GPU the manager placed it on (``spec.gpu``; Piper's own loader always takes
+    GPU 0, so a voice booked on cuda:1 would run on GPU 0), else the CPU."""
+    if spec.device == "cuda":
+        cuda = {"device_id": spec.gpu or 0, "cudnn_conv_algo_search": "HEURISTIC"}
+        return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def voice_session(spec: ModelSpec) -> onnxruntime.InferenceSession:
+    """The voice's ONNX session: on its GPU, or on the CPU with the manager's share of the cores
+    (model_manager/threads.py; Piper's own loader takes every core)."""
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    return onnxruntime.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+    if spec.n_threads and spec.device != "cuda":
+        options.intra_op_num_threads, options.inter_op_num_threads = spec.n_threads, 1
+    return onnxruntime.InferenceSession(spec.path, sess_options=options, providers=session_providers(spec))
