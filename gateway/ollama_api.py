@@ -178,13 +178,13 @@ class Ollama:
                 continue
             left = m.get("ttl_left_s")
             expires = datetime.fromtimestamp(time.time() + (left if left is not None else 10 * 365 * 86400), UTC)
-            on_gpu = bool(m["device"]) and "cpu" not in m["device"].split("+")
+            vram = sum(b for device, b in (m.get("placements") or {}).items() if device != "cpu")
             running.append(
                 {
                     "name": m["name"],
                     "model": m["name"],
                     "size": m["size_bytes"] or 0,
-                    "size_vram": (m["size_bytes"] or 0) if on_gpu else 0,
+                    "size_vram": vram,  # the GPU share (all of it unless partly offloaded)
                     "digest": "",
                     "details": _details(m),
                     "expires_at": expires.isoformat().replace("+00:00", "Z"),

@@ -15,7 +15,7 @@ import structlog
 
 from model_client.errors import ModelLoadFailed
 from model_manager.config import MIB, Config, ModelSpec
-from model_manager.devices import Device, open_inventory, process_rss
+from model_manager.devices import HOST, Device, open_inventory, process_rss
 from model_manager.footprint import DEFAULT_WORKER_BASE, FootprintStore, estimate_gguf, estimate_speech
 from model_manager.policy import Decision, DeviceView, PlacementRequest, Resident, device_views, plan_placement
 from model_manager.pool import WorkerPool
@@ -92,6 +92,15 @@ class MemoryAccounting:
         slot.estimate = est_gpu if on_gpu else est_cpu
         cpu = self.store.measured(self.measured_key(spec, False)) or est_cpu.total
         gpu = cpu if simulated else self.store.measured(self.measured_key(spec, True)) or est_gpu.total
+        slot.host_share = 0
+        if spec.wants_gpu and 0 < spec.n_gpu_layers < facts.n_layer:
+            # A partial offload: the GPU holds its layers' share, the host the rest (the worker's own memory too).
+            # On a simulated GPU the model really runs on the CPU: the two halves split its CPU size.
+            kept = 1.0 - spec.n_gpu_layers / facts.n_layer
+            slot.host_share = int((est_cpu.weights + est_cpu.kv_cache) * kept) + est_cpu.compute + est_cpu.overhead
+            if simulated:
+                slot.host_share = min(slot.host_share, cpu)
+                gpu = cpu - slot.host_share
         slot.measured = self.store.measured(self.measured_key(spec, on_gpu))
         return gpu, cpu
 
@@ -151,6 +160,7 @@ class MemoryAccounting:
             pinned_gpu=slot.spec.gpu,
             waited_s=waited,
             splittable=slot.spec.kind == "llm",
+            host_share=slot.host_share,
         )
         return plan_placement(
             request, self.devices(), self.residents(slots), self.config.devices, self.config.scheduler, now
@@ -164,6 +174,8 @@ class MemoryAccounting:
         fractions = decision.tensor_split or (1.0,)
         need = needs[0] if chosen[0].kind == "gpu" else needs[1]
         slot.placements = {d.id: int(need * f) for d, f in zip(chosen, fractions, strict=True)}
+        if decision.host_share:
+            slot.placements[HOST] = decision.host_share
         slot.tensor_split = decision.tensor_split
         if not on_gpu:  # the host, or a simulated GPU: the model really runs on the CPU
             return msgspec.structs.replace(slot.spec, n_gpu_layers=0, gpu=None, tensor_split=None, device="cpu")
@@ -181,7 +193,11 @@ class MemoryAccounting:
             per_device = {k: v for k, v in self.inventory.gpu_memory_of(pid).items() if k in slot.placements}
             measured = sum(per_device.values())
             if per_device:
+                if HOST in slot.placements:  # a partial offload: its host share is the worker's resident memory
+                    per_device[HOST] = rss or process_rss(pid)
                 slot.placements = per_device
+        elif HOST in slot.placements and len(slot.placements) > 1:
+            measured = 0  # a partial offload on a simulated GPU: both halves stay as estimated
         else:
             measured = rss or process_rss(pid)
             slot.placements = {device: measured for device in slot.placements}

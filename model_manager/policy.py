@@ -30,6 +30,9 @@ Where and whom, in order:
    waited ``max_wait_s``.
 4. If memory would be enough once busy or held models are done, or once models already unloading have gone, wait
    (the broker fails the request after ``wait_for_memory_s``). If not even that: ``insufficient_memory`` now.
+5. A model only partly offloaded (``n_gpu_layers`` below its layer count) books its GPU share on the GPU and the
+   rest on the host: a GPU is a candidate only while the host has room for that rest (nothing is evicted from the
+   host for it).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class PlacementRequest:
     pinned_gpu: int | None
     waited_s: float
     splittable: bool = True  # llama.cpp can split a model over GPUs; the speech engines cannot
+    host_share: int = 0  # bytes that stay on the host when it goes to a GPU (the layers a partial offload keeps)
 
 
 @dataclass
@@ -77,6 +81,7 @@ class Decision:
     need: int = 0
     reason: str = ""
     free: dict[str, int] = field(default_factory=dict)
+    host_share: int = 0  # bytes booked on the host beside a GPU placement (a partial offload)
 
 
 @dataclass(frozen=True)
@@ -165,10 +170,22 @@ def plan_placement(
     def count_ok(view: DeviceView, evicted: int = 0) -> bool:
         return not max_loaded or view.loaded - evicted < max_loaded
 
+    host_room = next((v.free for v in views if v.device.kind == "cpu"), 0)
+    if request.host_share:  # a partial offload: a GPU is only a candidate while the host takes the rest
+        candidates = [v for v in candidates if v.device.kind != "gpu" or request.host_share <= host_room]
+        if not candidates:
+            reason = f"the host has no room for the {request.host_share / MIB:.0f} MiB of layers kept off the GPU"
+            return Decision("fail", need=request.need_gpu, reason=reason, free=free)
+
+    def placed(view: DeviceView, action: str = "place", evict: list[str] | None = None) -> Decision:
+        share = request.host_share if view.device.kind == "gpu" else 0
+        need = _need(request, view)
+        return Decision(action, (view.device.id,), evict=evict or [], need=need, free=free, host_share=share)
+
     # 1. A device with room now.
     for view in candidates:
         if _need(request, view) <= view.free and count_ok(view):
-            return Decision("place", (view.device.id,), need=_need(request, view), free=free)
+            return placed(view)
     # 2. Evict the cheapest models on one device.
     waited = request.waited_s
     for view in candidates:
@@ -183,7 +200,7 @@ def plan_placement(
             victims.append(r.name)
             room += r.placements[view.device.id]
         if room >= need and count_ok(view, len(victims)) and victims:
-            return Decision("evict", (view.device.id,), evict=victims, need=need, free=free)
+            return placed(view, "evict", victims)
     # 3. Split over several GPUs, without evicting.
     gpus = [v for v in candidates if v.device.kind == "gpu" and v.free > 0 and count_ok(v)]
     if settings.allow_split and request.splittable and request.pinned_gpu is None and len(gpus) > 1:
@@ -199,6 +216,7 @@ def plan_placement(
                 tensor_split=tuple(round(usable[i] / total, 4) for i in ids),
                 need=request.need_gpu,
                 free=free,
+                host_share=request.host_share,
             )
     # 4. Wait for busy, held or unloading models, or give up.
     for view in candidates:

@@ -130,6 +130,7 @@ class ModelSlot:
     # Placement: where the model is (or is going), and what it reserves there.
     placements: dict[str, int] = field(default_factory=dict)
     tensor_split: tuple[float, ...] | None = None
+    host_share: int = 0  # a partial offload's bytes on the host, beside its GPU share
     estimate: Estimate | None = None
     measured: int | None = None
     kv_stats: dict[str, int] = field(default_factory=dict)  # the worker's saved conversation states

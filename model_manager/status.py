@@ -44,6 +44,7 @@ def model_entry(slot: ModelSlot, now: float) -> dict[str, Any]:
         "kind": slot.spec.kind,
         "state": slot.state.value,
         "device": "+".join(slot.placements) or None,
+        "placements": dict(slot.placements),
         "threads": slot.threads if slot.worker is not None else None,
         "pid": slot.worker.pid if slot.worker else None,
         "quantization": slot.info.get("quantization", slot.spec.quantization),

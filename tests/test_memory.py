@@ -309,3 +309,25 @@ def test_a_gpu_lost_at_run_time_is_left_out_and_said_so() -> None:
     nvml.gone.clear()
     assert [d.id for d in inventory.devices([])] == ["cpu", "cuda:0", "cuda:1"]
     assert "lost" not in inventory.describe()
+
+
+def test_a_partly_offloaded_model_books_its_gpu_share_and_the_rest_on_the_host(run_dir: Path) -> None:
+    config = simulated_config(run_dir)
+    config["devices"]["simulated"] = [{"name": "sim-gpu", "total_mib": 4000}]
+    config["models"]["smollm2"]["n_gpu_layers"] = 10  # of its 30 layers
+    config["models"]["smollm2-full"] = {**config["models"]["smollm2"], "n_gpu_layers": -1}
+    manager = start(run_dir, config)
+    try:
+        with manager.client(timeout=60) as c:
+            for model in ("smollm2", "smollm2-full"):
+                c.chat(model, QUESTION, max_tokens=2)
+            partial, full = model_status(c, "smollm2"), model_status(c, "smollm2-full")
+            assert partial["device"] == "sim:0+cpu" and set(partial["placements"]) == {"sim:0", "cpu"}
+            assert full["device"] == "sim:0" and set(full["placements"]) == {"sim:0"}
+            # A third of the layers on the GPU: its GPU share is smaller than the whole model's, the rest on the host.
+            assert 0 < partial["placements"]["sim:0"] < full["placements"]["sim:0"]
+            assert partial["placements"]["cpu"] > partial["placements"]["sim:0"]
+            devices = {d["id"]: d for d in c.status()["devices"]["list"]}
+            assert devices["cpu"]["reserved_bytes"] >= partial["placements"]["cpu"]
+    finally:
+        manager.stop()

@@ -224,3 +224,19 @@ def test_a_gpu_headroom_of_its_own_replaces_the_common_one() -> None:
     decision = plan(request(6000), [HOST, gpu(0, 8192), gpu(1, 6144)], [], settings=settings)
     assert decision.device_ids == ("cuda:1",)  # GPU 0 keeps 4000 MiB free; GPU 1 gives all of its 6144
     assert decision.free == {"cpu": 16000 * MIB, "cuda:0": 4192 * MIB, "cuda:1": 6144 * MIB}
+
+
+def test_a_partial_offload_books_the_rest_on_the_host_and_needs_room_there() -> None:
+    partial = PlacementRequest("new", 3000 * MIB, 5000 * MIB, True, None, 0.0, host_share=2000 * MIB)
+    decision = plan(partial, [HOST, gpu(0, 8192)], [])
+    assert (decision.action, decision.device_ids, decision.host_share) == ("place", ("cuda:0",), 2000 * MIB)
+    # A host too full for the layers kept off the GPU: the GPU is no candidate; the whole model cannot go either.
+    crowded = [resident("big", "cpu", 15_000)]
+    decision = plan(partial, [HOST, gpu(0, 8192)], crowded)
+    assert decision.action != "place" or decision.device_ids == ("cpu",)
+    strict = DeviceSettings(gpu_headroom_mib=0, host_headroom_mib=0, allow_cpu_fallback=False)
+    decision = plan(partial, [HOST, gpu(0, 8192)], crowded, settings=strict)
+    assert decision.action == "fail" and "host has no room" in decision.reason
+    # Evicting on the GPU still books the host share beside it.
+    decision = plan(partial, [HOST, gpu(0, 4000)], [resident("old", "cuda:0", 3000)], settings=strict)
+    assert (decision.action, decision.evict, decision.host_share) == ("evict", ["old"], 2000 * MIB)
