@@ -10,11 +10,12 @@ puts each through both paths, alternating which goes first:
               transcript to Jarvis's handle port, its streamed reply fed as it comes into streaming synthesis on the
               tts port: first audio counted from ``audio-stop`` (the end of the utterance)
 
-Each path has its own conversation, turn after turn, so both reuse their cache alike, and its own instance of the
-persona's model (one file, loaded twice), so neither reuses the other's identical prompt; one seed makes both
-sample the same reply. Reports the medians and the
-median of the paired differences: the Wyoming path's added latency to first audio (target: at most 50 ms).
-Prints a table, then one JSON line of figures. Run: ``.venv/bin/python bench/wyoming.py``.
+Each path has its own conversation per pass over the questions, so both reuse their cache alike, and its own
+instance of the persona's model (one file, loaded twice), so neither reuses the other's identical prompt; one seed
+makes both sample the same reply. The Wyoming utterance's chunks are all read by the service before the clock
+starts (a satellite streams in real time). Reports the medians and the median of the paired differences, for the
+transcript, the rest, and the first audio: the Wyoming path's added latency (target: at most 50 ms). Prints a
+table, then one JSON line of figures. Run: ``.venv/bin/python bench/wyoming.py [--repeats N]``.
 """
 
 from __future__ import annotations

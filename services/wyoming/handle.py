@@ -32,17 +32,20 @@ from services.wyoming.connection import Peer
 log = structlog.get_logger("wyoming")
 
 
-class PersonaDoor:
-    """What every connection to one persona's port shares: the histories of its personas' sessions."""
+def persona_histories(agents: AgentsConfig) -> dict[str, Histories]:
+    """Each persona's sessions, one store for every port (a wake word hands a turn to another persona's history)."""
+    directory = Path(agents.agents.history_dir) if agents.agents.history_dir else None
+    keep = agents.agents.max_history_messages
+    return {name: Histories(directory / name if directory else None, keep, name) for name in agents.personas}
 
-    def __init__(self, persona: str, agents: AgentsConfig) -> None:
+
+class PersonaDoor:
+    """What every connection to one persona's port shares."""
+
+    def __init__(self, persona: str, agents: AgentsConfig, histories: dict[str, Histories]) -> None:
         self.persona = persona
         self.agents = agents
-        directory = Path(agents.agents.history_dir) if agents.agents.history_dir else None
-        self.histories = {
-            name: Histories(directory / name if directory else None, agents.agents.max_history_messages, name)
-            for name in agents.personas
-        }
+        self.histories = histories
 
 
 class HandleHandler:

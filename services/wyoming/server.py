@@ -18,7 +18,7 @@ from services.wyoming.asr import AsrHandler
 from services.wyoming.catalogue import ASR_PROGRAM, TTS_PROGRAM, Catalogue
 from services.wyoming.config import WyomingConfig
 from services.wyoming.connection import Handler, Peer, serve_connection
-from services.wyoming.handle import HandleHandler, PersonaDoor
+from services.wyoming.handle import HandleHandler, PersonaDoor, persona_histories
 from services.wyoming.tts import TtsHandler
 
 HEADER_LINE_LIMIT = 64 * 1024  # an event's JSON header line (its data and payload have their own limit)
@@ -48,8 +48,9 @@ class WyomingService:
             ports.append(Port(ASR_PROGRAM, s.asr_port, catalogue.asr_info, lambda p: AsrHandler(p, link, catalogue, s)))
         if s.tts_port:
             ports.append(Port(TTS_PROGRAM, s.tts_port, catalogue.tts_info, lambda p: TtsHandler(p, link, catalogue, s)))
+        histories = persona_histories(self.config.agents)
         for persona, number in s.handle_ports.items():
-            door = PersonaDoor(persona, self.config.agents)
+            door = PersonaDoor(persona, self.config.agents, histories)
             ports.append(
                 Port(
                     persona,
