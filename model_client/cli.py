@@ -67,7 +67,7 @@ def format_status(status: dict[str, Any]) -> str:
         ),
         [
             (
-                m["name"],
+                m["name"] + (f"@{m['variant']}" if m.get("variant") else ""),
                 m.get("kind", "llm"),
                 m["device"] or "-",
                 str(m.get("threads") or "-"),

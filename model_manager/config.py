@@ -116,6 +116,11 @@ class SchedulerSettings(Section):
     demand_half_life_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0  # how fast past requests stop counting
 
 
+class Variant(Section, kw_only=True):
+    quantization: str  # as the GGUF header reports it (general.file_type)
+    path: str
+
+
 class ModelSpec(Section):
     """One catalogue entry. ``None`` fields take the ``defaults`` value when the config is loaded.
 
@@ -124,8 +129,12 @@ class ModelSpec(Section):
     """
 
     kind: Literal["llm", "stt", "tts"]
-    path: str
+    path: str = ""  # required, unless `variants` lists the files
     quantization: str | None = None  # llm: required, as the GGUF header reports it
+    # llm: the same model in several GGUF files, best first: each load takes the best that fits its device without
+    # evicting a model of higher priority, else the next (path and quantization then default to the first).
+    variants: list[Variant] = []
+    variant: str | None = None  # a variant's quantization label: always that one
     n_ctx: PositiveInt | None = None
     n_gpu_layers: int | None = None
     gpu: Annotated[int, msgspec.Meta(ge=0)] | None = None
@@ -205,7 +214,17 @@ def _resolve_model(spec: ModelSpec, defaults: Defaults, base_dir: Path) -> Model
             "parallel",
         )
     }
-    return msgspec.structs.replace(spec, path=str(resolve_path(spec.path, base_dir)), **filled)
+    variants = [msgspec.structs.replace(v, path=str(resolve_path(v.path, base_dir))) for v in spec.variants]
+    path, quantization = spec.path, spec.quantization
+    if variants and not path:
+        path, quantization = variants[0].path, quantization or variants[0].quantization
+    return msgspec.structs.replace(
+        spec,
+        path=str(resolve_path(path, base_dir)) if path else "",
+        quantization=quantization,
+        variants=variants,
+        **filled,
+    )
 
 
 def parse_config(text: str, base_dir: Path, source: str = "<string>") -> Config:
@@ -238,8 +257,19 @@ def config_from_sections(data: dict[str, Any], base_dir: Path, source: str) -> C
     )
     models = {name: _resolve_model(spec, config.defaults, base_dir) for name, spec in config.models.items()}
     for name, spec in models.items():
+        if not spec.path:
+            raise ConfigError(f"{source}: a model needs `path` (or, an llm, `variants`) - at `$.models.{name}`")
         if spec.kind == "llm" and not spec.quantization:
             raise ConfigError(f"{source}: an llm needs `quantization` (as its GGUF header says) - at `$.models.{name}`")
+        labels = [v.quantization for v in spec.variants]
+        if spec.variants and spec.kind != "llm":
+            raise ConfigError(f"{source}: only an llm has `variants` - at `$.models.{name}.variants`")
+        if len(labels) != len(set(labels)):
+            raise ConfigError(f"{source}: two variants share a quantization label - at `$.models.{name}.variants`")
+        if spec.variant is not None and spec.variant not in labels:
+            raise ConfigError(
+                f"{source}: variant {spec.variant!r} is not one of the variants {labels} - at `$.models.{name}.variant`"
+            )
     return msgspec.structs.replace(
         config, endpoints=endpoints, models=models, manager=manager, kv_cache=kv_cache, security=security
     )

@@ -177,16 +177,16 @@ class Lifecycle:
         for slot in sorted(pending, key=lambda s: (-s.spec.priority, s.pending_since or now)):
             slot.pending_since = slot.pending_since or now
             try:
-                needs = self.memory.needs(slot)
+                chosen = self.memory.choose(slot, list(self.slots.values()), now)
             except ModelManagerError as exc:
                 self._fail_load(slot, exc)
                 continue
-            if needs is None:
-                continue  # the GGUF header is being read
-            decision = self.memory.plan(slot, list(self.slots.values()), needs, now)
+            if chosen is None:
+                continue  # a GGUF header is being read
+            spec, needs, decision = chosen
             slot.plan = decision
             if decision.action == "place":
-                self._start_load(slot, self.memory.place(slot, decision, needs))
+                self._start_load(slot, self.memory.place(slot, decision, needs, spec))
             elif decision.action == "evict":
                 log.info("evicting", model=slot.name, victims=decision.evict, device=decision.device_ids[0])
                 for victim in decision.evict:
@@ -380,10 +380,9 @@ class Lifecycle:
         assert slot.worker is not None
         rss = info.get("rss_bytes")  # the worker's own word, shown but not trusted: else measured here
         self.memory.loaded(slot, slot.worker.pid, rss if isinstance(rss, int) and rss > 0 else None)
-        if slot.spec.kind == "llm" and info.get("quantization") not in (None, slot.spec.quantization):
-            log.warning(
-                "quantization_label_mismatch", model=slot.name, config=slot.spec.quantization, gguf=info["quantization"]
-            )
+        expected = (slot.load_spec or slot.spec).quantization  # the variant loaded
+        if slot.spec.kind == "llm" and info.get("quantization") not in (None, expected):
+            log.warning("quantization_label_mismatch", model=slot.name, config=expected, gguf=info["quantization"])
         log.info("model_loaded", model=slot.name, pid=slot.worker.pid, load_ms=info.get("load_ms"))
         self.metrics.loads.labels(slot.name, "ok").inc()
         self.outbox.publish(protocol.EVENT_MODEL_LOADED, model=slot.name, device="+".join(slot.placements), info=info)

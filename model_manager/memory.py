@@ -44,6 +44,12 @@ def _with_kv_states(slot: ModelSlot) -> dict[str, int]:
     return placements
 
 
+def variant_specs(spec: ModelSpec) -> list[ModelSpec]:
+    """The model as each of its files, best first (the pinned ``variant`` alone; the model itself without any)."""
+    chosen = [v for v in spec.variants if spec.variant in (None, v.quantization)]
+    return [msgspec.structs.replace(spec, path=v.path, quantization=v.quantization) for v in chosen] or [spec]
+
+
 class MemoryAccounting:
     def __init__(self, config: Config, pool: WorkerPool) -> None:
         self.config = config
@@ -67,12 +73,13 @@ class MemoryAccounting:
         parallel = f"|parallel={spec.parallel}" if (spec.parallel or 1) > 1 else ""
         return f"{file_key}|ctx={spec.n_ctx}|batch={spec.n_batch}{parallel}|{where}"
 
-    def needs(self, slot: ModelSlot) -> tuple[int, int] | None:
-        """(bytes on a GPU, bytes on the CPU) for ``slot``; None while its header is still being read.
+    def needs(self, slot: ModelSlot, spec: ModelSpec | None = None) -> tuple[int, int] | None:
+        """(bytes on a GPU, bytes on the CPU) for ``slot`` (as ``spec``, one of its variants); None while its header
+        is still being read.
 
         Raises ModelLoadFailed when the file is missing or its header unreadable.
         """
-        spec = slot.spec
+        spec = spec or slot.spec
         if spec.kind != "llm":
             return self._speech_needs(slot)
         if not os.path.isfile(spec.path):
@@ -150,6 +157,29 @@ class MemoryAccounting:
     def views(self, slots: list[ModelSlot]) -> list[DeviceView]:
         return device_views(self.devices(), self.residents(slots), self.config.devices)
 
+    def choose(
+        self, slot: ModelSlot, slots: list[ModelSlot], now: float
+    ) -> tuple[ModelSpec, tuple[int, int], Decision] | None:
+        """Which of the model's files to load, and where: the best variant that can go somewhere now, or by evicting
+        only models of its priority or lower; else the next; the last one takes the policy's answer as it is. None
+        while a header is still being read."""
+        priorities = {s.name: s.spec.priority for s in slots}
+        variants = variant_specs(slot.spec)
+        chosen: tuple[ModelSpec, tuple[int, int], Decision] | None = None
+        for spec in variants:
+            needs = self.needs(slot, spec)
+            if needs is None:
+                return None
+            decision = self.plan(slot, slots, needs, now)
+            chosen = (spec, needs, decision)
+            lower = all((priorities.get(v) or 0) <= (slot.spec.priority or 0) for v in decision.evict)
+            if decision.action == "place" or (decision.action == "evict" and lower):
+                break
+        assert chosen is not None
+        if len(variants) > 1:
+            self.needs(slot, chosen[0])  # the slot's estimate and host share are the chosen variant's
+        return chosen
+
     def plan(self, slot: ModelSlot, slots: list[ModelSlot], needs: tuple[int, int], now: float) -> Decision:
         waited = now - slot.pending_since if slot.pending_since is not None else 0.0
         request = PlacementRequest(
@@ -166,8 +196,12 @@ class MemoryAccounting:
             request, self.devices(), self.residents(slots), self.config.devices, self.config.scheduler, now
         )
 
-    def place(self, slot: ModelSlot, decision: Decision, needs: tuple[int, int]) -> ModelSpec:
-        """Reserve the decision's memory for ``slot``; return the spec the worker loads with."""
+    def place(
+        self, slot: ModelSlot, decision: Decision, needs: tuple[int, int], spec: ModelSpec | None = None
+    ) -> ModelSpec:
+        """Reserve the decision's memory for ``slot``; return the spec (``spec``: the chosen variant's) the worker
+        loads with."""
+        spec = spec or slot.spec
         by_id = {d.id: d for d in self.devices()}
         chosen = [by_id[i] for i in decision.device_ids]
         on_gpu = any(self.runs_on_gpu(d) for d in chosen)
@@ -178,13 +212,13 @@ class MemoryAccounting:
             slot.placements[HOST] = decision.host_share
         slot.tensor_split = decision.tensor_split
         if not on_gpu:  # the host, or a simulated GPU: the model really runs on the CPU
-            return msgspec.structs.replace(slot.spec, n_gpu_layers=0, gpu=None, tensor_split=None, device="cpu")
+            return msgspec.structs.replace(spec, n_gpu_layers=0, gpu=None, tensor_split=None, device="cpu")
         if decision.tensor_split:
             split = [0.0] * (1 + max(d.index or 0 for d in chosen))
             for device, fraction in zip(chosen, decision.tensor_split, strict=True):
                 split[device.index or 0] = fraction
-            return msgspec.structs.replace(slot.spec, gpu=None, tensor_split=split)
-        return msgspec.structs.replace(slot.spec, gpu=chosen[0].index)
+            return msgspec.structs.replace(spec, gpu=None, tensor_split=split)
+        return msgspec.structs.replace(spec, gpu=chosen[0].index)
 
     def loaded(self, slot: ModelSlot, pid: int, rss: int | None) -> None:
         """Measure what the model really takes, log it against the estimate, and keep it for next time."""
@@ -205,7 +239,7 @@ class MemoryAccounting:
             return
         estimate = slot.estimate.total if slot.estimate else None
         slot.measured = measured
-        key = self.measured_key(slot.spec, on_gpu)
+        key = self.measured_key(slot.load_spec or slot.spec, on_gpu)  # the file it loaded (a variant)
         self.store.remember_measured(key, measured, estimate)
         log.info(
             "model_measured",

@@ -48,6 +48,8 @@ def model_entry(slot: ModelSlot, now: float) -> dict[str, Any]:
         "threads": slot.threads if slot.worker is not None else None,
         "pid": slot.worker.pid if slot.worker else None,
         "quantization": slot.info.get("quantization", slot.spec.quantization),
+        "variant": (slot.load_spec or slot.spec).quantization if slot.spec.variants and slot.load_spec else None,
+        "variants": [v.quantization for v in slot.spec.variants],
         "n_ctx": slot.info.get("n_ctx", slot.spec.n_ctx),
         "size_bytes": sum(slot.placements.values()) or None,
         "estimated_bytes": slot.estimate.total if slot.estimate else None,

@@ -48,6 +48,12 @@ def test_relative_ipc_endpoints_resolve_against_the_config_dir(tmp_path: Path) -
         ("key: [unclosed\n", ["YAML"]),
         ("devices:\n  gpus: [{index: 0, max_mib: 4096}, {index: 0}]\n", ["devices.gpus", "more than once"]),
         ("devices:\n  gpus: [{max_mib: 4096}]\n", ["index", "$.devices.gpus[0]"]),
+        ("models:\n  m:\n    kind: llm\n", ["path", "$.models.m"]),
+        (
+            "models:\n  m:\n    kind: llm\n    variants: [{quantization: Q8_0, path: a}]\n    variant: Q4_0\n",
+            ["Q4_0", "$.models.m.variant"],
+        ),
+        ("models:\n  v:\n    kind: tts\n    variants: [{quantization: Q8_0, path: a}]\n", ["only an llm"]),
     ],
     ids=[
         "unknown-top-key",
@@ -63,6 +69,9 @@ def test_relative_ipc_endpoints_resolve_against_the_config_dir(tmp_path: Path) -
         "not-yaml",
         "gpu-budget-twice",
         "gpu-budget-without-index",
+        "no-path",
+        "unknown-variant",
+        "variants-on-a-voice",
     ],
 )
 def test_invalid_configs_name_the_key_and_the_problem(tmp_path: Path, text: str, names: list[str]) -> None:

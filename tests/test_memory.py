@@ -6,6 +6,9 @@ simulated GPU holds either one, never both.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -15,7 +18,8 @@ import pytest
 from model_client import InsufficientMemory
 from model_manager.config import MIB, DeviceSettings
 from model_manager.devices import open_inventory
-from tests.conftest import GREEDY, ManagerProcess, base_config, collect_events, model_status, wait_for
+from model_manager.footprint import DEFAULT_WORKER_BASE, FootprintStore, estimate_gguf
+from tests.conftest import GREEDY, SMOLLM2, ManagerProcess, base_config, collect_events, model_status, wait_for
 
 QUESTION = [{"role": "user", "content": "Say one word."}]
 SIM_GPU_MIB = 500
@@ -329,5 +333,61 @@ def test_a_partly_offloaded_model_books_its_gpu_share_and_the_rest_on_the_host(r
             assert partial["placements"]["cpu"] > partial["placements"]["sim:0"]
             devices = {d["id"]: d for d in c.status()["devices"]["list"]}
             assert devices["cpu"]["reserved_bytes"] >= partial["placements"]["cpu"]
+    finally:
+        manager.stop()
+
+
+VARIANTS_DIR = Path(tempfile.gettempdir()) / "mm-test-variants"
+
+
+def quantized_variants() -> dict[str, Path]:
+    """SmolLM2 in Q8_0 and Q2_K besides its shipped Q4_1, made with llama.cpp's own quantizer (once per machine)."""
+    VARIANTS_DIR.mkdir(exist_ok=True)
+    made = {"Q4_1": SMOLLM2}
+    for label, ftype in (("Q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0"), ("Q2_K", "LLAMA_FTYPE_MOSTLY_Q2_K")):
+        out = VARIANTS_DIR / f"smollm2-{SMOLLM2.stat().st_size}-{label}.gguf"
+        if not out.exists():
+            script = (
+                "import ctypes, sys, llama_cpp\n"
+                "p = llama_cpp.llama_model_quantize_default_params()\n"
+                f"p.ftype, p.allow_requantize, p.nthread = llama_cpp.{ftype}, True, 2\n"
+                "src, out = (a.encode() for a in sys.argv[1:3])\n"
+                "sys.exit(llama_cpp.llama_model_quantize(src, out, ctypes.byref(p)))\n"
+            )
+            partial = out.with_suffix(".part")
+            run = subprocess.run([sys.executable, "-c", script, str(SMOLLM2), str(partial)], capture_output=True)
+            assert run.returncode == 0, run.stderr[-2000:]
+            partial.rename(out)
+        made[label] = out
+    return made
+
+
+def test_the_best_quantization_variant_that_fits_is_loaded_and_a_pinned_one_is_kept(run_dir: Path) -> None:
+    files = quantized_variants()
+    store = FootprintStore(run_dir / "facts")
+    need = {
+        label: estimate_gguf(store.read_now(str(path)), 2048, 512, False, 0, DEFAULT_WORKER_BASE).total
+        for label, path in files.items()
+    }
+    store.close()
+    assert need["Q8_0"] > need["Q4_1"] > need["Q2_K"]
+    config = simulated_config(run_dir)
+    config["manager"]["spare_workers"] = 0  # the first estimate uses the default worker base, as computed here
+    config["devices"]["simulated"] = [{"name": "sim-gpu", "total_mib": (need["Q8_0"] + need["Q4_1"]) // 2 // MIB}]
+    variants = [{"quantization": label, "path": str(files[label])} for label in ("Q8_0", "Q4_1", "Q2_K")]
+    smollm2 = {k: v for k, v in config["models"]["smollm2"].items() if k not in ("path", "quantization")}
+    config["models"] = {
+        "smollm2-variants": {**smollm2, "variants": variants},
+        "smollm2-q8": {**smollm2, "variants": variants, "variant": "Q8_0"},
+    }
+    manager = start(run_dir, config)
+    try:
+        with manager.client(timeout=60) as c:
+            assert model_status(c, "smollm2-variants")["variants"] == ["Q8_0", "Q4_1", "Q2_K"]
+            assert c.chat("smollm2-variants", QUESTION, max_tokens=3, **GREEDY).usage["completion_tokens"] >= 1
+            status = model_status(c, "smollm2-variants")
+            assert status["variant"] == "Q4_1" and status["quantization"] == "Q4_1"  # Q8_0 does not fit this GPU
+            with pytest.raises(InsufficientMemory):
+                c.chat("smollm2-q8", QUESTION, max_tokens=3)  # pinned to Q8_0: no smaller file instead
     finally:
         manager.stop()
