@@ -1,0 +1,289 @@
+"""The GPU checks: the real manager on a synthetic model, each check's figures in one JSON report.
+
+    python scripts/gpu/checks.py --out report.json [--size-mib 1500] [--model file.gguf]
+    python scripts/gpu/checks.py --out report.json --dry      # on the CPU: what the test suite runs
+
+Checks (each ``ok`` true or false with its figures, or ``skipped`` with why):
+- ``inventory``: NVML's GPUs (name, total, free) against ``nvidia-smi``.
+- ``load``: the model on the GPU (``n_gpu_layers: -1``) shows in NVML's per-process list under its worker's pid;
+  that memory against the manager's estimate (within 15%). Dry: the worker's resident memory on the CPU.
+- ``decode``: tokens per second on the GPU and on the CPU, the same model and prompt.
+- ``budget``: a ``devices.gpus`` budget that holds one copy of the model, not two: requests alternating between two
+  catalogue entries of it evict and reload each time, and NVML shows the memory back within
+  ``memory_release_timeout_s`` of each unload. Dry: on a simulated GPU.
+- ``sigkill``: SIGKILL of the worker: its GPU memory back (NVML), the manager still answering.
+- ``spare``: the spare worker (llama.cpp imported, no model) holds no GPU memory. Dry: skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from synthetic_gguf import write_synthetic_gguf  # noqa: E402
+
+from daemonkit.process import DaemonProcess  # noqa: E402
+from model_client import ModelClient  # noqa: E402
+
+MIB = 1024 * 1024
+PROMPT = [{"role": "user", "content": "Count from one to ten."}]
+Check = dict[str, Any]
+
+
+class Nvml:
+    """NVML, if there is one: total/free per GPU and each process's GPU memory."""
+
+    def __init__(self) -> None:
+        import pynvml
+
+        pynvml.nvmlInit()
+        self.nvml = pynvml
+        self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+
+    def gpus(self) -> list[dict[str, Any]]:
+        found = []
+        for index, handle in enumerate(self.handles):
+            memory = self.nvml.nvmlDeviceGetMemoryInfo(handle)
+            name = self.nvml.nvmlDeviceGetName(handle)
+            found.append(
+                {
+                    "index": index,
+                    "name": name if isinstance(name, str) else name.decode(),
+                    "total": memory.total,
+                    "free": memory.free,
+                    "used": memory.used,
+                }
+            )
+        return found
+
+    def used(self, index: int = 0) -> int:
+        return self.nvml.nvmlDeviceGetMemoryInfo(self.handles[index]).used
+
+    def of_pid(self, pid: int) -> int:
+        total = 0
+        for handle in self.handles:
+            for query in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+                try:
+                    procs = getattr(self.nvml, query)(handle)
+                except self.nvml.NVMLError:
+                    continue
+                total += sum(p.usedGpuMemory or 0 for p in procs if p.pid == pid)
+        return total
+
+
+def open_nvml() -> Nvml | None:
+    try:
+        return Nvml()
+    except Exception:  # noqa: BLE001 - no driver, no library: the dry run
+        return None
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> float | None:
+    """Seconds until ``predicate`` held, or None if it did not within ``timeout``."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if predicate():
+            return round(time.monotonic() - started, 3)
+        time.sleep(interval)
+    return None
+
+
+class Manager:
+    def __init__(self, run: Path, name: str, config: dict) -> None:
+        self.dir = run / name
+        self.dir.mkdir()
+        config["endpoints"] = {k: f"ipc://{self.dir}/{k}.sock" for k in ("requests", "events", "workers")}
+        config.setdefault("manager", {}).update(state_dir=str(self.dir / "state"), heartbeat_s=0.5)
+        config["metrics"] = {"port": 0}
+        config["kv_cache"] = {"spill_dir": None}
+        path = self.dir / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        self.process = DaemonProcess("model_manager", path, config["endpoints"]["requests"], self.dir / "manager.log")
+
+    def __enter__(self) -> ModelClient:
+        self.process.start(timeout=60)
+        self.client = ModelClient(self.process.endpoint, timeout=600)
+        return self.client
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.close()
+        self.process.stop(timeout=30)
+
+
+def model(path: Path, gpu_layers: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "kind": "llm",
+        "path": str(path),
+        "quantization": "Q8_0",
+        "n_ctx": 2048,
+        "n_gpu_layers": gpu_layers,
+        "parallel": 1,
+        "idle_ttl_s": -1,
+        **extra,
+    }
+
+
+def status_of(client: ModelClient, name: str) -> dict[str, Any]:
+    return next(m for m in client.status()["models"] if m["name"] == name)
+
+
+def check_inventory(nvml: Nvml | None) -> Check:
+    if nvml is None:
+        return {"skipped": "no NVML (dry run)"}
+    smi = subprocess.run(
+        ["nvidia-smi", "--query-gpu=index,name,memory.total,memory.free", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    rows = [[c.strip() for c in line.split(",")] for line in smi.stdout.strip().splitlines()]
+    gpus = nvml.gpus()
+    pairs = []
+    for gpu, row in zip(gpus, rows, strict=False):
+        pairs.append({"nvml": gpu, "nvidia_smi": {"name": row[1], "total_mib": int(row[2]), "free_mib": int(row[3])}})
+    ok = len(gpus) == len(rows) and all(
+        p["nvml"]["name"] == p["nvidia_smi"]["name"]
+        and abs(p["nvml"]["total"] / MIB - p["nvidia_smi"]["total_mib"]) <= 1
+        and abs(p["nvml"]["free"] / MIB - p["nvidia_smi"]["free_mib"]) <= 256  # free moves between the two reads
+        for p in pairs
+    )
+    return {"ok": ok, "gpus": pairs}
+
+
+def check_load_decode_sigkill(run: Path, path: Path, nvml: Nvml | None) -> tuple[Check, Check, Check]:
+    layers = -1 if nvml else 0
+    config = {"models": {"synthetic": model(path, layers), "synthetic-cpu": model(path, 0)}}
+    with Manager(run, "load", config) as client:
+        client.load("synthetic")
+        entry = status_of(client, "synthetic")
+        pid, estimate = entry["pid"], entry["estimated_bytes"]
+        measured = nvml.of_pid(pid) if nvml else entry["measured_bytes"]
+        ratio = round(measured / estimate, 3) if measured and estimate else None
+        load = {
+            "ok": bool(ratio and 0.85 <= ratio <= 1.15),
+            "pid": pid,
+            "device": entry["device"],
+            "measured_bytes": measured,
+            "estimated_bytes": estimate,
+            "measured_over_estimate": ratio,
+            "load_ms": entry.get("load_ms"),
+            "where_measured": "nvml per process" if nvml else "worker rss",
+        }
+        speeds = {}
+        for name in ("synthetic", "synthetic-cpu") if nvml else ("synthetic",):
+            reply = client.chat(name, PROMPT, max_tokens=64, temperature=0.0)
+            speeds[name] = reply.timings.get("tokens_per_s")
+        decode = {"ok": all(speeds.values()), "tokens_per_s": speeds}
+        if nvml:
+            decode["gpu_over_cpu"] = round(speeds["synthetic"] / speeds["synthetic-cpu"], 2)
+            client.unload("synthetic-cpu")
+        before = nvml.used() if nvml else None
+        os.kill(pid, signal.SIGKILL)
+        if nvml:
+            freed_s = wait_until(lambda: before - nvml.used() >= 0.8 * measured, 30)
+        else:
+            freed_s = wait_until(lambda: not Path(f"/proc/{pid}").exists(), 30)
+        answered = client.chat("synthetic", PROMPT, max_tokens=2).usage["completion_tokens"] >= 1
+        sigkill = {"ok": freed_s is not None and answered, "freed_within_s": freed_s, "manager_answers_after": answered}
+    return load, decode, sigkill
+
+
+def check_budget(run: Path, path: Path, nvml: Nvml | None, model_bytes: int) -> Check:
+    budget_mib = int(model_bytes * 1.5 / MIB)
+    devices: dict[str, Any] = {
+        "gpus": [{"index": 0, "max_mib": budget_mib}],
+        "allow_cpu_fallback": False,
+        "memory_release_timeout_s": 10,
+    }
+    if nvml is None:
+        devices.update(mode="simulated", simulated=[{"name": "simulated big GPU", "total_mib": 140_000}])
+    layers = -1
+    config = {
+        "devices": devices,
+        "scheduler": {"hold_after_use_s": 0},
+        "manager": {"spare_workers": 0},
+        "models": {"a": model(path, layers), "b": model(path, layers)},
+    }
+    rounds = []
+    with Manager(run, "budget", config) as client:
+        for name in ("a", "b", "a", "b"):
+            used_before = nvml.used() if nvml else None
+            client.chat(name, PROMPT, max_tokens=2)
+            ready = sorted(m["name"] for m in client.status()["models"] if m["state"] == "ready")
+            rounds.append(
+                {
+                    "model": name,
+                    "ready": ready,
+                    "nvml_used_before": used_before,
+                    "nvml_used_after": nvml.used() if nvml else None,
+                }
+            )
+        release_s = None
+        if nvml:
+            used = nvml.used()
+            client.unload("b")
+            release_s = wait_until(lambda: used - nvml.used() >= 0.8 * model_bytes, 10)
+    ok = all(r["ready"] == [r["model"]] for r in rounds) and (nvml is None or release_s is not None)
+    return {"ok": ok, "budget_mib": budget_mib, "rounds": rounds, "memory_back_within_s": release_s}
+
+
+def check_spare(run: Path, path: Path, nvml: Nvml | None) -> Check:
+    if nvml is None:
+        return {"skipped": "no GPU (dry run)"}
+    import psutil
+
+    with Manager(run, "spare", {"manager": {"spare_workers": 1}, "models": {"x": model(path, -1)}}) as client:
+        manager_pid = client.ping()["pid"]
+        found = wait_until(lambda: psutil.Process(manager_pid).children(), 30)
+        spares = [p.pid for p in psutil.Process(manager_pid).children()]
+        time.sleep(5)  # the spare imports llama.cpp (and with it CUDA) after it starts
+        held = {pid: nvml.of_pid(pid) for pid in spares}
+    return {"ok": found is not None and not any(held.values()), "spare_pids": spares, "gpu_bytes_by_pid": held}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", type=Path, help="a GGUF (Q8_0); default: a synthetic one of --size-mib")
+    parser.add_argument("--size-mib", type=float, default=1500)
+    parser.add_argument("--dry", action="store_true", help="the CPU only (NVML not used even if present)")
+    args = parser.parse_args()
+    nvml = None if args.dry else open_nvml()
+    if not args.dry and nvml is None:
+        sys.exit("no NVML here: run with --dry, or on the GPU machine")
+    run = Path(tempfile.mkdtemp(prefix="mm-gpu-"))
+    report: dict[str, Any] = {"mode": "gpu" if nvml else "dry", "checks": {}}
+    try:
+        path = args.model or run / "synthetic.gguf"
+        if args.model is None:
+            report["model"] = write_synthetic_gguf(path, args.size_mib, "Q8_0")
+        report["checks"]["inventory"] = check_inventory(nvml)
+        load, decode, sigkill = check_load_decode_sigkill(run, path, nvml)
+        report["checks"].update(load=load, decode=decode, sigkill=sigkill)
+        report["checks"]["budget"] = check_budget(run, path, nvml, load["measured_bytes"] or load["estimated_bytes"])
+        report["checks"]["spare"] = check_spare(run, path, nvml)
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+    report["ok"] = all(c.get("ok", True) for c in report["checks"].values())
+    args.out.write_text(json.dumps(report, indent=1, default=str))
+    print(json.dumps(report, default=str))
+
+
+if __name__ == "__main__":
+    main()
