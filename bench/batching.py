@@ -34,7 +34,7 @@ N_CTX = 512
 MODELS = {"smollm2": (SMOLLM2, "Q4_1", None), "gemma3-270m": (GEMMA, "Q4_K_M", "gemma")}
 
 
-def ceiling(path: Path, sequences: int, parallel: int, tokens: int, threads: int) -> float:
+def ceiling(path: Path, sequences: int, parallel: int, tokens: int, threads: int, gpu_layers: int = 0) -> float:
     """Aggregate tokens/s of raw llama_decode: ``sequences`` sequences, one token each a step."""
     import llama_cpp
     from llama_cpp._internals import LlamaContext, LlamaModel
@@ -42,7 +42,7 @@ def ceiling(path: Path, sequences: int, parallel: int, tokens: int, threads: int
 
     with suppress_stdout_stderr(disable=False):
         params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = 0
+        params.n_gpu_layers = gpu_layers
         model = LlamaModel(path_model=str(path), params=params, verbose=False)
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx, ctx_params.n_seq_max, ctx_params.kv_unified = N_CTX * parallel, parallel, False
@@ -148,7 +148,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="raw and daemon runs per level, alternated (medians)")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--gguf", help="another model, PATH[:QUANTIZATION] (named `custom`; e.g. the GPU kit's)")
+    parser.add_argument("--gpu-layers", type=int, default=0, help="n_gpu_layers, raw and daemon (-1: all)")
     args = parser.parse_args()
+    if args.gguf:
+        path, _, label = args.gguf.partition(":")
+        MODELS["custom"] = (Path(path), label or "Q8_0", None)
     levels = [int(x) for x in args.levels.split(",")]
     parallel = max(max(levels), args.long + 1)
     names = args.models.split(",")
@@ -160,6 +165,7 @@ def main() -> None:
                 args.threads,
                 parallel=parallel,
                 n_ctx=N_CTX,
+                n_gpu_layers=args.gpu_layers,
                 **({"chat_format": MODELS[name][2]} if MODELS[name][2] else {}),
             )
             for name in names
@@ -175,7 +181,7 @@ def main() -> None:
             for n in levels:
                 raws, serveds = [], []
                 for _ in range(args.repeats):  # alternated, so that the machine's drift hits both sides alike
-                    raws.append(ceiling(MODELS[name][0], n, parallel, args.tokens, args.threads))
+                    raws.append(ceiling(MODELS[name][0], n, parallel, args.tokens, args.threads, args.gpu_layers))
                     serveds.append(through_daemon(client.endpoint, name, n, args.tokens))
                 raw, served = statistics.median(raws), statistics.median(serveds)
                 ratios.setdefault(name, {})[n] = served / raw

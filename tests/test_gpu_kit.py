@@ -32,8 +32,8 @@ def test_the_kit_runs_dry_and_every_check_reports(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     checks = report["checks"]
     assert report["mode"] == "dry" and report["ok"], report
-    assert set(checks) == {"inventory", "load", "decode", "sigkill", "budget", "spare"}
-    assert checks["inventory"]["skipped"] and checks["spare"]["skipped"]
+    assert set(checks) == {"inventory", "load", "decode", "sigkill", "budget", "spare", "batching"}
+    assert checks["inventory"]["skipped"] and checks["spare"]["skipped"] and checks["batching"]["skipped"]
     assert 0.85 <= checks["load"]["measured_over_estimate"] <= 1.15  # the synthetic model's estimate holds
     assert checks["decode"]["tokens_per_s"]["synthetic"] > 0
     assert checks["sigkill"]["freed_within_s"] is not None and checks["sigkill"]["manager_answers_after"]

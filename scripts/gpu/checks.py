@@ -13,6 +13,7 @@ Checks (each ``ok`` true or false with its figures, or ``skipped`` with why):
   ``memory_release_timeout_s`` of each unload. Dry: on a simulated GPU.
 - ``sigkill``: SIGKILL of the worker: its GPU memory back (NVML), the manager still answering.
 - ``spare``: the spare worker (llama.cpp imported, no model) holds no GPU memory. Dry: skipped.
+- ``batching``: ``bench/batching.py`` on the GPU with the same model (1 to 8 streams, daemon vs raw). Dry: skipped.
 """
 
 from __future__ import annotations
@@ -257,6 +258,21 @@ def check_spare(run: Path, path: Path, nvml: Nvml | None) -> Check:
     return {"ok": found is not None and not any(held.values()), "spare_pids": spares, "gpu_bytes_by_pid": held}
 
 
+def check_batching(path: Path, nvml: Nvml | None) -> Check:
+    """bench/batching.py on the GPU: the daemon's batched decoding against raw llama_decode, 1 to 8 streams."""
+    if nvml is None:
+        return {"skipped": "the CPU's figures come from bench/batching.py itself (its tiny mode runs in the suite)"}
+    command = [sys.executable, str(REPO / "bench" / "batching.py"), "--gguf", f"{path}:Q8_0", "--models", "custom"]
+    command += ["--gpu-layers", "-1", "--repeats", "1", "--rounds", "3"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=1800, cwd=REPO)
+    lines = run.stdout.strip().splitlines()
+    try:
+        figures = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        return {"ok": False, "exit": run.returncode, "tail": (run.stdout + run.stderr)[-3000:]}
+    return {"ok": run.returncode == 0, "table": lines[:-1], "figures": figures}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -278,6 +294,7 @@ def main() -> None:
         report["checks"].update(load=load, decode=decode, sigkill=sigkill)
         report["checks"]["budget"] = check_budget(run, path, nvml, load["measured_bytes"] or load["estimated_bytes"])
         report["checks"]["spare"] = check_spare(run, path, nvml)
+        report["checks"]["batching"] = check_batching(path, nvml)
     finally:
         shutil.rmtree(run, ignore_errors=True)
     report["ok"] = all(c.get("ok", True) for c in report["checks"].values())
