@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from model_manager import policy
-from model_manager.config import MIB, DeviceSettings, GpuBudget, SchedulerSettings
+from model_manager.config import MIB, DeviceSettings, GpuBudget, ModelSpec, SchedulerSettings, Variant
 from model_manager.devices import Device
-from model_manager.policy import PlacementRequest, Resident, eviction_order, idle_expired, plan_placement
+from model_manager.memory import MemoryAccounting
+from model_manager.policy import Decision, PlacementRequest, Resident, eviction_order, idle_expired, plan_placement
+from model_manager.slots import ModelSlot
 
 NOW = 1000.0
 SETTINGS = DeviceSettings(gpu_headroom_mib=0, host_headroom_mib=0, cuda_context_mib=0)
@@ -240,3 +244,38 @@ def test_a_partial_offload_books_the_rest_on_the_host_and_needs_room_there() -> 
     # Evicting on the GPU still books the host share beside it.
     decision = plan(partial, [HOST, gpu(0, 4000)], [resident("old", "cuda:0", 3000)], settings=strict)
     assert (decision.action, decision.evict, decision.host_share) == ("evict", ["old"], 2000 * MIB)
+
+
+class VariantBooks(MemoryAccounting):
+    """The accounting's variant choice over given answers: each file's plan (no devices, no GGUF headers)."""
+
+    def __init__(self, plans: dict[str, Decision]) -> None:  # the real one opens NVML and a state store
+        self.plans, self.current = plans, ""
+
+    def needs(self, slot: ModelSlot, spec: ModelSpec | None = None) -> tuple[int, int]:
+        self.current = (spec or slot.spec).quantization or ""
+        return (MIB, MIB)
+
+    def plan(self, slot: ModelSlot, slots: list[ModelSlot], needs: tuple[int, int], now: float) -> Decision:
+        return self.plans[self.current]
+
+
+def test_the_best_variant_is_taken_unless_it_would_evict_a_model_of_higher_priority() -> None:
+    variants = [Variant(quantization=q, path=f"/m/{q}.gguf") for q in ("Q8_0", "Q4_K_M", "Q2_K")]
+    spec = ModelSpec(kind="llm", path="/m/Q8_0.gguf", quantization="Q8_0", variants=variants, priority=50)
+    slot = ModelSlot("m", spec)
+    others = [ModelSlot(name, ModelSpec(kind="llm", path=name, priority=p)) for name, p in (("low", 10), ("high", 90))]
+
+    def chosen(**plans: Decision) -> str:
+        books = VariantBooks(plans)
+        return books.choose(slot, [slot, *others], NOW)[0].quantization
+
+    place, wait = Decision("place", ("cuda:0",)), Decision("wait", ("cuda:0",))
+    assert chosen(Q8_0=place, Q4_K_M=place, Q2_K=place) == "Q8_0"
+    assert chosen(Q8_0=Decision("evict", ("cuda:0",), evict=["low"]), Q4_K_M=place, Q2_K=place) == "Q8_0"
+    assert chosen(Q8_0=Decision("evict", ("cuda:0",), evict=["high"]), Q4_K_M=place, Q2_K=place) == "Q4_K_M"
+    assert chosen(Q8_0=wait, Q4_K_M=wait, Q2_K=place) == "Q2_K"
+    # None fits as asked: the smallest takes the policy's answer (here: evict the higher-priority model).
+    assert chosen(Q8_0=wait, Q4_K_M=wait, Q2_K=Decision("evict", ("cuda:0",), evict=["high"])) == "Q2_K"
+    pinned = ModelSlot("p", msgspec.structs.replace(spec, variant="Q8_0"))
+    assert VariantBooks({"Q8_0": wait}).choose(pinned, [pinned], NOW)[0].quantization == "Q8_0"
