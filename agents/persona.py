@@ -24,7 +24,7 @@ import zmq
 
 from agents.answer import UNSERVABLE, generation_request
 from agents.config import AGENT_OPS, TOPIC_HEARTBEAT, TOPIC_REPLY, AgentsConfig, AskArgs, Persona, route
-from agents.history import Histories
+from agents.history import SESSIONS_IN_MEMORY, Histories  # turn counters kept for as many sessions
 from agents.pieces import SpeechPieces
 from daemonkit.binding import Binder, CurveServer, prepare_ipc_dir, remove_ipc_file
 from daemonkit.publisher import HEARTBEAT_S, EventPublisher, Heartbeat
@@ -36,7 +36,6 @@ from services.config import TOPIC_AUDIO, TOPIC_SAY, TOPIC_TRANSCRIPT, ServicesCo
 
 TICK_S = 0.1
 OPEN_TURNS = 64  # turns whose audio is still awaited for the breakdown log
-SESSIONS_IN_MEMORY = 256  # turn counters of the most recent sessions
 
 log = structlog.get_logger("agents")
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,7 @@ import httpx  # noqa: E402
 import yaml  # noqa: E402
 
 from bench.daemon import REPO, SMOLLM2, llm_entry  # noqa: E402
-from daemonkit.process import DaemonProcess  # noqa: E402
+from daemonkit.process import DaemonProcess, free_port  # noqa: E402
 from model_client import ModelClient  # noqa: E402
 
 COUNTING = "Request {}. Count from 1 to 200, separated by commas: 1, 2, 3,"
@@ -41,12 +40,6 @@ NUMBERS = iter(range(1_000_000))
 
 def messages() -> list[dict[str, str]]:
     return [{"role": "user", "content": COUNTING.format(next(NUMBERS))}]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

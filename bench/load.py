@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ import zmq.asyncio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.daemon import REPO, SMOLLM2, llm_entry, running_daemon  # noqa: E402
+from daemonkit.process import free_port  # noqa: E402
 from model_client import protocol  # noqa: E402
 from model_client.protocol import MIB  # noqa: E402
 
@@ -36,12 +36,6 @@ VOICE = REPO / "models" / "piper" / "en_US-joe-medium.onnx"
 LEVELS = (4, 16, 64, 128, 256, 512)
 SOAK_CLIENTS = 16  # fewer than the queue holds: every request is served, none shed
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8, "temperature": 0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Sampler:

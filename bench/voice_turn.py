@@ -75,6 +75,20 @@ def bench_config(run: Path) -> dict:
     return config
 
 
+QUIET = ("--log-level", "warning")
+
+
+def loop_daemons(config: dict, config_path: Path) -> list[DaemonProcess]:
+    """The voice loop's processes on ``config``, the manager first: the STT and TTS services, the Jarvis agent."""
+    services, persona = config["services"], config["agents"]["requests"].format(persona="jarvis")
+    return [
+        DaemonProcess("model_manager", config_path, config["endpoints"]["requests"]),
+        DaemonProcess("services.stt", config_path, services["stt"]["requests"], None, *QUIET),
+        DaemonProcess("services.tts", config_path, services["tts"]["requests"], None, *QUIET),
+        DaemonProcess("agents", config_path, persona, None, "--persona", "jarvis", *QUIET),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--turns", type=int, default=len(QUESTIONS))
@@ -83,14 +97,7 @@ def main() -> None:
     config = bench_config(run)
     config_path = run / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    services, persona = config["services"], config["agents"]["requests"].format(persona="jarvis")
-    quiet = ("--log-level", "warning")
-    daemons = [
-        DaemonProcess("model_manager", config_path, config["endpoints"]["requests"]),
-        DaemonProcess("services.stt", config_path, services["stt"]["requests"], None, *quiet),
-        DaemonProcess("services.tts", config_path, services["tts"]["requests"], None, *quiet),
-        DaemonProcess("agents", config_path, persona, None, "--persona", "jarvis", *quiet),
-    ]
+    daemons = loop_daemons(config, config_path)
     rows: list[dict] = []
     try:
         for daemon in daemons:

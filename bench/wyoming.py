@@ -25,7 +25,6 @@ import asyncio
 import copy
 import json
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -47,19 +46,13 @@ from wyoming.info import Describe  # noqa: E402
 from wyoming.tts import SynthesizeChunk, SynthesizeStart, SynthesizeStop  # noqa: E402
 
 from agents.talk import talk  # noqa: E402
-from bench.voice_turn import QUESTIONS, bench_config  # noqa: E402
-from daemonkit.process import DaemonProcess  # noqa: E402
+from bench.voice_turn import QUESTIONS, QUIET, bench_config, loop_daemons  # noqa: E402
+from daemonkit.process import DaemonProcess, free_port  # noqa: E402
 from model_client import ModelClient  # noqa: E402
 from model_client.audio import Audio, read_wav  # noqa: E402
 
 TARGET_ADDED_MS = 50.0
 CHUNK_MS = 20
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def read_until(client: AsyncTcpClient, kind: str) -> list[Event]:
@@ -155,15 +148,8 @@ def main() -> None:
     wyoming_config["personas"]["jarvis"]["model"] = "smollm2-wyoming"
     wyoming_path = run / "wyoming.yaml"
     wyoming_path.write_text(yaml.safe_dump(wyoming_config))
-    services, persona = config["services"], config["agents"]["requests"].format(persona="jarvis")
-    quiet = ("--log-level", "warning")
-    daemons = [
-        DaemonProcess("model_manager", config_path, config["endpoints"]["requests"]),
-        DaemonProcess("services.stt", config_path, services["stt"]["requests"], None, *quiet),
-        DaemonProcess("services.tts", config_path, services["tts"]["requests"], None, *quiet),
-        DaemonProcess("agents", config_path, persona, None, "--persona", "jarvis", *quiet),
-    ]
-    wyoming = DaemonProcess("services.wyoming", wyoming_path, config["endpoints"]["requests"], None, *quiet)
+    daemons = loop_daemons(config, config_path)
+    wyoming = DaemonProcess("services.wyoming", wyoming_path, config["endpoints"]["requests"], None, *QUIET)
     rows: list[dict] = []
     try:
         for daemon in daemons:
@@ -171,7 +157,7 @@ def main() -> None:
         for daemon in daemons:
             daemon.wait_ready(timeout=60)
         wyoming.start(wait=False)
-        wait_listening(ports["jarvis"], wyoming)
+        wyoming.wait_listening(ports["jarvis"], timeout=60)
         with ModelClient(config["endpoints"]["requests"], timeout=120) as client:
             wavs = [client.synthesize(q).audio.to_wav() for q in QUESTIONS[: args.turns]]
         talk(wavs[0], session_id="warm-up", config=config_path)  # loads the models once, not measured
@@ -225,20 +211,6 @@ def main() -> None:
         "same_replies": sum(r["talk_reply"].strip() == r["wyoming_reply"].strip() for r in rows),
     }
     print(json.dumps(figures))
-
-
-def wait_listening(port: int, daemon: DaemonProcess, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if daemon.proc is None or daemon.proc.poll() is not None:
-            raise RuntimeError("the Wyoming service exited at start")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the Wyoming service did not listen on {port}") from None
-            time.sleep(0.1)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """A daemon as a child process, for the tests and the benchmarks: start ``python -m <module> --config <yaml>``, wait
-until its request socket answers ``ping`` (failing at once, with its log, if it exits first), stop it."""
+until its request socket answers ``ping`` (or, for a daemon serving TCP, until its port takes connections), failing
+at once with its log if it exits first; stop it."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +21,21 @@ class DaemonExited(RuntimeError):
     """The daemon ended before it answered ``ping``."""
 
 
+def free_port() -> int:
+    """A TCP port on loopback nobody listens on now (for a daemon started next)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class DaemonProcess:
     def __init__(
         self, module: str, config_path: Path, endpoint: str, log_path: Path | None = None, *extra: str
     ) -> None:
         self.module = module
         self.config_path = config_path
-        self.endpoint = endpoint  # its request socket, which answers ping once it is ready
+        self.endpoint = endpoint  # its request socket, which answers ping once it is ready (a TCP-only daemon: the
+        # manager's, and wait_listening instead)
         self.log_path = log_path  # None: the daemon's output goes to ours
         self.extra = extra
         self.proc: subprocess.Popen | None = None
@@ -51,6 +62,20 @@ class DaemonProcess:
 
         with ModelClient(self.endpoint, retries=0) as client:
             return client.wait_ready(timeout=timeout, on_wait=still_running, interval=0.25)
+
+    def wait_listening(self, port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> None:
+        """For a daemon that serves TCP (the Wyoming service): return once ``port`` takes connections."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc is None or self.proc.poll() is not None:
+                raise DaemonExited(f"{self.module} exited before it listened on {port}\n{self.log_tail()}")
+            try:
+                socket.create_connection((host, port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.module} did not listen on {port} in {timeout} s") from None
+                time.sleep(0.1)
 
     def client(self, **kwargs: Any) -> ModelClient:
         return ModelClient(self.endpoint, **kwargs)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ import pytest
 import yaml
 import zmq
 
-from daemonkit.process import DaemonProcess
+from daemonkit.process import DaemonProcess, free_port  # noqa: F401 - free_port: the tests' import
 from model_client import ModelClient, protocol
 from model_client.protocol import MIB
 
@@ -123,12 +122,6 @@ class ManagerProcess(DaemonProcess):
 
 SHIPPED_CONFIG = REPO / "config" / "llm_config.yaml"
 SUPERVISORD_CONF = REPO / "supervisord.conf"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def stack_config(run_dir: Path) -> dict:

@@ -20,15 +20,9 @@ import zmq
 from model_client import ModelClient, protocol
 from model_client.errors import BadRequest, Busy, ModelNotFound, Timeout
 from model_client.security import CurveClient, is_local, make_keys
-from tests.conftest import GREEDY, REPO, ManagerProcess, base_config, wait_for
+from tests.conftest import GREEDY, REPO, ManagerProcess, base_config, free_port, wait_for
 
 QUESTION = [{"role": "user", "content": "Write a long story about a dragon."}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def lan_address() -> str:

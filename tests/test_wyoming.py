@@ -9,9 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -30,6 +27,7 @@ from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
 from zeroconf import Zeroconf
 
+from daemonkit.process import DaemonProcess
 from daemonkit.settings import ConfigError
 from model_client.audio import Audio
 from services.wyoming.config import load_wyoming_config
@@ -42,8 +40,10 @@ CHUNK_MS = 20
 
 
 class Service:
-    def __init__(self, manager: ManagerProcess, proc: subprocess.Popen, ports: dict[str, int], log: Path) -> None:
-        self.manager, self.proc, self.ports, self.log = manager, proc, ports, log
+    def __init__(self, manager: ManagerProcess, daemon: DaemonProcess, ports: dict[str, int]) -> None:
+        self.manager, self.daemon, self.ports = manager, daemon, ports
+        assert daemon.proc is not None and daemon.log_path is not None
+        self.proc, self.log = daemon.proc, daemon.log_path
 
     def client(self, port: str) -> AsyncTcpClient:
         return AsyncTcpClient("127.0.0.1", self.ports[port])
@@ -56,20 +56,12 @@ class Service:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
 
-def start_service(config_path: Path, log_path: Path, port: int) -> subprocess.Popen:
-    log = open(log_path, "ab")  # noqa: SIM115
-    command = [sys.executable, "-m", "services.wyoming", "--config", str(config_path)]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=log)
-    log.close()
-    deadline = time.monotonic() + 30
-    while True:
-        assert proc.poll() is None, log_path.read_text()
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc
-        except OSError:
-            assert time.monotonic() < deadline, "the Wyoming service did not listen in 30 s"
-            time.sleep(0.1)
+def start_service(config_path: Path, log_path: Path, port: int, endpoint: str) -> DaemonProcess:
+    """The Wyoming service on ``config_path``, once ``port`` takes connections (``endpoint``: the manager's)."""
+    service = DaemonProcess("services.wyoming", config_path, endpoint, log_path)
+    service.start(wait=False)
+    service.wait_listening(port)
+    return service
 
 
 @pytest.fixture(scope="module")
@@ -87,13 +79,11 @@ def service() -> Iterator[Service]:
     ports = {"asr": wyoming["asr_port"], "tts": wyoming["tts_port"], **wyoming["handle_ports"]}
     manager = ManagerProcess(run_dir, config)
     manager.start()
-    log = run_dir / "wyoming.log"
-    proc = start_service(manager.config_path, log, ports["hasty"])
+    daemon = start_service(manager.config_path, run_dir / "wyoming.log", ports["hasty"], manager.endpoint)
     try:
-        yield Service(manager, proc, ports, log)
+        yield Service(manager, daemon, ports)
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        daemon.stop(timeout=10)
         manager.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -378,15 +368,14 @@ def test_zeroconf_announces_the_port_to_home_assistant(service: Service) -> None
     config.update(wyoming={**config["wyoming"], "tts_port": None, "handle_ports": {}})
     path = service.manager.run_dir / "zeroconf.yaml"
     path.write_text(yaml.safe_dump(config))
-    proc = start_service(path, service.manager.run_dir / "zeroconf.log", port)
+    announcer = start_service(path, service.manager.run_dir / "zeroconf.log", port, service.manager.endpoint)
     browser = Zeroconf()
     try:
         found = browser.get_service_info("_wyoming._tcp.local.", "model-manager-stt._wyoming._tcp.local.", 10_000)
         assert found is not None and found.port == port and found.parsed_addresses()
     finally:
         browser.close()
-        proc.terminate()
-        proc.wait(timeout=10)
+        announcer.stop(timeout=10)
 
 
 def test_a_manager_that_is_down_gets_an_error_event_and_describe_still_answers(service: Service) -> None:

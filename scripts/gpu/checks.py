@@ -4,7 +4,7 @@
     python scripts/gpu/checks.py --out report.json --dry      # on the CPU: what the test suite runs
 
 Checks (each ``ok`` true or false with its figures, or ``skipped`` with why):
-- ``inventory``: NVML's GPUs (name, total, free) against ``nvidia-smi``.
+- ``inventory``: the manager's NVML reading of the GPUs (name, total, free) against ``nvidia-smi``.
 - ``load``: the model on the GPU (``n_gpu_layers: -1``) shows in NVML's per-process list under its worker's pid;
   that memory against the manager's estimate (within 15%). Dry: the worker's resident memory on the CPU.
 - ``decode``: tokens per second on the GPU and on the CPU, the same model and prompt.
@@ -41,58 +41,37 @@ from synthetic_gguf import write_synthetic_gguf  # noqa: E402
 
 from daemonkit.process import DaemonProcess  # noqa: E402
 from model_client import ModelClient  # noqa: E402
+from model_manager.config import MIB, DeviceSettings  # noqa: E402
+from model_manager.devices import NvmlInventory, open_inventory  # noqa: E402
 
-MIB = 1024 * 1024
 PROMPT = [{"role": "user", "content": "Count from one to ten."}]
 Check = dict[str, Any]
 
 
 class Nvml:
-    """NVML, if there is one: total/free per GPU and each process's GPU memory."""
+    """The manager's own NVML reading (model_manager.devices), so the checks test it rather than a second copy."""
 
-    def __init__(self) -> None:
-        import pynvml
-
-        pynvml.nvmlInit()
-        self.nvml = pynvml
-        self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    def __init__(self, inventory: NvmlInventory) -> None:
+        self.inventory = inventory
 
     def gpus(self) -> list[dict[str, Any]]:
-        found = []
-        for index, handle in enumerate(self.handles):
-            memory = self.nvml.nvmlDeviceGetMemoryInfo(handle)
-            name = self.nvml.nvmlDeviceGetName(handle)
-            found.append(
-                {
-                    "index": index,
-                    "name": name if isinstance(name, str) else name.decode(),
-                    "total": memory.total,
-                    "free": memory.free,
-                    "used": memory.used,
-                }
-            )
-        return found
+        return [
+            {"index": d.index, "name": d.name, "total": d.total, "free": d.total - d.used_by_others}
+            for d in self.inventory.devices([])
+            if d.kind == "gpu"
+        ]
 
     def used(self, index: int = 0) -> int:
-        return self.nvml.nvmlDeviceGetMemoryInfo(self.handles[index]).used
+        """Bytes in use on GPU ``index`` (no process is counted as the manager's, so all of it)."""
+        return next(d.used_by_others for d in self.inventory.devices([]) if d.index == index and d.kind == "gpu")
 
     def of_pid(self, pid: int) -> int:
-        total = 0
-        for handle in self.handles:
-            for query in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
-                try:
-                    procs = getattr(self.nvml, query)(handle)
-                except self.nvml.NVMLError:
-                    continue
-                total += sum(p.usedGpuMemory or 0 for p in procs if p.pid == pid)
-        return total
+        return sum(self.inventory.gpu_memory_of(pid).values())
 
 
 def open_nvml() -> Nvml | None:
-    try:
-        return Nvml()
-    except Exception:  # noqa: BLE001 - no driver, no library: the dry run
-        return None
+    inventory = open_inventory(DeviceSettings())
+    return Nvml(inventory) if isinstance(inventory, NvmlInventory) else None
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> float | None:

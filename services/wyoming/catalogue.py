@@ -46,19 +46,18 @@ class Catalogue:
         self.personas = personas
         self.refresh_s = refresh_s
         self.models: list[dict[str, Any]] = []
-        self.ready = asyncio.Event()
 
     async def refresh(self) -> None:
         try:
             self.models = (await self.link.request("models", {}, timeout_s=10))["models"]
-            self.ready.set()
         except ModelManagerError as exc:
             log.warning("catalogue_refresh_failed", code=exc.code, message=exc.message)
 
     async def keep_fresh(self) -> None:
+        """After the first ``refresh`` (awaited at start): again every ``refresh_s``."""
         while True:
-            await self.refresh()
             await asyncio.sleep(self.refresh_s)
+            await self.refresh()
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         return [m for m in self.models if m.get("kind") == kind]

@@ -9,7 +9,6 @@ the turn to that persona; a persona whose model cannot be served hands it to its
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from pathlib import Path
@@ -75,7 +74,7 @@ class HandleHandler:
         agents = self.door.agents
         chosen = route(text, agents.personas, agents.routing)
         name = chosen.persona if chosen.reason == "wake_word" else self.door.persona
-        session_id = "wyoming-" + re.sub(r"[^A-Za-z0-9._-]+", "_", conversation)
+        session_id = f"wyoming-{conversation}"  # its history file's name is made safe by Histories
         histories = self.door.histories[name]
         history = histories.get(session_id)
         answered_by = name

@@ -113,13 +113,10 @@ class WyomingService:
             writer.close()
 
     async def _advertise(self) -> Any:
-        """mDNS records (``_wyoming._tcp``) so Home Assistant discovers each port."""
-        try:
-            from zeroconf import ServiceInfo
-            from zeroconf.asyncio import AsyncZeroconf
-        except ImportError:
-            log.warning("zeroconf_unavailable", hint="pip install zeroconf")
-            return None
+        """mDNS records (``_wyoming._tcp``) so Home Assistant discovers each port (imported only when asked for)."""
+        from zeroconf import ServiceInfo
+        from zeroconf.asyncio import AsyncZeroconf
+
         try:  # the ports are served either way: discovery failing is logged, not fatal
             host = self.settings.host
             if host in ("0.0.0.0", "", "::"):

@@ -7,6 +7,7 @@ same text again and is ignored."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import structlog
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
@@ -30,7 +31,7 @@ class TtsHandler:
     def __init__(self, peer: Peer, link: ManagerLink, catalogue: Catalogue, settings: WyomingSettings) -> None:
         self.peer, self.link, self.catalogue, self.settings = peer, link, catalogue, settings
         self.streaming = False
-        self.voice: dict[str, object] = {}
+        self.voice: dict[str, Any] = {}
         self.pieces = SpeechPieces(FIRST_PIECE_WORDS)
         self.queue: asyncio.Queue[str | None] = asyncio.Queue()
         self.worker: asyncio.Task[bool] | None = None
@@ -114,13 +115,12 @@ class TtsHandler:
 
     # ----- one text, one audio-start ... audio-stop -----------------------------------------------------
 
-    async def _speak(self, text: str, voice: dict[str, object]) -> None:
+    async def _speak(self, text: str, voice: dict[str, Any]) -> None:
         text = " ".join(text.split())
-        rate = int(voice.get("sample_rate") or 22050)
+        rate = int((self.catalogue.voice(voice.get("voice")) or {}).get("sample_rate") or 22050)  # for no audio
         started = False
         if text:
             args = {**voice, "text": text, "format": "pcm", "stream": True}
-            args.pop("sample_rate", None)
             async for reply in self.link.replies("synthesize", args):
                 if reply.is_final or not reply.payloads:
                     continue
@@ -139,13 +139,13 @@ class TtsHandler:
             chunk = AudioChunk(rate=rate, width=SAMPLE_WIDTH, channels=CHANNELS, audio=pcm[at : at + step])
             await self.peer.send(chunk.event())
 
-    def _voice(self, wanted: SynthesizeVoice | None) -> dict[str, object]:
-        """The manager's ``voice``/``speaker`` arguments (and the voice's sample rate) for a Wyoming voice."""
+    def _voice(self, wanted: SynthesizeVoice | None) -> dict[str, Any]:
+        """The manager's ``voice``/``speaker`` arguments for a Wyoming voice."""
         name = wanted.name if wanted else None
         if wanted and not name and wanted.language:
             name = self.catalogue.voice_for_language(wanted.language)
         entry = self.catalogue.voice(name)
-        voice: dict[str, object] = {"voice": name, "sample_rate": (entry or {}).get("sample_rate")}
+        voice: dict[str, Any] = {"voice": name}
         speaker = wanted.speaker if wanted else None
         if speaker:
             ids = {s["name"]: s["id"] for s in (entry or {}).get("speakers") or []}
