@@ -44,14 +44,17 @@ def ceiling(path: Path, sequences: int, parallel: int, tokens: int, threads: int
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = gpu_layers
         model = LlamaModel(path_model=str(path), params=params, verbose=False)
+        prompt = model.tokenize(COUNTING.encode(), add_bos=True, special=False)
+        # Every prompt goes in one decode: the batch holds them all, however many sequences (a batch of 512 ran
+        # out at 16 streams of a long-tokenized prompt); llama.cpp splits it into micro-batches of 512.
+        size = max(512, sequences * len(prompt))
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx, ctx_params.n_seq_max, ctx_params.kv_unified = N_CTX * parallel, parallel, False
-        ctx_params.n_batch = ctx_params.n_ubatch = 512
+        ctx_params.n_batch, ctx_params.n_ubatch = size, 512
         ctx_params.n_threads = ctx_params.n_threads_batch = threads
         ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED  # as the daemon's engine
         ctx = LlamaContext(model=model, params=ctx_params, verbose=False)
-    prompt = model.tokenize(COUNTING.encode(), add_bos=True, special=False)
-    batch = llama_cpp.llama_batch_init(512, 0, 1)
+    batch = llama_cpp.llama_batch_init(size, 0, 1)
     samplers = []
 
     def decode(entries: list[tuple[int, int, int, bool]]) -> None:

@@ -112,6 +112,9 @@ def format_status(status: dict[str, Any]) -> str:
         counts["subscriber_resets"] = refused["subscriber_resets"]
     if counts:
         footer += "\nrefused peers: " + ", ".join(f"{what} {n}" for what, n in sorted(counts.items()))
+    errors = [f"{m['name']}: {m['last_error']['message']}" for m in status["models"] if m.get("last_error")]
+    if errors:
+        footer += "\nlast errors:\n  " + "\n  ".join(errors)
     return "\n".join([*models, "", *device_rows, "", footer])
 
 

@@ -430,7 +430,8 @@ class Lifecycle:
         slot = self.slots.get(handle.model) if handle.model else None
         if slot is None or slot.worker is not handle:
             if handle.model is None and not handle.ready and not self.stopping:
-                log.error("spare_worker_died", worker=handle.id, exit_code=code)
+                death = handle.death(code)
+                log.error("spare_worker_died", worker=handle.id, message=death.message("a spare"), **death.details())
                 self._spares_paused_until = time.monotonic() + SPARE_RESTART_BACKOFF_S
             return
         slot.worker = None
@@ -446,23 +447,28 @@ class Lifecycle:
             self._pump(slot)
             self.schedule()
         elif slot.state is ModelState.LOADING:
-            reason = "timed out" if slot.unload_reason == "load_timeout" else f"exited with code {code}"
-            self._fail_load(slot, ModelLoadFailed(f"worker for {slot.name!r} {reason} while loading", exit_code=code))
+            if slot.unload_reason == "load_timeout":
+                error = ModelLoadFailed(f"worker for {slot.name!r} timed out while loading", exit_code=code)
+            else:
+                death = handle.death(code, "loading" if handle.ready else None)
+                error = ModelLoadFailed(death.message(slot.name), **death.details())
+            self._fail_load(slot, error)
         else:
-            self._on_worker_crash(slot, code)
+            self._on_worker_crash(slot, handle, code)
 
-    def _on_worker_crash(self, slot: ModelSlot, code: int) -> None:
+    def _on_worker_crash(self, slot: ModelSlot, handle: WorkerHandle, code: int) -> None:
         """The worker died under a loaded model: its requests fail, queued ones get a fresh worker."""
         jobs = list(slot.running.values())
         if slot.unload_reason == "request_timeout":
             limit = self.config.limits.request_timeout_s
             error: ModelManagerError = Timeout(f"request ran past {limit} s", limit_s=limit)
         else:
-            error = ModelFailed(f"worker for {slot.name!r} exited with code {code}", exit_code=code)
+            death = handle.death(code)
+            error = ModelFailed(death.message(slot.name), **death.details())
         slot.transition(ModelState.FAILED)
         slot.info, slot.last_error, slot.running = {}, error.to_wire(), {}
         slot.unload_reason = "requested"
-        log.error("model_failed", model=slot.name, exit_code=code, code=error.code)
+        log.error("model_failed", model=slot.name, code=error.code, message=error.message, **error.details)
         self.metrics.unloads.labels(slot.name, "error").inc()
         self.outbox.publish(protocol.EVENT_MODEL_FAILED, model=slot.name, reason="worker_exit", error=error.to_wire())
         self.outbox.publish(protocol.EVENT_MODEL_UNLOADED, model=slot.name, reason="error")

@@ -7,12 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
 import zmq
 
 from model_client.endpoints import REPO_ROOT
+from model_manager import native
 from model_manager import worker_protocol as wire
 from model_manager.gatekeeper import SECRET_ENV, Gatekeeper, new_secret
 
@@ -27,6 +29,8 @@ class WorkerHandle:
     model: str | None = None
     exit_deadline: float | None = None
     pidfd: int | None = None  # readable once the process has exited (Linux), so exits are seen at once
+    report_fd: int | None = None  # the worker's crash report (an unlinked file it shares): read if it dies
+    report: str = ""  # ...what it said, once the worker has died
 
     @property
     def pid(self) -> int:
@@ -38,6 +42,10 @@ class WorkerHandle:
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
+
+    def death(self, code: int, phase: str | None = None) -> native.Death:
+        """Why it is gone; ``phase``: what it was doing, when the caller knows better than "starting"."""
+        return native.read_death(code, phase or ("serving" if self.ready else "importing its engine"), self.report)
 
 
 class WorkerPool:
@@ -65,8 +73,10 @@ class WorkerPool:
         worker_id = f"w{os.getpid()}-{next(self._ids)}"
         secret = new_secret()  # in the environment, not the command line, which any local user can read
         pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-        env = dict(os.environ, PYTHONPATH=pythonpath, **{SECRET_ENV: secret})
+        env = native.worker_environment(dict(os.environ, PYTHONPATH=pythonpath, **{SECRET_ENV: secret}))
         self.gatekeeper.admit_worker(worker_id, secret)
+        with tempfile.TemporaryFile(prefix="mm-worker-") as report:
+            report_fd = os.dup(report.fileno())
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -80,12 +90,15 @@ class WorkerPool:
                 kind or self.kind,
                 "--parent",
                 str(os.getpid()),
+                "--report-fd",
+                str(report_fd),
             ],
             env=env,
             stdin=subprocess.DEVNULL,
             start_new_session=False,
+            pass_fds=(report_fd,),
         )
-        handle = WorkerHandle(id=worker_id, proc=proc, kind=kind or self.kind)
+        handle = WorkerHandle(id=worker_id, proc=proc, kind=kind or self.kind, report_fd=report_fd)
         try:
             handle.pidfd = os.pidfd_open(proc.pid)
             self.poller.register(handle.pidfd, zmq.POLLIN)
@@ -134,8 +147,16 @@ class WorkerPool:
                 del self.by_id[handle.id]
                 self.gatekeeper.forget_worker(handle.id)
                 self._forget_pidfd(handle)
+                if code != 0 and handle.report_fd is not None:
+                    handle.report = native.read_report(handle.report_fd)
+                self._forget_report(handle)
                 gone.append((handle, code))
         return gone
+
+    def _forget_report(self, handle: WorkerHandle) -> None:
+        if handle.report_fd is not None:
+            os.close(handle.report_fd)
+            handle.report_fd = None
 
     def _forget_pidfd(self, handle: WorkerHandle) -> None:
         if handle.pidfd is not None:
@@ -154,5 +175,6 @@ class WorkerPool:
                 handle.kill()
                 handle.proc.wait()
             self._forget_pidfd(handle)
+            self._forget_report(handle)
             self.gatekeeper.forget_worker(handle.id)
         self.by_id.clear()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import faulthandler
 import os
 import signal
 import sys
@@ -25,6 +26,7 @@ from typing import Any
 import zmq
 
 from model_client.errors import InternalError, ModelLoadFailed, ModelManagerError
+from model_manager import native
 from model_manager import worker_protocol as wire
 from model_manager.backends import PAYLOAD, Backend, create_backend, warm_up
 from model_manager.gatekeeper import SECRET_ENV
@@ -294,6 +296,16 @@ class Worker:
         self.send(wire.Idle(kv=None))
 
 
+def _open_report(fd: int | None) -> Any:
+    """Python's stacks go to the manager's crash report on a fatal signal (faulthandler writes them from the signal
+    handler, so they reach the file even when the process can do nothing else)."""
+    if fd is None:
+        return None
+    report = os.fdopen(fd, "w", buffering=1)
+    faulthandler.enable(file=report, all_threads=True)
+    return report
+
+
 def resident_bytes() -> int:
     """This process's resident memory (VmRSS), read without importing psutil into every worker."""
     with open("/proc/self/statm") as fh:
@@ -306,11 +318,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--id", required=True)
     parser.add_argument("--kind", default="llm")
     parser.add_argument("--parent", type=int, required=True, help="the manager's pid: the worker ends with it")
+    parser.add_argument("--report-fd", type=int, help="a file the manager reads if this worker dies of a signal")
     args = parser.parse_args(argv)
     _die_with_parent(args.parent)
     secret = os.environ.pop(SECRET_ENV, "")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the manager, which ends workers itself
+    report = _open_report(args.report_fd)
     warm_up(args.kind)
+    if report is not None:
+        native.write_report_header(report)
     worker = Worker(args.endpoint, args.id, args.kind, args.parent, secret)
     try:
         worker.serve()

@@ -19,20 +19,21 @@ from prepare import kept  # noqa: E402
 
 
 def test_the_kit_runs_dry_and_every_check_reports(tmp_path: Path) -> None:
-    out = tmp_path / "report.json"
     env = dict(os.environ, PYTHON=sys.executable)
     run = subprocess.run(
-        ["sh", str(REPO / "scripts" / "gpu" / "run.sh"), "--dry", "--out", str(out)],
+        ["sh", str(REPO / "scripts" / "gpu" / "run.sh"), "--dry", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         env=env,
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report = json.loads((tmp_path / "report.json").read_text())
     checks = report["checks"]
     assert report["mode"] == "dry" and report["ok"], report
-    assert set(checks) == {"inventory", "load", "decode", "sigkill", "budget", "spare", "batching"}
+    assert set(checks) == {"runtime", "inventory", "load", "decode", "sigkill", "budget", "spare", "batching"}
+    assert all("at_s" in check for check in checks.values()), "each check is recorded as it completes"
+    assert checks["runtime"]["as_a_worker"]["exit"] == 0 and checks["runtime"]["plain"]["exit"] == 0
     assert checks["inventory"]["skipped"] and checks["spare"]["skipped"] and checks["batching"]["skipped"]
     assert 0.85 <= checks["load"]["measured_over_estimate"] <= 1.15  # the synthetic model's estimate holds
     assert checks["decode"]["tokens_per_s"]["synthetic"] > 0

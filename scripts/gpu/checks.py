@@ -3,7 +3,11 @@
     python scripts/gpu/checks.py --out report.json [--size-mib 1500] [--model file.gguf]
     python scripts/gpu/checks.py --out report.json --dry      # on the CPU: what the test suite runs
 
-Checks (each ``ok`` true or false with its figures, or ``skipped`` with why):
+Checks (each ``ok`` true or false with its figures, or ``skipped`` with why; the report is rewritten as each one
+completes, so a run cut short keeps what it measured):
+- ``runtime``: the engine imported beside pyzmq, ZeroMQ traffic in a bare process, as it is (a CUDA build that
+  carries its own C++ runtime crashes here) and as the manager starts a worker (the shared runtime preloaded);
+  the engine libraries found carrying their own runtime.
 - ``inventory``: the manager's NVML reading of the GPUs (name, total, free) against ``nvidia-smi``.
 - ``load``: the model on the GPU (``n_gpu_layers: -1``) shows in NVML's per-process list under its worker's pid;
   that memory against the manager's estimate (within 15%). Dry: the worker's resident memory on the CPU.
@@ -123,6 +127,38 @@ def status_of(client: ModelClient, name: str) -> dict[str, Any]:
     return next(m for m in client.status()["models"] if m["name"] == name)
 
 
+CLASH = """
+import json, sys
+import llama_cpp, zmq
+from model_manager import native
+ctx = zmq.Context()
+a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+a.bind("tcp://127.0.0.1:*")
+b.connect(a.last_endpoint.decode())
+for i in range(100):
+    b.send(b"x" * (i * 64))
+    a.recv()
+print(json.dumps({"embedded_runtime": native.libraries_with_embedded_runtime(), "runtime": native.runtime_in_use()}))
+"""
+
+
+def check_runtime() -> Check:
+    """The engine and libzmq in one process: as Python starts it, and as the manager starts a worker."""
+    from model_manager import native
+
+    plain_env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    plain_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    runs = {}
+    for name, env in (("plain", plain_env), ("as_a_worker", native.worker_environment(plain_env))):
+        done = subprocess.run([sys.executable, "-c", CLASH], env=env, capture_output=True, text=True, timeout=120)
+        lines = done.stdout.strip().splitlines()
+        found = json.loads(lines[-1]) if done.returncode == 0 and lines else None
+        runs[name] = {"exit": done.returncode, "found": found}
+        if done.returncode != 0:
+            runs[name]["stderr"] = done.stderr[-600:]
+    return {"ok": runs["as_a_worker"]["exit"] == 0, **runs}
+
+
 def check_inventory(nvml: Nvml | None) -> Check:
     if nvml is None:
         return {"skipped": "no NVML (dry run)"}
@@ -237,13 +273,13 @@ def check_spare(run: Path, path: Path, nvml: Nvml | None) -> Check:
     return {"ok": found is not None and not any(held.values()), "spare_pids": spares, "gpu_bytes_by_pid": held}
 
 
-def check_batching(path: Path, nvml: Nvml | None) -> Check:
-    """bench/batching.py on the GPU: the daemon's batched decoding against raw llama_decode, 1 to 8 streams."""
+def check_batching(path: Path, nvml: Nvml | None, levels: str) -> Check:
+    """bench/batching.py on the GPU: the daemon's batched decoding against raw llama_decode at ``levels`` streams."""
     if nvml is None:
         return {"skipped": "the CPU's figures come from bench/batching.py itself (its tiny mode runs in the suite)"}
     command = [sys.executable, str(REPO / "bench" / "batching.py"), "--gguf", f"{path}:Q8_0", "--models", "custom"]
-    command += ["--gpu-layers", "-1", "--repeats", "1", "--rounds", "3"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=1800, cwd=REPO)
+    command += ["--gpu-layers", "-1", "--repeats", "1", "--rounds", "3", "--levels", levels, "--tokens", "96"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
     lines = run.stdout.strip().splitlines()
     try:
         figures = json.loads(lines[-1])
@@ -258,26 +294,36 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="a GGUF (Q8_0); default: a synthetic one of --size-mib")
     parser.add_argument("--size-mib", type=float, default=1500)
     parser.add_argument("--dry", action="store_true", help="the CPU only (NVML not used even if present)")
+    parser.add_argument("--levels", default="1,4,16", help="streams for the batching check")
     args = parser.parse_args()
     nvml = None if args.dry else open_nvml()
     if not args.dry and nvml is None:
         sys.exit("no NVML here: run with --dry, or on the GPU machine")
     run = Path(tempfile.mkdtemp(prefix="mm-gpu-"))
     report: dict[str, Any] = {"mode": "gpu" if nvml else "dry", "checks": {}}
+
+    def record(**checks: Check) -> None:
+        """Each check's result as it completes, the report rewritten whole (a run cut short keeps them)."""
+        for name, check in checks.items():
+            report["checks"][name] = {**check, "at_s": round(time.monotonic() - started, 1)}
+            print(f"{name}: {'skipped' if 'skipped' in check else 'ok' if check.get('ok') else 'FAILED'}", flush=True)
+        report["ok"] = all(c.get("ok", True) for c in report["checks"].values())
+        args.out.write_text(json.dumps(report, indent=1, default=str))
+
+    started = time.monotonic()
     try:
+        record(runtime=check_runtime())
         path = args.model or run / "synthetic.gguf"
         if args.model is None:
             report["model"] = write_synthetic_gguf(path, args.size_mib, "Q8_0")
-        report["checks"]["inventory"] = check_inventory(nvml)
+        record(inventory=check_inventory(nvml))
         load, decode, sigkill = check_load_decode_sigkill(run, path, nvml)
-        report["checks"].update(load=load, decode=decode, sigkill=sigkill)
-        report["checks"]["budget"] = check_budget(run, path, nvml, load["measured_bytes"] or load["estimated_bytes"])
-        report["checks"]["spare"] = check_spare(run, path, nvml)
-        report["checks"]["batching"] = check_batching(path, nvml)
+        record(load=load, decode=decode, sigkill=sigkill)
+        record(budget=check_budget(run, path, nvml, load["measured_bytes"] or load["estimated_bytes"]))
+        record(spare=check_spare(run, path, nvml))
+        record(batching=check_batching(path, nvml, args.levels))
     finally:
         shutil.rmtree(run, ignore_errors=True)
-    report["ok"] = all(c.get("ok", True) for c in report["checks"].values())
-    args.out.write_text(json.dumps(report, indent=1, default=str))
     print(json.dumps(report, default=str))
 
 
