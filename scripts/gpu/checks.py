@@ -273,19 +273,29 @@ def check_spare(run: Path, path: Path, nvml: Nvml | None) -> Check:
     return {"ok": found is not None and not any(held.values()), "spare_pids": spares, "gpu_bytes_by_pid": held}
 
 
-def check_batching(path: Path, nvml: Nvml | None, levels: str) -> Check:
-    """bench/batching.py on the GPU: the daemon's batched decoding against raw llama_decode at ``levels`` streams."""
+def check_batching(path: Path, nvml: Nvml | None, levels: str, log: Path) -> Check:
+    """bench/batching.py on the GPU: the daemon's batched decoding against raw llama_decode at ``levels`` streams.
+    Its output goes to ``log`` as it comes, so a run cut short shows how far it got."""
     if nvml is None:
         return {"skipped": "the CPU's figures come from bench/batching.py itself (its tiny mode runs in the suite)"}
     command = [sys.executable, str(REPO / "bench" / "batching.py"), "--gguf", f"{path}:Q8_0", "--models", "custom"]
     command += ["--gpu-layers", "-1", "--repeats", "1", "--rounds", "3", "--levels", levels, "--tokens", "96"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
-    lines = run.stdout.strip().splitlines()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log, "w") as out:
+        try:
+            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, timeout=300, cwd=REPO, env=env)
+        except subprocess.TimeoutExpired:
+            return {"ok": False, "timed_out_s": 300, "tail": log.read_text()[-3000:]}
+    lines = log.read_text().strip().splitlines()
     try:
         figures = json.loads(lines[-1])
     except (IndexError, ValueError):
-        return {"ok": False, "exit": run.returncode, "tail": (run.stdout + run.stderr)[-3000:]}
-    return {"ok": run.returncode == 0, "table": lines[:-1], "figures": figures}
+        return {"ok": False, "exit": code.returncode, "tail": "\n".join(lines[-40:])}
+    return {
+        "ok": code.returncode == 0,
+        "table": [line for line in lines[:-1] if not line.startswith("20")],
+        "figures": figures,
+    }
 
 
 def main() -> None:
@@ -321,7 +331,7 @@ def main() -> None:
         record(load=load, decode=decode, sigkill=sigkill)
         record(budget=check_budget(run, path, nvml, load["measured_bytes"] or load["estimated_bytes"]))
         record(spare=check_spare(run, path, nvml))
-        record(batching=check_batching(path, nvml, args.levels))
+        record(batching=check_batching(path, nvml, args.levels, args.out.with_name("batching.log")))
     finally:
         shutil.rmtree(run, ignore_errors=True)
     print(json.dumps(report, default=str))
