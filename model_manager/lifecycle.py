@@ -17,6 +17,7 @@ import structlog
 
 from model_client import protocol
 from model_client.errors import (
+    BadRequest,
     Busy,
     InsufficientMemory,
     ModelFailed,
@@ -84,6 +85,7 @@ class Lifecycle:
         self.stopping = False
         self._spares_paused_until = 0.0
         self._spare_missing_since: float | None = None
+        self._in_flight: set[tuple[bytes, str]] = set()  # (client, id) of every job queued or running
 
     # ----- what clients ask for -------------------------------------------------------------------------------
 
@@ -95,6 +97,8 @@ class Lifecycle:
         self.schedule()
 
     def enqueue(self, slot: ModelSlot, job: Job) -> None:
+        if job.client_key in self._in_flight:
+            raise BadRequest(f"request id {job.request_id!r} is already in flight from this client", field="id")
         if len(slot.queue) >= slot.spec.max_queue:
             raise Busy(f"model {slot.name!r} has {len(slot.queue)} requests queued", queued=len(slot.queue))
         if slot.state is ModelState.READY and job.deadline is not None:
@@ -107,6 +111,7 @@ class Lifecycle:
                     retry_after_ms=round(late_s * 1000),
                 )
         slot.queue.append(job)
+        self._in_flight.add(job.client_key)
         now = time.monotonic()
         half_life = self.config.scheduler.demand_half_life_s
         slot.demand = decay_demand(slot.demand, now - slot.last_used_mono, half_life) + 1.0
@@ -142,9 +147,13 @@ class Lifecycle:
     # ----- answers --------------------------------------------------------------------------------------------
 
     def _reply(self, waiter: Waiter | Job, result: Any, payloads: tuple[bytes, ...] = ()) -> None:
+        if isinstance(waiter, Job):
+            self._in_flight.discard(waiter.client_key)
         self.outbox.send(waiter.route, protocol.encode_result(waiter.request_id, result, payloads))
 
     def _reply_error(self, waiter: Waiter | Job, error: ModelManagerError) -> None:
+        if isinstance(waiter, Job):
+            self._in_flight.discard(waiter.client_key)
         self.outbox.send(waiter.route, protocol.encode_error(waiter.request_id, error))
 
     def _answer_drop_waiters(self, slot: ModelSlot) -> None:
@@ -236,10 +245,10 @@ class Lifecycle:
             while slot.queue and len(slot.running) < slot.capacity:
                 job = slot.queue.popleft()
                 job.started_at = time.monotonic()
-                slot.running[job.request_id] = job
+                slot.running[job.key] = job
                 if len(slot.running) == 1:
                     self._hand_out_threads()  # before the run: its worker steps with its new share
-                run = wire.Run(rid=job.request_id, op=job.op, args=job.args)
+                run = wire.Run(rid=job.key, op=job.op, args=job.args)
                 if job.deadline is not None and not job.stream:
                     # The client waits this much longer for the one reply: the worker stops past it. (A stream's
                     # client waits per chunk; if it goes away, the failed send of a chunk cancels the request.)
@@ -285,7 +294,7 @@ class Lifecycle:
             log.info("model_unloading", model=slot.name, reason=reason)
 
     def _finish(self, slot: ModelSlot, job: Job) -> None:
-        slot.running.pop(job.request_id, None)
+        slot.running.pop(job.key, None)
         if not slot.running:
             self._hand_out_threads()
         if job.started_at is not None and job.op != "conversation.drop":
@@ -371,7 +380,7 @@ class Lifecycle:
         self.metrics.cancelled.labels(slot.name, reason).inc()
         log.info("request_cancelled", id=job.request_id, model=slot.name, reason=reason)
         if slot.worker is not None:
-            self.workers.send(slot.worker, wire.Cancel(rid=job.request_id))
+            self.workers.send(slot.worker, wire.Cancel(rid=job.key))
 
     def _on_loaded(self, slot: ModelSlot, info: dict[str, Any]) -> None:
         slot.transition(ModelState.READY)

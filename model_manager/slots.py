@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -36,12 +37,15 @@ class IllegalTransition(RuntimeError):
     """A state change the table does not allow: a bug in the manager, never a client's doing."""
 
 
+_job_keys = itertools.count(1)
+
+
 @dataclass
 class Job:
     """One client request waiting for, or running on, a model's worker."""
 
     route: list[bytes]  # ROUTER identity frames up to and including the empty delimiter
-    request_id: str
+    request_id: str  # the client's own id: echoed in its replies, unique only among that client's requests
     op: str
     args: dict[str, Any]
     received_at: float = field(default_factory=time.monotonic)
@@ -49,6 +53,14 @@ class Job:
     priority: int = 50
     deadline: float | None = None  # monotonic: the client has given up after this
     cancelled: bool = False  # the client went away: its reply goes nowhere
+    # The manager's own id for it, unique in this process: what the worker and the running table know it by, so
+    # two clients' equal ids never meet.
+    key: str = field(default_factory=lambda: str(next(_job_keys)))
+
+    @property
+    def client_key(self) -> tuple[bytes, str]:
+        """The client (its route) and its id: unique among the requests in flight."""
+        return b"\0".join(self.route), self.request_id
 
     @property
     def stream(self) -> bool:
@@ -110,7 +122,7 @@ class ModelSlot:
     state: ModelState = ModelState.UNLOADED
     worker: WorkerHandle | None = None
     queue: JobQueue = field(default_factory=JobQueue)
-    running: dict[str, Job] = field(default_factory=dict)  # by request id; several for a batching model
+    running: dict[str, Job] = field(default_factory=dict)  # by Job.key; several for a batching model
     load_waiters: list[Waiter] = field(default_factory=list)
     unload_waiters: list[Waiter] = field(default_factory=list)
     # conversation.drop requests that came while a worker was exiting: its files are its own until it is gone

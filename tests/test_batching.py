@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zmq
 
-from model_client import BadRequest
+from model_client import BadRequest, protocol
 from tests.conftest import GREEDY, ManagerProcess, base_config, model_status, wait_for
 from tests.test_load_and_security import scrape
 
@@ -175,3 +176,35 @@ def test_a_new_conversation_copies_a_shared_prefix_instead_of_evaluating_it(batc
         again.append({"role": "user", "content": "Thanks."})
         reply = client.chat("x4", again, conversation_id="ada", **short)
         assert reply.usage["cached_tokens"] >= first.usage["prompt_tokens"], "ada kept her own sequence"
+
+
+def test_two_clients_sending_one_request_id_at_once_each_get_their_own_reply(batching: ManagerProcess) -> None:
+    """Ids are the client's own: two connections may use the same one, at the same time, on the same model. A
+    duplicate from one connection while its first is in flight is refused, and the first still completes."""
+    with batching.client(timeout=60) as client:
+        client.load("x4")
+    sockets = [zmq.Context.instance().socket(zmq.DEALER) for _ in range(2)]
+    prompts = ["Say yes.", "Name a colour."]
+    try:
+        for sock, prompt in zip(sockets, prompts, strict=True):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(batching.endpoint)
+            args = {"model": "x4", "messages": [{"role": "user", "content": prompt}], "max_tokens": 24, **GREEDY}
+            sock.send_multipart([b"", *protocol.encode_request(protocol.Request("chat", args, id="same"))])
+        duplicate = {"model": "x4", "messages": [{"role": "user", "content": "Again."}], "max_tokens": 4}
+        sockets[0].send_multipart([b"", *protocol.encode_request(protocol.Request("chat", duplicate, id="same"))])
+        replies: list[list[protocol.Reply]] = [[], []]
+        for i, sock in enumerate(sockets):
+            while len(replies[i]) < (2 if i == 0 else 1):
+                assert sock.poll(60_000), f"client {i} got {len(replies[i])} replies"
+                replies[i].append(protocol.decode_reply(sock.recv_multipart()[1:]))
+    finally:
+        for sock in sockets:
+            sock.close()
+    first = {r.type: r for r in replies[0]}
+    assert first["error"].body["code"] == "bad_request" and "already in flight" in first["error"].body["message"]
+    with batching.client(timeout=60) as client:
+        for prompt, reply in zip(prompts, [first["result"], replies[1][0]], strict=True):
+            assert reply.id == "same" and reply.type == "result"
+            alone = client.chat("x4", [{"role": "user", "content": prompt}], max_tokens=24, **GREEDY)
+            assert reply.body["text"] == alone.text, "each client got the reply to its own prompt"

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from model_client import protocol
-from model_client.errors import Busy
+from model_client.errors import BadRequest, Busy
 from model_manager import threads
 from model_manager import worker_protocol as wire
 from model_manager.config import MIB, Config, parse_config
@@ -146,9 +146,10 @@ class Bench:
     def slot(self, name: str = "a"):
         return self.life.slots[name]
 
-    def ask(self, client: bytes, model: str = "a", **args: Any) -> Job:
+    def ask(self, client: bytes, model: str = "a", request_id: str | None = None, **args: Any) -> Job:
         self.requests += 1
-        job = Job(route=[client, b""], request_id=f"r{self.requests}", op="synthesize", args={"text": "hi", **args})
+        request_id = request_id or f"r{self.requests}"
+        job = Job(route=[client, b""], request_id=request_id, op="synthesize", args={"text": "hi", **args})
         self.life.enqueue(self.slot(model), job)
         return job
 
@@ -187,8 +188,8 @@ def test_a_request_loads_the_model_runs_on_its_worker_and_is_answered(tmp_path: 
     bench.say(handle, wire.Loaded(info={"pid": handle.pid, "rss_bytes": 146 * MIB}))
     assert bench.slot().state is ModelState.READY
     assert bench.outbox.events[-1][0] == protocol.EVENT_MODEL_LOADED
-    assert runs(bench.workers, handle) == [job.request_id]
-    bench.say(handle, wire.Done(rid=job.request_id, result={"sample_rate": 22050}, payload=b"RIFF"))
+    assert runs(bench.workers, handle) == [job.key]
+    bench.say(handle, wire.Done(rid=job.key, result={"sample_rate": 22050}, payload=b"RIFF"))
     [reply] = bench.outbox.to(b"c1")
     assert (reply.type, reply.body["model"], reply.payloads) == ("result", "a", (b"RIFF",))
     assert not bench.slot().busy and bench.slot().requests_served == 1
@@ -198,9 +199,34 @@ def test_one_request_at_a_time_the_next_starts_when_the_first_is_done(tmp_path: 
     bench = Bench(tmp_path)
     first, second = bench.ask(b"c1"), bench.ask(b"c2")
     handle = bench.load()
-    assert runs(bench.workers, handle) == [first.request_id]
-    bench.say(handle, wire.Done(rid=first.request_id, result={}))
-    assert runs(bench.workers, handle) == [first.request_id, second.request_id]
+    assert runs(bench.workers, handle) == [first.key]
+    bench.say(handle, wire.Done(rid=first.key, result={}))
+    assert runs(bench.workers, handle) == [first.key, second.key]
+
+
+def test_two_clients_with_one_request_id_each_get_their_own_answer(tmp_path: Path) -> None:
+    """The worker knows a request by the manager's key, not the client's id: equal ids of two clients never meet."""
+    bench = Bench(tmp_path, llms=chat_model(parallel=2))
+    mine, theirs = bench.ask(b"c1", "chat", request_id="same"), bench.ask(b"c2", "chat", request_id="same")
+    handle = load_with_facts(bench, "chat")
+    assert runs(bench.workers, handle) == [mine.key, theirs.key] and mine.key != theirs.key
+    bench.say(handle, wire.Done(rid=theirs.key, result={"who": "theirs"}))
+    bench.say(handle, wire.Done(rid=mine.key, result={"who": "mine"}))
+    [to_c1], [to_c2] = bench.outbox.to(b"c1"), bench.outbox.to(b"c2")
+    assert (to_c1.id, to_c1.body["who"]) == ("same", "mine") and (to_c2.id, to_c2.body["who"]) == ("same", "theirs")
+
+
+def test_a_duplicate_id_from_one_client_is_refused_while_the_first_is_in_flight(tmp_path: Path) -> None:
+    bench = Bench(tmp_path)
+    first = bench.ask(b"c1", request_id="dup")
+    with pytest.raises(BadRequest, match="already in flight") as refused:
+        bench.ask(b"c1", request_id="dup")
+    assert refused.value.details == {"field": "id"}
+    handle = bench.load()
+    bench.say(handle, wire.Done(rid=first.key, result={}))
+    assert [r.type for r in bench.outbox.to(b"c1")] == ["result"]
+    again = bench.ask(b"c1", request_id="dup")  # answered: the id is free again
+    assert runs(bench.workers, handle) == [first.key, again.key]
 
 
 def test_a_failed_load_answers_every_waiter_and_the_next_request_loads_again(tmp_path: Path) -> None:
@@ -238,7 +264,7 @@ def test_unload_waits_for_the_running_request_then_ends_the_worker(tmp_path: Pat
     handle = bench.load()
     bench.life.unload(bench.slot(), Waiter([b"u", b""], "unload1"))
     assert bench.slot().state is ModelState.READY and bench.outbox.to(b"u") == []
-    bench.say(handle, wire.Done(rid=job.request_id, result={}))
+    bench.say(handle, wire.Done(rid=job.key, result={}))
     assert bench.slot().state is ModelState.UNLOADING and isinstance(bench.workers.to(handle)[-1], wire.Exit)
     bench.exit(handle)
     [reply] = bench.outbox.to(b"u")
@@ -287,18 +313,18 @@ def test_a_queued_request_whose_deadline_passed_is_answered_timeout_and_never_ru
     bench.life.tick(late.received_at + 2)
     [reply] = bench.outbox.to(b"c2")
     assert reply.body["code"] == "timeout"
-    assert late.request_id not in runs(bench.workers, handle)
+    assert late.key not in runs(bench.workers, handle)
 
 
 def test_a_streaming_client_gone_cancels_its_request_on_the_worker(tmp_path: Path) -> None:
     bench = Bench(tmp_path)
     job = bench.ask(b"c1", stream=True, format="pcm")
     handle = bench.load()
-    bench.say(handle, wire.Chunk(rid=job.request_id, chunk={"seq": 0}, payload=b"\0\0"))
+    bench.say(handle, wire.Chunk(rid=job.key, chunk={"seq": 0}, payload=b"\0\0"))
     assert [r.type for r in bench.outbox.to(b"c1")] == ["chunk"]
     bench.outbox.gone.add(b"c1")
-    bench.say(handle, wire.Chunk(rid=job.request_id, chunk={"seq": 1}, payload=b"\0\0"))
-    assert wire.Cancel(rid=job.request_id) in bench.workers.to(handle)
+    bench.say(handle, wire.Chunk(rid=job.key, chunk={"seq": 1}, payload=b"\0\0"))
+    assert wire.Cancel(rid=job.key) in bench.workers.to(handle)
 
 
 def test_memory_pressure_unloads_the_idle_model_for_the_one_asked_for(tmp_path: Path) -> None:
@@ -306,7 +332,7 @@ def test_memory_pressure_unloads_the_idle_model_for_the_one_asked_for(tmp_path: 
     bench = Bench(tmp_path, voices=("a", "b"))
     first = bench.ask(b"c1", "a")
     handle_a = bench.load("a", rss=300 * MIB)
-    bench.say(handle_a, wire.Done(rid=first.request_id, result={}))
+    bench.say(handle_a, wire.Done(rid=first.key, result={}))
     bench.ask(b"c2", "b")
     assert bench.slot("a").state is ModelState.UNLOADING and bench.slot("a").unload_reason == "pressure"
     assert bench.slot("b").state is ModelState.UNLOADED, "b waits for a's memory"
@@ -367,7 +393,7 @@ def test_a_worker_saying_the_wrong_thing_for_its_state_changes_nothing(
     handle = bench.load()
     bench.say(handle, message)
     assert bench.slot().state is ModelState.READY and bench.slot().worker is handle
-    bench.say(handle, wire.Done(rid=job.request_id, result={}))
+    bench.say(handle, wire.Done(rid=job.key, result={}))
     assert bench.outbox.to(b"c1")[-1].type == "result"
 
 
@@ -380,7 +406,7 @@ def test_a_worker_loaded_message_with_odd_facts_still_serves(tmp_path: Path, inf
     bench.say(handle, wire.Ready(pid=handle.pid, rss=64 * MIB))
     bench.say(handle, wire.Loaded(info=info))
     assert bench.slot().state is ModelState.READY
-    bench.say(handle, wire.Done(rid=job.request_id, result={}))
+    bench.say(handle, wire.Done(rid=job.key, result={}))
     assert bench.outbox.to(b"c1")[-1].type == "result"
 
 
@@ -398,8 +424,8 @@ def test_a_request_that_would_start_after_its_deadline_is_refused_at_once(tmp_pa
     patient = Job(route=[b"c4", b""], request_id="patient", op="synthesize", args={"text": "hi"})
     patient.deadline = patient.received_at + 10.0
     bench.life.enqueue(bench.slot(), patient)
-    bench.say(handle, wire.Done(rid=first.request_id, result={}))
-    assert runs(bench.workers, handle) == [first.request_id, queued.request_id]
+    bench.say(handle, wire.Done(rid=first.key, result={}))
+    assert runs(bench.workers, handle) == [first.key, queued.key]
 
 
 # ----- CPU threads: the models computing at once share the cores ---------------------------------------------------
@@ -433,12 +459,12 @@ def test_an_llm_alone_gets_every_core_and_gives_half_to_a_voice_while_it_speaks(
     assert voice_load.spec.n_threads == 1, "a speech engine cannot change its threads later: it gets half"
     assert threads_sent(bench, chat) == [1], "the voice started: the LLM steps on what it leaves"
     assert model_entry(bench.slot("chat"), time.time())["threads"] == 1
-    bench.say(voice, wire.Done(rid=spoken.request_id, result={}))
+    bench.say(voice, wire.Done(rid=spoken.key, result={}))
     assert threads_sent(bench, chat) == [1, 2], "the voice is done: the LLM gets every core back"
-    bench.say(chat, wire.Done(rid=first.request_id, result={}))
-    bench.ask(b"c3", "chat")
+    bench.say(chat, wire.Done(rid=first.key, result={}))
+    third = bench.ask(b"c3", "chat")
     assert threads_sent(bench, chat) == [1, 2], "nothing changed for it: nothing is sent"
-    assert runs(bench.workers, chat)[-1] == "r3"
+    assert runs(bench.workers, chat)[-1] == third.key
 
 
 def test_the_new_share_reaches_the_worker_before_the_run_that_needs_it(tmp_path: Path) -> None:
@@ -449,7 +475,7 @@ def test_the_new_share_reaches_the_worker_before_the_run_that_needs_it(tmp_path:
     chat = load_with_facts(bench, "chat")
     [load] = [m for m in bench.workers.to(chat) if isinstance(m, wire.Load)]
     assert load.spec.n_threads == 1, "loaded while the voice speaks: the share left beside it"
-    bench.say(bench.worker("a"), wire.Done(rid=speaking.request_id, result={}))
+    bench.say(bench.worker("a"), wire.Done(rid=speaking.key, result={}))
     assert [type(m) for m in bench.workers.to(chat)] == [wire.Load, wire.Run, wire.Threads]
     assert threads_sent(bench, chat) == [2]
 
