@@ -42,12 +42,19 @@ def running_daemon(config: dict) -> Iterator[ModelClient]:
         "metrics": {"port": 0, **config.get("metrics", {})},
     }
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    daemon = DaemonProcess("model_manager", run_dir / "config.yaml", config["endpoints"]["requests"])
-    client = ModelClient(config["endpoints"]["requests"], timeout=300, retries=20)
+    endpoint = config["endpoints"]["requests"]
+    ports_file = run_dir / "ports.json"
+    daemon = DaemonProcess("model_manager", run_dir / "config.yaml", endpoint, None, "--ports-file", str(ports_file))
+    client: ModelClient | None = None
     try:
-        daemon.start(timeout=60)
+        daemon.start(wait=False)
+        if endpoint.endswith(":*"):  # a TCP endpoint on any free port: the manager says which
+            daemon.endpoint = endpoint[:-1] + str(daemon.wait_ports(ports_file)["requests"])
+        daemon.wait_ready(timeout=60)
+        client = ModelClient(daemon.endpoint, timeout=300, retries=20)
         yield client
     finally:
-        client.close()
+        if client is not None:
+            client.close()
         daemon.stop(timeout=30)
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -19,7 +19,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
 import yaml  # noqa: E402
 
-from bench.daemon import REPO, SMOLLM2, llm_entry  # noqa: E402
-from daemonkit.process import DaemonProcess, free_port  # noqa: E402
+from bench.daemon import SMOLLM2, llm_entry  # noqa: E402
+from daemonkit.process import DaemonProcess  # noqa: E402
 from model_client import ModelClient  # noqa: E402
 
 COUNTING = "Request {}. Count from 1 to 200, separated by commas: 1, 2, 3,"
@@ -85,30 +84,24 @@ def main() -> None:
     args = parser.parse_args()
 
     run_dir = Path(tempfile.mkdtemp(prefix="mm-bench-"))
-    port = free_port()
     endpoints = {k: f"ipc://{run_dir}/{k}.sock" for k in ("requests", "events", "workers")}
     config = {
         "endpoints": endpoints,
         "manager": {"log_level": "warning", "state_dir": str(run_dir / "state"), "spare_workers": 0},
         "metrics": {"port": 0},
-        "gateway": {"port": port},
+        "gateway": {"port": 0},  # any free port: the gateway's ports file says which
         "models": {"smollm2": llm_entry(SMOLLM2, "Q4_1", args.threads)},
     }
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     manager = DaemonProcess("model_manager", run_dir / "config.yaml", endpoints["requests"])
-    gateway = subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(run_dir / "config.yaml")], cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
+    ports_file = run_dir / "gateway.ports.json"
+    gateway = DaemonProcess(
+        "gateway", run_dir / "config.yaml", endpoints["requests"], None, "--ports-file", str(ports_file)
+    )
     try:
         manager.start(timeout=60)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{url}/api/version", timeout=1).raise_for_status()
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline or gateway.poll() is not None:
-                    raise SystemExit("the gateway did not start") from None
-                time.sleep(0.1)
+        gateway.start(wait=False)
+        url = f"http://127.0.0.1:{gateway.wait_ports(ports_file)['http']}"
         with ModelClient(endpoints["requests"], timeout=300) as client, httpx.Client(base_url=url, timeout=300) as web:
             client.load("smollm2")
             through_client(client, 8)  # the first request pays for buffers
@@ -121,8 +114,7 @@ def main() -> None:
                     direct_ttft.append(through_client(client, 2, fixed=True)[0])
                     http_ttft.append(through_gateway(web, 2, fixed=True)[0])
     finally:
-        gateway.terminate()
-        gateway.wait(timeout=10)
+        gateway.stop(timeout=10)
         manager.stop(timeout=30)
         shutil.rmtree(run_dir, ignore_errors=True)
 

@@ -47,7 +47,7 @@ from wyoming.tts import SynthesizeChunk, SynthesizeStart, SynthesizeStop  # noqa
 
 from agents.talk import talk  # noqa: E402
 from bench.voice_turn import QUESTIONS, QUIET, bench_config, loop_daemons  # noqa: E402
-from daemonkit.process import DaemonProcess, free_port  # noqa: E402
+from daemonkit.process import DaemonProcess  # noqa: E402
 from model_client import ModelClient  # noqa: E402
 from model_client.audio import Audio, read_wav  # noqa: E402
 
@@ -132,13 +132,8 @@ def main() -> None:
     config = bench_config(run)
     # One seed: both paths sample the same reply, so their first spoken pieces are the same length.
     config["personas"]["jarvis"]["generation"]["seed"] = 7
-    ports = {"asr": free_port(), "tts": free_port(), "jarvis": free_port()}
-    config["wyoming"] = {
-        "asr_port": ports["asr"],
-        "tts_port": ports["tts"],
-        "handle_ports": {"jarvis": ports["jarvis"]},
-    }
-    config["gateway"] = {"port": free_port()}
+    config["wyoming"] = {"asr_port": 0, "tts_port": 0, "handle_ports": {"jarvis": 0}}  # any free ports
+    config["gateway"] = {"port": 0}
     # The Wyoming path's Jarvis runs on a second instance of the same model file: the two paths then reuse only
     # their own conversation's cache, never each other's (one engine would copy the other path's identical prompt).
     config["models"]["smollm2-wyoming"] = dict(config["models"]["smollm2"])
@@ -149,7 +144,10 @@ def main() -> None:
     wyoming_path = run / "wyoming.yaml"
     wyoming_path.write_text(yaml.safe_dump(wyoming_config))
     daemons = loop_daemons(config, config_path)
-    wyoming = DaemonProcess("services.wyoming", wyoming_path, config["endpoints"]["requests"], None, *QUIET)
+    ports_file = run / "wyoming.ports.json"
+    wyoming = DaemonProcess(
+        "services.wyoming", wyoming_path, config["endpoints"]["requests"], None, *QUIET, "--ports-file", str(ports_file)
+    )
     rows: list[dict] = []
     try:
         for daemon in daemons:
@@ -157,7 +155,7 @@ def main() -> None:
         for daemon in daemons:
             daemon.wait_ready(timeout=60)
         wyoming.start(wait=False)
-        wyoming.wait_listening(ports["jarvis"], timeout=60)
+        ports = wyoming.wait_ports(ports_file, timeout=60)
         with ModelClient(config["endpoints"]["requests"], timeout=120) as client:
             wavs = [client.synthesize(q).audio.to_wav() for q in QUESTIONS[: args.turns]]
         talk(wavs[0], session_id="warm-up", config=config_path)  # loads the models once, not measured

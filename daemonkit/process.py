@@ -1,12 +1,12 @@
 """A daemon as a child process, for the tests and the benchmarks: start ``python -m <module> --config <yaml>``, wait
-until its request socket answers ``ping`` (or, for a daemon serving TCP, until its port takes connections), failing
+until its request socket answers ``ping`` (or, for a daemon serving TCP, until it writes its ``--ports-file``), failing
 at once with its log if it exits first; stop it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,13 +21,6 @@ class DaemonExited(RuntimeError):
     """The daemon ended before it answered ``ping``."""
 
 
-def free_port() -> int:
-    """A TCP port on loopback nobody listens on now (for a daemon started next)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class DaemonProcess:
     def __init__(
         self, module: str, config_path: Path, endpoint: str, log_path: Path | None = None, *extra: str
@@ -35,7 +28,7 @@ class DaemonProcess:
         self.module = module
         self.config_path = config_path
         self.endpoint = endpoint  # its request socket, which answers ping once it is ready (a TCP-only daemon: the
-        # manager's, and wait_listening instead)
+        # manager's, and wait_ports instead)
         self.log_path = log_path  # None: the daemon's output goes to ours
         self.extra = extra
         self.proc: subprocess.Popen | None = None
@@ -53,6 +46,11 @@ class DaemonProcess:
             self.wait_ready(timeout)
         return self
 
+    def _stopped_on_failure(self) -> None:
+        """A start that failed (no answer, no ports) leaves nothing running behind it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop(timeout=10)
+
     def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
         """The daemon's ``ping`` answer, once it gives one."""
 
@@ -60,29 +58,32 @@ class DaemonProcess:
             if self.proc is None or self.proc.poll() is not None:
                 raise DaemonExited(f"{self.module} exited before it answered ping\n{self.log_tail()}")
 
-        with ModelClient(self.endpoint, retries=0) as client:
-            return client.wait_ready(timeout=timeout, on_wait=still_running, interval=0.25)
+        try:
+            with ModelClient(self.endpoint, retries=0) as client:
+                return client.wait_ready(timeout=timeout, on_wait=still_running, interval=0.25)
+        except BaseException:
+            self._stopped_on_failure()
+            raise
 
-    def wait_listening(self, port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> None:
-        """For a daemon that serves TCP (the Wyoming service): return once ``port`` takes connections."""
+    def wait_ports(self, ports_file: Path, timeout: float = 30.0) -> dict[str, int]:
+        """For a daemon that serves TCP, started with ``--ports-file``: the ports it listens on, once it does."""
         deadline = time.monotonic() + timeout
-        while True:
+        while not ports_file.exists():
             if self.proc is None or self.proc.poll() is not None:
-                raise DaemonExited(f"{self.module} exited before it listened on {port}\n{self.log_tail()}")
-            try:
-                socket.create_connection((host, port), timeout=1).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.module} did not listen on {port} in {timeout} s") from None
-                time.sleep(0.1)
+                raise DaemonExited(f"{self.module} exited before it listened\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self._stopped_on_failure()
+                raise TimeoutError(f"{self.module} did not listen in {timeout} s\n{self.log_tail()}")
+            time.sleep(0.05)
+        return json.loads(ports_file.read_text())
 
     def client(self, **kwargs: Any) -> ModelClient:
         return ModelClient(self.endpoint, **kwargs)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        """Its exit code; killed if it has not stopped ``timeout`` seconds after ``sig``."""
-        assert self.proc is not None
+        """Its exit code; killed if it has not stopped ``timeout`` seconds after ``sig`` (0: never started)."""
+        if self.proc is None:
+            return 0
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:

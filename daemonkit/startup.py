@@ -23,6 +23,11 @@ def parser_for(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", type=Path, default=config_path(), help="YAML config (default: %(default)s)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    parser.add_argument(
+        "--ports-file",
+        type=Path,
+        help="a daemon that serves TCP writes the ports it listens on here as JSON (with port 0 in the YAML: any)",
+    )
     return parser
 
 

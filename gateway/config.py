@@ -10,10 +10,12 @@ import msgspec
 from daemonkit.settings import ConfigError, Section, convert, read_sections
 from model_client.security import is_loopback
 
+SHUTDOWN_GRACE_S = 3.0  # SIGTERM: what open requests get before the gateway ends them
+
 
 class GatewaySettings(Section):
     host: str = "127.0.0.1"  # off loopback, `api_keys` must be set: clients then send `Authorization: Bearer KEY`
-    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8100
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8100  # 0: any free port (see --ports-file)
     api_keys: list[Annotated[str, msgspec.Meta(min_length=16)]] = []
     request_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0  # how long a request may wait for the manager
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 32 * 1024 * 1024

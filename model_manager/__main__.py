@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from daemonkit.binding import InsecureEndpoint
+from daemonkit.listening import write_ports_file
 from daemonkit.logs import configure_logging
 from model_client.endpoints import config_path
 from model_manager.broker import ModelManagerAgent
@@ -16,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="model_manager", description="The ModelManagerAgent daemon.")
     parser.add_argument("--config", default=str(config_path()), help="YAML config (default: %(default)s)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides the config")
+    parser.add_argument(
+        "--ports-file", type=Path, help="write the TCP ports the request and event sockets got (tcp://HOST:* binds any)"
+    )
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
@@ -28,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     except (InsecureEndpoint, ValueError, OSError) as exc:
         print(f"model_manager: {exc}", file=sys.stderr)
         return 2
+    write_ports_file(args.ports_file, agent.tcp_ports())
     agent.serve()
     return 0
 

@@ -105,6 +105,15 @@ class ModelManagerAgent:
         self._next_metrics = 0.0
         self._next_tick = 0.0
 
+    def tcp_ports(self) -> dict[str, int]:
+        """The ports the request and event sockets listen on, where they are TCP (``tcp://HOST:*``: any free one)."""
+        ports = {}
+        for name, sock in (("requests", self.frontend), ("events", self.events.sock)):
+            endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+            if endpoint.startswith("tcp://"):
+                ports[name] = int(endpoint.rsplit(":", 1)[1])
+        return ports
+
     # ----- the loop -------------------------------------------------------------------------------------------
 
     def serve(self) -> None:

@@ -15,7 +15,7 @@ import pytest
 import yaml
 import zmq
 
-from daemonkit.process import DaemonProcess, free_port  # noqa: F401 - free_port: the tests' import
+from daemonkit.process import DaemonProcess
 from model_client import ModelClient, protocol
 from model_client.protocol import MIB
 
@@ -151,10 +151,10 @@ def stack_config(run_dir: Path) -> dict:
     }
     config["routing"] = shipped["routing"]
     config["personas"] = shipped["personas"]
-    # The network front ends on ports of their own: a test never meets a stack running on this machine.
-    config["gateway"] = {"port": free_port()}
-    ports = {"asr_port": free_port(), "tts_port": free_port()}
-    config["wyoming"] = {**ports, "handle_ports": {name: free_port() for name in shipped["personas"]}}
+    # The network front ends on any free ports (0; a daemon started with --ports-file says which): a test never
+    # meets a stack running on this machine, nor races another process for a port.
+    config["gateway"] = {"port": 0}
+    config["wyoming"] = {"asr_port": 0, "tts_port": 0, "handle_ports": {name: 0 for name in shipped["personas"]}}
     return config
 
 

@@ -7,9 +7,7 @@ import io
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from daemonkit.settings import ConfigError
 from gateway.app import build_app
 from gateway.config import GatewaySettings, load_gateway_settings
 from model_client import ModelClient, protocol
-from tests.conftest import REPO, ManagerProcess, base_config, free_port, model_status, wait_for
+from tests.conftest import DaemonProcess, ManagerProcess, base_config, model_status, wait_for
 from tests.test_speech import wer
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -48,34 +46,32 @@ class Stack:
         return self.manager.client(timeout=120)
 
 
+def start_gateway(manager: ManagerProcess, config_path: Path, name: str = "gateway") -> tuple[DaemonProcess, str]:
+    """The gateway on ``config_path`` (port 0: any free one), once it listens: the process and its URL."""
+    ports_file = manager.run_dir / f"{name}.ports.json"
+    gateway = DaemonProcess(
+        "gateway", config_path, manager.endpoint, manager.run_dir / f"{name}.log", "--ports-file", str(ports_file)
+    )
+    gateway.start(wait=False)
+    return gateway, f"http://127.0.0.1:{gateway.wait_ports(ports_file)['http']}"
+
+
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     run_dir = Path(tempfile.mkdtemp(prefix="mm-"))
     config = base_config(run_dir)
-    port = free_port()
-    config["gateway"] = {"port": port}
+    config["gateway"] = {"port": 0}
     config["models"]["smollm2-batched"] = {**config["models"]["smollm2"], "parallel": 4}
     manager = ManagerProcess(run_dir, config)
-    manager.start()
-    log = open(run_dir / "gateway.log", "ab")  # noqa: SIM115
-    command = [sys.executable, "-m", "gateway", "--config", str(manager.config_path)]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
+    gateway: DaemonProcess | None = None
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, (run_dir / "gateway.log").read_text()
-            try:
-                httpx.get(f"{url}/api/version", timeout=1).raise_for_status()
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the gateway did not answer in 30 s"
-                time.sleep(0.1)
-        yield Stack(manager, url, proc)
+        manager.start()
+        gateway, url = start_gateway(manager, manager.config_path)
+        assert gateway.proc is not None
+        yield Stack(manager, url, gateway.proc)
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
+        if gateway is not None:
+            gateway.stop(timeout=10)
         manager.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
 

@@ -20,7 +20,7 @@ import zmq
 from model_client import ModelClient, protocol
 from model_client.errors import BadRequest, Busy, ModelNotFound, Timeout
 from model_client.security import CurveClient, is_local, make_keys
-from tests.conftest import GREEDY, REPO, ManagerProcess, base_config, free_port, wait_for
+from tests.conftest import GREEDY, REPO, ManagerProcess, base_config, wait_for
 
 QUESTION = [{"role": "user", "content": "Write a long story about a dragon."}]
 
@@ -69,7 +69,7 @@ def test_loopback_and_ipc_are_local_everything_else_is_not() -> None:
 
 def test_the_manager_refuses_a_network_address_without_curve_keys(run_dir: Path) -> None:
     config = base_config(run_dir)
-    config["endpoints"]["requests"] = f"tcp://0.0.0.0:{free_port()}"
+    config["endpoints"]["requests"] = "tcp://0.0.0.0:*"  # refused before it binds anything
     path = run_dir / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     run = subprocess.run(
@@ -87,18 +87,19 @@ def test_the_manager_refuses_a_network_address_without_curve_keys(run_dir: Path)
 def test_only_authorized_curve_clients_get_answers(run_dir: Path) -> None:
     keys = make_keys(run_dir / "keys", ("alice", "mallory"))
     (keys["authorized"] / "mallory.key").unlink()  # mallory has a key pair, but it is not allowed in
-    host, port = lan_address(), free_port()
+    host = lan_address()
     config = base_config(run_dir)
-    config["endpoints"]["requests"] = f"tcp://0.0.0.0:{port}"
+    config["endpoints"]["requests"] = "tcp://0.0.0.0:*"  # any free port: the manager says which
     config["security"] = {
         "curve_server_secret_key": str(keys["server_secret"]),
         "curve_authorized_keys": str(keys["authorized"]),
     }
     config["limits"].update(requests_per_second=5, burst=5)
     manager = ManagerProcess(run_dir, config)
+    manager.extra = ("--ports-file", str(run_dir / "ports.json"))
     manager.start(wait=False)
     try:
-        endpoint = f"tcp://{host}:{port}"
+        endpoint = f"tcp://{host}:{manager.wait_ports(run_dir / 'ports.json')['requests']}"
         alice = CurveClient.from_files(keys["alice_secret"], keys["server_public"])
         with ModelClient(endpoint, timeout=1.0, retries=0, curve=alice) as client:
             reply = client.wait_ready(timeout=30)

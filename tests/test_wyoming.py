@@ -31,7 +31,7 @@ from daemonkit.process import DaemonProcess
 from daemonkit.settings import ConfigError
 from model_client.audio import Audio
 from services.wyoming.config import load_wyoming_config
-from tests.conftest import REPO, SHIPPED_CONFIG, ManagerProcess, free_port, rss_bytes, stack_config, wait_for
+from tests.conftest import REPO, SHIPPED_CONFIG, ManagerProcess, rss_bytes, stack_config, wait_for
 from tests.test_speech import wer
 
 QUESTION = "What is the weather forecast for tomorrow morning?"
@@ -56,12 +56,12 @@ class Service:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
 
-def start_service(config_path: Path, log_path: Path, port: int, endpoint: str) -> DaemonProcess:
-    """The Wyoming service on ``config_path``, once ``port`` takes connections (``endpoint``: the manager's)."""
-    service = DaemonProcess("services.wyoming", config_path, endpoint, log_path)
+def start_service(config_path: Path, log_path: Path, endpoint: str) -> tuple[DaemonProcess, dict[str, int]]:
+    """The Wyoming service on ``config_path`` (``endpoint``: the manager's), once it listens: it and its ports."""
+    ports_file = log_path.with_suffix(".ports.json")
+    service = DaemonProcess("services.wyoming", config_path, endpoint, log_path, "--ports-file", str(ports_file))
     service.start(wait=False)
-    service.wait_listening(port)
-    return service
+    return service, service.wait_ports(ports_file)
 
 
 @pytest.fixture(scope="module")
@@ -74,16 +74,16 @@ def service() -> Iterator[Service]:
     config["personas"]["hasty"] = {**config["personas"]["jarvis"], "model": "smollm2-short-queue", "wake_words": []}
     config["personas"]["hasty"]["fallback"] = None
     config["wyoming"].update(max_event_bytes=256 * 1024, max_audio_bytes=256 * 1024)
-    wyoming = config["wyoming"]
-    wyoming["handle_ports"]["hasty"] = free_port()
-    ports = {"asr": wyoming["asr_port"], "tts": wyoming["tts_port"], **wyoming["handle_ports"]}
+    config["wyoming"]["handle_ports"]["hasty"] = 0
     manager = ManagerProcess(run_dir, config)
-    manager.start()
-    daemon = start_service(manager.config_path, run_dir / "wyoming.log", ports["hasty"], manager.endpoint)
+    daemon: DaemonProcess | None = None
     try:
+        manager.start()
+        daemon, ports = start_service(manager.config_path, run_dir / "wyoming.log", manager.endpoint)
         yield Service(manager, daemon, ports)
     finally:
-        daemon.stop(timeout=10)
+        if daemon is not None:
+            daemon.stop(timeout=10)
         manager.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -363,12 +363,12 @@ def _frame(event: Event) -> bytes:
 
 def test_zeroconf_announces_the_port_to_home_assistant(service: Service) -> None:
     config = yaml.safe_load(service.manager.config_path.read_text())
-    port = free_port()
-    config["wyoming"] = {"host": "0.0.0.0", "allow_remote": True, "zeroconf": True, "asr_port": port}
+    config["wyoming"] = {"host": "0.0.0.0", "allow_remote": True, "zeroconf": True, "asr_port": 0}
     config.update(wyoming={**config["wyoming"], "tts_port": None, "handle_ports": {}})
     path = service.manager.run_dir / "zeroconf.yaml"
     path.write_text(yaml.safe_dump(config))
-    announcer = start_service(path, service.manager.run_dir / "zeroconf.log", port, service.manager.endpoint)
+    announcer, ports = start_service(path, service.manager.run_dir / "zeroconf.log", service.manager.endpoint)
+    port = ports["asr"]  # any free port was asked for: the one announced is the one bound
     browser = Zeroconf()
     try:
         found = browser.get_service_info("_wyoming._tcp.local.", "model-manager-stt._wyoming._tcp.local.", 10_000)

@@ -10,13 +10,13 @@ from services.wyoming.server import WyomingService
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, manager, _curve = start_daemon(
+    (config, ports_file), manager, _curve = start_daemon(
         "wyoming",
         "Whisper, Piper and the personas over the Wyoming protocol (Home Assistant).",
         argv,
-        lambda a: load_wyoming_config(a.config),
+        lambda a: (load_wyoming_config(a.config), a.ports_file),
     )
-    asyncio.run(WyomingService(config, manager).serve())
+    asyncio.run(WyomingService(config, manager).serve(ports_file))
 
 
 if __name__ == "__main__":

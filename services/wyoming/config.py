@@ -12,7 +12,7 @@ from agents.config import AgentsConfig, load_agents_config
 from daemonkit.settings import ConfigError, Section, convert, read_sections
 from model_client.security import is_loopback
 
-Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]  # 0: any free port (the daemon's --ports-file tells which)
 
 
 class WyomingSettings(Section):
@@ -53,7 +53,7 @@ def load_wyoming_config(path: Path) -> WyomingConfig:
                 f"{path}: wyoming.handle_ports names {persona!r}, which is not a persona "
                 f"({sorted(agents.personas)}) - at `$.wyoming.handle_ports`"
             )
-    ports = [p for p in (settings.asr_port, settings.tts_port, *settings.handle_ports.values()) if p is not None]
+    ports = [p for p in (settings.asr_port, settings.tts_port, *settings.handle_ports.values()) if p]
     if len(ports) != len(set(ports)):
         raise ConfigError(f"{path}: two Wyoming services share a port ({ports}) - at `$.wyoming`")
     if not is_loopback(settings.host) and not settings.allow_remote:

@@ -8,11 +8,13 @@ import contextlib
 import signal
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import structlog
 from wyoming.event import Event
 
+from daemonkit.listening import bound_port, listen_tcp, write_ports_file
 from model_client.aio import ManagerLink
 from services.wyoming.asr import AsrHandler
 from services.wyoming.catalogue import ASR_PROGRAM, TTS_PROGRAM, Catalogue
@@ -27,8 +29,11 @@ log = structlog.get_logger("wyoming")
 
 
 class Port:
-    def __init__(self, name: str, port: int, describe: Callable[[], Event], handler: Callable[[Peer], Handler]):
-        self.name, self.port, self.describe, self.handler = name, port, describe, handler
+    def __init__(
+        self, key: str, name: str, port: int, describe: Callable[[], Event], handler: Callable[[Peer], Handler]
+    ):
+        # key: "asr", "tts" or the persona (the ports file's names); port: as configured, then as bound
+        self.key, self.name, self.port, self.describe, self.handler = key, name, port, describe, handler
 
 
 class WyomingService:
@@ -44,15 +49,18 @@ class WyomingService:
     def _ports(self) -> list[Port]:
         s, link, catalogue = self.settings, self.link, self.catalogue
         ports = []
-        if s.asr_port:
-            ports.append(Port(ASR_PROGRAM, s.asr_port, catalogue.asr_info, lambda p: AsrHandler(p, link, catalogue, s)))
-        if s.tts_port:
-            ports.append(Port(TTS_PROGRAM, s.tts_port, catalogue.tts_info, lambda p: TtsHandler(p, link, catalogue, s)))
+        if s.asr_port is not None:
+            asr = lambda p: AsrHandler(p, link, catalogue, s)  # noqa: E731
+            ports.append(Port("asr", ASR_PROGRAM, s.asr_port, catalogue.asr_info, asr))
+        if s.tts_port is not None:
+            tts = lambda p: TtsHandler(p, link, catalogue, s)  # noqa: E731
+            ports.append(Port("tts", TTS_PROGRAM, s.tts_port, catalogue.tts_info, tts))
         histories = persona_histories(self.config.agents)
         for persona, number in s.handle_ports.items():
             door = PersonaDoor(persona, self.config.agents, histories)
             ports.append(
                 Port(
+                    persona,
                     persona,
                     number,
                     lambda name=persona: catalogue.handle_info(name),
@@ -61,19 +69,19 @@ class WyomingService:
             )
         return ports
 
-    async def serve(self) -> None:
+    async def serve(self, ports_file: Path | None = None) -> None:
         await self.catalogue.refresh()
         refresher = asyncio.create_task(self.catalogue.keep_fresh())
         for port in self.ports:
             server = await asyncio.start_server(
                 lambda r, w, port=port: self._connection(port, r, w),
-                self.settings.host,
-                port.port,
+                sock=listen_tcp(self.settings.host, port.port),  # port 0: any free one, reported below
                 limit=HEADER_LINE_LIMIT,
-                reuse_address=True,
             )
+            port.port = bound_port(server.sockets[0])
             self.servers.append(server)
             log.info("wyoming_listening", service=port.name, host=self.settings.host, port=port.port)
+        write_ports_file(ports_file, {port.key: port.port for port in self.ports})
         zeroconf = await self._advertise() if self.settings.zeroconf else None
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
