@@ -10,7 +10,7 @@ from typing import Any
 
 import structlog
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -20,6 +20,7 @@ from gateway.errors import HttpError, from_manager, ollama_error, openai_error
 from gateway.ollama_api import Ollama
 from gateway.openai_api import OpenAI
 from gateway.openai_audio import OpenAIAudio
+from gateway.watch import CLIENT_CLOSED
 from model_client.aio import ManagerLink
 from model_client.errors import ModelManagerError
 
@@ -33,6 +34,12 @@ def _is_openai(request: Request) -> bool:
 async def on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HttpError)
     return openai_error(exc) if _is_openai(request) else ollama_error(exc)
+
+
+async def on_client_gone(request: Request, exc: Exception) -> Response:
+    """The client hung up while sending its body: one line, no traceback; the answer goes nowhere."""
+    log.info("client_gone", path=request.url.path, during="body")
+    return Response(status_code=CLIENT_CLOSED)
 
 
 async def on_manager_error(request: Request, exc: Exception) -> Response:
@@ -82,11 +89,12 @@ class Guard:
 
 
 def build_app(settings: GatewaySettings, manager_endpoint: str) -> Starlette:
-    link = ManagerLink(manager_endpoint, settings.request_timeout_s)
+    link = ManagerLink(manager_endpoint, settings.request_timeout_s, max_message_bytes=settings.max_body_bytes)
     openai, audio, ollama = OpenAI(link), OpenAIAudio(link), Ollama(link)
     routes = [
         Route("/v1/audio/speech", audio.speech, methods=["POST"]),
         Route("/v1/audio/transcriptions", audio.transcriptions, methods=["POST"]),
+        Route("/v1/audio/translations", audio.translations, methods=["POST"]),
         Route("/v1/audio/models", audio.models, methods=["GET"]),
         Route("/v1/audio/voices", audio.voices, methods=["GET"]),
         Route("/v1/models", openai.models, methods=["GET"]),
@@ -103,6 +111,7 @@ def build_app(settings: GatewaySettings, manager_endpoint: str) -> Starlette:
         Route("/api/chat", ollama.chat, methods=["POST"]),
         Route("/api/generate", ollama.generate, methods=["POST"]),
         Route("/api/embed", ollama.embed, methods=["POST"]),
+        Route("/api/embeddings", ollama.embeddings, methods=["POST"]),
     ]
 
     @contextlib.asynccontextmanager
@@ -112,7 +121,11 @@ def build_app(settings: GatewaySettings, manager_endpoint: str) -> Starlette:
 
     app = Starlette(
         routes=routes,
-        exception_handlers={HttpError: on_http_error, ModelManagerError: on_manager_error},
+        exception_handlers={
+            HttpError: on_http_error,
+            ModelManagerError: on_manager_error,
+            ClientDisconnect: on_client_gone,
+        },
         lifespan=lifespan,
     )
     app.add_middleware(Guard, settings=settings)

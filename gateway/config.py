@@ -8,6 +8,7 @@ from typing import Annotated
 import msgspec
 
 from daemonkit.settings import ConfigError, Section, convert, read_sections
+from model_client.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from model_client.security import is_loopback
 
 SHUTDOWN_GRACE_S = 3.0  # SIGTERM: what open requests get before the gateway ends them
@@ -18,12 +19,16 @@ class GatewaySettings(Section):
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8100  # 0: any free port (see --ports-file)
     api_keys: list[Annotated[str, msgspec.Meta(min_length=16)]] = []
     request_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0  # how long a request may wait for the manager
-    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 32 * 1024 * 1024
+    # At most the manager's limits.max_message_bytes, whatever is set here: a larger body could never reach it.
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = DEFAULT_MAX_MESSAGE_BYTES
 
 
 def load_gateway_settings(path: Path) -> GatewaySettings:
     data, _base_dir = read_sections(path)
     settings = convert(data.get("gateway") or {}, GatewaySettings, str(path), "$.gateway")
+    manager_limit = (data.get("limits") or {}).get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
+    if isinstance(manager_limit, int) and manager_limit < settings.max_body_bytes:
+        settings = msgspec.structs.replace(settings, max_body_bytes=manager_limit)
     if not is_loopback(settings.host) and not settings.api_keys:
         raise ConfigError(
             f"{path}: gateway.host {settings.host!r} is off loopback: set gateway.api_keys - at `$.gateway`"

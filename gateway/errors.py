@@ -43,6 +43,8 @@ class HttpError(Exception):
 
 
 def from_manager(error: ModelManagerError) -> HttpError:
+    if error.code == "bad_request" and "max_message_bytes" in error.details:  # the request was over the limit
+        return HttpError(413, error.message, code="body_too_large")
     status, code = STATUS.get(error.code, (500, None))
     retry = error.details.get("retry_after_ms") if error.code == "busy" else None
     return HttpError(status, error.message, code=code or error.code, retry_after_ms=retry)

@@ -5,6 +5,7 @@ it succeeds for a catalogue name, else 404). Model names may carry Ollama's ``:l
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -14,8 +15,9 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from gateway.body import decode, refuse_unserved
 from gateway.errors import HttpError
-from gateway.openai_api import decode
+from gateway.watch import CLIENT_CLOSED, unless_gone
 from model_client import protocol
 from model_client.aio import ManagerLink
 
@@ -31,7 +33,21 @@ class Options(msgspec.Struct):
     seed: int | None = None
     num_predict: int | None = None
     stop: list[str] | None = None
-    num_ctx: int | None = None  # the catalogue decides a model's context: accepted, not applied
+    # Accepted, not applied (docs/gateway.md), but typed: a wrong type is still a 400 naming the field.
+    num_ctx: int | None = None  # the catalogue decides a model's context
+    num_keep: int | None = None
+    num_batch: int | None = None
+    num_gpu: int | None = None  # the catalogue and the memory policy place a model
+    num_thread: int | None = None  # the manager hands out CPU threads
+    repeat_last_n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    typical_p: float | None = None
+    mirostat: int | None = None
+    mirostat_tau: float | None = None
+    mirostat_eta: float | None = None
+    use_mmap: bool | None = None
+    numa: bool | None = None
 
 
 class OllamaMessage(msgspec.Struct):
@@ -39,6 +55,8 @@ class OllamaMessage(msgspec.Struct):
     content: str = ""
     tool_calls: list[dict[str, Any]] | None = None  # Ollama's: {"function": {"name", "arguments": {...}}}
     tool_name: str | None = None
+    images: list[str] | None = None  # refused: no model here sees images
+    thinking: str | None = None  # an earlier reply's reasoning: not fed back
 
 
 class Generation(msgspec.Struct, kw_only=True):
@@ -47,6 +65,7 @@ class Generation(msgspec.Struct, kw_only=True):
     format: Literal["json"] | dict[str, Any] | None = None
     options: Options | None = None
     keep_alive: str | int | float | None = None
+    think: bool | str | None = None  # refused when set: no reasoning mode is served
 
 
 class ChatBody(Generation, kw_only=True):
@@ -57,6 +76,11 @@ class ChatBody(Generation, kw_only=True):
 class GenerateBody(Generation, kw_only=True):
     prompt: str = ""
     system: str | None = None
+    raw: bool = False  # without a system prompt the prompt goes to the model as it is anyway
+    images: list[str] | None = None  # refused: no model here sees images
+    suffix: str | None = None  # refused: no fill-in-the-middle
+    template: str | None = None  # refused: the catalogue's chat format applies
+    context: list[int] | None = None  # refused: Ollama's old token context (use /api/chat)
 
 
 class ModelBody(msgspec.Struct):
@@ -77,6 +101,15 @@ class EmbedBody(msgspec.Struct, kw_only=True):
     keep_alive: str | int | float | None = None
 
 
+class LegacyEmbedBody(msgspec.Struct, kw_only=True):
+    """Ollama's older /api/embeddings: one prompt, one vector, not normalized."""
+
+    model: str
+    prompt: str
+    options: Options | None = None
+    keep_alive: str | int | float | None = None
+
+
 class PullBody(ModelBody):
     stream: bool = True
 
@@ -85,12 +118,34 @@ def name_of(model: str) -> str:
     return model.removesuffix(":latest")
 
 
-def unloads(keep_alive: str | int | float | None) -> bool:
-    """Ollama's ``keep_alive`` 0 (``"0"``, ``"0s"``, ``"0m"``): unload once answered. Other values keep the
-    catalogue's idle TTL."""
+DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+FOREVER = -1.0
+
+
+def keep_alive_seconds(keep_alive: str | int | float | None) -> float | None:
+    """Ollama's ``keep_alive``: a number of seconds or a Go duration ("5m", "1h30m", "0"); any negative value keeps
+    the model loaded (-1). None: the catalogue's idle TTL. A malformed one is a 400."""
+    if keep_alive is None:
+        return None
     if isinstance(keep_alive, int | float):
-        return keep_alive == 0
-    return isinstance(keep_alive, str) and keep_alive.strip().rstrip("smh") in ("0", "0.0")
+        return FOREVER if keep_alive < 0 else float(keep_alive)
+    text = keep_alive.strip()
+    sign, text = (-1.0, text[1:]) if text.startswith("-") else (1.0, text.lstrip("+"))
+    try:
+        seconds = float(text)  # a bare number: seconds
+    except ValueError:
+        parts = DURATION.findall(text)
+        if not text or "".join(n + u for n, u in parts) != text:
+            message = f"keep_alive {keep_alive!r} is not a duration (like 5m, 1h30m, 0, -1)"
+            raise HttpError(400, message, "keep_alive", "invalid_value") from None
+        seconds = sum(float(n) * UNIT_S[u] for n, u in parts)
+    return FOREVER if sign < 0 and seconds > 0 else min(seconds, 10 * 365 * 86400.0)
+
+
+def unloads(keep_alive: str | int | float | None) -> bool:
+    """keep_alive 0: unload once answered."""
+    return keep_alive_seconds(keep_alive) == 0
 
 
 def _args(body: Generation) -> dict[str, Any]:
@@ -105,6 +160,8 @@ def _args(body: Generation) -> dict[str, Any]:
         args["json_schema"] = {"type": "object"}
     elif isinstance(body.format, dict):
         args["json_schema"] = body.format
+    if (keep := keep_alive_seconds(body.keep_alive)) is not None:
+        args["keep_alive_s"] = keep
     return args
 
 
@@ -221,6 +278,10 @@ class Ollama:
 
     async def chat(self, request: Request) -> Response:
         body = await decode(request, ChatBody)
+        refuse_unserved(body, "think")
+        for index, message in enumerate(body.messages):
+            if message.images:
+                raise HttpError(400, "images are not served: no model here sees them", f"messages[{index}].images")
         if not body.messages:  # Ollama's way to load a model (or, with keep_alive 0, to unload it)
             return await self._load_or_unload(body)
         args = {**_args(body), "messages": [_turn(m) for m in body.messages]}
@@ -228,22 +289,28 @@ class Ollama:
             args["tools"] = body.tools
         if cid := request.headers.get("x-conversation-id"):
             args["conversation_id"] = cid
-        return await self._generate(body, "chat", args)
+        return await self._generate(request, body, "chat", args)
 
     async def generate(self, request: Request) -> Response:
         body = await decode(request, GenerateBody)
+        if body.images:
+            raise HttpError(400, "images are not served: no model here sees them", "images")
+        refuse_unserved(body, "think", "suffix", "template", "context")
         if not body.prompt:
             return await self._load_or_unload(body)
         args = _args(body)
         if body.system:
             turns = [{"role": "system", "content": body.system}, {"role": "user", "content": body.prompt}]
-            return await self._generate(body, "chat", {**args, "messages": turns}, field="response")
-        return await self._generate(body, "complete", {**args, "prompt": body.prompt}, field="response")
+            return await self._generate(request, body, "chat", {**args, "messages": turns}, field="response")
+        return await self._generate(request, body, "complete", {**args, "prompt": body.prompt}, field="response")
 
     async def embed(self, request: Request) -> Response:
         body = await decode(request, EmbedBody)
         started = time.perf_counter_ns()
-        result = await self.link.request("embed", {"model": name_of(body.model), "input": body.input})
+        args: dict[str, Any] = {"model": name_of(body.model), "input": body.input}
+        if (keep := keep_alive_seconds(body.keep_alive)) is not None:
+            args["keep_alive_s"] = keep
+        result = await self.link.request("embed", args)
         await self._after(body)
         return JSONResponse(
             {
@@ -255,17 +322,34 @@ class Ollama:
             }
         )
 
+    async def embeddings(self, request: Request) -> Response:
+        body = await decode(request, LegacyEmbedBody)
+        if not body.prompt:  # Ollama answers an empty prompt with an empty vector
+            return JSONResponse({"embedding": []})
+        args: dict[str, Any] = {"model": name_of(body.model), "input": body.prompt, "normalize": False}
+        if (keep := keep_alive_seconds(body.keep_alive)) is not None:
+            args["keep_alive_s"] = keep
+        result = await self.link.request("embed", args)
+        await self._after(body)
+        return JSONResponse({"embedding": result["embeddings"][0]})
+
     async def _load_or_unload(self, body: Generation) -> Response:
         name = name_of(body.model)
-        op = "unload" if unloads(body.keep_alive) else "load"
-        await self.link.request(op, {"model": name})
+        keep = keep_alive_seconds(body.keep_alive)
+        op = "unload" if keep == 0 else "load"
+        await self.link.request(op, {"model": name} | ({"keep_alive_s": keep} if op == "load" and keep else {}))
         done = {"model": body.model, "created_at": _now(), "done": True, "done_reason": op}
         return JSONResponse({**done, "message": {"role": "assistant", "content": ""}, "response": ""})
 
-    async def _generate(self, body: Generation, op: str, args: dict[str, Any], field: str = "message") -> Response:
+    async def _generate(
+        self, request: Request, body: Generation, op: str, args: dict[str, Any], field: str = "message"
+    ) -> Response:
         started = time.perf_counter_ns()
-        if not body.stream:
-            result = await self.link.request(op, args)
+        if not body.stream:  # streamed from the manager all the same: a client gone cancels it (gateway/watch.py)
+            reply = await unless_gone(request, self.link.final(op, {**args, "stream": True}))
+            if reply is None:
+                return Response(status_code=CLIENT_CLOSED)
+            result = reply.body
             await self._after(body)
             answer = _final(body.model, result, started, field, result["text"])
             if field == "message" and (calls := _ollama_calls(result)):
@@ -304,7 +388,7 @@ class Ollama:
             await rest.aclose()
         await self._after(body)
 
-    async def _after(self, body: Generation | EmbedBody) -> None:
+    async def _after(self, body: Generation | EmbedBody | LegacyEmbedBody) -> None:
         if unloads(body.keep_alive):
             await self.link.request("unload", {"model": name_of(body.model)})
 

@@ -15,7 +15,9 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from gateway.body import decode, refuse_unserved
 from gateway.errors import HttpError
+from gateway.watch import CLIENT_CLOSED, unless_gone
 from model_client import protocol
 from model_client.aio import ManagerLink
 
@@ -62,7 +64,16 @@ class Sampling(msgspec.Struct, kw_only=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Annotated[int, msgspec.Meta(ge=1, le=1)] | None = None  # one choice: the only count served
+    # Accepted and ignored (docs/gateway.md), but typed: a wrong type is still a 400 naming the field.
     user: str | None = None
+    frequency_penalty: Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)] | None = None
+    presence_penalty: Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)] | None = None
+    logit_bias: dict[str, float] | None = None
+    service_tier: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    # Refused when set (docs/gateway.md): no token probabilities are computed.
+    top_logprobs: int | None = None
 
 
 class ChatRequest(Sampling, kw_only=True):
@@ -70,17 +81,31 @@ class ChatRequest(Sampling, kw_only=True):
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # ignored: one call a reply at most
+    logprobs: bool | None = None  # refused when true
+    modalities: list[Literal["text"]] | None = None  # text is the only output served
+    audio: dict[str, Any] | None = None  # refused: no audio output from chat (use /v1/audio/speech)
+
+    def unserved(self) -> None:
+        refuse_unserved(self, "logprobs", "top_logprobs", "audio")
 
 
 class CompletionRequest(Sampling, kw_only=True):
     prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]
+    logprobs: Annotated[int, msgspec.Meta(ge=0, le=5)] | None = None  # refused when above 0
+    echo: bool = False  # refused when true
+    suffix: str | None = None  # refused when given (no fill-in-the-middle)
+    best_of: Annotated[int, msgspec.Meta(ge=1)] | None = None  # refused above 1
+
+    def unserved(self) -> None:
+        refuse_unserved(self, "logprobs", "top_logprobs", "echo", "suffix", "best_of")
 
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True):
     model: str
     input: str | list[Any]  # strings; token arrays are refused with a clear error
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None  # accepted; the model's own size is served
+    dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None  # refused when given: the model's own size is served
     user: str | None = None
 
 
@@ -191,17 +216,20 @@ class OpenAI:
 
     async def chat_completions(self, request: Request) -> Response:
         body = await decode(request, ChatRequest)
+        body.unserved()
         args = chat_args(body, conversation_of(request, body))
-        return await self._generate(body, "chat", args, "chat.completion")
+        return await self._generate(request, body, "chat", args, "chat.completion")
 
     async def completions(self, request: Request) -> Response:
         body = await decode(request, CompletionRequest)
+        body.unserved()
         args = generation_args(body, conversation_of(request, body))
         args["prompt"] = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-        return await self._generate(body, "complete", args, "text_completion")
+        return await self._generate(request, body, "complete", args, "text_completion")
 
     async def embeddings(self, request: Request) -> Response:
         body = await decode(request, EmbeddingRequest)
+        refuse_unserved(body, "dimensions")
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts or not all(isinstance(text, str) for text in texts):
             raise HttpError(400, "input must be a string or a list of strings (token arrays are not served)", "input")
@@ -217,12 +245,14 @@ class OpenAI:
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return JSONResponse({"object": "list", "data": data, "model": result["model"], "usage": usage})
 
-    async def _generate(self, body: Sampling, op: str, args: dict[str, Any], kind: str) -> Response:
+    async def _generate(self, request: Request, body: Sampling, op: str, args: dict[str, Any], kind: str) -> Response:
         ident = ("chatcmpl-" if op == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        if not body.stream:
-            result = await self.link.request(op, args)
-            return JSONResponse(_whole(ident, created, kind, result))
+        if not body.stream:  # streamed from the manager all the same: a client gone cancels it (gateway/watch.py)
+            reply = await unless_gone(request, self.link.final(op, {**args, "stream": True}))
+            if reply is None:
+                return Response(status_code=CLIENT_CLOSED)
+            return JSONResponse(_whole(ident, created, kind, reply.body))
         replies = self.link.replies(op, {**args, "stream": True})
         first = await anext(replies)  # an error before the first piece is an HTTP error, not a broken stream
         usage = body.stream_options is not None and body.stream_options.include_usage
@@ -231,18 +261,6 @@ class OpenAI:
 
 
 T = TypeVar("T")
-
-
-async def decode(request: Request, kind: type[T]) -> T:
-    raw = await request.body()
-    try:
-        return msgspec.json.decode(raw, type=kind)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        param = message.rsplit("`$.", 1)[1].rstrip("`") if "`$." in message else None
-        raise HttpError(400, message, param, "invalid_value") from None
-    except msgspec.DecodeError as exc:
-        raise HttpError(400, f"the body is not valid JSON: {exc}", None, "invalid_json") from None
 
 
 def model_object(entry: dict[str, Any]) -> dict[str, Any]:

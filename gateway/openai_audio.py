@@ -13,8 +13,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from gateway.audio_codecs import encode
+from gateway.body import decode, refuse_unserved
 from gateway.errors import HttpError
-from gateway.openai_api import decode, model_object
+from gateway.openai_api import model_object
 from model_client.aio import ManagerLink
 
 # OpenAI's own voice and model names: a client that sends them gets the catalogue's first voice or Whisper model
@@ -29,6 +30,8 @@ class SpeechRequest(msgspec.Struct, kw_only=True):
     voice: str | None = None
     speed: Annotated[float, msgspec.Meta(ge=0.25, le=4.0)] = 1.0
     response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
+    stream_format: Literal["audio", "sse"] = "audio"  # "sse" refused: the audio comes whole, as a file
+    instructions: str | None = None  # refused when given: a Piper voice takes no speaking instructions
 
 
 def _clock(seconds: float, separator: str) -> str:
@@ -47,9 +50,9 @@ def subtitles(segments: list[dict[str, Any]], kind: str) -> str:
     return "\n".join(blocks)
 
 
-def verbose(result: dict[str, Any], words: bool) -> dict[str, Any]:
+def verbose(result: dict[str, Any], words: bool, task: str = "transcribe") -> dict[str, Any]:
     body: dict[str, Any] = {
-        "task": "transcribe",
+        "task": task,
         "language": result.get("language") or "",
         "duration": result.get("duration_s", 0.0),
         "text": result["text"],
@@ -88,6 +91,9 @@ class OpenAIAudio:
 
     async def speech(self, request: Request) -> Response:
         body = await decode(request, SpeechRequest)
+        if body.stream_format == "sse":
+            raise HttpError(400, "stream_format sse is not served: the speech comes as one file", "stream_format")
+        refuse_unserved(body, "instructions")
         names = {m["name"] for m in await self._catalogue("tts")}
         if body.voice in names:
             voice = body.voice
@@ -102,6 +108,13 @@ class OpenAIAudio:
         return Response(data, media_type=mime)
 
     async def transcriptions(self, request: Request) -> Response:
+        return await self._speech_to_text(request, "transcribe")
+
+    async def translations(self, request: Request) -> Response:
+        """The speech's meaning in English (OpenAI's translations take no language: the model detects it)."""
+        return await self._speech_to_text(request, "translate")
+
+    async def _speech_to_text(self, request: Request, task: str) -> Response:
         try:
             form = await request.form(max_files=1, max_fields=32)
         except Exception as exc:  # not multipart, or a malformed one
@@ -118,7 +131,9 @@ class OpenAIAudio:
             )
         words = "word" in form.getlist("timestamp_granularities[]")
         args: dict[str, Any] = {"model": None if model in OPENAI_STT_MODELS else model, "word_timestamps": words}
-        if language := form.get("language"):
+        if task == "translate":
+            args["task"] = task
+        elif language := form.get("language"):
             args["language"] = str(language)
         result = await self.link.request("transcribe", args, payloads=(audio,))
         if fmt == "text":
@@ -127,4 +142,4 @@ class OpenAIAudio:
             return PlainTextResponse(
                 subtitles(result["segments"], fmt), media_type="text/plain" if fmt == "srt" else "text/vtt"
             )
-        return JSONResponse(verbose(result, words) if fmt == "verbose_json" else {"text": result["text"]})
+        return JSONResponse(verbose(result, words, task) if fmt == "verbose_json" else {"text": result["text"]})

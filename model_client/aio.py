@@ -22,9 +22,16 @@ from model_client.security import CurveClient, connect_securely
 
 class ManagerLink:
     def __init__(
-        self, endpoint: str, timeout_s: float, curve: CurveClient | None = None, connect_timeout_s: float = 2.0
+        self,
+        endpoint: str,
+        timeout_s: float,
+        curve: CurveClient | None = None,
+        connect_timeout_s: float = 2.0,
+        max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.endpoint = endpoint
+        # The manager's limit: ZeroMQ drops a larger message unanswered, so it is refused here, at once.
+        self.max_message_bytes = max_message_bytes
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.curve = curve or CurveClient.from_env()
@@ -39,6 +46,9 @@ class ManagerLink:
         ``timeout_s``."""
         timeout_s = timeout_s or self.timeout_s
         request = protocol.Request(op=op, args=args, payloads=payloads, deadline_ms=round(timeout_s * 1000, 1))
+        frames = protocol.encode_request(request)
+        if (too_large := protocol.oversized([b"", *frames], self.max_message_bytes)) is not None:
+            raise too_large
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -51,7 +61,7 @@ class ManagerLink:
                     endpoint=self.endpoint,
                     reason="unreachable",
                 )
-            await sock.send_multipart([b"", *protocol.encode_request(request)])
+            await sock.send_multipart([b"", *frames])
             while True:
                 try:
                     async with asyncio.timeout(timeout_s):

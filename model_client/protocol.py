@@ -37,6 +37,15 @@ class ModelArgs(OpArgs, kw_only=True):
     model: str
 
 
+# How long the model stays loaded once idle after this request (Ollama's keep_alive): seconds, 0 unloads it after
+# the request, below 0 keeps it until it is unloaded or evicted for memory. None: the catalogue's idle_ttl_s.
+KeepAlive = Annotated[float, msgspec.Meta(ge=-1.0, le=10 * 365 * 86400.0)] | None
+
+
+class LoadArgs(ModelArgs, kw_only=True):
+    keep_alive_s: KeepAlive = None
+
+
 class ToolFunction(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     description: str = ""
@@ -95,6 +104,7 @@ class GenerationArgs(OpArgs, kw_only=True):
     # Constrained output, at most one: a GBNF grammar (llama.cpp's format), or a JSON schema the reply must match.
     grammar: Annotated[str, msgspec.Meta(min_length=1, max_length=65536)] | None = None
     json_schema: dict[str, Any] | None = None
+    keep_alive_s: KeepAlive = None
 
 
 class ChatArgs(GenerationArgs, kw_only=True):
@@ -115,6 +125,7 @@ class EmbedArgs(OpArgs, kw_only=True):
     model: str
     input: Annotated[str, msgspec.Meta(min_length=1)] | Annotated[list[str], msgspec.Meta(min_length=1, max_length=256)]
     normalize: bool = True
+    keep_alive_s: KeepAlive = None
 
 
 class ConversationArgs(OpArgs, kw_only=True):
@@ -135,6 +146,7 @@ class TranscribeArgs(OpArgs, kw_only=True):
     beam_size: Annotated[int, msgspec.Meta(ge=1, le=10)] = 1
     vad_filter: bool = False  # drop silence with the Silero VAD before transcribing
     word_timestamps: bool = False
+    task: Literal["transcribe", "translate"] = "transcribe"  # translate: the speech's meaning in English
 
 
 class SynthesizeArgs(OpArgs, kw_only=True):
@@ -153,7 +165,7 @@ OP_ARGS: dict[str, type[OpArgs]] = {
     "ping": NoArgs,
     "status": NoArgs,
     "models": NoArgs,
-    "load": ModelArgs,
+    "load": LoadArgs,
     "unload": ModelArgs,
     "chat": ChatArgs,
     "complete": CompleteArgs,
@@ -172,6 +184,7 @@ PRIORITY_NORMAL = 50  # the default
 PRIORITY_INTERACTIVE = 80  # a person is waiting: personas, voice turns
 MAX_DEADLINE_MS = 86_400_000
 MAX_FRAMES = 32  # in one message, routing frames included
+DEFAULT_MAX_MESSAGE_BYTES = 16 * MIB  # the manager's limits.max_message_bytes unless the YAML says otherwise
 
 
 @dataclass(frozen=True, slots=True)

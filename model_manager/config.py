@@ -15,7 +15,7 @@ import msgspec
 from daemonkit.binding import Security
 from daemonkit.settings import ConfigError, Section, convert, read_sections, resolve_path, sections_from_text
 from model_client.endpoints import resolve_endpoint
-from model_client.protocol import MIB
+from model_client.protocol import DEFAULT_MAX_MESSAGE_BYTES, MIB
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 ModelName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
@@ -43,7 +43,7 @@ class Defaults(Section):
 
 
 class Limits(Section):
-    max_message_bytes: PositiveInt = 16 * MIB
+    max_message_bytes: PositiveInt = DEFAULT_MAX_MESSAGE_BYTES
     max_tokens: PositiveInt = 4096
     request_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
     max_audio_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0  # longest clip `transcribe` accepts

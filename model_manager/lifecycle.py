@@ -112,13 +112,17 @@ class Lifecycle:
                 )
         slot.queue.append(job)
         self._in_flight.add(job.client_key)
+        if job.keep_alive_s is not None:
+            slot.keep_alive_s = job.keep_alive_s
         now = time.monotonic()
         half_life = self.config.scheduler.demand_half_life_s
         slot.demand = decay_demand(slot.demand, now - slot.last_used_mono, half_life) + 1.0
         self._pump(slot)
 
-    def load(self, slot: ModelSlot, waiter: Waiter) -> None:
+    def load(self, slot: ModelSlot, waiter: Waiter, keep_alive_s: float | None = None) -> None:
         """Answer ``waiter`` with the model's status once it is loaded (at once if it is)."""
+        if keep_alive_s is not None:
+            slot.keep_alive_s = keep_alive_s
         if slot.state is ModelState.READY:
             self._reply(waiter, model_entry(slot, time.time()))
             return
@@ -523,7 +527,7 @@ class Lifecycle:
                 oldest_run_started=min((j.started_at for j in slot.running.values() if j.started_at), default=None),
                 load_started=slot.load_started_at,
                 idle_s=slot.idle_for(wall),
-                idle_ttl_s=slot.spec.idle_ttl_s,
+                idle_ttl_s=slot.idle_ttl_s,
                 pinned=slot.spec.pinned,
                 waiting=slot.wants_load,
             )

@@ -59,8 +59,8 @@ class Ops:
     def models(self, route: list[bytes], request: protocol.Request, _args: Any) -> None:
         self._reply(route, request, {"models": [catalogue_entry(slot) for slot in self.slots.values()]})
 
-    def load(self, route: list[bytes], request: protocol.Request, args: protocol.ModelArgs) -> None:
-        self.lifecycle.load(self.slot(args.model), Waiter(route, request.id))
+    def load(self, route: list[bytes], request: protocol.Request, args: protocol.LoadArgs) -> None:
+        self.lifecycle.load(self.slot(args.model), Waiter(route, request.id), args.keep_alive_s)
 
     def unload(self, route: list[bytes], request: protocol.Request, args: protocol.ModelArgs) -> None:
         self.lifecycle.unload(self.slot(args.model), Waiter(route, request.id))
@@ -160,6 +160,7 @@ class Ops:
 def job_for(route: list[bytes], request: protocol.Request, args: Any, **extra: Any) -> Job:
     """The queued form of a request: its arguments as the worker reads them, its priority and its deadline."""
     job = Job(route=route, request_id=request.id, op=request.op, args=protocol.args_to_dict(args) | extra)
+    job.keep_alive_s = job.args.pop("keep_alive_s", None)  # the manager's business, not the worker's
     job.priority = protocol.PRIORITY_NORMAL if request.priority is None else request.priority
     if request.deadline_ms is not None:
         job.deadline = job.received_at + request.deadline_ms / 1000

@@ -56,6 +56,7 @@ class Job:
     # The manager's own id for it, unique in this process: what the worker and the running table know it by, so
     # two clients' equal ids never meet.
     key: str = field(default_factory=lambda: str(next(_job_keys)))
+    keep_alive_s: float | None = None  # the client's keep-alive for the model after this request (None: the YAML's)
 
     @property
     def client_key(self) -> tuple[bytes, str]:
@@ -148,6 +149,7 @@ class ModelSlot:
     kv_stats: dict[str, int] = field(default_factory=dict)  # the worker's saved conversation states
     batching: dict[str, float] = field(default_factory=dict)  # a batching worker's last figures
     plan: Decision | None = None  # the scheduler's last answer while the model waits for memory
+    keep_alive_s: float | None = None  # the last request's keep-alive, until the model unloads (None: the YAML's)
     pending_since: float | None = None
 
     def transition(self, to: ModelState) -> None:
@@ -155,6 +157,15 @@ class ModelSlot:
         if to not in TRANSITIONS[self.state]:
             raise IllegalTransition(f"{self.name}: {self.state} -> {to} is not a state change a model makes")
         self.state = to
+        if to in (ModelState.UNLOADED, ModelState.FAILED):
+            self.keep_alive_s = None  # a client's keep-alive lasts as long as the model it kept
+
+    @property
+    def idle_ttl_s(self) -> float:
+        """How long it stays loaded once idle: the last request's keep-alive, else the catalogue's (-1: ever)."""
+        if self.keep_alive_s is None:
+            return self.spec.idle_ttl_s
+        return -1.0 if self.keep_alive_s < 0 else self.keep_alive_s
 
     @property
     def busy(self) -> bool:

@@ -33,7 +33,7 @@ def device_entry(view: DeviceView) -> dict[str, Any]:
 
 def model_entry(slot: ModelSlot, now: float) -> dict[str, Any]:
     idle = slot.idle_for(now)
-    ttl = slot.spec.idle_ttl_s
+    ttl = slot.idle_ttl_s
     loaded = slot.state is ModelState.READY
     ttl_left = None
     if idle is not None and loaded and ttl >= 0 and not slot.spec.pinned:

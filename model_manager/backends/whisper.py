@@ -62,7 +62,7 @@ class Clip:
         """Requests whose windows can share a forward pass: same language and decoding options. Word
         timestamps keep per-call state in faster-whisper, so those requests run on their own."""
         words = self.index if self.args.get("word_timestamps") else None
-        return self.language, self.args.get("beam_size", 1), words
+        return self.language, self.args.get("beam_size", 1), words, self.args.get("task", "transcribe")
 
 
 class WhisperBackend:
@@ -174,9 +174,10 @@ class WhisperBackend:
             clip.segments = []
             for window in range(len(clip.windows or [])):
                 groups.setdefault(clip.key, []).append((clip, window))
-        for (language, beam_size, _words), windows in groups.items():
+        for (language, beam_size, _words, task), windows in groups.items():
+            # translate: into English (an English-only model has no task token: it transcribes, which is the same)
             tokenizer = Tokenizer(
-                self.model.hf_tokenizer, self.model.model.is_multilingual, task="transcribe", language=language
+                self.model.hf_tokenizer, self.model.model.is_multilingual, task=task, language=language
             )
             word_timestamps = any(clip.args.get("word_timestamps") for clip, _ in windows)
             options = _options(tokenizer, beam_size, word_timestamps)
