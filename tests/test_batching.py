@@ -17,7 +17,7 @@ import pytest
 import zmq
 
 from model_client import BadRequest, protocol
-from tests.conftest import GREEDY, ManagerProcess, base_config, model_status, wait_for
+from tests.conftest import GREEDY, REPO, ManagerProcess, base_config, model_status, wait_for
 from tests.test_load_and_security import scrape
 
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"  # greedy decoding keeps counting: a reliably long request
@@ -208,3 +208,22 @@ def test_two_clients_sending_one_request_id_at_once_each_get_their_own_reply(bat
             assert reply.id == "same" and reply.type == "result"
             alone = client.chat("x4", [{"role": "user", "content": prompt}], max_tokens=24, **GREEDY)
             assert reply.body["text"] == alone.text, "each client got the reply to its own prompt"
+
+
+def test_every_key_status_returns_is_in_the_protocol_doc_and_live_conversations_count(
+    batching: ManagerProcess,
+) -> None:
+    """docs/protocol.md's `status` section names every key the manager sends, nested ones of a batching model
+    included; a conversation live on a sequence counts among its conversations."""
+    doc = (REPO / "docs" / "protocol.md").read_text(encoding="utf-8")
+    section = doc[doc.index("### `status`") : doc.index("### `models`")]
+    with batching.client(timeout=60) as client:
+        client.chat("x2", [{"role": "user", "content": "Hi"}], conversation_id="doc-check", max_tokens=4, **GREEDY)
+        status = client.status()
+    entry = next(m for m in status["models"] if m["name"] == "x2")
+    assert entry["kv_cache"]["live"] >= 1 and entry["kv_cache"]["conversations"] >= 1
+    keys = set(status) | set(status["manager"]) | set(status["manager"]["refused"]) | set(status["devices"])
+    keys |= {k for d in status["devices"]["list"] for k in d} | {k for m in status["models"] for k in m}
+    keys |= set(entry["kv_cache"]) | set(entry["batching"] or {})
+    missing = sorted(k for k in keys if f"`{k}`" not in section)
+    assert not missing, f"status keys docs/protocol.md does not describe: {missing}"

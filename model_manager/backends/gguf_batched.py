@@ -375,7 +375,10 @@ class BatchedGGUFBackend:
         if self.store is None or self.engine is None:
             return None
         stats = dict(self.store.stats())
-        stats["live"] = sum(1 for s in self.engine.sequences if s.owner is not None)
+        live = {s.owner for s in self.engine.sequences if s.owner is not None}
+        stats["saved"] = stats["conversations"]
+        stats["conversations"] = len(live | set(self.store.states))  # every one the model can resume, live or saved
+        stats["live"] = len(live)
         stats["sequences_busy"] = sum(1 for s in self.engine.sequences if s.job is not None)
         stats["parallel"] = self.parallel
         stats["prefix_copies"] = self.engine.prefix_copies
