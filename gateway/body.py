@@ -9,36 +9,25 @@ from typing import Any, TypeVar
 import msgspec
 from starlette.requests import Request
 
+from daemonkit.json_limits import INT_MAX, INT_MIN, field_path, first_violation
 from gateway.errors import HttpError
 
 T = TypeVar("T")
 MAX_DEPTH = 64  # JSON schemas and tool arguments nest a handful of levels; msgpack's own limit is 512
-INT_MIN, INT_MAX = -(2**63), 2**64 - 1  # msgpack's integers: int64 and uint64
-
-
-def _path(parts: list[str | int]) -> str:
-    text = "$"
-    for part in parts:
-        text += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return text
 
 
 def check_shape(value: Any) -> None:
-    """Raise a 400 naming the first field nested deeper than ``MAX_DEPTH`` or holding an integer msgpack cannot
-    carry. Iterative: a hostile depth does not reach Python's recursion limit."""
-    stack: list[tuple[Any, list[str | int]]] = [(value, [])]
-    while stack:
-        item, path = stack.pop()
-        if len(path) > MAX_DEPTH:
-            field = _path(path[:1]) if path else "$"
-            raise HttpError(400, f"{field} is nested deeper than {MAX_DEPTH} levels", field[2:] or None, "too_deep")
-        if isinstance(item, dict):
-            stack.extend((v, [*path, str(k)]) for k, v in item.items())
-        elif isinstance(item, list):
-            stack.extend((v, [*path, i]) for i, v in enumerate(item))
-        elif isinstance(item, int) and not isinstance(item, bool) and not INT_MIN <= item <= INT_MAX:
-            field = _path(path)
-            raise HttpError(400, f"{field} is out of range ({INT_MIN} to {INT_MAX})", field[2:] or None, "out_of_range")
+    """A 400 naming the first field nested deeper than ``MAX_DEPTH`` (the top-level field it is under) or holding an
+    integer msgpack cannot carry."""
+    found = first_violation(value, MAX_DEPTH)
+    if found is None:
+        return
+    kind, path = found
+    if kind == "too_deep":
+        field = field_path(path[:1])
+        raise HttpError(400, f"{field} is nested deeper than {MAX_DEPTH} levels", field[2:] or None, "too_deep")
+    field = field_path(path)
+    raise HttpError(400, f"{field} is out of range ({INT_MIN} to {INT_MAX})", field[2:] or None, "out_of_range")
 
 
 def parse(raw: bytes, kind: type[T]) -> T:

@@ -354,6 +354,41 @@ def test_bad_input_gets_a_typed_error_event_and_the_service_keeps_serving(servic
     assert rss_bytes(service.proc.pid) - rss < 64 * 1024 * 1024
 
 
+def test_strict_types_depth_and_unknown_models_get_errors_in_words(service: Service) -> None:
+    """Numbers as strings, a fractional rate, a text that is a number: bad_event in words, the connection goes on;
+    an unknown transcribe.name: model_not_found; a header nested 30,000 deep: bad_event, then the connection ends,
+    and nothing of it reaches the log as a traceback."""
+
+    async def run() -> None:
+        async with service.client("asr") as client:
+            for bad in (
+                Event(type="audio-start", data={"rate": "16000", "width": 2, "channels": 1}),
+                Event(type="audio-start", data={"rate": 16000.5, "width": 2, "channels": 1}),
+                Event(type="transcribe", data={"name": 7}),
+            ):
+                events = await exchange(client, bad, Describe().event(), until=("info",), past_errors=True)
+                assert errors(events) == ["bad_event"], bad
+                text = Error.from_event(events[0]).text or ""
+                assert bad.type in text and "Error(" not in text and "KeyError" not in text, text
+            unknown = Transcribe(name="no-such-whisper").event()
+            events = await exchange(client, unknown, Describe().event(), until=("info",), past_errors=True)
+            assert errors(events) == ["model_not_found"] and "whisper" in (Error.from_event(events[0]).text or "")
+        async with service.client("tts") as client:
+            bad = Event(type="synthesize", data={"text": 42})
+            events = await exchange(client, bad, Describe().event(), until=("info",), past_errors=True)
+            assert errors(events) == ["bad_event"] and "text" in (Error.from_event(events[0]).text or "")
+        deep = b'{"type": "describe", "data": {"a": ' + b"[" * 30_000 + b"]" * 30_000 + b"}}\n"  # under 64 KiB
+        events = await raw(service, "asr", deep)
+        assert errors(events) == ["bad_event"] and "nested deeper" in (Error.from_event(events[0]).text or "")
+        events = await raw(service, "asr", b'{"type": "describe", "data": {"n": ' + str(2**70).encode() + b"}}\n")
+        assert errors(events) == ["bad_event"]
+
+    asyncio.run(run())
+    info, seconds = asyncio.run(describe(service, "asr"))
+    assert info.asr and seconds < 2.0 and service.proc.poll() is None
+    assert "Traceback" not in service.log.read_text() and "RecursionError" not in service.log.read_text()
+
+
 def _frame(event: Event) -> bytes:
     header = {"type": event.type, "data": event.data}
     if event.payload:

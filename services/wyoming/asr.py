@@ -34,7 +34,13 @@ class AsrHandler:
     async def on_event(self, event: Event) -> bool:
         if Transcribe.is_type(event.type):
             request = Transcribe.from_event(event)
-            self.model = request.name if request.name in {m["name"] for m in self.catalogue.of_kind("stt")} else None
+            models = sorted(m["name"] for m in self.catalogue.of_kind("stt"))
+            if request.name is not None and request.name not in models:
+                await self.peer.error(
+                    f"no speech-to-text model {request.name!r}: the models are {models}", "model_not_found"
+                )
+                return True
+            self.model = request.name
             self.language = short_language(request.language) if request.language else self.settings.language
         elif AudioStart.is_type(event.type):
             await self._start(AudioStart.from_event(event))

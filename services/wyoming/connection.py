@@ -13,6 +13,7 @@ from wyoming.event import Event, async_write_event
 from wyoming.info import Describe
 
 from model_client.errors import ModelManagerError
+from services.wyoming.events import EventRefused, check_event
 from services.wyoming.framing import FramingError, read_event
 
 WRITE_TIMEOUT_S = 30.0  # a peer that stops reading this long is dropped (its buffers are bounded by drain)
@@ -69,10 +70,16 @@ async def serve_connection(
                 await peer.send(describe())
                 continue
             try:
+                check_event(event)
+            except EventRefused as exc:
+                await peer.error(str(exc), "bad_event")
+                continue
+            try:
                 if not await handler.on_event(event):
                     return
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a field missing or of a wrong type
-                await peer.error(f"malformed {event.type} event: {exc!r}", "bad_event")
+            except (KeyError, TypeError, ValueError, AttributeError):  # a value no schema foresaw: said in words
+                log.warning("wyoming_event_unreadable", port=peer.port, type=event.type)
+                await peer.error(f"{event.type}: a field is missing or of the wrong kind", "bad_event")
     except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
         return
     finally:

@@ -11,6 +11,10 @@ from typing import Any
 
 from wyoming.event import Event
 
+from daemonkit.json_limits import field_path, first_violation
+
+MAX_DEPTH = 32  # Wyoming's events nest two or three levels
+
 
 class FramingError(ValueError):
     """The stream is not Wyoming (or breaks a limit); the connection cannot be read further."""
@@ -30,10 +34,17 @@ def _length(header: dict[str, Any], key: str, max_bytes: int) -> int:
 def _json_object(raw: bytes, what: str) -> dict[str, Any]:
     try:
         value = json.loads(raw)
+    except RecursionError:
+        raise FramingError(f"the {what} is nested deeper than {MAX_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError):
         raise FramingError(f"the {what} is not JSON") from None
     if not isinstance(value, dict):
         raise FramingError(f"the {what} must be a JSON object, not {type(value).__name__}")
+    found = first_violation(value, MAX_DEPTH)
+    if found is not None:
+        kind, path = found
+        problem = f"nested deeper than {MAX_DEPTH} levels" if kind == "too_deep" else "an integer out of range"
+        raise FramingError(f"the {what} is {problem} (at {field_path(path[:MAX_DEPTH])})")
     return value
 
 
