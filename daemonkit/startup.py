@@ -13,6 +13,7 @@ import structlog
 
 from daemonkit.binding import CurveServer, server_from_config
 from daemonkit.logs import configure_logging
+from daemonkit.memory import return_freed_memory
 from model_client.client import ModelClient
 from model_client.endpoints import config_path, configured_endpoints
 
@@ -44,6 +45,7 @@ def start_daemon(
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args(argv)
+    return_freed_memory()  # before any thread (ZeroMQ's I/O) allocates
     try:
         settings = load(args)
         manager = configured_endpoints(args.config)["requests"]

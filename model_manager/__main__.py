@@ -9,6 +9,7 @@ from pathlib import Path
 from daemonkit.binding import InsecureEndpoint
 from daemonkit.listening import write_ports_file
 from daemonkit.logs import configure_logging
+from daemonkit.memory import return_freed_memory
 from model_client.endpoints import config_path
 from model_manager.broker import ModelManagerAgent
 from model_manager.config import ConfigError, load_config
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         "--ports-file", type=Path, help="write the TCP ports the request and event sockets got (tcp://HOST:* binds any)"
     )
     args = parser.parse_args(argv)
+    return_freed_memory()  # before any thread (ZeroMQ's I/O) allocates
     try:
         config = load_config(args.config)
     except ConfigError as exc:

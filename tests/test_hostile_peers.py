@@ -7,6 +7,7 @@ daemon still answers a fresh client quickly and that its memory came back.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -273,3 +274,71 @@ def test_strict_types_for_every_field(client: ModelClient) -> None:
         with pytest.raises(BadRequest) as refused:
             client.request("chat", {"model": "smollm2", "messages": messages, field: value})
         assert field in refused.value.message
+
+
+def _hostile_batch(manager: ManagerProcess, rounds: int) -> None:
+    """What a hostile local process sends each of the manager's sockets: large and many-framed messages, random
+    identities and envelopes on the request socket; subscriptions and raw bytes on the events socket; failed
+    handshakes, forged worker messages and raw bytes on the workers socket."""
+    import random
+
+    rng = random.Random(7)
+    ctx = zmq.Context.instance()
+    endpoints = manager.config["endpoints"]
+    limit = manager.config["limits"]["max_message_bytes"]
+    for i in range(rounds):
+        peer = ctx.socket(zmq.DEALER)
+        peer.setsockopt(zmq.LINGER, 0)
+        peer.setsockopt(zmq.SNDTIMEO, 200)
+        peer.setsockopt(zmq.IDENTITY, bytes(rng.randrange(1, 256) for _ in range(rng.randrange(1, 64))))
+        peer.connect(endpoints["requests"])
+        frames = [
+            bytes([i % 251]) * rng.choice([1024, 64 * 1024, limit // 2, limit]) for _ in range(rng.randrange(1, 6))
+        ]
+        envelope = {"v": 1, "id": "x" * rng.randrange(1, 4000), "op": "chat", "args": {"model": "smollm2"}}
+        with contextlib.suppress(zmq.Again):
+            peer.send_multipart([b"", *frames])
+            peer.send_multipart([b"", msgpack.packb(envelope)])
+        peer.close(0)
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        for _ in range(10):
+            sub.setsockopt(zmq.SUBSCRIBE, os.urandom(rng.randrange(1, 300)))
+        sub.connect(endpoints["events"])
+        sub.close(0)
+        stranger = ctx.socket(zmq.DEALER)
+        stranger.setsockopt(zmq.LINGER, 0)
+        stranger.setsockopt(zmq.SNDTIMEO, 200)
+        stranger.plain_username, stranger.plain_password = b"w-forged", os.urandom(16).hex().encode()
+        stranger.connect(endpoints["workers"])
+        with contextlib.suppress(zmq.Again):
+            stranger.send(msgpack.packb({"evt": "ready", "pid": 1, "rss": 1}) + bytes(rng.choice([10, 100_000])))
+        stranger.close(0)
+        for endpoint in (endpoints["requests"], endpoints["events"], endpoints["workers"]):
+            raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            raw.settimeout(1)
+            with contextlib.suppress(OSError):
+                raw.connect(str(ipc_path(endpoint)))
+                raw.sendall(os.urandom(rng.randrange(1, 8192)))
+            raw.close()
+
+
+def test_the_managers_memory_stays_within_20_mb_over_a_hostile_batch_on_each_socket(run_dir: Path) -> None:
+    config = base_config(run_dir)
+    config["manager"]["spare_workers"] = 0
+    manager = ManagerProcess(run_dir, config)
+    manager.start()
+    try:
+        answers_quickly(manager)
+        assert manager.proc is not None
+        start = rss_bytes(manager.proc.pid)
+        for _ in range(3):
+            _hostile_batch(manager, rounds=80)
+            answers_quickly(manager)
+        try:
+            wait_for(lambda: rss_bytes(manager.proc.pid) - start < 20 * MIB, timeout=10)
+        except AssertionError:
+            grown = (rss_bytes(manager.proc.pid) - start) / MIB
+            raise AssertionError(f"the manager grew by {grown:.1f} MiB and stayed so") from None
+    finally:
+        manager.stop()
