@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import model_status, wait_for
 from tests.test_gateway import Stack, stack, start_gateway  # noqa: F401 - stack: the fixture these tests use
@@ -246,3 +248,54 @@ def test_sigterm_ends_the_gateway_within_5_s_whatever_is_pending(stack: Stack) -
     with stack.client() as client:
         wait_for(lambda: model_status(client, "smollm2")["in_flight"] == 0, timeout=10)
     Path(stack.manager.run_dir / "doomed.ports.json").unlink(missing_ok=True)
+
+
+# ----- fuzz: whatever arrives over HTTP ---------------------------------------------------------------------------
+
+ROUTES = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/audio/speech",
+    "/api/chat",
+    "/api/generate",
+    "/api/embed",
+    "/api/embeddings",
+    "/api/show",
+    "/api/pull",
+]
+FIELDS = ["model", "messages", "prompt", "input", "stream", "options", "seed", "max_tokens", "keep_alive", "tools"]
+FIELDS += ["format", "images", "response_format", "stop", "temperature", "voice", "logprobs", "content", "role"]
+JSON_VALUES = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**70), max_value=2**70),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=40),
+        st.sampled_from(["smollm2", "user", "0", "-1", "5m", "json"]),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+BODIES = st.one_of(
+    st.binary(max_size=300),
+    st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=6).map(lambda d: json.dumps(d).encode()),
+    st.builds(lambda n: b"[" * n + b"]" * n, st.integers(min_value=1, max_value=5000)),
+)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(route=st.sampled_from(ROUTES), body=BODIES)
+def test_arbitrary_http_bodies_get_a_typed_answer_and_the_gateway_stays_quick(
+    stack: Stack,  # noqa: F811
+    route: str,
+    body: bytes,
+) -> None:
+    with httpx.Client(base_url=stack.url, timeout=60) as http:
+        answer = http.post(route, content=body, headers={"content-type": "application/json"})
+        assert answer.status_code < 500 or answer.status_code in (503, 504), (route, body[:200], answer.text)
+        assert_alive(http)
+    assert "Traceback" not in (stack.manager.run_dir / "gateway.log").read_text()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -17,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from wyoming.asr import Transcribe, Transcript
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
@@ -464,3 +467,54 @@ def test_the_error_codes_docs_wyoming_md_lists_are_the_ones_the_service_sends() 
     # Each error's code is the call's last argument, a string literal.
     sent = set(re.findall(r'\.error\((?:[^()]|\([^()]*\))*?"([a-z_]+)",?\s*\)', source, re.DOTALL))
     assert "bad_event" in documented and sent - {"busy"} == documented, (sent, documented)
+
+
+# ----- fuzz: whatever arrives on a port ---------------------------------------------------------------------------
+
+EVENT_TYPES = ["transcribe", "audio-start", "audio-chunk", "audio-stop", "synthesize", "synthesize-start"]
+EVENT_TYPES += ["synthesize-chunk", "synthesize-stop", "transcript", "describe", "ping", "x"]
+DATA_VALUES = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**70), max_value=2**70),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=30),
+    ),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+    max_leaves=10,
+)
+DATA_KEYS = st.sampled_from(["rate", "width", "channels", "text", "name", "language", "voice", "timestamp"])
+HEADERS = st.fixed_dictionaries(
+    {"type": st.one_of(st.sampled_from(EVENT_TYPES), DATA_VALUES)},
+    optional={
+        "data": st.one_of(st.dictionaries(DATA_KEYS, DATA_VALUES, max_size=4), DATA_VALUES),
+        "data_length": st.one_of(st.integers(min_value=-5, max_value=64), DATA_VALUES),
+        "payload_length": st.one_of(st.integers(min_value=-5, max_value=2**40), DATA_VALUES),
+    },
+)
+STREAMS = st.one_of(
+    st.binary(max_size=400),
+    st.lists(st.tuples(HEADERS, st.binary(max_size=80)), min_size=1, max_size=4).map(
+        lambda events: b"".join(json.dumps(h).encode() + b"\n" + tail for h, tail in events)
+    ),
+)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(port=st.sampled_from(["asr", "tts", "jarvis"]), data=STREAMS)
+def test_arbitrary_bytes_on_a_port_leave_the_service_answering_within_2_s(
+    service: Service, port: str, data: bytes
+) -> None:
+    async def send() -> None:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", service.ports[port])
+        writer.write(data)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    asyncio.run(send())
+    info, seconds = asyncio.run(describe(service, port))
+    assert seconds < 2.0 and service.proc.poll() is None
+    log = service.log.read_text()
+    assert "Traceback" not in log and "wyoming_connection_failed" not in log, log[-2000:]
