@@ -142,7 +142,19 @@ def ttft_under_load(endpoint: str, model: str, long_streams: int, tokens: int, r
     return idle, loaded
 
 
+def with_one_cxx_runtime() -> None:
+    """This process imports the engine (the raw ceiling) beside pyzmq (the clients): like a worker, it must run with
+    the shared C++ runtime preloaded, or a CUDA build that carries its own breaks ZeroMQ (model_manager/native.py).
+    Started without it, it starts itself again with it."""
+    from model_manager import native
+
+    env = native.worker_environment(dict(os.environ))
+    if env.get("LD_PRELOAD") != os.environ.get("LD_PRELOAD"):
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def main() -> None:
+    with_one_cxx_runtime()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", default="1,2,4,8", help="concurrent streams")
     parser.add_argument("--tokens", type=int, default=128)

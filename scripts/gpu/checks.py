@@ -280,11 +280,7 @@ def check_batching(path: Path, nvml: Nvml | None, levels: str, log: Path) -> Che
         return {"skipped": "the CPU's figures come from bench/batching.py itself (its tiny mode runs in the suite)"}
     command = [sys.executable, str(REPO / "bench" / "batching.py"), "--gguf", f"{path}:Q8_0", "--models", "custom"]
     command += ["--gpu-layers", "-1", "--repeats", "1", "--rounds", "3", "--levels", levels, "--tokens", "96"]
-    from model_manager import native
-
-    # The benchmark imports the engine for its raw ceiling beside pyzmq for its client, in one process: like a
-    # worker, it gets the shared C++ runtime first (without it, on the H200, it ran past its 300 s with no output).
-    env = native.worker_environment(dict(os.environ, PYTHONUNBUFFERED="1"))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # (the benchmark preloads the shared C++ runtime itself)
     with open(log, "w") as out:
         try:
             code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, timeout=300, cwd=REPO, env=env)
