@@ -67,7 +67,6 @@ def daemons() -> Iterator[Daemons]:
     run = Path(tempfile.mkdtemp(prefix="mm-"))
     config = stack_config(run)
     manager = ManagerProcess(run, config)
-    manager.start()
     services, agents = config["services"], config["agents"]
     others = [
         DaemonProcess("services.stt", manager.config_path, services["stt"]["requests"], run / "stt.log"),
@@ -81,13 +80,14 @@ def daemons() -> Iterator[Daemons]:
             "jarvis",
         ),
     ]
-    for daemon in others:
-        daemon.start()
-    yield Daemons(manager, others, config)
-    for daemon in others:
-        daemon.stop()
-    manager.stop()
-    shutil.rmtree(run, ignore_errors=True)
+    try:  # whatever started is stopped, also when a start fails
+        for daemon in (manager, *others):
+            daemon.start()
+        yield Daemons(manager, others, config)
+    finally:
+        for daemon in (*others, manager):
+            daemon.stop()
+        shutil.rmtree(run, ignore_errors=True)
 
 
 IDENTITIES = st.one_of(st.none(), st.binary(min_size=1, max_size=255).filter(lambda b: b[0] != 0))

@@ -58,15 +58,17 @@ def stack() -> Iterator[Stack]:
         },
     }
     manager = ManagerProcess(run, config)
-    manager.start()
     services = config["services"]
-    stt = DaemonProcess("services.stt", manager.config_path, services["stt"]["requests"], run / "stt.log").start()
-    tts = DaemonProcess("services.tts", manager.config_path, services["tts"]["requests"], run / "tts.log").start()
-    yield Stack(manager, stt, tts, services, watch_dir, output_dir)
-    for daemon in (stt, tts):
-        daemon.stop()
-    manager.stop()
-    shutil.rmtree(run, ignore_errors=True)
+    stt = DaemonProcess("services.stt", manager.config_path, services["stt"]["requests"], run / "stt.log")
+    tts = DaemonProcess("services.tts", manager.config_path, services["tts"]["requests"], run / "tts.log")
+    try:  # whatever started is stopped, also when a start fails
+        for daemon in (manager, stt, tts):
+            daemon.start()
+        yield Stack(manager, stt, tts, services, watch_dir, output_dir)
+    finally:
+        for daemon in (stt, tts, manager):
+            daemon.stop()
+        shutil.rmtree(run, ignore_errors=True)
 
 
 def speak(stack: Stack, text: str) -> Audio:

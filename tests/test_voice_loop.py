@@ -34,14 +34,16 @@ def stack() -> Iterator[SupervisedStack]:
         "fallback": "jarvis",
     }
     stack = SupervisedStack(run, config, extra_personas=("sherlock",))
-    stack.start(PROGRAMS)
-    for persona in ("jarvis", "leonardo", "sherlock"):  # the agents answer once the manager does
-        endpoint = config["agents"]["requests"].replace("{persona}", persona)
-        with ModelClient(endpoint, timeout=60) as agent:
-            agent.wait_ready(timeout=60)
-    yield stack
-    stack.stop()
-    shutil.rmtree(run, ignore_errors=True)
+    try:  # supervisord and its programs are stopped, also when the stack does not come up
+        stack.start(PROGRAMS)
+        for persona in ("jarvis", "leonardo", "sherlock"):  # the agents answer once the manager does
+            endpoint = config["agents"]["requests"].replace("{persona}", persona)
+            with ModelClient(endpoint, timeout=60) as agent:
+                agent.wait_ready(timeout=60)
+        yield stack
+    finally:
+        stack.stop()
+        shutil.rmtree(run, ignore_errors=True)
 
 
 def manager_client(stack: SupervisedStack) -> ModelClient:
