@@ -40,6 +40,7 @@ TINY = {  # the longest first (measured alone: 11, 8, 9, 11, 11, 10, 10, 8, 6, 5
         "smollm2",
     ],
     "transport.py": ["--pings", "50", "--tokens", "8", "--rounds", "1", "--threads", "1"],
+    "token_path.py": ["--streams", "2", "--tokens", "8", "--threads", "1"],
     "gateway.py": ["--rounds", "1", "--tokens", "8", "--threads", "1"],
 }
 
