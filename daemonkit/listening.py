@@ -13,8 +13,6 @@ import os
 import socket
 from pathlib import Path
 
-ANY_PORT = 0
-
 
 def listen_tcp(host: str, port: int, backlog: int = 128) -> socket.socket:
     """A listening socket on ``host``:``port`` (0: any free port), IPv6 when the host is an IPv6 address."""

@@ -337,7 +337,10 @@ class Ollama:
         name = name_of(body.model)
         keep = keep_alive_seconds(body.keep_alive)
         op = "unload" if keep == 0 else "load"
-        await self.link.request(op, {"model": name} | ({"keep_alive_s": keep} if op == "load" and keep else {}))
+        args: dict[str, Any] = {"model": name}
+        if op == "load" and keep is not None:
+            args["keep_alive_s"] = keep
+        await self.link.request(op, args)
         done = {"model": body.model, "created_at": _now(), "done": True, "done_reason": op}
         return JSONResponse({**done, "message": {"role": "assistant", "content": ""}, "response": ""})
 

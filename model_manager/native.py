@@ -30,7 +30,7 @@ RTLD_NOLOAD = 4  # glibc
 
 
 def loaded_libraries() -> list[str]:
-    """Paths of the shared objects mapped into this process, in the order first mapped."""
+    """Paths of the shared objects mapped into this process (in address order, each once)."""
     seen: dict[str, None] = {}
     try:
         with open("/proc/self/maps") as maps:
@@ -144,7 +144,7 @@ class Death:
                 "did not help: build the engine with the system's compiler"
             )
         if self.signal in ("SIGSEGV", "SIGBUS", "SIGABRT"):
-            return "a native library crashed: the frames above say where; the manager's log has the whole report"
+            return "a native library crashed: the error's details list the crashed thread's last Python frames"
         return None
 
     def message(self, model: str) -> str:
@@ -179,7 +179,8 @@ def signal_name(exit_code: int) -> str | None:
 
 
 def read_report(fd: int) -> str:
-    """The end of a worker's crash report, read from the manager's own descriptor of the file."""
+    """A worker's crash report, read from the manager's own descriptor of the file: its start (the libraries it found)
+    and, of a long one, its end (faulthandler's stacks), at most ``REPORT_LIMIT`` bytes."""
     try:
         size = os.fstat(fd).st_size
         head = os.pread(fd, min(size, REPORT_LIMIT // 8), 0)

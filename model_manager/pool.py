@@ -44,7 +44,7 @@ class WorkerHandle:
             self.proc.send_signal(signal.SIGKILL)
 
     def death(self, code: int, phase: str | None = None) -> native.Death:
-        """Why it is gone; ``phase``: what it was doing, when the caller knows better than "starting"."""
+        """Why it is gone; ``phase``: what it was doing, when the caller knows better than ready or not."""
         return native.read_death(code, phase or ("serving" if self.ready else "importing its engine"), self.report)
 
 
