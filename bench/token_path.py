@@ -1,6 +1,6 @@
 """Where a generated token's CPU time goes outside ``llama_decode``: the stage table of the per-token path.
 
-The batched engine runs in this process on a model whose decode step is as short as a real model's on a GPU (the
+The engine runs in this process on a model whose decode step is as short as a real model's on a GPU (the
 24 MiB synthetic GGUF of ``scripts/gpu/synthetic_gguf.py``, or ``--gguf``), ``--streams`` streamed completions
 at once, exactly as a worker steps them, with every stage of the token path timed exclusively (a stage's time
 excludes the stages it calls):
@@ -8,11 +8,13 @@ excludes the stages it calls):
     decode       llama_decode itself (the engine's own work: what a faster path cannot remove)
     sample       the sampler chain (sample + accept)
     detokenize   the token's bytes and complete UTF-8 out of them
-    stop check   stop strings over the text so far
-    step         the rest of a step in Python: building the batch, bookkeeping, ending requests
-    message      the worker's message per token: the Chunk struct encoded and sent over an ipc socket
-    relay        the manager's work per message: decode the worker's frame, encode the client's (no socket)
-    client       the client's decode of that reply
+    stop check   stop strings over the new text
+    step         the rest of a step in Python: planning and filling the batch, bookkeeping, ending requests,
+                 collecting the streams' text that is due
+    message      the worker's messages: each step's ``Chunks`` (every stream's due text) encoded and sent over an
+                 ipc socket, and each result
+    relay        the manager's work per message: decode the worker's frame, encode each client's (no socket)
+    client       the clients' decode of their replies
 
 Each row is microseconds per generated token, over all streams; ``outside_decode_us`` adds every row but decode.
 Prints the table, then one JSON line. Run on a quiet machine: ``.venv/bin/python bench/token_path.py``.
@@ -37,15 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "gpu"))
 
 import llama_cpp  # noqa: E402
 import zmq  # noqa: E402
-from llama_cpp._internals import LlamaSampler  # noqa: E402
 
 from model_client import protocol  # noqa: E402
 from model_manager import worker_protocol as wire  # noqa: E402
-from model_manager.backends import (  # noqa: E402
-    PAYLOAD,  # noqa: E402
-    batch_engine,
-    gguf_batched,
-)
+from model_manager.backends.llm import backend as llm_backend  # noqa: E402
+from model_manager.backends.llm import engine, executor, text  # noqa: E402
 from model_manager.config import ModelSpec  # noqa: E402
 
 STAGES = ("decode", "sample", "detokenize", "stop check", "step", "message", "relay", "client")
@@ -81,13 +79,14 @@ class StageClock:
 def instrument(clock: StageClock) -> None:
     """Wrap the engine's stages where the engine looks them up (module attributes and class methods)."""
     llama_cpp.llama_decode = clock.wrap("decode", llama_cpp.llama_decode)
-    LlamaSampler.sample = clock.wrap("sample", LlamaSampler.sample)
-    backend = gguf_batched.BatchedGGUFBackend
-    backend._piece = clock.wrap("detokenize", backend._piece)  # noqa: SLF001
-    gguf_batched._decode_complete_utf8 = clock.wrap("detokenize", gguf_batched._decode_complete_utf8)  # noqa: SLF001
-    gguf_batched._StopText.feed = clock.wrap("stop check", gguf_batched._StopText.feed)  # noqa: SLF001
-    batch_engine.BatchEngine.step = clock.wrap("step", batch_engine.BatchEngine.step)
+    executor.LlamaExecutor.sample = clock.wrap("sample", executor.LlamaExecutor.sample)
+    text.Detokenizer.piece = clock.wrap("detokenize", text.Detokenizer.piece)
+    llm_backend.decode_complete_utf8 = clock.wrap("detokenize", llm_backend.decode_complete_utf8)
+    text.StopText.feed = clock.wrap("stop check", text.StopText.feed)
+    engine.BatchEngine.step = clock.wrap("step", engine.BatchEngine.step)
+    backend = llm_backend.GGUFBackend
     backend.step = clock.wrap("step", backend.step)
+    backend.take_chunks = clock.wrap("step", backend.take_chunks)
 
 
 def synthetic_model(folder: Path) -> Path:
@@ -101,7 +100,7 @@ def synthetic_model(folder: Path) -> Path:
 def run(path: Path, streams: int, tokens: int, threads: int) -> dict[str, float]:
     clock = StageClock()
     instrument(clock)
-    backend = gguf_batched.BatchedGGUFBackend()
+    backend = llm_backend.GGUFBackend()
     spec = ModelSpec(kind="llm", path=str(path), n_ctx=512, parallel=streams, n_threads=threads)
     backend.load(spec, "bench")
     backend.warm_up()
@@ -112,25 +111,30 @@ def run(path: Path, streams: int, tokens: int, threads: int) -> dict[str, float]
     sock.connect(endpoint)
     frames: list[bytes] = []
 
-    def emitter(rid: str) -> Callable[[dict[str, Any]], None]:
-        def emit(chunk: dict[str, Any]) -> None:  # what Worker._submit's emit does
-            frame = wire.encode(wire.Chunk(rid=rid, chunk=chunk, payload=chunk.pop(PAYLOAD, None)))
-            sock.send(frame)
-            frames.append(frame)
+    def send(message: wire.FromWorker) -> None:  # what Worker.send does
+        frame = wire.encode(message)
+        sock.send(frame)
+        frames.append(frame)
 
-        return clock.wrap("message", emit)
+    def after_step(outcomes: list[tuple[str, Any]]) -> None:  # what Worker._step does with a step's outcomes
+        chunks = backend.take_chunks(time.monotonic())
+        if chunks:
+            send(wire.Chunks(items=[wire.stream_item(rid, chunk) for rid, chunk in chunks]))
+        for rid, result in outcomes:
+            send(wire.Done(rid=rid, result=result))
 
+    after = clock.wrap("message", after_step)
     args = protocol.args_to_dict(
         protocol.parse_args(
             "complete", {"model": "bench", "prompt": "1, 2, 3,", "max_tokens": tokens, "stream": True, "seed": 1}
         )
     )
     for i in range(streams):
-        backend.submit(f"r{i}", "complete", dict(args), emitter(f"r{i}"))
+        backend.submit(f"r{i}", "complete", dict(args))
     started = time.perf_counter()
     generated_before = backend.engine.generated if backend.engine else 0
     while backend.busy:
-        backend.step()
+        after(backend.step())
     elapsed = time.perf_counter() - started
     generated = (backend.engine.generated if backend.engine else 0) - generated_before
     sock.send(b"end")
@@ -138,18 +142,22 @@ def run(path: Path, streams: int, tokens: int, threads: int) -> dict[str, float]
     sock.close(linger=0)
     relay, client = clock.wrap("relay", relay_one), clock.wrap("client", protocol.decode_reply)
     for frame in frames:
-        client(relay(frame))
+        for reply in relay(frame):
+            client(reply)
     per_token = {stage: clock.spent[stage] / 1000 / max(1, generated) for stage in STAGES}
     per_token["tokens"] = generated
     per_token["tokens_per_s"] = generated / elapsed
+    per_token["messages"] = len(frames)
     return per_token
 
 
-def relay_one(frame: bytes) -> list[bytes]:
-    """The manager's CPU work for one worker chunk: decode it, encode the client's reply frames."""
+def relay_one(frame: bytes) -> list[list[bytes]]:
+    """The manager's CPU work for one worker message: decode it, encode each client's reply."""
     message = wire.decode_from_worker(frame)
-    assert isinstance(message, wire.Chunk)
-    return protocol.encode_chunk(message.rid, message.chunk, ())
+    if isinstance(message, wire.Chunks):
+        return [protocol.encode_encoded_chunk(item.rid, item.chunk) for item in message.items]
+    assert isinstance(message, wire.Done)
+    return [protocol.encode_result(message.rid, message.result)]
 
 
 def main() -> None:
@@ -168,13 +176,16 @@ def main() -> None:
     for stage in STAGES:
         print(f"{stage:<12}{figures[stage]:>10.1f}{figures[stage] / total:>8.1%}")
     print(
-        f"{'outside':<12}{outside:>10.1f}{outside / total:>8.1%}   ({figures['tokens']} tokens, {args.streams} streams)"
+        f"{'outside':<12}{outside:>10.1f}{outside / total:>8.1%}   ({figures['tokens']} tokens, {args.streams} streams,"
+        " "
+        f"{figures['messages']} worker messages)"
     )
     result: dict[str, Any] = {f"{s.replace(' ', '_')}_us": round(figures[s], 2) for s in STAGES}
     result.update(
         outside_decode_us=round(outside, 2),
         streams=args.streams,
         tokens=figures["tokens"],
+        worker_messages=figures["messages"],
         engine_tokens_per_s=round(figures["tokens_per_s"], 1),
     )
     print(json.dumps(result))

@@ -332,6 +332,14 @@ def encode_chunk(request_id: str, chunk: dict[str, Any], payloads: tuple[bytes, 
     return [_pack({"v": PROTOCOL_VERSION, "id": request_id, "type": REPLY_CHUNK, "chunk": chunk}), *payloads]
 
 
+def encode_encoded_chunk(request_id: str, chunk: msgspec.Raw) -> list[bytes]:
+    """A chunk that arrived already encoded (a worker's streamed text): put in the envelope as it is."""
+    return [_raw_encoder.encode({"v": PROTOCOL_VERSION, "id": request_id, "type": REPLY_CHUNK, "chunk": chunk})]
+
+
+_raw_encoder = msgspec.msgpack.Encoder()
+
+
 def encode_error(request_id: str | None, error: ModelManagerError) -> list[bytes]:
     return [_pack({"v": PROTOCOL_VERSION, "id": request_id, "type": REPLY_ERROR, "error": error.to_wire()})]
 

@@ -355,6 +355,8 @@ class Lifecycle:
             slot.kv_stats = message.kv or {}
         elif isinstance(message, wire.Stats):
             slot.kv_stats, slot.batching = message.kv or {}, message.batching or {}
+        elif isinstance(message, wire.Chunks):
+            self._on_chunks(slot, message.items)
         elif isinstance(message, wire.Chunk | wire.Done | wire.Failed):
             job = slot.running.get(message.rid)
             if job is not None:
@@ -375,6 +377,13 @@ class Lifecycle:
             self._reply_error(job, error)
             self._log_request(slot, job, error.code)
         self._finish(slot, job)
+
+    def _on_chunks(self, slot: ModelSlot, items: list[wire.StreamItem]) -> None:
+        for item in items:
+            job = slot.running.get(item.rid)
+            if job is not None and job.stream and not job.cancelled:
+                if not self.outbox.send(job.route, protocol.encode_encoded_chunk(job.request_id, item.chunk)):
+                    self._cancel(slot, job, "client_gone")
 
     def _cancel(self, slot: ModelSlot, job: Job, reason: str) -> None:
         """The client will not read the answer: the worker stops generating within a token."""

@@ -125,7 +125,7 @@ class Worker:
             spec = load.spec
             if spec.nice:
                 os.nice(spec.nice)
-            self.backend = create_backend(spec.kind, spec.parallel or 1)
+            self.backend = create_backend(spec.kind)
             info = self.backend.load(spec, load.name, load.kv, load.limits)
             # Speech models always run once at load: cheap, and the measured size then includes working buffers.
             if load.warm or spec.kind != "llm":
@@ -193,12 +193,8 @@ class Worker:
     def _submit(self, run: wire.Run) -> None:
         backend: Any = self.backend
         rid = run.rid
-
-        def emit(chunk: dict[str, Any]) -> None:
-            self.send(wire.Chunk(rid=rid, chunk=chunk, payload=chunk.pop(PAYLOAD, None)))
-
         try:
-            backend.submit(rid, run.op, run.args, emit)
+            backend.submit(rid, run.op, run.args)
         except ModelManagerError as exc:
             self.send(wire.Failed(rid=rid, error=exc.to_wire()))
             return
@@ -237,6 +233,7 @@ class Worker:
             for rid in list(backend.requests):
                 self.send(wire.Failed(rid=rid, error=error.to_wire()))
             os._exit(3)
+        self._send_chunks()
         for outcome in outcomes:
             self._finish(outcome)
         if now >= self._next_stats:
@@ -247,9 +244,16 @@ class Worker:
             self.send(wire.Idle(kv=backend.kv_stats()))
         return False
 
+    def _send_chunks(self) -> None:
+        """Every stream's text that is due, in one message (before any of their results)."""
+        chunks = self.backend.take_chunks(time.monotonic())  # type: ignore[union-attr]
+        if chunks:
+            self.send(wire.Chunks(items=[wire.stream_item(rid, chunk) for rid, chunk in chunks]))
+
     def _finish(self, outcome: tuple[str, dict[str, Any] | Exception] | None) -> None:
         if outcome is None:
             return
+        self._send_chunks()  # a cancelled request's last text goes before its result
         rid, result = outcome
         self.deadlines.pop(rid, None)
         if isinstance(result, ModelManagerError):

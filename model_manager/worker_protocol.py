@@ -2,7 +2,8 @@
 
 Manager -> worker (tag ``cmd``): ``Load`` one model, ``Run`` a request, ``Cancel`` one, ``Threads`` to use, ``Exit``.
 Worker -> manager (tag ``evt``): ``Ready`` (started, engine imported), ``Loaded`` / ``LoadFailed``, then per request
-zero or more ``Chunk`` and one ``Done`` or ``Failed``, and ``Idle`` when it has nothing left to do.
+zero or more ``Chunk`` (a stepping worker: ``Chunks``, every stream's text after a step) and one ``Done`` or
+``Failed``, and ``Idle`` when it has nothing left to do.
 Binary data a backend makes (audio) travels as ``payload`` and reaches the client as a frame of its own.
 See docs/workers.md.
 """
@@ -72,6 +73,17 @@ class Chunk(FromWorker, tag="chunk", kw_only=True):
     payload: bytes | None = None
 
 
+class StreamItem(msgspec.Struct, array_like=True):
+    rid: str
+    chunk: msgspec.Raw  # the client's chunk, encoded once by the worker: the manager relays it untouched
+
+
+class Chunks(FromWorker, tag="chunks", kw_only=True):
+    """A stepping worker's streamed text after a step: one message for every stream that has text to send."""
+
+    items: list[StreamItem]
+
+
 class Done(FromWorker, tag="done", kw_only=True):
     rid: str
     result: dict[str, Any]
@@ -96,11 +108,15 @@ class Stats(FromWorker, tag="stats", kw_only=True):
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(Load | Run | Cancel | Threads | Exit)
-_from_worker = msgspec.msgpack.Decoder(Ready | Loaded | LoadFailed | Chunk | Done | Failed | Idle | Stats)
+_from_worker = msgspec.msgpack.Decoder(Ready | Loaded | LoadFailed | Chunk | Chunks | Done | Failed | Idle | Stats)
 
 
 def encode(message: ToWorker | FromWorker) -> bytes:
     return _encoder.encode(message)
+
+
+def stream_item(rid: str, chunk: dict[str, Any]) -> StreamItem:
+    return StreamItem(rid, msgspec.Raw(_encoder.encode(chunk)))
 
 
 def decode_to_worker(frame: bytes) -> ToWorker:

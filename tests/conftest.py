@@ -70,7 +70,7 @@ def base_config(run_dir: Path) -> dict:
         },
         "manager": {"heartbeat_s": 0.5, "log_level": "debug", "state_dir": str(state)},
         "metrics": {"port": 0},  # any free port: tests never collide with a running stack
-        # One request at a time per LLM (the exact engine): these tests assert serving order, full queues, exact
+        # One request at a time per LLM (the engine in exact mode): these tests assert serving order, full queues, exact
         # replies with reuse and memory sizes. Batching (the shipped default) has its own daemons in
         # test_batching.py and test_batch_correctness.py.
         "defaults": {"parallel": 1},

@@ -16,8 +16,10 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from model_manager.backends.batch_engine import BatchEngine, Job, Sampling, make_sampler
-from model_manager.backends.gguf_batched import BatchedGGUFBackend
+from model_manager.backends.llm.backend import GGUFBackend
+from model_manager.backends.llm.engine import BatchEngine
+from model_manager.backends.llm.executor import make_sampler
+from model_manager.backends.llm.state import Job, Sampling
 from model_manager.config import KvCacheSettings, ModelSpec
 from model_manager.kvcache import ConversationStore
 from tests.conftest import SMOLLM2
@@ -38,7 +40,7 @@ class Forced:
         return self.reply[len(self.logprobs) - 1]
 
     def record(self, index: int) -> None:
-        logits = self.engine.logits(index)
+        logits = self.engine.executor.logits_of(index)
         shifted = logits.astype(np.float64) - logits.max()
         self.logprobs.append(shifted - np.log(np.exp(shifted).sum()))
 
@@ -50,22 +52,22 @@ class Forced:
 
 
 @pytest.fixture(scope="module")
-def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BatchedGGUFBackend]:
+def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GGUFBackend]:
     spec = ModelSpec(kind="llm", path=str(SMOLLM2), quantization="Q4_1", n_ctx=1024, n_threads=2, parallel=4)
     kv = KvCacheSettings(spill_dir=str(tmp_path_factory.mktemp("kv")))
-    engine = BatchedGGUFBackend()
+    engine = GGUFBackend()
     engine.load(spec, "smollm2", kv)
     yield engine
     engine.engine.close()
 
 
-def chat_tokens(backend: BatchedGGUFBackend, *turns: str) -> list[int]:
+def chat_tokens(backend: GGUFBackend, *turns: str) -> list[int]:
     messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
     args = {"messages": messages, "max_tokens": 16, "stop": []}
-    return backend._chat_tokens(args)
+    return backend._chat_prompt(args)[0]
 
 
-def greedy(backend: BatchedGGUFBackend, prompt: list[int], n: int, owner: str | None = None) -> list[int]:
+def greedy(backend: GGUFBackend, prompt: list[int], n: int, owner: str | None = None) -> list[int]:
     engine = backend.engine
     job = Job("g", prompt, n, make_sampler(backend.model, Sampling(temperature=0.0)), lambda _t: True)
     engine.start(job, owner)
@@ -83,7 +85,7 @@ class Greedy(Forced):
 
 
 def forced(
-    backend: BatchedGGUFBackend,
+    backend: GGUFBackend,
     prompt: list[int],
     reply: list[int],
     owner: str | None = None,
@@ -100,7 +102,7 @@ def forced(
 
 
 def greedy_recorded(
-    backend: BatchedGGUFBackend, prompt: list[int], n: int, owner: str | None = None, traffic: int = 0, **how
+    backend: GGUFBackend, prompt: list[int], n: int, owner: str | None = None, traffic: int = 0, **how
 ) -> tuple[list[int], np.ndarray]:
     """A greedy reply of ``n`` tokens and the log-probabilities it was chosen from."""
     sampler = Greedy([], backend.engine)
@@ -109,7 +111,7 @@ def greedy_recorded(
 
 
 def run(
-    backend: BatchedGGUFBackend,
+    backend: GGUFBackend,
     prompt: list[int],
     sampler: Forced,
     n: int,
@@ -148,14 +150,14 @@ def difference(fresh: np.ndarray, other: np.ndarray) -> float:
     return float(np.abs(np.take_along_axis(fresh, top, 1) - np.take_along_axis(other, top, 1)).max())
 
 
-def clear(backend: BatchedGGUFBackend) -> None:
+def clear(backend: GGUFBackend) -> None:
     for sequence in backend.engine.sequences:
         backend.engine.clear(sequence)
         sequence.owner = None
 
 
 @pytest.fixture(scope="module")
-def case(backend: BatchedGGUFBackend) -> dict:
+def case(backend: GGUFBackend) -> dict:
     """A two-turn conversation: turn 1's prompt, turn 2's prompt, a fixed reply to force after it, the reply's
     fresh log-probabilities (the prompt in one batch, on a clean sequence), and the noise floor: the same with the
     prompt fed one token a step, which differs only in batching."""
@@ -204,9 +206,9 @@ def test_a_restored_conversation_matches_a_fresh_evaluation(backend, case, tier:
     clear(backend)
     greedy(backend, case["first"], 12, owner="ann")
     sequence = next(s for s in backend.engine.sequences if s.owner == "ann")
-    backend._save(sequence)
+    backend.conversations.save(sequence)
     clear(backend)
-    store = backend.store
+    store = backend.conversations.store
     if tier == "disk":
         store.spill_all()
         store = ConversationStore("smollm2", store.model_key, store.budget, 3600, str(store.spill_dir), 3600)
@@ -214,7 +216,7 @@ def test_a_restored_conversation_matches_a_fresh_evaluation(backend, case, tier:
     assert saved is not None
 
     def restore(target):
-        backend._restore(target, saved.tokens, saved.state)
+        backend.engine.restore(target, saved.tokens, saved.state)
 
     got, cached = forced(backend, case["second"], case["reply"], owner="ann", traffic=1, before_start=restore)
     assert cached >= len(case["first"]) - 1
@@ -226,8 +228,8 @@ def test_a_position_off_by_one_is_caught(backend, case) -> None:
     greedy(backend, case["first"], 12, owner="ann")
 
     def one_later(target):  # every cell one position later than the books say (the last one makes room)
-        backend.engine.remove_cells(target, len(target.cells) - 1, -1)
-        backend.engine.shift_cells(target, 0, -1, 1)
+        backend.engine.executor.remove(target.seq_id, len(target.cells) - 1, -1)
+        backend.engine.executor.shift(target.seq_id, 0, -1, 1)
 
     got, _ = forced(backend, case["second"], case["reply"], owner="ann", before_start=one_later)
     assert caught(case, got)
@@ -239,8 +241,8 @@ def test_a_dropped_token_is_caught(backend, case) -> None:
 
     def drop_one(target):  # a cell in the middle goes, the later ones move up: the books do not notice
         middle = len(target.cells) // 2
-        backend.engine.remove_cells(target, middle, middle + 1)
-        backend.engine.shift_cells(target, middle + 1, -1, -1)
+        backend.engine.executor.remove(target.seq_id, middle, middle + 1)
+        backend.engine.executor.shift(target.seq_id, middle + 1, -1, -1)
         del target.cells[-1]
 
     got, _ = forced(backend, case["second"], case["reply"], owner="ann", before_start=drop_one)
@@ -258,7 +260,7 @@ def test_another_conversations_state_is_caught(backend, case) -> None:
 
     def pretend(target):
         n = min(len(target.cells), len(case["first"]))
-        backend.engine.remove_cells(target, n, -1)
+        backend.engine.executor.remove(target.seq_id, n, -1)
         target.cells = list(case["first"][:n])
 
     got, cached = forced(backend, case["second"], case["reply"], owner="ann", before_start=pretend)
@@ -331,7 +333,7 @@ def test_a_greedy_reply_from_another_conversations_state_is_caught(backend, case
 
     def pretend(target):
         n = min(len(target.cells), len(case["first"]))
-        backend.engine.remove_cells(target, n, -1)
+        backend.engine.executor.remove(target.seq_id, n, -1)
         target.cells = list(case["first"][:n])
 
     wrong = greedy_recorded(backend, case["second"], GREEDY_TOKENS, owner="ann", before_start=pretend)

@@ -32,7 +32,7 @@ def batching() -> Iterator[ManagerProcess]:
     config["models"] = {
         "x4": {**smollm2, "parallel": 4, "n_threads": 2},
         "x2": {**smollm2, "parallel": 2, "n_ctx": 1024, "n_threads": 2},
-        "x1": {**smollm2, "n_threads": 2},  # one at a time, the exact engine
+        "x1": {**smollm2, "n_threads": 2},  # one at a time, exact mode
     }
     manager = ManagerProcess(run, config)
     manager.start()

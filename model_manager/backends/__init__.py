@@ -50,13 +50,9 @@ def warm_up(kind: str) -> None:
     create_backend(kind)
 
 
-def create_backend(kind: str, parallel: int = 1) -> Backend:
-    if kind == "llm" and parallel > 1:
-        from model_manager.backends.gguf_batched import BatchedGGUFBackend
-
-        return BatchedGGUFBackend()
-    if kind == "llm":
-        from model_manager.backends.gguf import GGUFBackend
+def create_backend(kind: str) -> Backend:
+    if kind == "llm":  # every `parallel`, 1 included: one engine
+        from model_manager.backends.llm.backend import GGUFBackend
 
         return GGUFBackend()
     if kind == "stt":

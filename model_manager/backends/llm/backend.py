@@ -1,23 +1,23 @@
-"""A GGUF LLM serving up to ``parallel`` requests at once (continuous batching, see ``batch_engine``).
+"""A GGUF LLM: chat (the GGUF's own chat template), plain completion and embeddings, up to ``parallel`` requests
+at once on one batched engine; ``parallel: 1`` is the same engine in exact mode (see ``engine``).
 
 The worker hands requests in with ``submit`` as they arrive and calls ``step`` while any runs; each step decodes
-one token of every running request together, so a short request no longer waits behind a long one.
+one token of every running request together, so a short request never waits behind a long one. A streamed
+request's text leaves through ``take_chunks``: its first text as soon as it is sampled (the time to first token),
+then at most one chunk per ``STREAM_INTERVAL_S`` carrying every token since the last, and what is left before its
+result. On a GPU a step takes 2-3 ms, and a message per token per stream was what the worker waited on.
 
-Conversations live as sequences: after a reply, its cells stay on the sequence, owned by the conversation, and the
-next turn evaluates only its new tokens. When a request needs a sequence held by another conversation, that
-conversation's cells are saved to the ConversationStore first (RAM, then disk, across restarts) and come back into
-a free sequence when it speaks again. Results are not bit-identical to one request alone: llama.cpp's arithmetic
-depends on how a batch is composed (see its server's documentation of ``cache_prompt``).
+With ``parallel`` > 1 results are not bit-identical to one request alone: llama.cpp's arithmetic depends on how
+a batch is composed (see its server's documentation of ``cache_prompt``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp
@@ -27,12 +27,11 @@ from llama_cpp._utils import suppress_stdout_stderr
 
 from model_client.errors import ContextOverflow, ModelLoadFailed, ModelManagerError
 from model_manager.backends import Emit, tools
-from model_manager.backends.batch_engine import BatchEngine, Job, Sampling, Sequence, make_sampler
-from model_manager.backends.batch_engine import common_prefix as _common_prefix
 from model_manager.backends.embedding import Embedder
-from model_manager.backends.gguf import (
-    _decode_complete_utf8,
-    _StopText,
+from model_manager.backends.llm.conversations import Conversations
+from model_manager.backends.llm.engine import BatchEngine
+from model_manager.backends.llm.executor import LlamaExecutor, make_sampler
+from model_manager.backends.llm.prompt import (
     chat_formatter,
     chat_prompt,
     check_prompt,
@@ -40,27 +39,30 @@ from model_manager.backends.gguf import (
     prompt_for,
     quantization_label,
 )
+from model_manager.backends.llm.state import Job, Sampling
+from model_manager.backends.llm.text import Detokenizer, StopText, decode_complete_utf8
 from model_manager.config import MIB, KvCacheSettings, Limits, ModelSpec
 from model_manager.kvcache import ConversationStore
 
-MIN_PREFIX_COPY = 16  # tokens: a shorter shared prefix is cheaper to evaluate than a sequence to copy
-STEP_TOKENS = 512  # tokens one step may decode: every running request's next token, then prompt chunks
+STREAM_INTERVAL_S = 0.02  # a stream's chunks after its first: at most 50 a second, each with every token since
+Chunk = tuple[str, dict[str, Any]]  # (request id, chunk)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
     rid: str
     args: dict[str, Any]
-    emit: Emit
-    text: _StopText
+    text: StopText
     context: dict[str, Any]
-    conversation_id: str | None
-    pending: bytearray
     job: Job | None = None
     stopped_by_string: bool = False
+    undecoded: bytearray = field(default_factory=bytearray)  # a multi-byte character's first bytes
+    outbox: list[str] = field(default_factory=list)  # released text not yet sent
+    out_tokens: int = 0  # tokens since the last chunk
+    sent_at: float | None = None  # when its last chunk went (None: none yet)
 
 
-class BatchedGGUFBackend:
+class GGUFBackend:
     batchable_ops: frozenset[str] = frozenset()
     batch_size = 1
     batch_wait_s = 0.0
@@ -71,15 +73,16 @@ class BatchedGGUFBackend:
         self.model: LlamaModel | None = None
         self.ctx: LlamaContext | None = None
         self.engine: BatchEngine | None = None
+        self.conversations: Conversations | None = None
         self.spec: ModelSpec | None = None
         self.formatter: Any = None
-        self.store: ConversationStore | None = None
+        self.detokenizer: Detokenizer | None = None
         self.embedder: Embedder | None = None  # made on the first `embed`
         self.threads: int | None = None
         self.requests: dict[str, _Request] = {}
+        self.last_chunks: list[Chunk] = []  # ended requests' last text: out before their results
         self.n_ctx = 0  # one sequence's context: the YAML's n_ctx
         self.parallel = 1
-        self._piece_buffer = ctypes.create_string_buffer(256)
         self._stats_at = (time.monotonic(), 0, 0, 0)
 
     # ----- loading --------------------------------------------------------------------------------------------
@@ -91,17 +94,17 @@ class BatchedGGUFBackend:
             raise ModelLoadFailed(f"model file not found: {spec.path}", path=spec.path)
         started = time.perf_counter()
         self.parallel, self.n_ctx = spec.parallel or 4, spec.n_ctx or 2048
+        step_tokens = spec.n_batch or 512
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = spec.n_gpu_layers if spec.n_gpu_layers is not None else 0
         model_params.main_gpu = spec.gpu or 0
-        model_params.split_mode = 0 if spec.gpu is not None else 1
+        model_params.split_mode = 0 if spec.gpu is not None else 1  # LLAMA_SPLIT_MODE_NONE pins to main_gpu
         if spec.tensor_split:
-            split = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*spec.tensor_split)
-            model_params.tensor_split = split
+            model_params.tensor_split = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*spec.tensor_split)
         threads = spec.n_threads or max(1, (os.cpu_count() or 2) // 2)
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = self.n_ctx * self.parallel
-        ctx_params.n_batch = ctx_params.n_ubatch = STEP_TOKENS
+        ctx_params.n_batch = ctx_params.n_ubatch = step_tokens
         ctx_params.n_seq_max = self.parallel
         # One KV stream a sequence, n_ctx each, rather than one pool shared by all: measured on SmolLM2, a
         # sequence's results then do not depend on what the others hold (with a shared pool, another
@@ -110,24 +113,32 @@ class BatchedGGUFBackend:
         ctx_params.kv_unified = False
         # Flash attention: a conversation's later turns attend over a long history; measured with bench/kv_cache.py
         # (8 live conversations, SmolLM2, 2 cores), turn 10's time to first token 695 -> 572 ms, turn 1's 431 -> 407.
-        ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        # Not in exact mode: with it, a greedy third turn with reuse differed from the same turn evaluated afresh.
+        exact = self.parallel == 1
+        ctx_params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED if exact else llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        )
         ctx_params.n_threads = ctx_params.n_threads_batch = self.threads = threads
         set_verbose(False)  # llama.cpp's own log lines (each state restore, ...) only for errors
         try:
             with suppress_stdout_stderr(disable=False):
                 self.model = LlamaModel(path_model=spec.path, params=model_params, verbose=False)
                 self.ctx = LlamaContext(model=self.model, params=ctx_params, verbose=False)
-        except Exception as exc:
+        except Exception as exc:  # llama.cpp reports every load problem as a plain ValueError
             raise ModelLoadFailed(f"llama.cpp could not load {spec.path}: {exc}", path=spec.path) from None
-        self.engine = BatchEngine(self.model, self.ctx, self.parallel, STEP_TOKENS)
+        executor = LlamaExecutor(self.model, self.ctx, step_tokens, self.parallel)
+        self.engine = BatchEngine(executor, self.parallel, step_tokens, self.n_ctx, exact=exact)
         self.spec = spec
         if limits is not None:
             self.max_prompt_tokens = limits.max_prompt_tokens
         metadata = self.model.metadata()
         self.formatter = chat_formatter(self.model, metadata, spec.chat_format)
+        self.detokenizer = Detokenizer(self.model.vocab)
+        store = None
         if kv is not None and kv.enabled:
             identity = f"{spec.path}|{os.path.getsize(spec.path)}|ctx={self.n_ctx}|layers={spec.n_gpu_layers}|batched"
-            self.store = ConversationStore(name, identity, kv.budget_mib * MIB, kv.ttl_s, kv.spill_dir, kv.disk_ttl_s)
+            store = ConversationStore(name, identity, kv.budget_mib * MIB, kv.ttl_s, kv.spill_dir, kv.disk_ttl_s)
+        self.conversations = Conversations(self.engine, store)
         file_type = metadata.get("general.file_type")
         return {
             "load_ms": round((time.perf_counter() - started) * 1000, 1),
@@ -144,7 +155,7 @@ class BatchedGGUFBackend:
         assert self.engine is not None and self.model is not None
         bos = self.model.token_bos()
         sampler = make_sampler(self.model, Sampling(temperature=0.0))
-        self.engine.start(Job("warm-up", [bos if bos >= 0 else 0], 1, sampler, lambda _t: True), None)
+        self.engine.start(Job("warm-up", [bos if bos >= 0 else 0], 1, sampler, lambda _t: True), None, reuse=False)
         while self.engine.busy:
             self.engine.step()
 
@@ -159,25 +170,31 @@ class BatchedGGUFBackend:
         return self.engine.free if self.engine else 0
 
     def run(self, op: str, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        """One request alone (conversation.drop, and callers that do not step): submit, step until it ends."""
+        """One request alone (conversation.drop, embed, and callers that do not step): submit, step until it ends."""
         if op == "conversation.drop":
-            return self._drop(args["conversation_id"])
+            assert self.conversations is not None
+            conversation_id = args["conversation_id"]
+            return {"dropped": self.conversations.drop(conversation_id), "conversation_id": conversation_id}
         if op == "embed":
-            return self._embedder().embed(
-                [args["input"]] if isinstance(args["input"], str) else args["input"], args["normalize"]
-            )
+            texts = [args["input"]] if isinstance(args["input"], str) else args["input"]
+            return self._embedder().embed(texts, args["normalize"])
         rid = f"run-{time.monotonic_ns()}"
-        self.submit(rid, op, args, emit)
+        self.submit(rid, op, args)
         while True:
-            for ended_rid, outcome in self.step():
+            outcomes = self.step()
+            for chunk_rid, chunk in self.take_chunks(time.monotonic()):
+                if chunk_rid == rid:
+                    emit(chunk)
+            for ended_rid, outcome in outcomes:
                 if ended_rid == rid:
                     if isinstance(outcome, Exception):
                         raise outcome
                     return outcome
 
-    def submit(self, rid: str, op: str, args: dict[str, Any], emit: Emit) -> None:
+    def submit(self, rid: str, op: str, args: dict[str, Any]) -> None:
         """Start ``rid`` on a free sequence; raises the typed error that refuses it at once."""
         assert self.engine is not None and self.model is not None and self.spec is not None
+        assert self.conversations is not None
         policy = self.spec.context_overflow
         if op == "chat":
             args = tools.prepare(args)
@@ -187,7 +204,7 @@ class BatchedGGUFBackend:
             raise ModelManagerError(f"all {self.parallel} sequences are busy")  # the manager sends at most parallel
         reuse = args.get("cache", True)
         conversation_id = args.get("conversation_id") if reuse else None
-        request = _Request(rid, args, emit, _StopText(stops), context, conversation_id, bytearray())
+        request = _Request(rid, args, StopText(stops), context)
         sampling = Sampling(
             temperature=args["temperature"],
             top_p=args["top_p"],
@@ -206,54 +223,13 @@ class BatchedGGUFBackend:
             prompt_into_sampler=grammar is None,
         )
         request.job = job
-        sequence = self._sequence_for(job, conversation_id, reuse)
+        sequence = self.conversations.sequence_for(job, conversation_id, reuse)
         self.engine.start_on(sequence, job, conversation_id, reuse)
         self.requests[rid] = request
 
     def _chat_prompt(self, args: dict[str, Any]) -> tuple[list[int], list[str], int]:
         assert self.model is not None and self.spec is not None
         return chat_prompt(self.formatter, self.model.tokenize, self.n_ctx, self.spec.context_overflow, args)
-
-    def _chat_tokens(self, args: dict[str, Any]) -> list[int]:
-        return self._chat_prompt(args)[0]
-
-    def _sequence_for(self, job: Job, conversation_id: str | None, reuse: bool) -> Sequence:
-        """The conversation's own sequence; else a free one, the conversation's saved state put back into it;
-        else the free one sharing most of the prompt. Cells of another conversation are saved before they go."""
-        assert self.engine is not None
-        sequence = self.engine.choose(job.prompt, conversation_id, reuse)
-        if sequence.owner is not None and sequence.owner != conversation_id:
-            self._save(sequence)
-            sequence.owner = None
-        if reuse and conversation_id is not None and sequence.owner != conversation_id and self.store is not None:
-            saved = self.store.get(conversation_id)
-            if saved is not None and _common_prefix(saved.tokens, job.prompt) > _common_prefix(
-                sequence.cells, job.prompt
-            ):
-                self._restore(sequence, saved.tokens, saved.state)
-        if reuse:
-            donor, shared = self.engine.donor(job.prompt, exclude=sequence)
-            if donor is not None and shared >= _common_prefix(sequence.cells, job.prompt) + MIN_PREFIX_COPY:
-                self.engine.copy_prefix(donor, sequence, shared)
-        return sequence
-
-    def _save(self, sequence: Sequence) -> None:
-        assert self.ctx is not None
-        if self.store is None or sequence.owner is None or not sequence.cells:
-            return
-        size = llama_cpp.llama_state_seq_get_size(self.ctx.ctx, sequence.seq_id)
-        buffer = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(self.ctx.ctx, buffer, size, sequence.seq_id)
-        self.store.put(sequence.owner, list(sequence.cells), ctypes.string_at(buffer, written))
-
-    def _restore(self, sequence: Sequence, tokens: list[int], state: bytes) -> None:
-        assert self.ctx is not None and self.engine is not None
-        self.engine.clear(sequence)
-        buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        if llama_cpp.llama_state_seq_set_data(self.ctx.ctx, buffer, len(state), sequence.seq_id):
-            sequence.cells = list(tokens)
-        else:
-            self.engine.clear(sequence)
 
     def cancel(self, rid: str, reason: str) -> tuple[str, dict[str, Any]] | None:
         """End ``rid`` now (its client went away or gave up); its partial result, or None if it is not here."""
@@ -276,51 +252,54 @@ class BatchedGGUFBackend:
                 continue
             if job.finish_reason == "pool_full":
                 self.requests.pop(job.rid, None)
+                policy = self.spec.context_overflow if self.spec else "error"
+                message = "the model's KV memory is full: every sequence holds long contexts"
                 outcomes.append(
-                    (
-                        job.rid,
-                        ContextOverflow(
-                            "the model's KV pool is full: every sequence holds long contexts",
-                            n_ctx=self.n_ctx,
-                            parallel=self.parallel,
-                            policy=self.spec.context_overflow if self.spec else "error",
-                        ),
-                    )
+                    (job.rid, ContextOverflow(message, n_ctx=self.n_ctx, parallel=self.parallel, policy=policy))
                 )
                 continue
             outcomes.append((job.rid, self._result(request)))
         return outcomes
 
+    def take_chunks(self, now: float) -> list[Chunk]:
+        """The streamed text to send now: ended requests' last text, and each running stream's text when it has
+        sent none yet or its last chunk is ``STREAM_INTERVAL_S`` old."""
+        chunks, self.last_chunks = self.last_chunks, []
+        for request in self.requests.values():
+            if request.outbox and (request.sent_at is None or now - request.sent_at >= STREAM_INTERVAL_S):
+                chunks.append((request.rid, self._chunk(request, now)))
+        return chunks
+
+    @staticmethod
+    def _chunk(request: _Request, now: float) -> dict[str, Any]:
+        chunk = {"text": "".join(request.outbox), "tokens": request.out_tokens}
+        request.outbox.clear()
+        request.out_tokens, request.sent_at = 0, now
+        return chunk
+
     def _on_token(self, request: _Request, token: int) -> bool:
-        """Text of ``token`` out to the client, held back while it may be the start of a stop string."""
-        assert self.model is not None
-        request.pending += self._piece(token)
-        piece = _decode_complete_utf8(request.pending)
+        """The token's text into the request's outbox, held back while it may be the start of a stop string."""
+        assert self.detokenizer is not None
+        request.undecoded += self.detokenizer.piece(token)
+        request.out_tokens += 1
+        piece = decode_complete_utf8(request.undecoded)
         if piece:
             released, stopped = request.text.feed(piece)
             if released and request.args["stream"]:
-                request.emit({"text": released})
+                request.outbox.append(released)
             if stopped:
                 request.stopped_by_string = True
                 return False
         return True
-
-    def _piece(self, token: int) -> bytes:
-        """The token's bytes (``LlamaModel.token_to_piece`` returns its whole buffer, NUL padding included)."""
-        assert self.model is not None
-        size = llama_cpp.llama_token_to_piece(self.model.vocab, token, self._piece_buffer, 256, 0, False)
-        if size < 0:  # a longer piece than the buffer: llama.cpp says how long
-            buffer = ctypes.create_string_buffer(-size)
-            size = llama_cpp.llama_token_to_piece(self.model.vocab, token, buffer, -size, 0, False)
-            return buffer.raw[:size]
-        return self._piece_buffer.raw[:size]
 
     def _result(self, request: _Request) -> dict[str, Any]:
         job = request.job
         assert job is not None
         self.requests.pop(request.rid, None)
         if not request.stopped_by_string and (tail := request.text.flush()) and request.args["stream"]:
-            request.emit({"text": tail})
+            request.outbox.append(tail)
+        if request.outbox:
+            self.last_chunks.append((request.rid, self._chunk(request, time.monotonic())))
         ended = job.ended_at or time.perf_counter()
         first = job.first_token_at or ended
         decode_s = ended - first
@@ -345,12 +324,6 @@ class BatchedGGUFBackend:
             },
         )
 
-    def _drop(self, conversation_id: str) -> dict[str, Any]:
-        assert self.engine is not None
-        live = self.engine.forget(conversation_id)
-        saved = self.store.drop(conversation_id) if self.store else False
-        return {"dropped": live or saved, "conversation_id": conversation_id}
-
     # ----- between requests -----------------------------------------------------------------------------------
 
     def set_threads(self, n: int) -> None:
@@ -368,21 +341,16 @@ class BatchedGGUFBackend:
         return self.embedder
 
     def after_reply(self, idle: bool = True) -> None:
-        if self.store is not None:
-            self.store.expire()
+        """Nothing running: settle exact conversations (see ``engine``), let old saved states expire."""
+        if self.conversations is None:
+            return
+        if idle:
+            self.conversations.settle_idle()
+        if self.conversations.store is not None:
+            self.conversations.store.expire()
 
     def kv_stats(self) -> dict[str, int] | None:
-        if self.store is None or self.engine is None:
-            return None
-        stats = dict(self.store.stats())
-        live = {s.owner for s in self.engine.sequences if s.owner is not None}
-        stats["saved"] = stats["conversations"]
-        stats["conversations"] = len(live | set(self.store.states))  # every one the model can resume, live or saved
-        stats["live"] = len(live)
-        stats["sequences_busy"] = sum(1 for s in self.engine.sequences if s.job is not None)
-        stats["parallel"] = self.parallel
-        stats["prefix_copies"] = self.engine.prefix_copies
-        return stats
+        return self.conversations.stats() if self.conversations else None
 
     def batching_stats(self) -> dict[str, float]:
         """Since the last call: tokens generated per second, and sequences decoded per step on average."""
@@ -400,9 +368,5 @@ class BatchedGGUFBackend:
 
     def unload(self) -> None:
         """Every live conversation is saved, then kept on disk (where configured), before the worker ends."""
-        if self.engine is not None:
-            for sequence in self.engine.sequences:
-                with contextlib.suppress(Exception):
-                    self._save(sequence)
-        if self.store is not None:
-            self.store.spill_all()
+        if self.conversations is not None:
+            self.conversations.save_all()
