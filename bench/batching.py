@@ -84,19 +84,20 @@ def ceiling(path: Path, sequences: int, parallel: int, tokens: int, threads: int
 
 
 def through_daemon(endpoint: str, model: str, sequences: int, tokens: int) -> float:
-    """Aggregate tokens/s of ``sequences`` concurrent streams while all of them are decoding: chunks (one token
-    each here) received between the last stream's first chunk and the first stream's last, over that window. The
+    """Aggregate tokens/s of ``sequences`` concurrent streams while all of them are decoding: the tokens of the
+    chunks received between the last stream's first chunk and the first stream's last, over that window. The
     ceiling is measured the same way: every sequence decoding, prompts already evaluated."""
     go = threading.Barrier(sequences)
-    times: list[list[float]] = []
+    times: list[list[tuple[float, int]]] = []
 
     def one() -> None:
         with ModelClient(endpoint, timeout=300) as client:
             go.wait()
-            stamps = [
-                time.perf_counter()
-                for _ in client.complete(model, COUNTING, stream=True, max_tokens=tokens, temperature=0.0)
-            ]
+            stream = client.complete(model, COUNTING, stream=True, max_tokens=tokens, temperature=0.0)
+            stamps, seen = [], 0
+            for _ in stream:
+                stamps.append((time.perf_counter(), stream.tokens - seen))
+                seen = stream.tokens
             times.append(stamps)
 
     threads = [threading.Thread(target=one) for _ in range(sequences)]
@@ -104,8 +105,15 @@ def through_daemon(endpoint: str, model: str, sequences: int, tokens: int) -> fl
         thread.start()
     for thread in threads:
         thread.join()
-    start, end = max(t[0] for t in times), min(t[-1] for t in times)
-    inside = sum(1 for stamps in times for stamp in stamps if start < stamp <= end)
+    start, end = max(t[0][0] for t in times), min(t[-1][0] for t in times)
+    # A chunk's tokens were made between the stream's previous chunk and this one (the worker sends a stream's
+    # text at most every 20 ms): the share of that span inside the window counts.
+    inside = 0.0
+    for stamps in times:
+        for (before, _), (stamp, n) in zip(stamps, stamps[1:], strict=False):
+            overlap = min(stamp, end) - max(before, start)
+            if overlap > 0:
+                inside += n * overlap / (stamp - before)
     return inside / (end - start)
 
 

@@ -50,18 +50,21 @@ class Completion:
 
 
 class Stream:
-    """Iterate for text pieces as the model produces them; ``result`` holds the Completion at the end."""
+    """Iterate for text pieces as the model produces them (each may carry several tokens' text: ``tokens`` counts
+    the tokens received so far); ``result`` holds the Completion at the end."""
 
-    def __init__(self, pieces: Iterator[str | Completion]) -> None:
+    def __init__(self, pieces: Iterator[dict[str, Any] | Completion]) -> None:
         self._pieces = pieces
         self.result: Completion | None = None
+        self.tokens = 0
 
     def __iter__(self) -> Iterator[str]:
         for piece in self._pieces:
             if isinstance(piece, Completion):
                 self.result = piece
             else:
-                yield piece
+                self.tokens += piece.get("tokens", 1)
+                yield piece["text"]
 
     def text(self) -> str:
         return "".join(self)
@@ -218,9 +221,9 @@ class ModelClient:
             self.connection.reset()  # abandoning the stream: later chunks must not reach the next request
             raise
 
-    def _stream(self, op: str, args: dict[str, Any], timeout: float) -> Iterator[str | Completion]:
+    def _stream(self, op: str, args: dict[str, Any], timeout: float) -> Iterator[dict[str, Any] | Completion]:
         for reply in self._replies(op, args, timeout):
-            yield Completion.from_result(reply.body) if reply.is_final else reply.body["text"]
+            yield Completion.from_result(reply.body) if reply.is_final else reply.body
 
     # ----- the API --------------------------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ at once on one batched engine; ``parallel: 1`` is the same engine in exact mode 
 The worker hands requests in with ``submit`` as they arrive and calls ``step`` while any runs; each step decodes
 one token of every running request together, so a short request never waits behind a long one. A streamed
 request's text leaves through ``take_chunks``: its first text as soon as it is sampled (the time to first token),
-then at most one chunk per ``STREAM_INTERVAL_S`` carrying every token since the last, and what is left before its
+then every stream's new text together once per ``STREAM_INTERVAL_S``, in one message, and what is left before its
 result. On a GPU a step takes 2-3 ms, and a message per token per stream was what the worker waited on.
 
 With ``parallel`` > 1 results are not bit-identical to one request alone: llama.cpp's arithmetic depends on how
@@ -81,6 +81,7 @@ class GGUFBackend:
         self.threads: int | None = None
         self.requests: dict[str, _Request] = {}
         self.last_chunks: list[Chunk] = []  # ended requests' last text: out before their results
+        self.flushed_at = 0.0  # when every stream's text last went out
         self.n_ctx = 0  # one sequence's context: the YAML's n_ctx
         self.parallel = 1
         self._stats_at = (time.monotonic(), 0, 0, 0)
@@ -262,12 +263,15 @@ class GGUFBackend:
         return outcomes
 
     def take_chunks(self, now: float) -> list[Chunk]:
-        """The streamed text to send now: ended requests' last text, and each running stream's text when it has
-        sent none yet or its last chunk is ``STREAM_INTERVAL_S`` old."""
+        """The streamed text to send now: ended requests' last text, a stream's first text, and every stream's text
+        once ``STREAM_INTERVAL_S`` have passed since the last time (all streams on one clock: one message then)."""
         chunks, self.last_chunks = self.last_chunks, []
+        due = now - self.flushed_at >= STREAM_INTERVAL_S
         for request in self.requests.values():
-            if request.outbox and (request.sent_at is None or now - request.sent_at >= STREAM_INTERVAL_S):
+            if request.outbox and (due or request.sent_at is None):
                 chunks.append((request.rid, self._chunk(request, now)))
+        if due:
+            self.flushed_at = now
         return chunks
 
     @staticmethod
