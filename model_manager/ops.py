@@ -13,9 +13,10 @@ from typing import Any
 from model_client import protocol
 from model_client.errors import BadRequest, InvalidAudio, ModelNotFound
 from model_manager.config import Config
-from model_manager.lifecycle import Lifecycle, Outbox
+from model_manager.lifecycle import Lifecycle
 from model_manager.slots import Job, ModelSlot, Waiter
 from model_manager.status import catalogue_entry
+from model_manager.worker_events import Outbox
 
 Handler = Callable[[list[bytes], protocol.Request, Any], None]
 
