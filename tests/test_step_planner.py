@@ -74,7 +74,7 @@ def job(rid: str, prompt: list[int], max_new: int = 100, tokens: list[int] | Non
 # ----- the rules, as a checker ----------------------------------------------------------------------------------
 
 
-def violations(sequences: list[Sequence], plan: Plan, budget: int) -> list[str]:
+def violations(sequences: list[Sequence], plan: Plan, budget: int, after_prompts: bool = False) -> list[str]:
     """Every rule a plan breaks for ``sequences`` under ``budget``; empty when it keeps them all."""
     found = []
     n = len(plan.tokens)
@@ -85,11 +85,13 @@ def violations(sequences: list[Sequence], plan: Plan, budget: int) -> list[str]:
     covered = sorted((row.first, row.first + row.count) for row in plan.rows)
     if [i for start, end in covered for i in range(start, end)] != list(range(n)):
         found.append("the rows do not cover the batch exactly once")
+    if len({row.prefill for row in plan.rows}) > 1:
+        found.append("prompt chunks and decode tokens in one step")
     by_id = {s.seq_id: s for s in sequences}
-    planned = set()
+    got = {}
     for row in plan.rows:
         sequence, current = row.sequence, row.sequence.job
-        planned.add(sequence.seq_id)
+        got[sequence.seq_id] = row.count
         span = range(row.first, row.first + row.count)
         if current is None or current.finish_reason is not None:
             found.append(f"sequence {sequence.seq_id} is decoded without a running job")
@@ -112,11 +114,15 @@ def violations(sequences: list[Sequence], plan: Plan, budget: int) -> list[str]:
             found.append(f"sequence {sequence.seq_id}: logits asked for the wrong tokens")
     running = [s for s in sequences if s.job is not None and s.job.finish_reason is None]
     generating = [s for s in running if not s.job.prefilling and s.job.pending_token is not None]  # type: ignore[union-attr]
-    if len(generating) <= budget and any(s.seq_id not in planned for s in generating):
-        found.append("a generating sequence waits while the budget had room")
     prompts = sorted((s for s in running if s.job.prefilling), key=lambda s: s.job.started)  # type: ignore[union-attr]
+    prompt_turn = bool(prompts) and not (after_prompts and generating)
+    if prompt_turn:
+        left = sum(len(s.job.prompt) - s.job.evaluated for s in prompts)  # type: ignore[union-attr]
+        if any(s.seq_id in got for s in generating) or n < min(budget, left):
+            found.append("waiting prompts did not get their turn, filled to the budget")
+    elif any(s.seq_id not in got for s in generating[:budget]):
+        found.append("a generating sequence waits on its turn")
     for older, younger in zip(prompts, prompts[1:], strict=False):
-        got = {row.sequence.seq_id: row.count for row in plan.rows}
         if younger.seq_id in got and got.get(older.seq_id, 0) < len(older.job.prompt) - older.job.evaluated:  # type: ignore[union-attr]
             found.append("a younger prompt went ahead of an older one")
     return found
@@ -147,7 +153,9 @@ def test_every_plan_keeps_every_rule_on_random_states() -> None:
     rng = random.Random(7)
     for _ in range(500):
         sequences, budget = random_state(rng)
-        assert violations(sequences, plan_step(sequences, budget), budget) == []
+        after_prompts = rng.random() < 0.5
+        plan = plan_step(sequences, budget, after_prompts)
+        assert violations(sequences, plan, budget, after_prompts) == []
 
 
 def over_budget(sequences: list[Sequence], budget: int) -> Plan:
@@ -188,7 +196,8 @@ def test_the_rules_catch_a_planted_mistake(planted: Callable[[list[Sequence], in
     cancelled = Sequence(2, cells=[5, 6], job=job("c", [5, 6], started=0.5))
     cancelled.job.evaluated, cancelled.job.pending_token, cancelled.job.finish_reason = 2, 8, "cancelled"  # type: ignore[union-attr]
     sequences, budget = [running, waiting, cancelled], 16
-    assert violations(sequences, plan_step(sequences, budget), budget) == []
+    for after_prompts in (False, True):  # a prompt step, then a decode step
+        assert violations(sequences, plan_step(sequences, budget, after_prompts), budget, after_prompts) == []
     assert violations(sequences, planted(sequences, budget), budget) != []
 
 
@@ -199,7 +208,7 @@ def engine_with(executor: FakeExecutor, parallel: int = 4, budget: int = 16, exa
     return BatchEngine(executor, parallel, budget, seq_ctx=1000, exact=exact)
 
 
-def test_a_long_prompt_goes_in_chunks_while_a_stream_keeps_decoding() -> None:
+def test_a_long_prompt_goes_in_chunks_taking_turns_with_a_stream() -> None:
     executor = FakeExecutor()
     engine = engine_with(executor)
     stream = job("stream", [1, 2], tokens=[5] * 50, started=0.0)
@@ -207,12 +216,11 @@ def test_a_long_prompt_goes_in_chunks_while_a_stream_keeps_decoding() -> None:
     engine.step()  # its prompt, and its first token sampled
     long = job("long", list(range(1, 51)), tokens=[6], started=1.0)
     engine.start(long, None, reuse=False)
-    sizes = []
     while long.prefilling:
         engine.step()
-        sizes.append(executor.steps[-1].seq_ids.count(1))
-    assert sizes == [15, 15, 15, 5]  # the budget less the stream's token, each step
-    assert all(plan.seq_ids.count(0) == 1 for plan in executor.steps[1:]), "the stream decoded every step"
+    steps = [(plan.seq_ids.count(0), plan.seq_ids.count(1)) for plan in executor.steps[1:]]
+    # the stream's own prompt step came last, so it decodes first; then the prompt's chunks and the stream take turns
+    assert steps == [(1, 0), (0, 16), (1, 0), (0, 16), (1, 0), (0, 16), (1, 0), (0, 2)]
     assert long.first_token_at is not None and long.generated == [6]
 
 

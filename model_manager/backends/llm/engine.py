@@ -1,8 +1,9 @@
 """Continuous batching for a GGUF model: many requests decode together, one ``llama_decode`` a step.
 
 llama.cpp keeps several sequences in one context (``n_seq_max``), each with its own KV stream. Each step carries
-what the planner chose (``planner.plan_step``), and then every sequence that produced logits is sampled with its
-own sampler chain. The code is ours, on llama-cpp-python's low-level API, because ``Llama`` holds one sequence.
+what the planner chose (``planner.plan_step``: waiting prompts or every stream's next token, taking turns), and then
+every sequence that produced logits is sampled with its own sampler chain. The code is ours, on llama-cpp-python's
+low-level API, because ``Llama`` holds one sequence.
 
 A sequence keeps its cells after its request ends: the next request that starts with the same tokens (the next
 turn of a conversation, the same system prompt) evaluates only what differs. An idle sequence is taken over by the
@@ -36,6 +37,7 @@ class BatchEngine:
         self.sequence_steps = 0  # sequences decoded, summed over steps
         self.generated = 0
         self.prefix_copies = 0
+        self.after_prompts = False  # the last step carried prompt chunks: the streams get the next one
 
     def close(self) -> None:
         for sequence in self.sequences:
@@ -179,9 +181,10 @@ class BatchEngine:
 
     def step(self) -> list[Job]:
         """One ``llama_decode`` for every running sequence; returns the jobs that ended in it."""
-        plan = plan_step(self.sequences, self.step_tokens)
+        plan = plan_step(self.sequences, self.step_tokens, self.after_prompts)
         if not plan.rows:
             return []
+        self.after_prompts = plan.rows[0].prefill
         status = self.executor.decode(plan)
         self.steps += 1
         self.sequence_steps += len(plan.rows)
