@@ -2,8 +2,9 @@
 twice against the same daemon: with KV reuse (``conversation_id``) and with reuse disabled (``cache: false``).
 
 Time to first token is measured at the client, from sending the request to the first streamed piece, so it
-includes restoring the conversation's state. With temperature 0 both runs produce the same replies (the reuse is
-exact), so both see the same histories.
+includes restoring the conversation's state. The model runs as shipped (``parallel`` from the defaults); with
+``--parallel 1`` (exact mode) and temperature 0 both runs produce the same replies, so both see the same histories
+(``replies_identical``); batched, a reply may part where two tokens were nearly tied.
 
 Prints a table, then one JSON line of figures. Run: ``.venv/bin/python bench/kv_cache.py``.
 """
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.daemon import SMOLLM2, llm_entry, running_daemon  # noqa: E402
 from model_client import ModelClient  # noqa: E402
 from model_client.protocol import MIB  # noqa: E402
+from model_manager.config import Defaults  # noqa: E402
 
 SYSTEM = "You are a friendly assistant in a kitchen. Answer in two or three sentences."
 TOPICS = ["apricots", "bread", "coffee", "dumplings", "eggs", "fennel", "garlic", "honey"]
@@ -87,7 +89,12 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--parallel", type=int, default=1, help="the model's sequences (continuous batching)")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=Defaults().parallel,
+        help="the model's sequences (default: the shipped default; 1: exact mode, replies identical with reuse)",
+    )
     parser.add_argument("--max-tokens", type=int, default=48, help="each reply's length")
     parser.add_argument(
         "--think-ms", type=float, default=0.0, help="pause before each request, as a user speaking (default: none)"

@@ -29,7 +29,7 @@ log = structlog.get_logger("model_manager.kvcache")
 @dataclass
 class SavedState:
     tokens: list[int]
-    state: bytes
+    state: bytes | bytearray  # the engine's, as it wrote them
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -78,7 +78,7 @@ class ConversationStore:
         saved.last_used = time.monotonic()
         return saved
 
-    def put(self, conversation_id: str, tokens: list[int], state: bytes) -> None:
+    def put(self, conversation_id: str, tokens: list[int], state: bytes | bytearray) -> None:
         self.states[conversation_id] = SavedState(tokens, state)
         self.states.move_to_end(conversation_id)
         self._fit_budget(keep=conversation_id)

@@ -113,7 +113,7 @@ class BatchEngine:
     def clear(self, sequence: Sequence) -> None:
         self.truncate(sequence, 0)
 
-    def restore(self, sequence: Sequence, tokens: list[int], state: bytes) -> bool:
+    def restore(self, sequence: Sequence, tokens: list[int], state: bytes | bytearray) -> bool:
         """Put a conversation's saved cells into ``sequence`` (emptied first)."""
         self.clear(sequence)
         if self.executor.restore(sequence.seq_id, state):
