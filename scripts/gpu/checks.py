@@ -304,7 +304,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="a GGUF (Q8_0); default: a synthetic one of --size-mib")
     parser.add_argument("--size-mib", type=float, default=1500)
     parser.add_argument("--dry", action="store_true", help="the CPU only (NVML not used even if present)")
-    parser.add_argument("--levels", default="1,4,16", help="streams for the batching check")
+    parser.add_argument("--levels", default="1,4,16,64", help="streams for the batching check")
     args = parser.parse_args()
     nvml = None if args.dry else open_nvml()
     if not args.dry and nvml is None:
