@@ -216,7 +216,7 @@ class Worker:
                 else:
                     self._submit(message)
             elif isinstance(message, wire.Cancel):
-                self._finish(backend.cancel(message.rid, "cancelled"))
+                self._cancel(message.rid, "cancelled")
             elif isinstance(message, wire.Threads):
                 self._set_threads(message.n)
             elif isinstance(message, wire.Exit):
@@ -224,7 +224,7 @@ class Worker:
                 return True
         now = time.monotonic()
         for rid in [rid for rid, deadline in self.deadlines.items() if now > deadline]:
-            self._finish(backend.cancel(rid, "deadline"))
+            self._cancel(rid, "deadline")
         try:
             outcomes = backend.step()
         except Exception as exc:  # the engine is in an unknown state: fail what runs, let the manager restart it
@@ -250,10 +250,14 @@ class Worker:
         if chunks:
             self.send(wire.Chunks(items=[wire.stream_item(rid, chunk) for rid, chunk in chunks]))
 
-    def _finish(self, outcome: tuple[str, dict[str, Any] | Exception] | None) -> None:
-        if outcome is None:
-            return
-        self._send_chunks()  # a cancelled request's last text goes before its result
+    def _cancel(self, rid: str, reason: str) -> None:
+        """End a stepping request between steps: its last text, then its partial result."""
+        outcome = self.backend.cancel(rid, reason)  # type: ignore[union-attr]
+        if outcome is not None:
+            self._send_chunks()
+            self._finish(outcome)
+
+    def _finish(self, outcome: tuple[str, dict[str, Any] | Exception]) -> None:
         rid, result = outcome
         self.deadlines.pop(rid, None)
         if isinstance(result, ModelManagerError):

@@ -117,9 +117,7 @@ class WorkerEvents:
     def _on_job_message(self, slot: ModelSlot, job: Job, message: wire.Chunk | wire.Done | wire.Failed) -> None:
         if isinstance(message, wire.Chunk):
             if job.stream and not job.cancelled:
-                frames = protocol.encode_chunk(job.request_id, message.chunk, _payloads(message.payload))
-                if not self.outbox.send(job.route, frames):
-                    self._cancel(slot, job, "client_gone")
+                self._relay(slot, job, protocol.encode_chunk(job.request_id, message.chunk, _payloads(message.payload)))
             return
         if isinstance(message, wire.Done):
             self._reply(job, self._final_result(slot, job, message.result), _payloads(message.payload))
@@ -134,8 +132,12 @@ class WorkerEvents:
         for item in items:
             job = slot.running.get(item.rid)
             if job is not None and job.stream and not job.cancelled:
-                if not self.outbox.send(job.route, protocol.encode_encoded_chunk(job.request_id, item.chunk)):
-                    self._cancel(slot, job, "client_gone")
+                self._relay(slot, job, protocol.encode_encoded_chunk(job.request_id, item.chunk))
+
+    def _relay(self, slot: ModelSlot, job: Job, frames: list[bytes]) -> None:
+        """A streamed piece to its client; a client that cannot take it is gone: its request is cancelled."""
+        if not self.outbox.send(job.route, frames):
+            self._cancel(slot, job, "client_gone")
 
     def _cancel(self, slot: ModelSlot, job: Job, reason: str) -> None:
         """The client will not read the answer: the worker stops generating within a token."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 import zmq
+from hypothesis import strategies as st
 
 from daemonkit.process import DaemonProcess
 from model_client import ModelClient, protocol
@@ -329,3 +330,25 @@ def fresh_manager(run_dir: Path) -> Iterator[ManagerProcess]:
 def client(manager: ManagerProcess) -> Iterator[ModelClient]:
     with manager.client(timeout=60) as c:
         yield c
+
+
+def json_values(
+    words: list[str] | None = None, keys: list[str] | None = None, size: int = 3, max_leaves: int = 10
+) -> st.SearchStrategy:
+    """Any JSON value, nested, for the fuzz tests: integers past int64 included; ``words`` among the strings and
+    ``keys`` among the object keys, so that some values reach the fields a daemon reads."""
+    leaves = [
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**70), max_value=2**70),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=40),
+    ]
+    if words:
+        leaves.append(st.sampled_from(words))
+    names = st.sampled_from(keys) | st.text(max_size=8) if keys else st.text(max_size=8)
+    return st.recursive(
+        st.one_of(*leaves),
+        lambda inner: st.one_of(st.lists(inner, max_size=size), st.dictionaries(names, inner, max_size=size)),
+        max_leaves=max_leaves,
+    )

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import model_status, wait_for
+from tests.conftest import json_values, model_status, wait_for
 from tests.test_gateway import Stack, stack, start_gateway  # noqa: F401 - stack: the fixture these tests use
 
 SAY_HI = [{"role": "user", "content": "Hi"}]
@@ -261,20 +261,7 @@ ROUTES = [
 ]
 FIELDS = ["model", "messages", "prompt", "input", "stream", "options", "seed", "max_tokens", "keep_alive", "tools"]
 FIELDS += ["format", "images", "response_format", "stop", "temperature", "voice", "logprobs", "content", "role"]
-JSON_VALUES = st.recursive(
-    st.one_of(
-        st.none(),
-        st.booleans(),
-        st.integers(min_value=-(2**70), max_value=2**70),
-        st.floats(allow_nan=False, allow_infinity=False),
-        st.text(max_size=40),
-        st.sampled_from(["smollm2", "user", "0", "-1", "5m", "json"]),
-    ),
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
+JSON_VALUES = json_values(words=["smollm2", "user", "0", "-1", "5m", "json"], keys=FIELDS, size=4, max_leaves=12)
 BODIES = st.one_of(
     st.binary(max_size=300),
     st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=6).map(lambda d: json.dumps(d).encode()),

@@ -38,7 +38,6 @@ class FakeExecutor:
     def __init__(self, statuses: list[int] | None = None) -> None:
         self.steps: list[Plan] = []
         self.statuses = list(statuses or [])
-        self.removed: list[tuple[int, int, int]] = []
 
     def decode(self, plan: Plan) -> int:
         self.steps.append(Plan(list(plan.tokens), list(plan.positions), list(plan.seq_ids), list(plan.logits)))
@@ -51,7 +50,6 @@ class FakeExecutor:
         return token == EOG
 
     def remove(self, seq_id: int, start: int, end: int) -> bool:
-        self.removed.append((seq_id, start, end))
         return True
 
     def copy(self, source: int, target: int) -> None:

@@ -34,7 +34,7 @@ from daemonkit.process import DaemonProcess
 from daemonkit.settings import ConfigError
 from model_client.audio import Audio
 from services.wyoming.config import load_wyoming_config
-from tests.conftest import REPO, SHIPPED_CONFIG, ManagerProcess, rss_bytes, stack_config, wait_for
+from tests.conftest import REPO, SHIPPED_CONFIG, ManagerProcess, json_values, rss_bytes, stack_config, wait_for
 from tests.test_speech import wer
 
 QUESTION = "What is the weather forecast for tomorrow morning?"
@@ -473,17 +473,7 @@ def test_the_error_codes_docs_wyoming_md_lists_are_the_ones_the_service_sends() 
 
 EVENT_TYPES = ["transcribe", "audio-start", "audio-chunk", "audio-stop", "synthesize", "synthesize-start"]
 EVENT_TYPES += ["synthesize-chunk", "synthesize-stop", "transcript", "describe", "ping", "x"]
-DATA_VALUES = st.recursive(
-    st.one_of(
-        st.none(),
-        st.booleans(),
-        st.integers(min_value=-(2**70), max_value=2**70),
-        st.floats(allow_nan=False, allow_infinity=False),
-        st.text(max_size=30),
-    ),
-    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
-    max_leaves=10,
-)
+DATA_VALUES = json_values(size=3, max_leaves=10)
 DATA_KEYS = st.sampled_from(["rate", "width", "channels", "text", "name", "language", "voice", "timestamp"])
 HEADERS = st.fixed_dictionaries(
     {"type": st.one_of(st.sampled_from(EVENT_TYPES), DATA_VALUES)},

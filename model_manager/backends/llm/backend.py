@@ -166,10 +166,6 @@ class GGUFBackend:
     def busy(self) -> bool:
         return bool(self.requests)
 
-    @property
-    def free(self) -> int:
-        return self.engine.free if self.engine else 0
-
     def run(self, op: str, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         """One request alone (conversation.drop, embed, and callers that do not step): submit, step until it ends."""
         if op == "conversation.drop":

@@ -46,7 +46,7 @@ class Conversations:
             return
         self.engine.settle(sequence)
         if self.engine.exact:
-            self.engine.truncate(sequence, sequence.batched)  # settle could not run
+            self.engine.truncate(sequence, sequence.batched)  # a request still runs on it: settle waited
         if sequence.cells:
             self.store.put(sequence.owner, list(sequence.cells), self.engine.executor.save(sequence.seq_id))
 

@@ -8,15 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-
-class Sampler(Protocol):
-    """A request's sampler chain (llama.cpp's, or a test's stand-in): it sees each accepted token."""
-
-    def accept(self, token: int) -> None: ...
-
-    def close(self) -> None: ...
+from typing import Any
 
 
 @dataclass
@@ -36,7 +28,7 @@ class Job:
     rid: str
     prompt: list[int]
     max_new: int
-    sampler: Any  # a Sampler; the executor samples with it
+    sampler: Any  # llama.cpp's chain (or a test's stand-in): accept(token), close(); the executor samples with it
     on_token: Callable[[int], bool]  # called with each sampled token; False ends the request
     evaluated: int = 0  # prompt tokens already in the cells
     cached: int = 0  # of which reused from an earlier request
