@@ -19,6 +19,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
 import zmq
 
@@ -196,10 +197,10 @@ class PersonaAgent:
             stt_ms = transcript.get("timings", {}).get("service_ms")
         timings = {
             "stt_ms": stt_ms,
-            "llm_ttft_ms": completion.timings.get("ttft_ms"),
+            "llm_ttft_ms": completion.timings.ttft_ms,
             "llm_total_ms": round((time.monotonic() - started) * 1000, 2),
             "first_say_ms": first_say_ms,
-            "queue_ms": completion.timings.get("queue_ms"),
+            "queue_ms": completion.timings.queue_ms,
         }
         reply = {
             "persona": self.name,
@@ -214,7 +215,7 @@ class PersonaAgent:
             "parts": parts,
             "model": completion.model,
             "voice": persona.voice,
-            "usage": completion.usage,
+            "usage": msgspec.to_builtins(completion.usage),
             "timings": timings,
         }
         self.events.send_multipart(protocol.encode_event(TOPIC_REPLY, reply, time.time()))
@@ -227,8 +228,8 @@ class PersonaAgent:
             session_id=session_id,
             turn_id=turn_id,
             route=reason,
-            prompt_tokens=completion.usage.get("prompt_tokens"),
-            cached_tokens=completion.usage.get("cached_tokens"),
+            prompt_tokens=completion.usage.prompt_tokens,
+            cached_tokens=completion.usage.cached_tokens,
             **timings,
         )
         return reply

@@ -53,7 +53,7 @@ def through_client(client: ModelClient, tokens: int, fixed: bool = False) -> tup
         first = first or time.perf_counter()
     ended = time.perf_counter()
     assert stream.result is not None and first is not None
-    return (first - started) * 1000, (stream.result.usage["completion_tokens"] - 1) / max(1e-9, ended - first)
+    return (first - started) * 1000, (stream.result.usage.completion_tokens - 1) / max(1e-9, ended - first)
 
 
 def through_gateway(http: httpx.Client, tokens: int, fixed: bool = False) -> tuple[float, float]:

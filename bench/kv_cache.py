@@ -77,8 +77,8 @@ def run(
             assert stream.result is not None
             ttft[turn].append(((first or time.perf_counter()) - started) * 1000)
             usage = stream.result.usage
-            prompt_tokens[turn].append(usage["prompt_tokens"])
-            evaluated[turn].append(usage["prompt_tokens"] - usage["cached_tokens"])
+            prompt_tokens[turn].append(usage.prompt_tokens)
+            evaluated[turn].append(usage.prompt_tokens - usage.cached_tokens)
             histories[conv].append({"role": "assistant", "content": stream.result.text})
             replies.append(stream.result.text)
     return ttft, prompt_tokens, evaluated, replies

@@ -41,6 +41,7 @@ import llama_cpp  # noqa: E402
 import zmq  # noqa: E402
 
 from model_client import protocol  # noqa: E402
+from model_client.results import Completion, TextChunk, chunk_from, completion_from  # noqa: E402
 from model_manager import worker_protocol as wire  # noqa: E402
 from model_manager.backends.llm import backend as llm_backend  # noqa: E402
 from model_manager.backends.llm import engine, executor, text  # noqa: E402
@@ -121,7 +122,7 @@ def run(path: Path, streams: int, tokens: int, threads: int) -> dict[str, float]
         if chunks:
             send(wire.Chunks(items=[wire.stream_item(rid, chunk) for rid, chunk in chunks]))
         for rid, result in outcomes:
-            send(wire.Done(rid=rid, result=result))
+            send(wire.Generated(rid=rid, result=result))
 
     after = clock.wrap("message", after_step)
     args = protocol.args_to_dict(
@@ -140,7 +141,7 @@ def run(path: Path, streams: int, tokens: int, threads: int) -> dict[str, float]
     sock.send(b"end")
     sink.wait(timeout=30)
     sock.close(linger=0)
-    relay, client = clock.wrap("relay", relay_one), clock.wrap("client", protocol.decode_reply)
+    relay, client = clock.wrap("relay", relay_one), clock.wrap("client", client_decode)
     for frame in frames:
         for reply in relay(frame):
             client(reply)
@@ -156,8 +157,14 @@ def relay_one(frame: bytes) -> list[list[bytes]]:
     message = wire.decode_from_worker(frame)
     if isinstance(message, wire.Chunks):
         return [protocol.encode_encoded_chunk(item.rid, item.chunk) for item in message.items]
-    assert isinstance(message, wire.Done)
+    assert isinstance(message, wire.Generated)
     return [protocol.encode_result(message.rid, message.result)]
+
+
+def client_decode(frames: list[bytes]) -> TextChunk | Completion:
+    """What ``ModelClient`` does with each reply of a stream: the envelope, then its typed body."""
+    reply = protocol.decode_reply(frames)
+    return completion_from(reply.body) if reply.is_final else chunk_from(reply.body)
 
 
 def main() -> None:

@@ -98,7 +98,7 @@ def stream_daemon(client: ModelClient, max_tokens: int) -> tuple[float, str, int
     stream = client.complete("smollm2", PROMPT, stream=True, max_tokens=max_tokens, temperature=0.0, seed=1)
     for _ in stream:
         times.append(time.perf_counter())
-    tokens = stream.result.usage["completion_tokens"]
+    tokens = stream.result.usage.completion_tokens
     return decode_rate(times, tokens), stream.result.text, tokens
 
 

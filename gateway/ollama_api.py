@@ -30,8 +30,8 @@ from gateway.ollama_schema import (
     unloads,
 )
 from gateway.watch import CLIENT_CLOSED, unless_gone
-from model_client import protocol
 from model_client.aio import ManagerLink
+from model_client.results import Completion, TextChunk
 
 VERSION = "0.9.0"  # the Ollama API version whose subset is served
 
@@ -66,10 +66,10 @@ def _turn(message: OllamaMessage) -> dict[str, Any]:
     return turn
 
 
-def _ollama_calls(result: dict[str, Any]) -> list[dict[str, Any]]:
+def _ollama_calls(result: Completion) -> list[dict[str, Any]]:
     return [
-        {"function": {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}}
-        for c in result.get("tool_calls") or []
+        {"function": {"name": c.function.name, "arguments": json.loads(c.function.arguments)}}
+        for c in result.tool_calls
     ]
 
 
@@ -237,42 +237,41 @@ class Ollama:
     ) -> Response:
         started = time.perf_counter_ns()
         if not body.stream:  # streamed from the manager all the same: a client gone cancels it (gateway/watch.py)
-            reply = await unless_gone(request, self.link.final(op, {**args, "stream": True}))
-            if reply is None:
+            result = await unless_gone(request, self.link.completion(op, {**args, "stream": True}))
+            if result is None:
                 return Response(status_code=CLIENT_CLOSED)
-            result = reply.body
             await self._after(body)
-            answer = _final(body.model, result, started, field, result["text"])
+            answer = _final(body.model, result, started, field, result.text)
             if field == "message" and (calls := _ollama_calls(result)):
                 answer["message"]["tool_calls"] = calls
             return JSONResponse(answer)
-        replies = self.link.replies(op, {**args, "stream": True})
+        replies = self.link.generation(op, {**args, "stream": True})
         first = await anext(replies)
         return StreamingResponse(self._ndjson(body, first, replies, started, field), media_type="application/x-ndjson")
 
     async def _ndjson(
         self,
         body: Generation,
-        first: protocol.Reply,
-        rest: AsyncIterator[protocol.Reply],
+        first: TextChunk | Completion,
+        rest: AsyncIterator[TextChunk | Completion],
         started: int,
         field: str,
     ) -> AsyncIterator[bytes]:
         try:
-            reply, streamed = first, False
-            while not reply.is_final:
-                if text := reply.body.get("text"):
+            item, streamed = first, False
+            while isinstance(item, TextChunk):
+                if item.text:
                     streamed = True
-                    piece = {"role": "assistant", "content": text} if field == "message" else text
+                    piece = {"role": "assistant", "content": item.text} if field == "message" else item.text
                     yield _line({"model": body.model, "created_at": _now(), field: piece, "done": False})
-                reply = await anext(rest)
-            if calls := _ollama_calls(reply.body):  # with tools, the answer comes in the result only
+                item = await anext(rest)
+            if calls := _ollama_calls(item):  # with tools, the answer comes in the result only
                 message = {"role": "assistant", "content": "", "tool_calls": calls}
                 yield _line({"model": body.model, "created_at": _now(), "message": message, "done": False})
-            elif not streamed and (text := reply.body.get("text")):
-                piece = {"role": "assistant", "content": text} if field == "message" else text
+            elif not streamed and item.text:
+                piece = {"role": "assistant", "content": item.text} if field == "message" else item.text
                 yield _line({"model": body.model, "created_at": _now(), field: piece, "done": False})
-            yield _line(_final(body.model, reply.body, started, field, ""))
+            yield _line(_final(body.model, item, started, field, ""))
         except Exception as exc:
             yield _line({"error": getattr(exc, "message", str(exc))})
         finally:
@@ -284,21 +283,20 @@ class Ollama:
             await self.link.request("unload", {"model": name_of(body.model)})
 
 
-def _final(model: str, result: dict[str, Any], started: int, field: str, text: str) -> dict[str, Any]:
-    usage, timings = result.get("usage") or {}, result.get("timings") or {}
-    total_ms = timings.get("total_ms") or 0.0
-    first_ms = timings.get("ttft_ms") or 0.0
+def _final(model: str, result: Completion, started: int, field: str, text: str) -> dict[str, Any]:
+    usage, timings = result.usage, result.timings
+    total_ms, first_ms = timings.total_ms, timings.ttft_ms
     return {
         "model": model,
         "created_at": _now(),
         field: {"role": "assistant", "content": text} if field == "message" else text,
         "done": True,
-        "done_reason": "length" if result.get("finish_reason") == "length" else "stop",
+        "done_reason": "length" if result.finish_reason == "length" else "stop",
         "total_duration": time.perf_counter_ns() - started,
         "load_duration": 0,
-        "prompt_eval_count": usage.get("prompt_tokens", 0),
+        "prompt_eval_count": usage.prompt_tokens,
         "prompt_eval_duration": int(first_ms * 1e6),
-        "eval_count": usage.get("completion_tokens", 0),
+        "eval_count": usage.completion_tokens,
         "eval_duration": int(max(0.0, total_ms - first_ms) * 1e6),
     }
 

@@ -18,8 +18,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from gateway.body import decode, refuse_unserved
 from gateway.errors import HttpError
 from gateway.watch import CLIENT_CLOSED, unless_gone
-from model_client import protocol
 from model_client.aio import ManagerLink
+from model_client.results import Completion, TextChunk
 
 # ----- requests -----------------------------------------------------------------------------------------------
 
@@ -173,20 +173,23 @@ def conversation_of(request: Request, body: Sampling) -> str | None:
 # ----- answers ------------------------------------------------------------------------------------------------
 
 
-def usage_of(result: dict[str, Any]) -> dict[str, Any]:
-    usage = result.get("usage") or {}
-    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+def usage_of(result: Completion) -> dict[str, Any]:
+    usage = result.usage
     return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": usage.get("cached_tokens", 0)},
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     }
 
 
-def finish_reason(result: dict[str, Any]) -> str:
-    reason = result.get("finish_reason")
+def finish_reason(result: Completion) -> str:
+    reason = result.finish_reason
     return reason if reason in ("length", "tool_calls") else "stop"
+
+
+def tool_calls_of(result: Completion) -> list[dict[str, Any]]:
+    return msgspec.to_builtins(result.tool_calls)
 
 
 MARK = "\u0000text\u0000"  # where a delta's text goes in its pre-encoded chunk
@@ -249,11 +252,11 @@ class OpenAI:
         ident = ("chatcmpl-" if op == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if not body.stream:  # streamed from the manager all the same: a client gone cancels it (gateway/watch.py)
-            reply = await unless_gone(request, self.link.final(op, {**args, "stream": True}))
-            if reply is None:
+            result = await unless_gone(request, self.link.completion(op, {**args, "stream": True}))
+            if result is None:
                 return Response(status_code=CLIENT_CLOSED)
-            return JSONResponse(_whole(ident, created, kind, reply.body))
-        replies = self.link.replies(op, {**args, "stream": True})
+            return JSONResponse(_whole(ident, created, kind, result))
+        replies = self.link.generation(op, {**args, "stream": True})
         first = await anext(replies)  # an error before the first piece is an HTTP error, not a broken stream
         usage = body.stream_options is not None and body.stream_options.include_usage
         chunks = _chunks(ident, created, args["model"], kind, first, replies, usage)
@@ -267,20 +270,20 @@ def model_object(entry: dict[str, Any]) -> dict[str, Any]:
     return {"id": entry["name"], "object": "model", "created": 0, "owned_by": "model-manager", "kind": entry["kind"]}
 
 
-def _whole(ident: str, created: int, kind: str, result: dict[str, Any]) -> dict[str, Any]:
+def _whole(ident: str, created: int, kind: str, result: Completion) -> dict[str, Any]:
     if kind == "chat.completion":
-        message: dict[str, Any] = {"role": "assistant", "content": result["text"]}
-        if result.get("tool_calls"):
-            message.update(content=None, tool_calls=result["tool_calls"])
+        message: dict[str, Any] = {"role": "assistant", "content": result.text}
+        if result.tool_calls:
+            message.update(content=None, tool_calls=tool_calls_of(result))
         choice: dict[str, Any] = {"index": 0, "message": message}
     else:
-        choice = {"index": 0, "text": result["text"]}
+        choice = {"index": 0, "text": result.text}
     choice.update(logprobs=None, finish_reason=finish_reason(result))
     return {
         "id": ident,
         "object": kind,
         "created": created,
-        "model": result["model"],
+        "model": result.model,
         "system_fingerprint": None,
         "choices": [choice],
         "usage": usage_of(result),
@@ -292,8 +295,8 @@ async def _chunks(
     created: int,
     model: str,
     kind: str,
-    first: protocol.Reply,
-    rest: AsyncIterator[protocol.Reply],
+    first: TextChunk | Completion,
+    rest: AsyncIterator[TextChunk | Completion],
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
     """OpenAI's order: a delta with the role, text deltas, a chunk with the finish reason, the usage chunk when
@@ -320,25 +323,24 @@ async def _chunks(
     try:
         if chat:
             yield piece(None, role=True)
-        reply = first
+        item = first
         while True:
-            if reply.is_final:
-                calls = reply.body.get("tool_calls")
-                if calls:  # a request with tools answers in its result only: its calls as one delta
-                    deltas = [{"index": i, **call} for i, call in enumerate(calls)]
+            if isinstance(item, Completion):
+                if item.tool_calls:  # a request with tools answers in its result only: its calls as one delta
+                    deltas = [{"index": i, **call} for i, call in enumerate(tool_calls_of(item))]
                     choice = {"index": 0, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None}
                     yield sse({**head, "system_fingerprint": None, "choices": [choice], **extra})
-                elif not streamed and reply.body.get("text"):
-                    yield piece(reply.body["text"])
-                yield piece(None, finish_reason(reply.body))
+                elif not streamed and item.text:
+                    yield piece(item.text)
+                yield piece(None, finish_reason(item))
                 if include_usage:
-                    yield sse({**head, "system_fingerprint": None, "choices": [], "usage": usage_of(reply.body)})
+                    yield sse({**head, "system_fingerprint": None, "choices": [], "usage": usage_of(item)})
                 yield sse("[DONE]")
                 return
-            if text := reply.body.get("text"):
+            if item.text:
                 streamed = True
-                yield before + msgspec.json.encode(text) + after
-            reply = await anext(rest)
+                yield before + msgspec.json.encode(item.text) + after
+            item = await anext(rest)
     except Exception as exc:  # the manager failed mid-stream: say so in the stream's own terms
         message = getattr(exc, "message", str(exc))
         yield sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})

@@ -17,6 +17,7 @@ from model_client.errors import (
     UnknownOp,
     UnsupportedVersion,
 )
+from model_client.results import TextChunk, Timings, Usage
 
 __all__ = [
     "Audio",
@@ -37,6 +38,9 @@ __all__ = [
     "ModelManagerError",
     "ModelNotFound",
     "Stream",
+    "TextChunk",
+    "Timings",
+    "Usage",
     "Timeout",
     "UnknownOp",
     "UnsupportedVersion",

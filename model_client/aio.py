@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import zmq
@@ -17,6 +18,7 @@ import zmq.asyncio
 
 from model_client import protocol
 from model_client.errors import BadRequest, Timeout, error_from_wire
+from model_client.results import Completion, TextChunk, chunk_from, completion_from
 from model_client.security import CurveClient, connect_securely
 
 
@@ -97,6 +99,23 @@ class ManagerLink:
         async for reply in self.replies(op, args, timeout_s, payloads):
             if reply.is_final:
                 return reply
+        raise Timeout("the model manager ended the reply without a result", endpoint=self.endpoint)
+
+    async def generation(
+        self, op: str, args: dict[str, Any], timeout_s: float | None = None
+    ) -> AsyncIterator[TextChunk | Completion]:
+        """A streamed chat or completion (``args`` with ``stream: true``): its pieces, then its ``Completion``, each
+        decoded once, here. Closing it early cancels the generation, as with ``replies``."""
+        async with aclosing(self.replies(op, args, timeout_s)) as replies:
+            async for reply in replies:
+                yield completion_from(reply.body) if reply.is_final else chunk_from(reply.body)
+
+    async def completion(self, op: str, args: dict[str, Any], timeout_s: float | None = None) -> Completion:
+        """A generation's ``Completion`` (streamed from the manager all the same when ``args`` say so)."""
+        async with aclosing(self.generation(op, args, timeout_s)) as items:
+            async for item in items:
+                if isinstance(item, Completion):
+                    return item
         raise Timeout("the model manager ended the reply without a result", endpoint=self.endpoint)
 
     def close(self) -> None:

@@ -21,39 +21,15 @@ from model_client.audio import Audio, read_wav
 from model_client.connection import Connection
 from model_client.endpoints import default_endpoint
 from model_client.errors import InternalError, Timeout, error_from_wire
+from model_client.results import Completion, TextChunk, chunk_from, completion_from
 from model_client.security import CurveClient
-
-
-@dataclass
-class Completion:
-    """A finished generation: text plus usage, timings and context handling as the manager reported them."""
-
-    text: str
-    finish_reason: str
-    model: str
-    usage: dict[str, int]
-    timings: dict[str, float]
-    context: dict[str, Any] = field(default_factory=dict)  # overflow policy, and how many old turns it dropped
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # with `tools`: the calls (finish tool_calls)
-
-    @classmethod
-    def from_result(cls, result: dict[str, Any]) -> Completion:
-        return cls(
-            text=result["text"],
-            finish_reason=result["finish_reason"],
-            model=result["model"],
-            usage=result["usage"],
-            timings=result["timings"],
-            context=result.get("context", {}),
-            tool_calls=result.get("tool_calls", []),
-        )
 
 
 class Stream:
     """Iterate for text pieces as the model produces them (each may carry several tokens' text: ``tokens`` counts
     the tokens received so far); ``result`` holds the Completion at the end."""
 
-    def __init__(self, pieces: Iterator[dict[str, Any] | Completion]) -> None:
+    def __init__(self, pieces: Iterator[TextChunk | Completion]) -> None:
         self._pieces = pieces
         self.result: Completion | None = None
         self.tokens = 0
@@ -63,8 +39,8 @@ class Stream:
             if isinstance(piece, Completion):
                 self.result = piece
             else:
-                self.tokens += piece.get("tokens", 1)
-                yield piece["text"]
+                self.tokens += piece.tokens
+                yield piece.text
 
     def text(self) -> str:
         return "".join(self)
@@ -221,9 +197,9 @@ class ModelClient:
             self.connection.reset()  # abandoning the stream: later chunks must not reach the next request
             raise
 
-    def _stream(self, op: str, args: dict[str, Any], timeout: float) -> Iterator[dict[str, Any] | Completion]:
+    def _stream(self, op: str, args: dict[str, Any], timeout: float) -> Iterator[TextChunk | Completion]:
         for reply in self._replies(op, args, timeout):
-            yield Completion.from_result(reply.body) if reply.is_final else reply.body
+            yield completion_from(reply.body) if reply.is_final else chunk_from(reply.body)
 
     # ----- the API --------------------------------------------------------------------------------------------
 
@@ -342,7 +318,7 @@ class ModelClient:
         timeout = self.timeout if timeout is None else timeout
         if stream:
             return Stream(self._stream(op, args, timeout))
-        return Completion.from_result(self.request(op, args, timeout))
+        return completion_from(self.request(op, args, timeout))
 
 
 @dataclass

@@ -325,11 +325,16 @@ def args_to_dict(args: OpArgs) -> dict[str, Any]:
 
 
 def encode_result(request_id: str | None, result: Any, payloads: tuple[bytes, ...] = ()) -> list[bytes]:
-    return [_pack({"v": PROTOCOL_VERSION, "id": request_id, "type": REPLY_RESULT, "result": result}), *payloads]
+    """``result``: a map, or a typed result (``model_client.results``), which goes as the same map."""
+    envelope = {"v": PROTOCOL_VERSION, "id": request_id, "type": REPLY_RESULT, "result": result}
+    return [_raw_encoder.encode(envelope), *payloads]
 
 
-def encode_chunk(request_id: str, chunk: dict[str, Any], payloads: tuple[bytes, ...] = ()) -> list[bytes]:
-    return [_pack({"v": PROTOCOL_VERSION, "id": request_id, "type": REPLY_CHUNK, "chunk": chunk}), *payloads]
+def encode_chunk(request_id: str, chunk: Any, payloads: tuple[bytes, ...] = ()) -> list[bytes]:
+    return [
+        _raw_encoder.encode({"v": PROTOCOL_VERSION, "id": request_id, "type": REPLY_CHUNK, "chunk": chunk}),
+        *payloads,
+    ]
 
 
 def encode_encoded_chunk(request_id: str, chunk: msgspec.Raw) -> list[bytes]:

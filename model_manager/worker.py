@@ -26,6 +26,7 @@ from typing import Any, TextIO
 import zmq
 
 from model_client.errors import InternalError, ModelLoadFailed, ModelManagerError
+from model_client.results import Completion
 from model_manager import native
 from model_manager import worker_protocol as wire
 from model_manager.backends import PAYLOAD, Backend, create_backend, warm_up
@@ -180,9 +181,7 @@ class Worker:
             traceback.print_exc(file=sys.stderr)
             self.send(wire.Failed(rid=rid, error=InternalError(f"{type(exc).__name__}: {exc}").to_wire()))
         else:
-            if self.stop_reason:
-                result["stopped"] = self.stop_reason
-            self.send(wire.Done(rid=rid, result=result, payload=result.pop(PAYLOAD, None)))
+            self._done(rid, result, self.stop_reason)
         self.current = self.deadline = None
         # The reply is out: now save the conversation's state, off the request's critical path.
         self.backend.after_reply(idle=not self.pending and not self.sock.poll(0))
@@ -257,7 +256,7 @@ class Worker:
             self._send_chunks()
             self._finish(outcome)
 
-    def _finish(self, outcome: tuple[str, dict[str, Any] | Exception]) -> None:
+    def _finish(self, outcome: tuple[str, dict[str, Any] | Completion | Exception]) -> None:
         rid, result = outcome
         self.deadlines.pop(rid, None)
         if isinstance(result, ModelManagerError):
@@ -265,7 +264,17 @@ class Worker:
         elif isinstance(result, Exception):
             self.send(wire.Failed(rid=rid, error=InternalError(f"{type(result).__name__}: {result}").to_wire()))
         else:
-            self.send(wire.Done(rid=rid, result=result, payload=result.pop(PAYLOAD, None)))
+            self._done(rid, result)
+
+    def _done(self, rid: str, result: dict[str, Any] | Completion, stopped: str | None = None) -> None:
+        """A request's result: a generation's typed, any other op's a map with its binary payload apart."""
+        if isinstance(result, Completion):
+            result.stopped = stopped or result.stopped
+            self.send(wire.Generated(rid=rid, result=result))
+            return
+        if stopped:
+            result["stopped"] = stopped
+        self.send(wire.Done(rid=rid, result=result, payload=result.pop(PAYLOAD, None)))
 
     # ----- a batching backend: requests collected, then run together ------------------------------------------
 
@@ -300,7 +309,7 @@ class Worker:
                 error = InternalError(f"{type(outcome).__name__}: {outcome}")
                 self.send(wire.Failed(rid=run.rid, error=error.to_wire()))
             else:
-                self.send(wire.Done(rid=run.rid, result=outcome, payload=outcome.pop(PAYLOAD, None)))
+                self._done(run.rid, outcome)
         self.send(wire.Idle(kv=None))
 
 

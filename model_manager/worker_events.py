@@ -15,6 +15,7 @@ import structlog
 
 from model_client import protocol
 from model_client.errors import ModelFailed, ModelLoadFailed, ModelManagerError, Timeout, error_from_wire
+from model_client.results import Completion
 from model_manager import worker_protocol as wire
 from model_manager.config import Config
 from model_manager.memory import MemoryAccounting
@@ -24,6 +25,7 @@ from model_manager.slots import Job, ModelSlot, ModelState, Waiter
 from model_manager.status import model_entry
 
 SPARE_RESTART_BACKOFF_S = 5.0
+JobMessage = wire.Chunk | wire.Done | wire.Generated | wire.Failed  # what a worker says about one request
 
 log = structlog.get_logger("model_manager")
 
@@ -109,17 +111,20 @@ class WorkerEvents:
             slot.kv_stats, slot.batching = message.kv or {}, message.batching or {}
         elif isinstance(message, wire.Chunks):
             self._on_chunks(slot, message.items)
-        elif isinstance(message, wire.Chunk | wire.Done | wire.Failed):
+        elif isinstance(message, JobMessage):
             job = slot.running.get(message.rid)
             if job is not None:
                 self._on_job_message(slot, job, message)
 
-    def _on_job_message(self, slot: ModelSlot, job: Job, message: wire.Chunk | wire.Done | wire.Failed) -> None:
+    def _on_job_message(self, slot: ModelSlot, job: Job, message: JobMessage) -> None:
         if isinstance(message, wire.Chunk):
             if job.stream and not job.cancelled:
                 self._relay(slot, job, protocol.encode_chunk(job.request_id, message.chunk, _payloads(message.payload)))
             return
-        if isinstance(message, wire.Done):
+        if isinstance(message, wire.Generated):
+            self._reply(job, self._final_generation(slot, job, message.result))
+            self._log_request(slot, job, "ok")
+        elif isinstance(message, wire.Done):
             self._reply(job, self._final_result(slot, job, message.result), _payloads(message.payload))
             self._log_request(slot, job, "ok")
         else:
@@ -170,13 +175,19 @@ class WorkerEvents:
             self._maybe_unload(slot)
         self._pump(slot)
 
+    def _final_generation(self, slot: ModelSlot, job: Job, result: Completion) -> Completion:
+        """The worker's result with the manager's figures: the model's name, the queue wait."""
+        assert job.started_at is not None
+        result.model = slot.name
+        result.timings.queue_ms = round((job.started_at - job.received_at) * 1000, 2)
+        self.metrics.ttft.labels(slot.name).observe(result.timings.ttft_ms / 1000)
+        return result
+
     def _final_result(self, slot: ModelSlot, job: Job, result: dict[str, Any]) -> dict[str, Any]:
+        """Another op's result (speech, embeddings) with the model's name, and the queue wait where it has timings."""
         assert job.started_at is not None
         result["model"] = slot.name
-        ttft_ms = (result.get("timings") or {}).get("ttft_ms")
-        if ttft_ms is not None:
-            self.metrics.ttft.labels(slot.name).observe(ttft_ms / 1000)
-        if "timings" in result:
+        if isinstance(result.get("timings"), dict):
             result["timings"]["queue_ms"] = round((job.started_at - job.received_at) * 1000, 2)
         return result
 

@@ -2,8 +2,8 @@
 
 Manager -> worker (tag ``cmd``): ``Load`` one model, ``Run`` a request, ``Cancel`` one, ``Threads`` to use, ``Exit``.
 Worker -> manager (tag ``evt``): ``Ready`` (started, engine imported), ``Loaded`` / ``LoadFailed``, then per request
-zero or more ``Chunk`` (a stepping worker: ``Chunks``, every stream's text after a step) and one ``Done`` or
-``Failed``, and ``Idle`` when it has nothing left to do.
+zero or more ``Chunk`` (a stepping worker: ``Chunks``, every stream's text after a step) and one ``Done`` (a
+generation: ``Generated``) or ``Failed``, and ``Idle`` when it has nothing left to do.
 Binary data a backend makes (audio) travels as ``payload`` and reaches the client as a frame of its own.
 See docs/workers.md.
 """
@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from model_client.results import Completion, TextChunk
 from model_manager.config import KvCacheSettings, Limits, ModelSpec
 
 
@@ -90,6 +91,13 @@ class Done(FromWorker, tag="done", kw_only=True):
     payload: bytes | None = None
 
 
+class Generated(FromWorker, tag="generated", kw_only=True):
+    """A generation's end: its typed result (an LLM's chat or completion)."""
+
+    rid: str
+    result: Completion
+
+
 class Failed(FromWorker, tag="failed", kw_only=True):
     rid: str
     error: dict[str, Any]
@@ -108,14 +116,16 @@ class Stats(FromWorker, tag="stats", kw_only=True):
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(Load | Run | Cancel | Threads | Exit)
-_from_worker = msgspec.msgpack.Decoder(Ready | Loaded | LoadFailed | Chunk | Chunks | Done | Failed | Idle | Stats)
+_from_worker = msgspec.msgpack.Decoder(
+    Ready | Loaded | LoadFailed | Chunk | Chunks | Done | Generated | Failed | Idle | Stats
+)
 
 
 def encode(message: ToWorker | FromWorker) -> bytes:
     return _encoder.encode(message)
 
 
-def stream_item(rid: str, chunk: dict[str, Any]) -> StreamItem:
+def stream_item(rid: str, chunk: TextChunk) -> StreamItem:
     return StreamItem(rid, msgspec.Raw(_encoder.encode(chunk)))
 
 

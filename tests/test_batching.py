@@ -88,7 +88,7 @@ def test_concurrent_streams_run_together(batching: ManagerProcess) -> None:
         assert started.wait(60), "a stream never started"
     assert not any(ended.is_set() for ended in streams.ended), "a stream ended before all had started"
     streams.join()
-    assert all(r is not None and r.usage["completion_tokens"] == 64 for r in streams.results), [
+    assert all(r is not None and r.usage.completion_tokens == 64 for r in streams.results), [
         (r.finish_reason, r.usage, r.text[-30:]) if r else None for r in streams.results
     ]
 
@@ -99,7 +99,7 @@ def test_a_short_request_is_answered_while_long_ones_run(batching: ManagerProces
         assert started.wait(60)
     with batching.client(timeout=60) as client:
         reply = client.chat("x4", [{"role": "user", "content": "Say yes."}], max_tokens=4, **GREEDY)
-    assert reply.usage["completion_tokens"] >= 1
+    assert reply.usage.completion_tokens >= 1
     assert not any(ended.is_set() for ended in streams.ended), "the short request waited for the long ones"
     with batching.client(timeout=60) as client:  # status shows the batch while the long ones run
         batch = wait_for(lambda: (model_status(client, "x4")["batching"] or {}).get("mean_batch", 0) > 2, timeout=20)
@@ -119,7 +119,7 @@ def test_a_client_gone_frees_its_sequence_for_the_next_request(batching: Manager
     assert streams.ended[0].wait(60) and streams.started[1].wait(60)
     with batching.client(timeout=60) as client:
         reply = client.chat("x2", [{"role": "user", "content": "Say yes."}], max_tokens=4, **GREEDY)
-    assert reply.usage["completion_tokens"] >= 1
+    assert reply.usage.completion_tokens >= 1
     assert not streams.ended[1].is_set(), "the next request waited for the other stream instead of the freed sequence"
     streams.stop()
 
@@ -134,13 +134,13 @@ def test_a_conversation_resumes_on_its_sequence_and_after_giving_it_up(batching:
             history[cid] = [SYSTEM, {"role": "user", "content": f"My name is {cid}. What is yours?"}]
             reply = client.chat("x2", history[cid], conversation_id=cid, max_tokens=12, **GREEDY)
             history[cid].append({"role": "assistant", "content": reply.text})
-            first[cid] = reply.usage["prompt_tokens"]
+            first[cid] = reply.usage.prompt_tokens
         saved = lambda: (model_status(client, "x2")["kv_cache"] or {}).get("conversations", 0)  # noqa: E731
         assert wait_for(lambda: saved() >= 1, timeout=10), "the conversation that gave up its sequence was saved"
         for cid in ("amber", "cedar"):  # amber was saved and comes back; cedar is still live
             history[cid].append({"role": "user", "content": "And what is my name?"})
             reply = client.chat("x2", history[cid], conversation_id=cid, max_tokens=12, **GREEDY)
-            assert reply.usage["cached_tokens"] >= first[cid], cid
+            assert reply.usage.cached_tokens >= first[cid], cid
         assert client.drop_conversation("x2", "basil") is True
         assert client.drop_conversation("x2", "basil") is False
 
@@ -159,7 +159,7 @@ def test_constrained_output_follows_its_grammar_or_schema(batching: ManagerProce
         assert broken.value.details["field"] == "grammar"
         with pytest.raises(BadRequest, match="not both"):
             client.chat(model, question, grammar='root ::= "a"', json_schema=schema, max_tokens=4)
-        assert client.chat(model, question, max_tokens=2, **GREEDY).usage["completion_tokens"] >= 1
+        assert client.chat(model, question, max_tokens=2, **GREEDY).usage.completion_tokens >= 1
 
 
 def test_a_new_conversation_copies_a_shared_prefix_instead_of_evaluating_it(batching: ManagerProcess) -> None:
@@ -169,13 +169,13 @@ def test_a_new_conversation_copies_a_shared_prefix_instead_of_evaluating_it(batc
         short = {"max_tokens": 8, **GREEDY}
         first = client.chat("x4", [system, {"role": "user", "content": "Hello."}], conversation_id="ada", **short)
         other = client.chat("x4", [system, {"role": "user", "content": "Good day."}], conversation_id="bo", **short)
-        assert other.usage["cached_tokens"] >= 40, "the system prompt came from ada's sequence"
+        assert other.usage.cached_tokens >= 40, "the system prompt came from ada's sequence"
         copies = lambda: (model_status(client, "x4")["kv_cache"] or {}).get("prefix_copies", 0)  # noqa: E731
         assert wait_for(lambda: copies() >= 1, timeout=10)  # counted in the worker's next report
         again = [system, {"role": "user", "content": "Hello."}, {"role": "assistant", "content": first.text}]
         again.append({"role": "user", "content": "Thanks."})
         reply = client.chat("x4", again, conversation_id="ada", **short)
-        assert reply.usage["cached_tokens"] >= first.usage["prompt_tokens"], "ada kept her own sequence"
+        assert reply.usage.cached_tokens >= first.usage.prompt_tokens, "ada kept her own sequence"
 
 
 def test_two_clients_sending_one_request_id_at_once_each_get_their_own_reply(batching: ManagerProcess) -> None:

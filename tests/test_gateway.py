@@ -95,7 +95,7 @@ def test_a_chat_at_temperature_zero_is_the_managers_own_reply(stack: Stack) -> N
         direct = c.chat("smollm2", QUESTION, max_tokens=16, temperature=0.0)
     assert reply.choices[0].message.content == direct.text
     assert reply.choices[0].finish_reason in ("stop", "length")
-    assert reply.usage.prompt_tokens == direct.usage["prompt_tokens"] and reply.usage.completion_tokens > 0
+    assert reply.usage.prompt_tokens == direct.usage.prompt_tokens and reply.usage.completion_tokens > 0
 
 
 def test_a_stream_follows_openais_order_and_ends_with_usage(stack: Stack) -> None:

@@ -217,7 +217,7 @@ def test_an_oversized_prompt_is_refused_before_any_tokenizing(manager: ManagerPr
         took = time.monotonic() - started
         assert refused.value.details["max_prompt_bytes"] == MIB
         assert took < 1.0, f"refusing took {took:.2f} s"
-        assert client.chat("smollm2", [{"role": "user", "content": "Hi"}], max_tokens=2).usage["completion_tokens"] >= 1
+        assert client.chat("smollm2", [{"role": "user", "content": "Hi"}], max_tokens=2).usage.completion_tokens >= 1
 
 
 def test_a_whole_message_over_the_size_limit_is_refused(manager: ManagerProcess) -> None:

@@ -10,6 +10,7 @@ import pytest
 import zmq
 
 from model_client import Completion, ContextOverflow, ModelClient, protocol
+from model_client.results import ContextReport
 from model_manager.kvcache import ConversationStore, spill_path
 from tests.conftest import GREEDY, ManagerProcess, base_config, model_status
 
@@ -41,8 +42,8 @@ def assert_exact(c: ModelClient, record: dict[str, list[tuple[list, Completion]]
     for cid, turns in record.items():
         for turn, (messages, reply) in enumerate(turns):
             fresh = c.chat("smollm2", messages, cache=False, **PARAMS)
-            assert fresh.usage["cached_tokens"] == 0
-            assert (reply.text, reply.usage["completion_tokens"]) == (fresh.text, fresh.usage["completion_tokens"]), (
+            assert fresh.usage.cached_tokens == 0
+            assert (reply.text, reply.usage.completion_tokens) == (fresh.text, fresh.usage.completion_tokens), (
                 cid,
                 turn,
             )
@@ -52,8 +53,8 @@ def test_one_conversation_reuses_its_history_exactly(client: ModelClient) -> Non
     record = converse(client, ["solo"], turns=4)
     turns = [reply for _, reply in record["solo"]]
     for previous, reply in zip(turns, turns[1:], strict=False):
-        assert reply.usage["cached_tokens"] >= previous.usage["prompt_tokens"], "turn N re-reads nothing old"
-        assert reply.usage["prompt_tokens"] - reply.usage["cached_tokens"] < 60
+        assert reply.usage.cached_tokens >= previous.usage.prompt_tokens, "turn N re-reads nothing old"
+        assert reply.usage.prompt_tokens - reply.usage.cached_tokens < 60
     assert_exact(client, record)
 
 
@@ -62,7 +63,7 @@ def test_interleaved_conversations_each_resume_their_own_state(client: ModelClie
     for cid, turns in record.items():
         first, *later = [reply for _, reply in turns]
         for previous, reply in zip([first, *later], later, strict=False):
-            assert reply.usage["cached_tokens"] >= previous.usage["prompt_tokens"], cid
+            assert reply.usage.cached_tokens >= previous.usage.prompt_tokens, cid
     assert_exact(client, record)
     kv = model_status(client, "smollm2")["kv_cache"]
     assert kv["conversations"] >= 3 and kv["bytes"] > 1_000_000
@@ -73,8 +74,8 @@ def test_an_edited_history_reuses_only_the_common_prefix(client: ModelClient) ->
     messages = [dict(m) for m in record["editor"][-1][0]]
     messages[1]["content"] = messages[1]["content"].replace("apricot", "plum")  # rewrite turn 1
     edited = client.chat("smollm2", messages, conversation_id="editor", **PARAMS)
-    first_prompt = record["editor"][0][1].usage["prompt_tokens"]
-    assert 0 < edited.usage["cached_tokens"] < first_prompt, "only the part before the edit is reused"
+    first_prompt = record["editor"][0][1].usage.prompt_tokens
+    assert 0 < edited.usage.cached_tokens < first_prompt, "only the part before the edit is reused"
     fresh = client.chat("smollm2", messages, cache=False, **PARAMS)
     assert edited.text == fresh.text
 
@@ -89,7 +90,7 @@ def test_dropping_a_conversation_forgets_its_state(client: ModelClient) -> None:
         {"role": "user", "content": "And now?"},
     ]
     reply = client.chat("smollm2", messages, conversation_id="dropme", **PARAMS)
-    assert reply.usage["cached_tokens"] < record["dropme"][0][1].usage["prompt_tokens"]
+    assert reply.usage.cached_tokens < record["dropme"][0][1].usage.prompt_tokens
 
 
 def test_spilled_states_come_back_from_disk_and_survive_a_restart(run_dir: Path) -> None:
@@ -104,7 +105,7 @@ def test_spilled_states_come_back_from_disk_and_survive_a_restart(run_dir: Path)
             assert kv["spilled"] >= 2 and kv["conversations"] <= 1
             for cid in ("north", "south", "east"):
                 second = record[cid][1][1]
-                assert second.usage["cached_tokens"] >= record[cid][0][1].usage["prompt_tokens"], cid
+                assert second.usage.cached_tokens >= record[cid][0][1].usage.prompt_tokens, cid
             assert_exact(c, record)
         manager.stop()
         assert (run_dir / "kv" / "smollm2").is_dir()
@@ -116,7 +117,7 @@ def test_spilled_states_come_back_from_disk_and_survive_a_restart(run_dir: Path)
                 {"role": "user", "content": "[south] " + USER_TURNS[2]},
             ]
             resumed = c.chat("smollm2", messages, conversation_id="south", **PARAMS)
-            assert resumed.usage["cached_tokens"] >= reply.usage["prompt_tokens"], "restored from disk after restart"
+            assert resumed.usage.cached_tokens >= reply.usage.prompt_tokens, "restored from disk after restart"
             assert resumed.text == c.chat("smollm2", messages, cache=False, **PARAMS).text
             c.unload("smollm2")
             assert spill_path(run_dir / "kv", "smollm2", "north").exists()
@@ -146,11 +147,11 @@ def test_context_overflow_policies(run_dir: Path) -> None:
                 c.chat("strict", long_chat, max_tokens=16)
             assert err.value.details["policy"] == "error"
             reply = c.chat("rolling", long_chat, max_tokens=16)
-            assert reply.context["policy"] == "truncate" and reply.context["dropped_messages"] >= 2
-            assert reply.usage["prompt_tokens"] + 16 <= 256
+            assert reply.context.policy == "truncate" and reply.context.dropped_messages >= 2
+            assert reply.usage.prompt_tokens + 16 <= 256
             assert reply.text
             short = c.chat("rolling", long_chat[:1] + long_chat[-1:], max_tokens=16)
-            assert short.context == {"policy": "truncate", "dropped_messages": 0}
+            assert short.context == ContextReport(policy="truncate", dropped_messages=0)
     finally:
         manager.stop()
 
@@ -221,4 +222,4 @@ def test_a_drop_sent_while_the_model_unloads_is_not_undone_by_its_spill(fresh_ma
         assert answers[drop.id].body == {"dropped": True, "conversation_id": "kitchen"}
         assert not spill_path(spill_dir, "smollm2", "kitchen").exists()
         again = c.chat("smollm2", messages, conversation_id="kitchen", **PARAMS)
-        assert again.usage["cached_tokens"] == 0, "the dropped conversation came back"
+        assert again.usage.cached_tokens == 0, "the dropped conversation came back"

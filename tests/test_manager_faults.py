@@ -211,7 +211,7 @@ def test_worker_killed_mid_request(fresh_manager: ManagerProcess) -> None:
         status = model_status(c, "smollm2")
         assert status["state"] == "failed" and status["last_error"]["code"] == "model_failed"
         assert model_status(c, "gemma3-270m")["pid"] == other["pid"], "the other model's worker is untouched"
-        assert c.chat("gemma3-270m", QUESTION, max_tokens=4).usage["completion_tokens"] >= 1
+        assert c.chat("gemma3-270m", QUESTION, max_tokens=4).usage.completion_tokens >= 1
         reply = c.chat("smollm2", QUESTION, max_tokens=4)
         assert reply.text
         assert model_status(c, "smollm2")["pid"] not in (None, victim)
@@ -271,7 +271,7 @@ def test_a_request_past_its_time_limit_gets_timeout(run_dir) -> None:
                 # within the limit: "Name a colour." took 0.55 s against 0.5, and failed a run now and then).
                 c.complete("smollm2", "1, 2, 3, 4, 5, 6, 7, 8,", max_tokens=500, **GREEDY)
             assert err.value.details["limit_s"] == 0.5
-            assert c.chat("smollm2", QUESTION, max_tokens=2).usage["completion_tokens"] >= 1, (
+            assert c.chat("smollm2", QUESTION, max_tokens=2).usage.completion_tokens >= 1, (
                 "a fresh worker serves the next one"
             )
     finally:

@@ -33,9 +33,9 @@ def test_chat_returns_text_usage_and_timings(client: ModelClient) -> None:
     assert isinstance(reply, Completion)
     assert reply.text.strip()
     assert reply.model == "smollm2"
-    assert reply.usage["prompt_tokens"] > 10
-    assert 1 <= reply.usage["completion_tokens"] <= 24
-    assert reply.timings["ttft_ms"] > 0 and reply.timings["total_ms"] >= reply.timings["ttft_ms"]
+    assert reply.usage.prompt_tokens > 10
+    assert 1 <= reply.usage.completion_tokens <= 24
+    assert reply.timings.ttft_ms > 0 and reply.timings.total_ms >= reply.timings.ttft_ms
     again = client.chat("smollm2", QUESTION, max_tokens=24, **GREEDY)
     assert again.text == reply.text, "temperature 0 must be deterministic"
 
@@ -47,8 +47,8 @@ def test_stream_chunks_join_to_the_final_text(client: ModelClient) -> None:
     assert len(pieces) > 3, "a streamed reply arrives in several chunks"
     assert stream.result is not None
     assert "".join(pieces) == stream.result.text
-    assert stream.result.usage["completion_tokens"] >= len(pieces) - 1
-    assert stream.result.timings["tokens_per_s"] > 0
+    assert stream.result.usage.completion_tokens >= len(pieces) - 1
+    assert stream.result.timings.tokens_per_s > 0
     plain = client.chat("smollm2", QUESTION, max_tokens=32, **GREEDY)
     assert plain.text == stream.result.text
 
@@ -220,7 +220,7 @@ def test_conversation_keeps_history_and_reuses_the_context(client: ModelClient) 
     second = chat.say("What is my name?")
     assert [m["role"] for m in chat.messages] == ["system", "user", "assistant", "user", "assistant"]
     assert chat.messages[2]["content"] == first.text and chat.messages[4]["content"] == second.text
-    assert second.usage["prompt_tokens"] > first.usage["prompt_tokens"]
-    assert second.usage["cached_tokens"] >= first.usage["prompt_tokens"] - 1, "turn 2 extends what turn 1 left"
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+    assert second.usage.cached_tokens >= first.usage.prompt_tokens - 1, "turn 2 extends what turn 1 left"
     streamed = "".join(chat.stream("Thank you."))
     assert chat.messages[-1] == {"role": "assistant", "content": streamed}

@@ -79,7 +79,7 @@ def test_alternating_models_that_cannot_coreside_all_succeed(run_dir: Path) -> N
             (gpu,) = [d for d in c.status()["devices"]["list"] if d["kind"] == "gpu"]
             assert gpu["budget_bytes"] == SIM_GPU_MIB * MIB and gpu["free_bytes"] == SIM_GPU_MIB * MIB
             for model in ("smollm2", "gemma3-270m", "smollm2", "gemma3-270m"):
-                assert c.chat(model, QUESTION, max_tokens=3, **GREEDY).usage["completion_tokens"] >= 1
+                assert c.chat(model, QUESTION, max_tokens=3, **GREEDY).usage.completion_tokens >= 1
                 status = c.status()
                 ready = [m["name"] for m in status["models"] if m["state"] == "ready"]
                 assert ready == [model], "only the model in use fits the GPU's budget"
@@ -124,7 +124,7 @@ def test_a_model_fitting_nowhere_gets_insufficient_memory_at_once(sim: ManagerPr
         assert time.monotonic() - started < 5
         assert err.value.details["needed_mib"] > SIM_GPU_MIB
         assert set(err.value.details["free_mib"]) == {"cpu", "sim:0"}
-        assert c.chat("smollm2", QUESTION, max_tokens=2).usage["completion_tokens"] >= 1, "the next request works"
+        assert c.chat("smollm2", QUESTION, max_tokens=2).usage.completion_tokens >= 1, "the next request works"
 
 
 def test_a_model_with_a_request_in_flight_is_not_unloaded_under_it(sim: ManagerProcess) -> None:
@@ -145,7 +145,7 @@ def test_a_model_with_a_request_in_flight_is_not_unloaded_under_it(sim: ManagerP
         reply = c.chat("gemma3-270m", QUESTION, max_tokens=2)
         thread.join()
     assert "smollm2" in finished, "the streamed request finished normally"
-    assert reply.timings["queue_ms"] > 100, "gemma waited for smollm2's request instead of evicting it"
+    assert reply.timings.queue_ms > 100, "gemma waited for smollm2's request instead of evicting it"
     unloaded = [e for e in collect_events(events, time.monotonic() + 0.5) if e["event"] == "model.unloaded"]
     assert unloaded[0]["model"] == "smollm2" and unloaded[0]["reason"] == "pressure"
     assert unloaded[0]["time"] >= finished["smollm2"] - 0.05
@@ -177,7 +177,7 @@ def test_a_model_that_just_served_is_held_against_thrashing(run_dir: Path) -> No
         with manager.client(timeout=60) as c:
             c.chat("smollm2", QUESTION, max_tokens=2)
             reply = c.chat("gemma3-270m", QUESTION, max_tokens=2)
-            assert reply.timings["queue_ms"] >= 1000, "smollm2 was held for hold_after_use_s before eviction"
+            assert reply.timings.queue_ms >= 1000, "smollm2 was held for hold_after_use_s before eviction"
     finally:
         manager.stop()
 
@@ -188,7 +188,7 @@ def test_a_request_that_waited_too_long_overrides_the_hold(run_dir: Path) -> Non
         with manager.client(timeout=60) as c:
             c.chat("smollm2", QUESTION, max_tokens=2)
             reply = c.chat("gemma3-270m", QUESTION, max_tokens=2)
-            assert 400 <= reply.timings["queue_ms"] < 10_000
+            assert 400 <= reply.timings.queue_ms < 10_000
     finally:
         manager.stop()
 
@@ -384,7 +384,7 @@ def test_the_best_quantization_variant_that_fits_is_loaded_and_a_pinned_one_is_k
     try:
         with manager.client(timeout=60) as c:
             assert model_status(c, "smollm2-variants")["variants"] == ["Q8_0", "Q4_1", "Q2_K"]
-            assert c.chat("smollm2-variants", QUESTION, max_tokens=3, **GREEDY).usage["completion_tokens"] >= 1
+            assert c.chat("smollm2-variants", QUESTION, max_tokens=3, **GREEDY).usage.completion_tokens >= 1
             status = model_status(c, "smollm2-variants")
             assert status["variant"] == "Q4_1" and status["quantization"] == "Q4_1"  # Q8_0 does not fit this GPU
             with pytest.raises(InsufficientMemory):

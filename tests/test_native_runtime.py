@@ -109,7 +109,7 @@ def test_a_worker_killed_while_serving_is_explained(planted_manager: ManagerProc
     ``RTLD_GLOBAL``: without the preload, the global lookup finds the plant first)."""
     with planted_manager.client(timeout=60) as client:
         reply = client.chat("smollm2", [{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0.0)
-        assert reply.usage["completion_tokens"] >= 1
+        assert reply.usage.completion_tokens >= 1
         pid = model_status(client, "smollm2")["pid"]
         os.kill(pid, signal.SIGSEGV)
         wait_for(lambda: model_status(client, "smollm2")["state"] == "failed", timeout=30)

@@ -8,9 +8,12 @@ import re
 
 import msgpack
 import msgspec
+import pytest
 
 from agents.config import AGENT_OPS, TOPIC_REPLY
 from model_client import protocol
+from model_client.errors import InternalError
+from model_client.results import chunk_from, completion_from
 from services.config import STT_OPS, TOPIC_AUDIO, TOPIC_SAY, TOPIC_TRANSCRIPT, TTS_OPS, SayArgs
 from tests.conftest import REPO
 
@@ -35,6 +38,7 @@ def test_every_protocol_doc_example_decodes_with_the_protocol_module() -> None:
         elif kind == "reply":
             reply = protocol.decode_reply([envelope])
             assert reply.id and reply.body is not None
+            typed_as_documented(reply)
         else:
             topic, body = protocol.decode_event([json.loads(text)["event"].encode(), envelope])
             assert topic in (
@@ -49,6 +53,29 @@ def test_every_protocol_doc_example_decodes_with_the_protocol_module() -> None:
             )
             if topic == TOPIC_SAY:
                 msgspec.convert({k: v for k, v in body.items() if k not in ("v", "event", "time")}, SayArgs)
+
+
+def typed_as_documented(reply: protocol.Reply) -> None:
+    """A generation's result and chunks decode into the typed structs and encode back to the very map shown."""
+    if reply.type == protocol.REPLY_RESULT and "finish_reason" in reply.body:
+        assert msgspec.to_builtins(completion_from(reply.body)) == reply.body
+    elif reply.type == protocol.REPLY_CHUNK and set(reply.body) == {"text", "tokens"}:
+        assert msgspec.to_builtins(chunk_from(reply.body)) == reply.body
+
+
+def test_the_typed_check_sees_a_result_that_differs_from_its_struct() -> None:
+    shown = {
+        "text": "Hi",
+        "finish_reason": "stop",
+        "model": "m",
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+        "timings": {"ttft_ms": 9.0, "total_ms": 9.0, "tokens_per_s": 0.0},
+        "context": {"policy": "error", "dropped_messages": 0},
+    }
+    with pytest.raises(AssertionError):  # cached_tokens is always sent: a doc that leaves it out is caught
+        typed_as_documented(protocol.Reply("r", protocol.REPLY_RESULT, shown))
+    with pytest.raises(InternalError):
+        typed_as_documented(protocol.Reply("r", protocol.REPLY_RESULT, {**shown, "finish_reason": "done"}))
 
 
 def test_every_error_code_is_documented() -> None:

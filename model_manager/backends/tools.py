@@ -14,6 +14,8 @@ import uuid
 from typing import Any
 
 from model_client.errors import BadRequest
+from model_client.protocol import CalledFunction, ToolCall
+from model_client.results import Completion
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
@@ -98,18 +100,18 @@ def prepare(args: dict[str, Any]) -> dict[str, Any]:
     return {**args, "messages": messages, "json_schema": _schema(functions, answer_allowed), "stream": False}
 
 
-def finish(args: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+def finish(args: dict[str, Any], result: Completion) -> Completion:
     """A reply written under the tools' schema, as ``tool_calls`` (finish reason ``tool_calls``) or as text."""
     if not active(args):
         return result
     try:
-        written = json.loads(result["text"])
+        written = json.loads(result.text)
     except ValueError:  # cut short (max_tokens, a stop): left as the text it is
         return result
     if isinstance(written, dict) and "name" in written:
-        call = {"name": written["name"], "arguments": json.dumps(written.get("arguments", {}))}
-        result["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": call}]
-        result["text"], result["finish_reason"] = "", "tool_calls"
+        call = CalledFunction(str(written["name"]), json.dumps(written.get("arguments", {})))
+        result.tool_calls = [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=call)]
+        result.text, result.finish_reason = "", "tool_calls"
     elif isinstance(written, dict) and isinstance(written.get("content"), str):
-        result["text"] = written["content"]
+        result.text = written["content"]
     return result

@@ -204,7 +204,7 @@ def check_load_decode_sigkill(run: Path, path: Path, nvml: Nvml | None) -> tuple
         speeds = {}
         for name in ("synthetic", "synthetic-cpu") if nvml else ("synthetic",):
             reply = client.chat(name, PROMPT, max_tokens=64, temperature=0.0)
-            speeds[name] = reply.timings.get("tokens_per_s")
+            speeds[name] = reply.timings.tokens_per_s
         decode = {"ok": all(speeds.values()), "tokens_per_s": speeds}
         if nvml:
             decode["gpu_over_cpu"] = round(speeds["synthetic"] / speeds["synthetic-cpu"], 2)
@@ -215,7 +215,7 @@ def check_load_decode_sigkill(run: Path, path: Path, nvml: Nvml | None) -> tuple
             freed_s = wait_until(lambda: before - nvml.used() >= 0.8 * measured, 30)
         else:
             freed_s = wait_until(lambda: not Path(f"/proc/{pid}").exists(), 30)
-        answered = client.chat("synthetic", PROMPT, max_tokens=2).usage["completion_tokens"] >= 1
+        answered = client.chat("synthetic", PROMPT, max_tokens=2).usage.completion_tokens >= 1
         sigkill = {"ok": freed_s is not None and answered, "freed_within_s": freed_s, "manager_answers_after": answered}
     return load, decode, sigkill
 

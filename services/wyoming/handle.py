@@ -23,9 +23,9 @@ from agents.answer import UNSERVABLE, generation_request
 from agents.config import AgentsConfig, route
 from agents.history import Histories
 from agents.pieces import SpeechPieces
-from model_client import protocol
 from model_client.aio import ManagerLink
 from model_client.errors import ModelManagerError
+from model_client.results import TextChunk, Usage
 from services.wyoming.connection import Peer
 
 log = structlog.get_logger("wyoming")
@@ -99,14 +99,14 @@ class HandleHandler:
             answered_by=answered_by,
             conversation_id=conversation,
             route=chosen.reason,
-            prompt_tokens=usage.get("prompt_tokens"),
-            cached_tokens=usage.get("cached_tokens"),
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            cached_tokens=usage.cached_tokens if usage else None,
             ms=round((time.monotonic() - started) * 1000, 1),
         )
 
     async def _answer(
         self, name: str, history: list[dict[str, str]], text: str, session_id: str, context: dict[str, Any]
-    ) -> tuple[str, dict[str, Any]]:
+    ) -> tuple[str, Usage | None]:
         """The persona's reply, streamed to the peer a speakable piece at a time, and the usage the manager
         reports. A chunk per piece, not per token: a text-to-speech stream downstream can start on each chunk
         at once, and on two cores the hops a token would cost (this service, the peer, its TTS) are taken from
@@ -116,16 +116,15 @@ class HandleHandler:
         pieces = SpeechPieces(self.door.agents.agents.first_piece_words)
         parts: list[str] = []
         pending = ""
-        usage: dict[str, Any] = {}
-        async for reply in self.link.replies(op, {**args, "stream": True}):
-            if reply.type == protocol.REPLY_CHUNK:
-                token_text = str(reply.body.get("text") or "")
-                pending += token_text
-                if token_text and pieces.feed(token_text):  # a piece is complete: its text (as written) goes out
+        usage: Usage | None = None
+        async for item in self.link.generation(op, {**args, "stream": True}):
+            if isinstance(item, TextChunk):
+                pending += item.text
+                if item.text and pieces.feed(item.text):  # a piece is complete: its text (as written) goes out
                     await self._chunk(parts, pending, context)
                     pending = ""
-            elif reply.is_final:
-                usage = reply.body.get("usage") or {}
+            else:
+                usage = item.usage
         if pending.strip():
             await self._chunk(parts, pending, context)
         if parts:

@@ -25,7 +25,8 @@ from llama_cpp._internals import LlamaContext, LlamaModel
 from llama_cpp._logger import set_verbose
 from llama_cpp._utils import suppress_stdout_stderr
 
-from model_client.errors import ContextOverflow, ModelLoadFailed, ModelManagerError
+from model_client.errors import BadRequest, ContextOverflow, ModelLoadFailed, ModelManagerError
+from model_client.results import Completion, ContextReport, TextChunk, Timings, Usage
 from model_manager.backends import Emit, tools
 from model_manager.backends.embedding import Embedder
 from model_manager.backends.llm.conversations import Conversations
@@ -45,7 +46,7 @@ from model_manager.config import MIB, KvCacheSettings, Limits, ModelSpec
 from model_manager.kvcache import ConversationStore
 
 STREAM_INTERVAL_S = 0.02  # a stream's chunks after its first: at most 50 a second, each with every token since
-Chunk = tuple[str, dict[str, Any]]  # (request id, chunk)
+Chunk = tuple[str, TextChunk]  # (request id, chunk)
 
 
 @dataclass(eq=False)
@@ -53,7 +54,7 @@ class _Request:
     rid: str
     args: dict[str, Any]
     text: StopText
-    context: dict[str, Any]
+    context: ContextReport
     job: Job | None = None
     stopped_by_string: bool = False
     undecoded: bytearray = field(default_factory=bytearray)  # a multi-byte character's first bytes
@@ -167,7 +168,7 @@ class GGUFBackend:
         return bool(self.requests)
 
     def run(self, op: str, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        """One request alone (conversation.drop, embed, and callers that do not step): submit, step until it ends."""
+        """The ops served at once, between steps: conversation.drop and embed (generations are ``submit``ted)."""
         if op == "conversation.drop":
             assert self.conversations is not None
             conversation_id = args["conversation_id"]
@@ -175,18 +176,7 @@ class GGUFBackend:
         if op == "embed":
             texts = [args["input"]] if isinstance(args["input"], str) else args["input"]
             return self._embedder().embed(texts, args["normalize"])
-        rid = f"run-{time.monotonic_ns()}"
-        self.submit(rid, op, args)
-        while True:
-            outcomes = self.step()
-            for chunk_rid, chunk in self.take_chunks(time.monotonic()):
-                if chunk_rid == rid:
-                    emit(chunk)
-            for ended_rid, outcome in outcomes:
-                if ended_rid == rid:
-                    if isinstance(outcome, Exception):
-                        raise outcome
-                    return outcome
+        raise BadRequest(f"op {op!r} is served by submit and step, not run")
 
     def submit(self, rid: str, op: str, args: dict[str, Any]) -> None:
         """Start ``rid`` on a free sequence; raises the typed error that refuses it at once."""
@@ -228,7 +218,7 @@ class GGUFBackend:
         assert self.model is not None and self.spec is not None
         return chat_prompt(self.formatter, self.model.tokenize, self.n_ctx, self.spec.context_overflow, args)
 
-    def cancel(self, rid: str, reason: str) -> tuple[str, dict[str, Any]] | None:
+    def cancel(self, rid: str, reason: str) -> tuple[str, Completion] | None:
         """End ``rid`` now (its client went away or gave up); its partial result, or None if it is not here."""
         assert self.engine is not None
         request = self.requests.get(rid)
@@ -236,13 +226,13 @@ class GGUFBackend:
             return None
         self.engine.cancel(rid, reason)
         result = self._result(request)
-        result["stopped"] = reason
+        result.stopped = reason
         return rid, result
 
-    def step(self) -> list[tuple[str, dict[str, Any] | Exception]]:
+    def step(self) -> list[tuple[str, Completion | Exception]]:
         """One decode for every running request; the (rid, result or error) of those that ended in it."""
         assert self.engine is not None
-        outcomes: list[tuple[str, dict[str, Any] | Exception]] = []
+        outcomes: list[tuple[str, Completion | Exception]] = []
         for job in self.engine.step():
             request = self.requests.get(job.rid)
             if request is None:
@@ -271,8 +261,8 @@ class GGUFBackend:
         return chunks
 
     @staticmethod
-    def _chunk(request: _Request, now: float) -> dict[str, Any]:
-        chunk = {"text": "".join(request.outbox), "tokens": request.out_tokens}
+    def _chunk(request: _Request, now: float) -> TextChunk:
+        chunk = TextChunk(text="".join(request.outbox), tokens=request.out_tokens)
         request.outbox.clear()
         request.out_tokens, request.sent_at = 0, now
         return chunk
@@ -292,7 +282,7 @@ class GGUFBackend:
                 return False
         return True
 
-    def _result(self, request: _Request) -> dict[str, Any]:
+    def _result(self, request: _Request) -> Completion:
         job = request.job
         assert job is not None
         self.requests.pop(request.rid, None)
@@ -305,24 +295,18 @@ class GGUFBackend:
         decode_s = ended - first
         completion = len(job.generated)
         finish = job.finish_reason if job.finish_reason in ("stop", "length") else "cancelled"
-        return tools.finish(
-            request.args,
-            {
-                "text": request.text.released,
-                "finish_reason": finish,
-                "usage": {
-                    "prompt_tokens": len(job.prompt),
-                    "completion_tokens": completion,
-                    "cached_tokens": job.cached,
-                },
-                "timings": {
-                    "ttft_ms": round((first - job.started) * 1000, 2),
-                    "total_ms": round((ended - job.started) * 1000, 2),
-                    "tokens_per_s": round((completion - 1) / decode_s, 2) if completion > 1 and decode_s else 0.0,
-                },
-                "context": request.context,
-            },
+        result = Completion(
+            text=request.text.released,
+            finish_reason=finish,  # type: ignore[arg-type]
+            usage=Usage(prompt_tokens=len(job.prompt), completion_tokens=completion, cached_tokens=job.cached),
+            timings=Timings(
+                ttft_ms=round((first - job.started) * 1000, 2),
+                total_ms=round((ended - job.started) * 1000, 2),
+                tokens_per_s=round((completion - 1) / decode_s, 2) if completion > 1 and decode_s else 0.0,
+            ),
+            context=request.context,
         )
+        return tools.finish(request.args, result)
 
     # ----- between requests -----------------------------------------------------------------------------------
 

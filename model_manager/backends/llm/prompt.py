@@ -16,6 +16,7 @@ from llama_cpp import llama_chat_format
 from llama_cpp.llama_chat_format import ChatFormatter, Jinja2ChatFormatter
 
 from model_client.errors import BadRequest, ContextOverflow, ModelLoadFailed
+from model_client.results import ContextReport
 
 # Used when a GGUF carries no chat template and the YAML names no ``chat_format`` (base models).
 FALLBACK_CHAT_FORMAT = "chatml"
@@ -73,11 +74,11 @@ def prompt_for(
     chat: Callable[[dict[str, Any]], tuple[list[int], list[str], int]],
     tokenize: Callable[..., list[int]],
     policy: str | None,
-) -> tuple[list[int], list[str], dict[str, Any]]:
+) -> tuple[list[int], list[str], ContextReport]:
     """The prompt's tokens, its stop strings, and the ``context`` report (overflow policy, turns dropped)."""
-    context: dict[str, Any] = {"policy": policy, "dropped_messages": 0}
+    context = ContextReport(policy=policy or "error")
     if op == "chat":
-        tokens, stops, context["dropped_messages"] = chat(args)
+        tokens, stops, context.dropped_messages = chat(args)
     elif op == "complete":
         stops = list(args["stop"])
         tokens = tokenize(args["prompt"].encode(), add_bos=True, special=False)
