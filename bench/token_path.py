@@ -125,13 +125,10 @@ def run(path: Path, streams: int, tokens: int, threads: int) -> dict[str, float]
             send(wire.Generated(rid=rid, result=result))
 
     after = clock.wrap("message", after_step)
-    args = protocol.args_to_dict(
-        protocol.parse_args(
-            "complete", {"model": "bench", "prompt": "1, 2, 3,", "max_tokens": tokens, "stream": True, "seed": 1}
-        )
-    )
+    asked = {"model": "bench", "prompt": "1, 2, 3,", "max_tokens": tokens, "stream": True, "seed": 1}
+    args = wire.run_args("complete", protocol.parse_args("complete", asked))
     for i in range(streams):
-        backend.submit(f"r{i}", "complete", dict(args))
+        backend.submit(f"r{i}", args)
     started = time.perf_counter()
     generated_before = backend.engine.generated if backend.engine else 0
     while backend.busy:

@@ -109,12 +109,13 @@ class Lifecycle(WorkerEvents):
         """The spilled files belong to the model's worker while it lives: a loaded model's worker drops the state
         itself (in turn with its requests), an exiting one first writes its states out, so the drop waits until it
         is gone; with no worker, the lifecycle deletes the file."""
+        assert isinstance(job.args, wire.DropRun)
         if slot.state in (ModelState.READY, ModelState.LOADING):
             self.enqueue(slot, job)
         elif slot.worker is not None:
-            slot.drop_waiters.append((waiter, job.args["conversation_id"]))
+            slot.drop_waiters.append((waiter, job.args.conversation_id))
         else:
-            self._reply(waiter, self._drop_spilled(slot, job.args["conversation_id"]))
+            self._reply(waiter, self._drop_spilled(slot, job.args.conversation_id))
 
     # ----- answers --------------------------------------------------------------------------------------------
 
@@ -220,7 +221,7 @@ class Lifecycle(WorkerEvents):
                 slot.running[job.key] = job
                 if len(slot.running) == 1:
                     self._hand_out_threads()  # before the run: its worker steps with its new share
-                run = wire.Run(rid=job.key, op=job.op, args=job.args)
+                run = wire.Run(rid=job.key, args=job.args)
                 if job.deadline is not None and not job.stream:
                     # The client waits this much longer for the one reply: the worker stops past it. (A stream's
                     # client waits per chunk; if it goes away, the failed send of a chunk cancels the request.)

@@ -12,6 +12,7 @@ from typing import Any
 
 from model_client import protocol
 from model_client.errors import BadRequest, InvalidAudio, ModelNotFound
+from model_manager import worker_protocol as wire
 from model_manager.config import Config
 from model_manager.lifecycle import Lifecycle
 from model_manager.slots import Job, ModelSlot, Waiter
@@ -160,8 +161,8 @@ class Ops:
 
 def job_for(route: list[bytes], request: protocol.Request, args: Any, **extra: Any) -> Job:
     """The queued form of a request: its arguments as the worker reads them, its priority and its deadline."""
-    job = Job(route=route, request_id=request.id, op=request.op, args=protocol.args_to_dict(args) | extra)
-    job.keep_alive_s = job.args.pop("keep_alive_s", None)  # the manager's business, not the worker's
+    job = Job(route=route, request_id=request.id, op=request.op, args=wire.run_args(request.op, args, **extra))
+    job.keep_alive_s = getattr(args, "keep_alive_s", None)  # the manager's business (the worker ignores it)
     job.priority = protocol.PRIORITY_NORMAL if request.priority is None else request.priority
     if request.deadline_ms is not None:
         job.deadline = job.received_at + request.deadline_ms / 1000

@@ -12,6 +12,7 @@ from model_manager.config import ModelSpec
 from model_manager.footprint import Estimate
 from model_manager.policy import Decision
 from model_manager.pool import WorkerHandle
+from model_manager.worker_protocol import RunArgs
 
 
 class ModelState(StrEnum):
@@ -47,7 +48,7 @@ class Job:
     route: list[bytes]  # ROUTER identity frames up to and including the empty delimiter
     request_id: str  # the client's own id: echoed in its replies, unique only among that client's requests
     op: str
-    args: dict[str, Any]
+    args: RunArgs  # as the worker reads them
     received_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     priority: int = 50
@@ -65,7 +66,7 @@ class Job:
 
     @property
     def stream(self) -> bool:
-        return bool(self.args.get("stream"))
+        return bool(getattr(self.args, "stream", False))
 
 
 class JobQueue:

@@ -204,7 +204,7 @@ class WorkerEvents:
             model=slot.name,
             outcome=outcome,
             ms=round((now - job.received_at) * 1000, 2),
-            conversation_id=job.args.get("conversation_id"),
+            conversation_id=getattr(job.args, "conversation_id", None),
         )
 
     # ----- worker exits ---------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from model_client import protocol
 from model_client.results import Completion, TextChunk
 from model_manager.config import KvCacheSettings, Limits, ModelSpec
 
@@ -30,11 +31,56 @@ class Load(ToWorker, tag="load", kw_only=True):
     limits: Limits
 
 
+# A request's arguments as the worker reads them: the client's op struct, validated by the manager, tagged with
+# its op (so one decode gives the worker the right struct), and with what the manager adds (transcribe's audio).
+
+
+class ChatRun(protocol.ChatArgs, tag="chat", tag_field="op"):
+    pass
+
+
+class CompleteRun(protocol.CompleteArgs, tag="complete", tag_field="op"):
+    pass
+
+
+class EmbedRun(protocol.EmbedArgs, tag="embed", tag_field="op"):
+    pass
+
+
+class DropRun(protocol.ConversationArgs, tag="conversation.drop", tag_field="op"):
+    pass
+
+
+class TranscribeRun(protocol.TranscribeArgs, tag="transcribe", tag_field="op"):
+    audio: bytes = b""  # the request's binary frame
+
+
+class SynthesizeRun(protocol.SynthesizeArgs, tag="synthesize", tag_field="op"):
+    pass
+
+
+RunArgs = ChatRun | CompleteRun | EmbedRun | DropRun | TranscribeRun | SynthesizeRun
+GenerationRun = ChatRun | CompleteRun
+_RUN_ARGS: dict[str, type[RunArgs]] = {cls.__struct_config__.tag: cls for cls in RunArgs.__args__}  # type: ignore
+
+
+def run_args(op: str, args: protocol.OpArgs, **extra: Any) -> RunArgs:
+    """``args`` (the op's struct, already validated) as the worker reads them, with ``extra`` fields added."""
+    return _RUN_ARGS[op](**msgspec.structs.asdict(args), **extra)
+
+
 class Run(ToWorker, tag="run", kw_only=True):
     rid: str
-    op: str
-    args: dict[str, Any]  # the op's validated arguments; transcribe's audio as bytes under "audio"
+    args: RunArgs
     deadline_s: float | None = None  # the client stops waiting after this many seconds: stop generating
+
+    @property
+    def op(self) -> str:
+        return op_of(self.args)
+
+
+def op_of(args: RunArgs) -> str:
+    return args.__struct_config__.tag  # type: ignore[return-value]
 
 
 class Cancel(ToWorker, tag="cancel", kw_only=True):

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from model_client import protocol
+from model_manager import worker_protocol as wire
 from model_manager.backends.llm.backend import GGUFBackend
 from model_manager.backends.llm.engine import BatchEngine
 from model_manager.backends.llm.executor import make_sampler
@@ -63,8 +65,8 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GGUFBackend]:
 
 def chat_tokens(backend: GGUFBackend, *turns: str) -> list[int]:
     messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
-    args = {"messages": messages, "max_tokens": 16, "stop": []}
-    return backend._chat_prompt(args)[0]
+    args = protocol.parse_args("chat", {"model": "m", "messages": messages, "max_tokens": 16})
+    return backend._chat_prompt(wire.run_args("chat", args))[0]
 
 
 def greedy(backend: GGUFBackend, prompt: list[int], n: int, owner: str | None = None) -> list[int]:

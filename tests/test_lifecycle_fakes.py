@@ -149,7 +149,9 @@ class Bench:
     def ask(self, client: bytes, model: str = "a", request_id: str | None = None, **args: Any) -> Job:
         self.requests += 1
         request_id = request_id or f"r{self.requests}"
-        job = Job(route=[client, b""], request_id=request_id, op="synthesize", args={"text": "hi", **args})
+        job = Job(
+            route=[client, b""], request_id=request_id, op="synthesize", args=wire.SynthesizeRun(text="hi", **args)
+        )
         self.life.enqueue(self.slot(model), job)
         return job
 
@@ -279,7 +281,12 @@ def test_a_drop_while_the_worker_exits_waits_until_the_worker_has_written_its_st
     handle = bench.load()
     bench.life.unload(bench.slot(), Waiter([b"u", b""], "unload1"))
     assert bench.slot().state is ModelState.UNLOADING
-    drop = Job(route=[b"d", b""], request_id="drop1", op="conversation.drop", args={"conversation_id": "kitchen"})
+    drop = Job(
+        route=[b"d", b""],
+        request_id="drop1",
+        op="conversation.drop",
+        args=wire.DropRun(model="a", conversation_id="kitchen"),
+    )
     bench.life.drop_conversation(bench.slot(), Waiter(drop.route, drop.request_id), drop)
     assert bench.outbox.to(b"d") == [], "answered while the worker still owns the files"
     spilled = spill_path(bench.config.kv_cache.spill_dir, "a", "kitchen")
@@ -416,12 +423,12 @@ def test_a_request_that_would_start_after_its_deadline_is_refused_at_once(tmp_pa
     handle = bench.load()
     bench.slot().service_s = 2.0  # as measured
     queued = bench.ask(b"c2")  # no deadline: queued behind the first
-    late = Job(route=[b"c3", b""], request_id="late", op="synthesize", args={"text": "hi"})
+    late = Job(route=[b"c3", b""], request_id="late", op="synthesize", args=wire.SynthesizeRun(text="hi"))
     late.deadline = late.received_at + 1.0  # two requests ahead at 2 s each
     with pytest.raises(Busy) as refused:
         bench.life.enqueue(bench.slot(), late)
     assert 2000 <= refused.value.details["retry_after_ms"] <= 3100
-    patient = Job(route=[b"c4", b""], request_id="patient", op="synthesize", args={"text": "hi"})
+    patient = Job(route=[b"c4", b""], request_id="patient", op="synthesize", args=wire.SynthesizeRun(text="hi"))
     patient.deadline = patient.received_at + 10.0
     bench.life.enqueue(bench.slot(), patient)
     bench.say(handle, wire.Done(rid=first.key, result={}))

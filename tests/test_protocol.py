@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import msgpack
+import msgspec
 import pytest
 
 from model_client import errors, protocol
+from model_manager import worker_protocol as wire
 
 
 def test_request_round_trip_keeps_payload_frames_out_of_msgpack() -> None:
@@ -46,3 +48,43 @@ def test_chunks_are_not_final_and_results_are() -> None:
     chunk = protocol.decode_reply(protocol.encode_chunk("r", {"text": "a"}))
     result = protocol.decode_reply(protocol.encode_result("r", {"text": "a"}))
     assert not chunk.is_final and result.is_final
+
+
+WORKER_OPS = {
+    "chat": {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "stream": True, "seed": 7},
+    "complete": {"model": "m", "prompt": "1, 2,", "max_tokens": 3},
+    "embed": {"model": "m", "input": ["a", "b"], "normalize": False},
+    "conversation.drop": {"model": "m", "conversation_id": "kitchen"},
+    "transcribe": {"format": "pcm", "sample_rate": 8000},
+    "synthesize": {"text": "Hello.", "voice": "joe", "speed": 1.5},
+}
+
+
+def test_a_run_carries_its_ops_typed_arguments_through_the_wire() -> None:
+    for op, asked in WORKER_OPS.items():
+        extra = {"audio": b"\x00\x01"} if op == "transcribe" else {}
+        run = wire.Run(rid="7", args=wire.run_args(op, protocol.parse_args(op, asked), **extra))
+        decoded = wire.decode_to_worker(wire.encode(run))
+        assert isinstance(decoded, wire.Run) and decoded.op == op and decoded == run
+        assert isinstance(decoded.args, protocol.OP_ARGS[op]), (
+            "a run's struct is its op's, with the manager's additions"
+        )
+        assert msgspec.structs.asdict(decoded.args) == {
+            **msgspec.structs.asdict(protocol.parse_args(op, asked)),
+            **extra,
+        }
+
+
+def test_a_run_for_an_op_no_worker_serves_or_with_a_wrong_field_is_refused() -> None:
+    good = msgspec.msgpack.decode(
+        wire.encode(
+            wire.Run(rid="1", args=wire.run_args("complete", protocol.parse_args("complete", WORKER_OPS["complete"])))
+        )
+    )
+    for planted in (
+        {**good["args"], "op": "status"},
+        {**good["args"], "max_tokens": "3"},
+        {**good["args"], "tools": []},
+    ):
+        with pytest.raises(msgspec.ValidationError):
+            wire.decode_to_worker(msgspec.msgpack.encode({**good, "args": planted}))

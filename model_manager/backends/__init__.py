@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from model_manager.config import KvCacheSettings, Limits, ModelSpec
+from model_manager.worker_protocol import RunArgs
 
 Emit = Callable[[dict[str, Any]], None]
 # A result or chunk may carry binary data (audio) under this key: the manager sends it as its own frame.
@@ -29,10 +30,10 @@ class Backend(Protocol):
     def warm_up(self) -> None:
         """Run the smallest request once, so the first real one finds every buffer in place."""
 
-    def run(self, op: str, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    def run(self, op: str, args: RunArgs, emit: Emit) -> dict[str, Any]:
         """Serve one request; stream chunks through ``emit`` and return the final result."""
 
-    def run_batch(self, op: str, batch: list[dict[str, Any]]) -> list[dict[str, Any] | Exception]:
+    def run_batch(self, op: str, batch: list[RunArgs]) -> list[dict[str, Any] | Exception]:
         """Serve several requests of a batchable op together; one result or error per request, in order."""
 
     def after_reply(self, idle: bool) -> None:

@@ -12,24 +12,25 @@ import numpy as np
 
 from model_client.audio import pcm_to_wav
 from model_client.errors import InvalidAudio
+from model_client.protocol import TranscribeArgs
 
 SAMPLE_RATE = 16000
 
 
-def decode(data: bytes, args: dict, max_audio_s: float) -> np.ndarray:
+def decode(data: bytes, args: TranscribeArgs, max_audio_s: float) -> np.ndarray:
     """The clip as 16 kHz mono float32; InvalidAudio when it is undecodable, empty or too long."""
     from faster_whisper.audio import decode_audio
 
     if not data:
         raise InvalidAudio("the audio frame is empty")
-    if args.get("format") == "pcm":
-        frame = args["sample_width"] * args["channels"]
+    if args.format == "pcm":
+        frame = args.sample_width * args.channels
         if len(data) % frame:
             raise InvalidAudio(f"{len(data)} bytes of PCM is not a whole number of {frame}-byte frames")
-        seconds = len(data) / frame / args["sample_rate"]
+        seconds = len(data) / frame / args.sample_rate
         if seconds > max_audio_s:
             raise _too_long(seconds, max_audio_s)
-        data = pcm_to_wav(data, args["sample_rate"], args["sample_width"], args["channels"])
+        data = pcm_to_wav(data, args.sample_rate, args.sample_width, args.channels)
     try:
         audio = decode_audio(io.BytesIO(data), sampling_rate=SAMPLE_RATE)
     except Exception as exc:  # PyAV raises a family of FFmpeg errors (InvalidDataError, ValueError, ...)

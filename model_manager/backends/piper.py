@@ -19,6 +19,7 @@ from model_client.audio import pcm_to_wav
 from model_client.errors import BadRequest, ModelLoadFailed
 from model_manager.backends import PAYLOAD, Emit
 from model_manager.config import KvCacheSettings, Limits, ModelSpec
+from model_manager.worker_protocol import RunArgs, SynthesizeRun
 
 SAMPLE_WIDTH = 2  # Piper makes 16-bit mono
 CHANNELS = 1
@@ -57,21 +58,21 @@ class PiperBackend:
         for _ in self.voice.synthesize("Ready."):
             pass
 
-    def run(self, op: str, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        if op != "synthesize":
+    def run(self, op: str, args: RunArgs, emit: Emit) -> dict[str, Any]:
+        if not isinstance(args, SynthesizeRun):
             raise BadRequest(f"a text-to-speech voice does not serve {op!r}")
         assert self.voice is not None
         voice = self.voice
-        speaker = args.get("speaker", self.speaker)
+        speaker = args.speaker if args.speaker is not None else self.speaker
         if speaker is not None and speaker >= voice.config.num_speakers:
             raise BadRequest(f"speaker {speaker} is out of range: this voice has {voice.config.num_speakers}")
-        config = SynthesisConfig(speaker_id=speaker, length_scale=voice.config.length_scale / args.get("speed", 1.0))
-        stream = bool(args.get("stream"))
+        config = SynthesisConfig(speaker_id=speaker, length_scale=voice.config.length_scale / args.speed)
+        stream = args.stream
         started = time.perf_counter()
         first_ms: float | None = None
         parts: list[bytes] = []
         samples = 0
-        for seq, chunk in enumerate(voice.synthesize(args["text"], config)):
+        for seq, chunk in enumerate(voice.synthesize(args.text, config)):
             pcm = chunk.audio_int16_bytes
             samples += len(pcm) // SAMPLE_WIDTH
             if first_ms is None:
@@ -95,7 +96,7 @@ class PiperBackend:
             "sample_rate": rate,
             "sample_width": SAMPLE_WIDTH,
             "channels": CHANNELS,
-            "format": "pcm" if stream else args.get("format", "wav"),
+            "format": "pcm" if stream else args.format,
             "duration_s": round(samples / rate, 3),
             "timings": {"first_chunk_ms": round(first_ms or total_ms, 2), "synth_ms": round(total_ms, 2)},
         }

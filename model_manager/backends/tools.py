@@ -13,34 +13,37 @@ import json
 import uuid
 from typing import Any
 
+import msgspec
+
 from model_client.errors import BadRequest
-from model_client.protocol import CalledFunction, ToolCall
+from model_client.protocol import CalledFunction, Message, ToolCall, ToolChoice, ToolFunction
 from model_client.results import Completion
+from model_manager.worker_protocol import ChatRun, GenerationRun
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
-def active(args: dict[str, Any]) -> bool:
-    return bool(args.get("tools")) and args.get("tool_choice") != "none"
+def active(args: GenerationRun) -> bool:
+    return isinstance(args, ChatRun) and bool(args.tools) and args.tool_choice != "none"
 
 
-def _chosen(args: dict[str, Any]) -> list[dict[str, Any]]:
-    tools = [tool["function"] for tool in args["tools"]]
-    choice = args.get("tool_choice")
-    if isinstance(choice, dict):
-        name = choice["function"]["name"]
-        picked = [f for f in tools if f["name"] == name]
+def _chosen(args: ChatRun) -> list[ToolFunction]:
+    tools = [tool.function for tool in args.tools or []]
+    choice = args.tool_choice
+    if isinstance(choice, ToolChoice):
+        name = choice.function.name
+        picked = [f for f in tools if f.name == name]
         if not picked:
             raise BadRequest(f"tool_choice names {name!r}, which is not among the tools", field="tool_choice")
         return picked
     return tools
 
 
-def _schema(functions: list[dict[str, Any]], answer_allowed: bool) -> dict[str, Any]:
+def _schema(functions: list[ToolFunction], answer_allowed: bool) -> dict[str, Any]:
     options = [
         {
             "type": "object",
-            "properties": {"name": {"const": f["name"]}, "arguments": f.get("parameters") or ANY_OBJECT},
+            "properties": {"name": {"const": f.name}, "arguments": f.parameters or ANY_OBJECT},
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }
@@ -58,49 +61,50 @@ def _schema(functions: list[dict[str, Any]], answer_allowed: bool) -> dict[str, 
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
-def _instructions(functions: list[dict[str, Any]], answer_allowed: bool) -> str:
+def _instructions(functions: list[ToolFunction], answer_allowed: bool) -> str:
     lines = ['You can call functions. Reply with one JSON object: {"name": "<function>", "arguments": {...}}']
     if answer_allowed:
         lines[0] += ', or, when no function is needed, {"content": "<your answer>"}'
     lines.append("Functions:")
     for f in functions:
-        parameters = json.dumps(f.get("parameters") or ANY_OBJECT)
-        lines.append(f"- {f['name']}: {f.get('description') or ''} Arguments: {parameters}")
+        parameters = json.dumps(f.parameters or ANY_OBJECT)
+        lines.append(f"- {f.name}: {f.description} Arguments: {parameters}")
     return "\n".join(lines)
 
 
-def _as_text(message: dict[str, Any]) -> dict[str, Any]:
+def _as_text(message: Message) -> Message:
     """History the chat templates know: a call as the JSON the model wrote, a tool's result as a user turn."""
-    if message["role"] == "assistant" and message.get("tool_calls"):
-        call = message["tool_calls"][0]["function"]
+    if message.role == "assistant" and message.tool_calls:
+        call = message.tool_calls[0].function
         try:
-            arguments = json.loads(call["arguments"])
+            arguments = json.loads(call.arguments)
         except ValueError:
-            arguments = call["arguments"]
-        return {"role": "assistant", "content": json.dumps({"name": call["name"], "arguments": arguments})}
-    if message["role"] == "tool":
-        who = message.get("name") or "the function"
-        return {"role": "user", "content": f"Result of {who}: {message['content']}"}
-    return {"role": message["role"], "content": message["content"]}
+            arguments = call.arguments
+        return Message(role="assistant", content=json.dumps({"name": call.name, "arguments": arguments}))
+    if message.role == "tool":
+        who = message.name or "the function"
+        return Message(role="user", content=f"Result of {who}: {message.content}")
+    return Message(role=message.role, content=message.content)
 
 
-def prepare(args: dict[str, Any]) -> dict[str, Any]:
+def prepare(args: ChatRun) -> ChatRun:
     """The request as the engines serve it: tool turns as text and, with tools active, their instructions added to
     the system prompt and the reply's schema set."""
-    messages = [_as_text(m) for m in args["messages"]]
+    messages = [_as_text(m) for m in args.messages]
     if not active(args):
-        return {**args, "messages": messages}
+        return msgspec.structs.replace(args, messages=messages)
     functions = _chosen(args)
-    answer_allowed = args.get("tool_choice") in (None, "auto")
+    answer_allowed = args.tool_choice in (None, "auto")
     text = _instructions(functions, answer_allowed)
-    if messages and messages[0]["role"] == "system":
-        messages[0] = {"role": "system", "content": f"{messages[0]['content']}\n\n{text}"}
+    if messages and messages[0].role == "system":
+        messages[0] = Message(role="system", content=f"{messages[0].content}\n\n{text}")
     else:
-        messages.insert(0, {"role": "system", "content": text})
-    return {**args, "messages": messages, "json_schema": _schema(functions, answer_allowed), "stream": False}
+        messages.insert(0, Message(role="system", content=text))
+    schema = _schema(functions, answer_allowed)
+    return msgspec.structs.replace(args, messages=messages, json_schema=schema, stream=False)
 
 
-def finish(args: dict[str, Any], result: Completion) -> Completion:
+def finish(args: GenerationRun, result: Completion) -> Completion:
     """A reply written under the tools' schema, as ``tool_calls`` (finish reason ``tool_calls``) or as text."""
     if not active(args):
         return result

@@ -36,6 +36,7 @@ from model_client.errors import BadRequest, ModelLoadFailed, ModelManagerError
 from model_manager.backends import Emit
 from model_manager.backends.audio_input import SAMPLE_RATE, decode
 from model_manager.config import KvCacheSettings, Limits, ModelSpec
+from model_manager.worker_protocol import RunArgs, TranscribeRun
 
 WINDOW_S = 30  # Whisper hears 30 s at a time
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
@@ -47,7 +48,7 @@ class Clip:
     """One request of a batch, from decoded audio to its segments."""
 
     index: int
-    args: dict[str, Any]
+    args: TranscribeRun
     audio: np.ndarray | None = None
     language: str = "en"
     spans: list[dict[str, int]] | None = None  # sample ranges transcribed (speech regions, or windows)
@@ -61,8 +62,8 @@ class Clip:
     def key(self) -> tuple:
         """Requests whose windows can share a forward pass: same language and decoding options. Word
         timestamps keep per-call state in faster-whisper, so those requests run on their own."""
-        words = self.index if self.args.get("word_timestamps") else None
-        return self.language, self.args.get("beam_size", 1), words, self.args.get("task", "transcribe")
+        words = self.index if self.args.word_timestamps else None
+        return self.language, self.args.beam_size, words, self.args.task
 
 
 class WhisperBackend:
@@ -105,26 +106,26 @@ class WhisperBackend:
 
     def warm_up(self) -> None:
         tone = 0.1 * np.sin(np.arange(SAMPLE_RATE) * 2 * np.pi * 440 / SAMPLE_RATE).astype(np.float32)
-        clip = Clip(0, {"beam_size": 1}, audio=tone)
+        clip = Clip(0, TranscribeRun(beam_size=1), audio=tone)
         self._prepare(clip)
         self._transcribe([clip])
 
-    def run(self, op: str, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    def run(self, op: str, args: RunArgs, emit: Emit) -> dict[str, Any]:
         outcome = self.run_batch(op, [args])[0]
         if isinstance(outcome, ModelManagerError):
             raise outcome
         return outcome
 
-    def run_batch(self, op: str, batch: list[dict[str, Any]]) -> list[dict[str, Any] | ModelManagerError]:
+    def run_batch(self, op: str, batch: list[RunArgs]) -> list[dict[str, Any] | ModelManagerError]:
         """Transcribe every request of ``batch``; a request's own problem (bad audio) fails only that one."""
-        if op != "transcribe":
+        if not all(isinstance(args, TranscribeRun) for args in batch):
             raise BadRequest(f"a speech-to-text model does not serve {op!r}")
         started = time.perf_counter()
-        clips = [Clip(i, args) for i, args in enumerate(batch)]
+        clips = [Clip(i, args) for i, args in enumerate(batch) if isinstance(args, TranscribeRun)]
         for clip in clips:
             decode_started = time.perf_counter()
             try:
-                clip.audio = decode(clip.args.get("audio", b""), clip.args, self.max_audio_s)
+                clip.audio = decode(clip.args.audio, clip.args, self.max_audio_s)
                 self._prepare(clip)
             except ModelManagerError as exc:
                 clip.error = exc
@@ -143,7 +144,7 @@ class WhisperBackend:
         assert self.model is not None and clip.audio is not None
         clip.language = self._language(clip)
         audio = clip.audio
-        if clip.args.get("vad_filter"):
+        if clip.args.vad_filter:
             options = VadOptions(max_speech_duration_s=WINDOW_S, min_silence_duration_ms=160)
             clip.spans = get_speech_timestamps(audio, options)
         else:
@@ -156,7 +157,7 @@ class WhisperBackend:
 
     def _language(self, clip: Clip) -> str:
         assert self.model is not None and clip.audio is not None
-        asked = clip.args.get("language")
+        asked = clip.args.language
         if not self.model.model.is_multilingual:
             return "en"
         if asked:
@@ -179,7 +180,7 @@ class WhisperBackend:
             tokenizer = Tokenizer(
                 self.model.hf_tokenizer, self.model.model.is_multilingual, task=task, language=language
             )
-            word_timestamps = any(clip.args.get("word_timestamps") for clip, _ in windows)
+            word_timestamps = any(clip.args.word_timestamps for clip, _ in windows)
             options = _options(tokenizer, beam_size, word_timestamps)
             for start in range(0, len(windows), self.batch_size):
                 part = windows[start : start + self.batch_size]
@@ -201,7 +202,7 @@ class WhisperBackend:
                 "start": round(float(seg.start), 3),
                 "end": round(float(seg.end), 3),
                 "text": seg.text.strip(),
-                **({"words": [_word(w) for w in seg.words or []]} if clip.args.get("word_timestamps") else {}),
+                **({"words": [_word(w) for w in seg.words or []]} if clip.args.word_timestamps else {}),
             }
             for seg in clip.segments
         ]
@@ -278,7 +279,7 @@ def _restore_times(clip: Clip) -> list[Segment]:
         )
         for i, seg in enumerate(clip.segments or [])
     ]
-    if clip.args.get("word_timestamps"):
+    if clip.args.word_timestamps:
         for segment, raw in zip(segments, clip.segments or [], strict=True):
             segment.words = [Word(**word) for word in raw.get("words", [])]
     return list(restore_speech_timestamps(segments, clip.spans or [], SAMPLE_RATE)) if clip.spans else segments

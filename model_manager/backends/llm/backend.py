@@ -44,6 +44,7 @@ from model_manager.backends.llm.state import Job, Sampling
 from model_manager.backends.llm.text import Detokenizer, StopText, decode_complete_utf8
 from model_manager.config import MIB, KvCacheSettings, Limits, ModelSpec
 from model_manager.kvcache import ConversationStore
+from model_manager.worker_protocol import ChatRun, CompleteRun, DropRun, EmbedRun, GenerationRun, RunArgs, op_of
 
 STREAM_INTERVAL_S = 0.02  # a stream's chunks after its first: at most 50 a second, each with every token since
 Chunk = tuple[str, TextChunk]  # (request id, chunk)
@@ -52,7 +53,7 @@ Chunk = tuple[str, TextChunk]  # (request id, chunk)
 @dataclass(eq=False)
 class _Request:
     rid: str
-    args: dict[str, Any]
+    args: GenerationRun
     text: StopText
     context: ContextReport
     job: Job | None = None
@@ -167,44 +168,46 @@ class GGUFBackend:
     def busy(self) -> bool:
         return bool(self.requests)
 
-    def run(self, op: str, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    def run(self, op: str, args: RunArgs, emit: Emit) -> dict[str, Any]:
         """The ops served at once, between steps: conversation.drop and embed (generations are ``submit``ted)."""
-        if op == "conversation.drop":
+        if isinstance(args, DropRun):
             assert self.conversations is not None
-            conversation_id = args["conversation_id"]
-            return {"dropped": self.conversations.drop(conversation_id), "conversation_id": conversation_id}
-        if op == "embed":
-            texts = [args["input"]] if isinstance(args["input"], str) else args["input"]
-            return self._embedder().embed(texts, args["normalize"])
+            dropped = self.conversations.drop(args.conversation_id)
+            return {"dropped": dropped, "conversation_id": args.conversation_id}
+        if isinstance(args, EmbedRun):
+            texts = [args.input] if isinstance(args.input, str) else args.input
+            return self._embedder().embed(texts, args.normalize)
         raise BadRequest(f"op {op!r} is served by submit and step, not run")
 
-    def submit(self, rid: str, op: str, args: dict[str, Any]) -> None:
+    def submit(self, rid: str, args: RunArgs) -> None:
         """Start ``rid`` on a free sequence; raises the typed error that refuses it at once."""
         assert self.engine is not None and self.model is not None and self.spec is not None
         assert self.conversations is not None
         policy = self.spec.context_overflow
-        if op == "chat":
+        if isinstance(args, ChatRun):
             args = tools.prepare(args)
-        tokens, stops, context = prompt_for(op, args, self._chat_prompt, self.model.tokenize, policy)
+        elif not isinstance(args, CompleteRun):
+            raise BadRequest(f"op {op_of(args)!r} is not a generation")
+        tokens, stops, context = prompt_for(args, self._chat_prompt, self.model.tokenize, policy)
         check_prompt(tokens, self.max_prompt_tokens, self.n_ctx, policy)
         if not self.engine.free:
             raise ModelManagerError(f"all {self.parallel} sequences are busy")  # the manager sends at most parallel
-        reuse = args.get("cache", True)
-        conversation_id = args.get("conversation_id") if reuse else None
+        reuse = args.cache
+        conversation_id = args.conversation_id if reuse else None
         request = _Request(rid, args, StopText(stops), context)
         sampling = Sampling(
-            temperature=args["temperature"],
-            top_p=args["top_p"],
-            top_k=args["top_k"],
-            min_p=args["min_p"],
-            repeat_penalty=args["repeat_penalty"],
-            seed=args.get("seed"),
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            repeat_penalty=args.repeat_penalty,
+            seed=args.seed,
         )
         grammar = compile_grammar(self.model.vocab, args)
         job = Job(
             rid=rid,
             prompt=tokens,
-            max_new=min(args["max_tokens"], self.n_ctx - len(tokens)),
+            max_new=min(args.max_tokens, self.n_ctx - len(tokens)),
             sampler=make_sampler(self.model, sampling, grammar),
             on_token=lambda token: self._on_token(request, token),
             prompt_into_sampler=grammar is None,
@@ -214,7 +217,7 @@ class GGUFBackend:
         self.engine.start_on(sequence, job, conversation_id, reuse)
         self.requests[rid] = request
 
-    def _chat_prompt(self, args: dict[str, Any]) -> tuple[list[int], list[str], int]:
+    def _chat_prompt(self, args: ChatRun) -> tuple[list[int], list[str], int]:
         assert self.model is not None and self.spec is not None
         return chat_prompt(self.formatter, self.model.tokenize, self.n_ctx, self.spec.context_overflow, args)
 
@@ -275,7 +278,7 @@ class GGUFBackend:
         piece = decode_complete_utf8(request.undecoded)
         if piece:
             released, stopped = request.text.feed(piece)
-            if released and request.args["stream"]:
+            if released and request.args.stream:
                 request.outbox.append(released)
             if stopped:
                 request.stopped_by_string = True
@@ -286,7 +289,7 @@ class GGUFBackend:
         job = request.job
         assert job is not None
         self.requests.pop(request.rid, None)
-        if not request.stopped_by_string and (tail := request.text.flush()) and request.args["stream"]:
+        if not request.stopped_by_string and (tail := request.text.flush()) and request.args.stream:
             request.outbox.append(tail)
         if request.outbox:
             self.last_chunks.append((request.rid, self._chunk(request, time.monotonic())))

@@ -17,6 +17,7 @@ from llama_cpp.llama_chat_format import ChatFormatter, Jinja2ChatFormatter
 
 from model_client.errors import BadRequest, ContextOverflow, ModelLoadFailed
 from model_client.results import ContextReport
+from model_manager.worker_protocol import ChatRun, GenerationRun
 
 # Used when a GGUF carries no chat template and the YAML names no ``chat_format`` (base models).
 FALLBACK_CHAT_FORMAT = "chatml"
@@ -48,16 +49,17 @@ def chat_formatter(model: Any, metadata: dict[str, str], chat_format: str | None
 
 
 def chat_prompt(
-    formatter: ChatFormatter, tokenize: Callable[..., list[int]], n_ctx: int, policy: str | None, args: dict[str, Any]
+    formatter: ChatFormatter, tokenize: Callable[..., list[int]], n_ctx: int, policy: str | None, args: ChatRun
 ) -> tuple[list[int], list[str], int]:
     """Tokens of the chat prompt, its stop strings, and how many old turns were dropped: under the ``truncate``
-    policy, the oldest turns go until the prompt and the reply fit in ``n_ctx``."""
-    messages = list(args["messages"])
-    room = min(args["max_tokens"], n_ctx // 2)
+    policy, the oldest turns go until the prompt and the reply fit in ``n_ctx``. The messages are plain turns
+    (``tools.prepare`` wrote tool calls and results as text)."""
+    messages = [{"role": m.role, "content": m.content} for m in args.messages]
+    room = min(args.max_tokens, n_ctx // 2)
     dropped = 0
     while True:
         formatted = formatter(messages=messages)
-        stops = [*([formatted.stop] if isinstance(formatted.stop, str) else formatted.stop or []), *args["stop"]]
+        stops = [*([formatted.stop] if isinstance(formatted.stop, str) else formatted.stop or []), *args.stop]
         tokens = tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special, special=True)
         if policy != "truncate" or len(tokens) + room <= n_ctx:
             return tokens, stops, dropped
@@ -69,21 +71,18 @@ def chat_prompt(
 
 
 def prompt_for(
-    op: str,
-    args: dict[str, Any],
-    chat: Callable[[dict[str, Any]], tuple[list[int], list[str], int]],
+    args: GenerationRun,
+    chat: Callable[[ChatRun], tuple[list[int], list[str], int]],
     tokenize: Callable[..., list[int]],
     policy: str | None,
 ) -> tuple[list[int], list[str], ContextReport]:
     """The prompt's tokens, its stop strings, and the ``context`` report (overflow policy, turns dropped)."""
     context = ContextReport(policy=policy or "error")
-    if op == "chat":
+    if isinstance(args, ChatRun):
         tokens, stops, context.dropped_messages = chat(args)
-    elif op == "complete":
-        stops = list(args["stop"])
-        tokens = tokenize(args["prompt"].encode(), add_bos=True, special=False)
     else:
-        raise BadRequest(f"op {op!r} is not served by an llm")
+        stops = list(args.stop)
+        tokens = tokenize(args.prompt.encode(), add_bos=True, special=False)
     return tokens, stops, context
 
 
@@ -101,13 +100,13 @@ def check_prompt(tokens: list[int], max_prompt_tokens: int, n_ctx: int, policy: 
         )
 
 
-def compile_grammar(vocab: Any, args: dict[str, Any]) -> Any:
+def compile_grammar(vocab: Any, args: GenerationRun) -> Any:
     """The request's ``grammar`` (GBNF) or ``json_schema`` as a llama.cpp grammar; None when it has neither.
     Raises BadRequest naming what does not compile (tried here: llama.cpp takes a broken grammar silently)."""
     from llama_cpp import LlamaGrammar
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-    grammar, schema = args.get("grammar"), args.get("json_schema")
+    grammar, schema = args.grammar, args.json_schema
     if grammar is None and schema is None:
         return None
     what = "grammar" if grammar is not None else "json_schema"
