@@ -40,6 +40,8 @@ def ceiling(path: Path, sequences: int, parallel: int, tokens: int, threads: int
     from llama_cpp._internals import LlamaContext, LlamaModel
     from llama_cpp._utils import suppress_stdout_stderr
 
+    from model_manager.backends.llm.backend import flash_attention
+
     with suppress_stdout_stderr(disable=False):
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = gpu_layers
@@ -52,7 +54,7 @@ def ceiling(path: Path, sequences: int, parallel: int, tokens: int, threads: int
         ctx_params.n_ctx, ctx_params.n_seq_max, ctx_params.kv_unified = N_CTX * parallel, parallel, False
         ctx_params.n_batch, ctx_params.n_ubatch = size, 512
         ctx_params.n_threads = ctx_params.n_threads_batch = threads
-        ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED  # as the daemon's engine
+        ctx_params.flash_attn_type = flash_attention(gpu_layers, exact=parallel == 1)  # as the daemon's engine
         ctx = LlamaContext(model=model, params=ctx_params, verbose=False)
     batch = llama_cpp.llama_batch_init(size, 0, 1)
     samplers = []

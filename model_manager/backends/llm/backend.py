@@ -50,6 +50,17 @@ STREAM_INTERVAL_S = 0.02  # a stream's chunks after its first: at most 50 a seco
 Chunk = tuple[str, TextChunk]  # (request id, chunk)
 
 
+def flash_attention(gpu_layers: int, exact: bool) -> int:
+    """llama.cpp's flash attention setting: on where layers run on a GPU (its CUDA kernels, and less memory for
+    long contexts), off on a CPU: measured with bench/kv_cache.py (SmolLM2, 2 cores, a KV stream per sequence),
+    turn 10's time to first token 407 -> 322 ms without it, turn 1's 245 -> 203, and 76 prompt tokens after 1,183
+    cells 337-368 -> 297-299 ms. Never in exact mode: with it, a greedy third turn with reuse differed from the
+    same turn evaluated afresh."""
+    if exact or gpu_layers == 0:
+        return llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    return llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+
+
 @dataclass(eq=False)
 class _Request:
     rid: str
@@ -114,13 +125,8 @@ class GGUFBackend:
         # conversation's cells moved a reply's log-probabilities by up to 0.19), and no sequence can crowd out
         # the others.
         ctx_params.kv_unified = False
-        # Flash attention: a conversation's later turns attend over a long history; measured with bench/kv_cache.py
-        # (8 live conversations, SmolLM2, 2 cores), turn 10's time to first token 695 -> 572 ms, turn 1's 431 -> 407.
-        # Not in exact mode: with it, a greedy third turn with reuse differed from the same turn evaluated afresh.
         exact = self.parallel == 1
-        ctx_params.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED if exact else llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        )
+        ctx_params.flash_attn_type = flash_attention(model_params.n_gpu_layers, exact)
         ctx_params.n_threads = ctx_params.n_threads_batch = self.threads = threads
         set_verbose(False)  # llama.cpp's own log lines (each state restore, ...) only for errors
         try:
