@@ -111,7 +111,7 @@ def main() -> None:
             result = talk(clip, session_id="bench", config=config_path)
             rows.append({**result["breakdown"], "cached_tokens": (result.get("usage") or {}).get("cached_tokens")})
             if os.environ.get("VOICE_TURN_DEBUG"):
-                print("   ", result["breakdown"], result.get("usage"), flush=True)
+                print("   ", result["breakdown"], result.get("usage"), result.get("stt_timings"), flush=True)
             print(f"  turn {i + 1:2}: {result['heard'][:44]:<44} -> {str(result['reply'])[:50]!r}", flush=True)
     finally:
         for daemon in reversed(daemons):  # the agent first: it talks to the others
