@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -20,6 +21,8 @@ from gateway.errors import HttpError, from_manager, ollama_error, openai_error
 from gateway.ollama_api import Ollama
 from gateway.openai_api import OpenAI
 from gateway.openai_audio import OpenAIAudio
+from gateway.response_store import ResponseStore
+from gateway.responses_api import Responses
 from gateway.watch import CLIENT_CLOSED
 from model_client.aio import ManagerLink
 from model_client.errors import ModelManagerError
@@ -91,6 +94,8 @@ class Guard:
 def build_app(settings: GatewaySettings, manager_endpoint: str) -> Starlette:
     link = ManagerLink(manager_endpoint, settings.request_timeout_s, max_message_bytes=settings.max_body_bytes)
     openai, audio, ollama = OpenAI(link), OpenAIAudio(link), Ollama(link)
+    directory = Path(settings.responses_dir) if settings.responses_dir else None
+    responses = Responses(link, ResponseStore(directory, settings.max_stored_responses))
     routes = [
         Route("/v1/audio/speech", audio.speech, methods=["POST"]),
         Route("/v1/audio/transcriptions", audio.transcriptions, methods=["POST"]),
@@ -102,6 +107,9 @@ def build_app(settings: GatewaySettings, manager_endpoint: str) -> Starlette:
         Route("/v1/chat/completions", openai.chat_completions, methods=["POST"]),
         Route("/v1/completions", openai.completions, methods=["POST"]),
         Route("/v1/embeddings", openai.embeddings, methods=["POST"]),
+        Route("/v1/responses", responses.create, methods=["POST"]),
+        Route("/v1/responses/{response_id}", responses.retrieve, methods=["GET"]),
+        Route("/v1/responses/{response_id}", responses.delete, methods=["DELETE"]),
         Route("/", ollama.root, methods=["GET", "HEAD"]),
         Route("/api/version", ollama.version, methods=["GET"]),
         Route("/api/tags", ollama.tags, methods=["GET"]),

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import msgspec
 
-from daemonkit.settings import ConfigError, Section, convert, read_sections
+from daemonkit.settings import ConfigError, Section, convert, read_sections, resolve_path
 from model_client.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from model_client.security import is_loopback
 
@@ -21,11 +21,18 @@ class GatewaySettings(Section):
     request_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0  # how long a request may wait for the manager
     # At most the manager's limits.max_message_bytes, whatever is set here: a larger body could never reach it.
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = DEFAULT_MAX_MESSAGE_BYTES
+    # The Responses API's stored responses (what previous_response_id continues), one file each, kept across
+    # restarts; relative to the YAML. null: in memory only.
+    responses_dir: str | None = None
+    max_stored_responses: Annotated[int, msgspec.Meta(ge=1)] = 10_000
 
 
 def load_gateway_settings(path: Path) -> GatewaySettings:
-    data, _base_dir = read_sections(path)
+    data, base_dir = read_sections(path)
     settings = convert(data.get("gateway") or {}, GatewaySettings, str(path), "$.gateway")
+    if settings.responses_dir is not None:
+        directory = str(resolve_path(settings.responses_dir, base_dir))
+        settings = msgspec.structs.replace(settings, responses_dir=directory)
     manager_limit = (data.get("limits") or {}).get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
     if isinstance(manager_limit, int) and manager_limit < settings.max_body_bytes:
         settings = msgspec.structs.replace(settings, max_body_bytes=manager_limit)

@@ -249,6 +249,7 @@ def test_sigterm_ends_the_gateway_within_5_s_whatever_is_pending(stack: Stack) -
 
 ROUTES = [
     "/v1/chat/completions",
+    "/v1/responses",
     "/v1/completions",
     "/v1/embeddings",
     "/v1/audio/speech",
@@ -261,6 +262,7 @@ ROUTES = [
 ]
 FIELDS = ["model", "messages", "prompt", "input", "stream", "options", "seed", "max_tokens", "keep_alive", "tools"]
 FIELDS += ["format", "images", "response_format", "stop", "temperature", "voice", "logprobs", "content", "role"]
+FIELDS += ["instructions", "previous_response_id", "type", "call_id", "output", "arguments", "tool_choice"]
 JSON_VALUES = json_values(words=["smollm2", "user", "0", "-1", "5m", "json"], keys=FIELDS, size=4, max_leaves=12)
 BODIES = st.one_of(
     st.binary(max_size=300),
