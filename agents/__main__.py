@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from agents.config import AgentsConfig, load_agents_config
 from agents.persona import PersonaAgent
 from daemonkit.startup import start_daemon
-from services.config import ServicesConfig, load_services_config
+from personas.config import AgentsConfig, load_agents_config
+from personas.speech_services import ServicesConfig, load_services_config
 
 
 def _load(args: argparse.Namespace) -> tuple[str, AgentsConfig, ServicesConfig]:

@@ -23,17 +23,17 @@ import msgspec
 import structlog
 import zmq
 
-from agents.answer import UNSERVABLE, generation_request
-from agents.config import AGENT_OPS, TOPIC_HEARTBEAT, TOPIC_REPLY, AgentsConfig, AskArgs, Persona, route
-from agents.history import SESSIONS_IN_MEMORY, Histories  # turn counters kept for as many sessions
-from agents.pieces import SpeechPieces
 from daemonkit.binding import Binder, CurveServer, prepare_ipc_dir, remove_ipc_file
 from daemonkit.publisher import HEARTBEAT_S, EventPublisher, Heartbeat
 from daemonkit.request_socket import MAX_TEXT_MESSAGE_BYTES, RequestSocket
 from model_client import protocol
 from model_client.client import ModelClient, Stream
 from model_client.errors import ModelManagerError
-from services.config import TOPIC_AUDIO, TOPIC_SAY, TOPIC_TRANSCRIPT, ServicesConfig
+from model_client.results import Completion
+from personas.config import AGENT_OPS, TOPIC_HEARTBEAT, TOPIC_REPLY, AgentsConfig, AskArgs, Persona, route
+from personas.history import SESSIONS_IN_MEMORY, Histories  # turn counters kept for as many sessions
+from personas.speech_services import TOPIC_AUDIO, TOPIC_SAY, TOPIC_TRANSCRIPT, ServicesConfig
+from personas.turn import PersonaTurn
 
 TICK_S = 0.1
 OPEN_TURNS = 64  # turns whose audio is still awaited for the breakdown log
@@ -171,27 +171,21 @@ class PersonaAgent:
         if len(self.turn_counts) > SESSIONS_IN_MEMORY:
             self.turn_counts.popitem(last=False)
         turn_id = f"{self.name}:{session_id}:{count}"
-        history = self.histories.get(session_id)
-        answered_by, persona, fallback = self.name, self.persona, None
-        try:
-            outcome = self._answer(persona, self.name, session_id, history, text, turn_id, started)
-        except UNSERVABLE as exc:
-            if not self.persona.fallback:
-                raise self._failed(session_id, turn_id, text, exc) from None
-            answered_by = self.persona.fallback
-            persona = self.config.personas[answered_by]
-            fallback = {"from": self.name, "to": answered_by, "code": exc.code, "message": exc.message}
-            log.warning("persona_fallback", persona=self.name, to=answered_by, code=exc.code, message=exc.message)
+        turn = PersonaTurn(
+            self.config.personas, self.histories, self.name, session_id, text, self.settings.first_piece_words
+        )
+        while True:
             try:
-                outcome = self._answer(persona, answered_by, session_id, history, text, turn_id, started)
-            except ModelManagerError as again:
-                raise self._failed(session_id, turn_id, text, again) from None
-        except ModelManagerError as exc:
-            raise self._failed(session_id, turn_id, text, exc) from None
-        completion, parts, first_say_ms = outcome
-        answer = completion.text.strip()
-        history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
-        self.histories.save(session_id, history)
+                completion, first_say_ms = self._answer(turn, turn_id, started)
+                break
+            except ModelManagerError as exc:
+                if not turn.fall_back(exc):
+                    raise self._failed(session_id, turn_id, text, exc) from None
+                log.warning(
+                    "persona_fallback", persona=self.name, to=turn.answering, code=exc.code, message=exc.message
+                )
+        answer = turn.finish(completion)
+        answered_by, persona, fallback = answer.answered_by, turn.persona, answer.fallback
         stt_ms = None
         if transcript is not None:
             stt_ms = transcript.get("timings", {}).get("service_ms")
@@ -211,8 +205,8 @@ class PersonaAgent:
             "turn_id": turn_id,
             "heard": text,
             "route": {"reason": reason, "detail": detail},
-            "text": answer,
-            "parts": parts,
+            "text": answer.text,
+            "parts": answer.parts,
             "model": completion.model,
             "voice": persona.voice,
             "usage": msgspec.to_builtins(completion.usage),
@@ -234,32 +228,22 @@ class PersonaAgent:
         )
         return reply
 
-    def _answer(
-        self,
-        persona: Persona,
-        persona_name: str,
-        session_id: str,
-        history: list[dict[str, str]],
-        text: str,
-        turn_id: str,
-        started: float,
-    ) -> tuple[Any, int, float | None]:
-        """Stream the reply from ``persona``'s model, sending each speakable piece to the TTS service."""
-        op, args = generation_request(persona, history, text, f"{persona_name}:{session_id}")
+    def _answer(self, turn: PersonaTurn, turn_id: str, started: float) -> tuple[Completion, float | None]:
+        """Stream the reply from the answering persona's model, sending each speakable piece to the TTS service."""
+        op, args = turn.request()
         stream = self.client.generate(op, args, stream=True)
         assert isinstance(stream, Stream)
-        pieces = SpeechPieces(self.settings.first_piece_words)
         first_say_ms = None
         for piece in stream:
-            for spoken in pieces.feed(piece):
+            for spoken in turn.feed(piece):
                 first_say_ms = first_say_ms or round((time.monotonic() - started) * 1000, 2)
-                self._say(persona, session_id, turn_id, pieces.count - 1, spoken)
-        rest = pieces.flush()
+                self._say(turn.persona, turn.session_id, turn_id, turn.pieces.count - 1, spoken)
+        rest = turn.flush()
         if rest:
             first_say_ms = first_say_ms or round((time.monotonic() - started) * 1000, 2)
-            self._say(persona, session_id, turn_id, pieces.count - 1, rest)
+            self._say(turn.persona, turn.session_id, turn_id, turn.pieces.count - 1, rest)
         assert stream.result is not None
-        return stream.result, pieces.count, first_say_ms
+        return stream.result, first_say_ms
 
     def _say(self, persona: Persona, session_id: str, turn_id: str, part: int, text: str) -> None:
         body = {

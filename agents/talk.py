@@ -22,11 +22,11 @@ from typing import Any
 
 import zmq
 
-from agents.config import TOPIC_REPLY, load_agents_config
 from model_client import protocol
 from model_client.audio import Audio
 from model_client.errors import ModelManagerError, Timeout, error_from_wire
-from services.config import TOPIC_AUDIO, TOPIC_TRANSCRIPT, load_services_config
+from personas.config import TOPIC_REPLY, load_agents_config
+from personas.speech_services import TOPIC_AUDIO, TOPIC_TRANSCRIPT, load_services_config
 
 SUBSCRIBE_SETTLE_S = 0.3  # a new SUB socket misses what is published before its subscription arrives
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import secrets
 import sys
 import time
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -151,42 +151,6 @@ def _transcribe(client: ModelClient, args: argparse.Namespace) -> None:
     print(f"[{transcript.duration_s:.2f} s of audio, {transcript.language}, {took:.0f} ms]", file=sys.stderr)
 
 
-def _talk(args: argparse.Namespace) -> None:
-    try:
-        audio = args.file.read_bytes()
-    except OSError as exc:
-        raise BadRequest(f"cannot read {args.file}: {exc.strerror}") from None
-    try:  # the voice loop is the stack's, not the client's: there only where the whole project is installed
-        from agents.talk import talk
-    except ImportError:
-        raise BadRequest("mm talk needs the whole stack (the agents and services packages) installed") from None
-    result = talk(audio, persona=args.persona, session_id=args.session, timeout=args.timeout)
-    spoken = result.pop("audio", None)
-    if args.output and spoken is not None:
-        args.output.write_bytes(spoken.to_wav())
-    result["wav"] = str(args.output) if args.output and spoken is not None else None
-    result["reply_audio_s"] = round(spoken.duration_s, 2) if spoken is not None else 0.0
-    if args.json:
-        print(json.dumps(result))
-        return
-    print(f"heard:  {result['heard']}")
-    if result["reply"] is None:
-        print("(nothing was heard, so nobody answered)")
-        return
-    who = result["answered_by"]
-    if result.get("fallback"):
-        who += f" (for {result['persona']}: {result['fallback']['code']})"
-    print(f"{who}: {result['reply']}")
-    usage = result.get("usage") or {}
-    tokens = f"prompt {usage.get('prompt_tokens')} tokens, {usage.get('cached_tokens')} cached"
-    print(f"session {result['session_id']}, {tokens}")
-    b = result["breakdown"]
-    names = ("stt_ms", "llm_ttft_ms", "llm_total_ms", "tts_first_audio_ms", "first_audio_ms", "end_to_end_ms")
-    print("  ".join(f"{name.removesuffix('_ms')} {b[name]:.0f} ms" for name in names if b.get(name) is not None))
-    if result["wav"]:
-        print(f"reply: {result['wav']} ({result['reply_audio_s']:.2f} s)")
-
-
 def _keys(directory: Path, clients: tuple[str, ...]) -> int:
     made = make_keys(directory, clients)
     print(f"server key pair: {made['server_public']} (give to clients), {made['server_secret']} (keep here)")
@@ -197,6 +161,15 @@ def _keys(directory: Path, clients: tuple[str, ...]) -> int:
     print(f"    curve_authorized_keys: {made['authorized'].resolve()}")
     print(f"Clients: export MM_CURVE_CLIENT_KEY=<client .key_secret> MM_CURVE_SERVER_KEY={made['server_public']}")
     return 0
+
+
+COMMANDS_GROUP = "model_manager.cli"  # entry points: commands the stack's other packages add (the agents' `talk`)
+
+
+def _added_commands() -> dict[str, Any]:
+    """Commands other installed packages add to ``mm``, each a module with ``HELP``, ``add_arguments(parser)`` and
+    ``run(args)``: the client names no package above it, and a client installed alone simply has none."""
+    return {entry.name: entry.load() for entry in entry_points(group=COMMANDS_GROUP)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,12 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     say.add_argument("-o", "--output", type=Path, default=Path("say.wav"), help="WAV file to write (say.wav)")
     say.add_argument("--voice", help="a tts model of the catalogue (default: the first)")
     say.add_argument("--speed", type=float, default=1.0)
-    talk = sub.add_parser("talk", help="one spoken turn through the whole loop (STT, a persona, TTS)")
-    talk.add_argument("file", type=Path, help="the utterance, an audio file")
-    talk.add_argument("--persona", help="the persona that must answer (default: the routing decides)")
-    talk.add_argument("--session", help="a session id, to go on with a conversation (default: a new one)")
-    talk.add_argument("-o", "--output", type=Path, help="write the spoken reply to this WAV file")
-    talk.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    added = _added_commands()
+    for name, command in added.items():
+        command.add_arguments(sub.add_parser(name, help=command.HELP))
     keys = sub.add_parser("keys", help="make CURVE key pairs for a manager on a network address")
     keys.add_argument("--dir", type=Path, default=Path("keys"), help="where to write them (default: keys/)")
     keys.add_argument("--client", action="append", help="a client's name (repeatable; default: one 'client')")
@@ -263,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{result['name']}: {result['state']}")
             elif args.command == "chat":
                 _chat(client, args.model, args.system, args.max_tokens)
-            elif args.command == "talk":
-                _talk(args)
+            elif args.command in added:
+                added[args.command].run(args)
             elif args.command == "transcribe":
                 _transcribe(client, args)
             elif args.command == "say":

@@ -7,8 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agents.config import Persona, Routing, load_agents_config, route
-from agents.pieces import SpeechPieces
+from model_client.errors import BadRequest, ModelFailed, ModelLoadFailed, ModelNotFound
+from model_client.results import Completion, Timings, Usage
+from personas.config import Persona, Routing, load_agents_config, route
+from personas.history import Histories
+from personas.pieces import SpeechPieces
+from personas.turn import PersonaTurn
 from tests.conftest import SHIPPED_CONFIG
 
 PERSONAS = {
@@ -89,3 +93,51 @@ def test_speech_pieces_skip_what_cannot_be_spoken() -> None:
     assert pieces.feed("... ") == []
     assert pieces.feed("*** \n") == []
     assert pieces.flush() is None and pieces.count == 0
+
+
+# ----- the transport-free turn ------------------------------------------------------------------------------------
+
+
+def completion(text: str, model: str) -> Completion:
+    usage, timings = Usage(prompt_tokens=9, completion_tokens=3), Timings(ttft_ms=1.0, total_ms=2.0, tokens_per_s=1.0)
+    return Completion(text=text, finish_reason="stop", model=model, usage=usage, timings=timings)
+
+
+def test_a_turn_speaks_as_it_streams_and_the_session_keeps_it(tmp_path: Path) -> None:
+    config = load_agents_config(SHIPPED_CONFIG)
+    histories = Histories(tmp_path, 24, "jarvis")
+    turn = PersonaTurn(config.personas, histories, "jarvis", "kitchen", "What is the capital of France?", 4)
+    op, args = turn.request()
+    assert op == "chat" and args["model"] == "smollm2" and args["conversation_id"] == "jarvis:kitchen"
+    assert turn.feed("The capital of France, ") == ["The capital of France,"], "the first piece ends early"
+    assert turn.take_written() == "The capital of France, "
+    assert turn.feed("as you know, is Paris. ") == ["as you know, is Paris."], "later ones at a sentence's end"
+    assert turn.feed("Bye") == [] and turn.take_written() == "as you know, is Paris. Bye"
+    assert turn.flush() == "Bye"
+    answer = turn.finish(completion(" The capital of France, as you know, is Paris. Bye ", "smollm2"))
+    assert (answer.answered_by, answer.parts, answer.fallback) == ("jarvis", 3, None)
+    assert Histories(tmp_path, 24, "jarvis").get("kitchen")[-2:] == [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France, as you know, is Paris. Bye"},
+    ]
+    again = PersonaTurn(config.personas, histories, "jarvis", "kitchen", "And Germany?", 4)
+    assert again.request()[1]["messages"][-3]["content"] == "What is the capital of France?", "turn 2 has turn 1"
+
+
+def test_an_unservable_model_hands_the_turn_to_the_fallback_once_and_only_before_speech(tmp_path: Path) -> None:
+    config = load_agents_config(SHIPPED_CONFIG)
+    histories = Histories(tmp_path, 24, "jarvis")
+    turn = PersonaTurn(config.personas, histories, "jarvis", "s", "Hello", 4)
+    assert not turn.fall_back(BadRequest("a bad argument is not a reason to fall back"))
+    assert turn.fall_back(ModelLoadFailed("no memory for smollm2"))
+    op, args = turn.request()
+    leonardo = config.personas["leonardo"]
+    assert turn.answering == "leonardo" and args["model"] == leonardo.model and args["conversation_id"] == "leonardo:s"
+    assert not turn.fall_back(ModelNotFound("and the fallback's model is gone too")), "once"
+    answer = turn.finish(completion("Hi.", leonardo.model))
+    assert answer.answered_by == "leonardo" and answer.fallback is not None and answer.fallback["from"] == "jarvis"
+    assert histories.get("s")[-1]["content"] == "Hi.", "the routed persona's session keeps the fallback's answer"
+    spoke = PersonaTurn(config.personas, histories, "jarvis", "t", "Hello", 4)
+    spoke.request()
+    spoke.feed("Hello there. ")
+    assert not spoke.fall_back(ModelFailed("died mid-answer")), "no second voice after the first has spoken"

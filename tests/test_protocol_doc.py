@@ -10,11 +10,11 @@ import msgpack
 import msgspec
 import pytest
 
-from agents.config import AGENT_OPS, TOPIC_REPLY
 from model_client import protocol
 from model_client.errors import InternalError
 from model_client.results import chunk_from, completion_from
-from services.config import STT_OPS, TOPIC_AUDIO, TOPIC_SAY, TOPIC_TRANSCRIPT, TTS_OPS, SayArgs
+from personas.config import AGENT_OPS, TOPIC_REPLY
+from personas.speech_services import STT_OPS, TOPIC_AUDIO, TOPIC_SAY, TOPIC_TRANSCRIPT, TTS_OPS, SayArgs
 from tests.conftest import REPO
 
 DOC_EXAMPLE = re.compile(r"```json (request|reply|event)\n(.*?)\n```", re.DOTALL)

@@ -17,7 +17,7 @@ import zmq
 from model_client import ModelClient, protocol
 from model_client.audio import Audio, read_wav
 from model_client.errors import BadRequest, InvalidAudio
-from services.config import TOPIC_AUDIO, TOPIC_SAY, TOPIC_STT_HEARTBEAT, TOPIC_TRANSCRIPT, TOPIC_TTS_HEARTBEAT
+from personas.speech_services import TOPIC_AUDIO, TOPIC_SAY, TOPIC_STT_HEARTBEAT, TOPIC_TRANSCRIPT, TOPIC_TTS_HEARTBEAT
 from tests.conftest import DaemonProcess, ManagerProcess, base_config, next_event, subscriber, wait_for
 from tests.test_speech import wer
 

@@ -12,7 +12,7 @@ from collections import deque
 
 import numpy as np
 
-from services.config import Segmenter as SegmenterSettings
+from personas.speech_services import Segmenter as SegmenterSettings
 
 FRAME_MS = 30
 NOISE_ADAPT = 0.05  # how fast the noise floor follows quiet frames

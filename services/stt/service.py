@@ -27,7 +27,7 @@ from daemonkit.publisher import HEARTBEAT_S, EventPublisher, Heartbeat
 from daemonkit.request_socket import MAX_CLIP_BYTES, RequestSocket
 from model_client import protocol
 from model_client.errors import BadRequest, Busy, ModelManagerError
-from services.config import (
+from personas.speech_services import (
     STT_OPS,
     TOPIC_STT_HEARTBEAT,
     TOPIC_TRANSCRIPT,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from daemonkit.startup import start_daemon
-from services.config import load_services_config
+from personas.speech_services import load_services_config
 from services.tts.service import TtsService
 
 

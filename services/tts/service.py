@@ -27,7 +27,7 @@ from daemonkit.request_socket import MAX_TEXT_MESSAGE_BYTES, RequestSocket
 from model_client import protocol
 from model_client.audio import pcm_to_wav
 from model_client.errors import BadRequest, ModelManagerError
-from services.config import TOPIC_AUDIO, TOPIC_SAY, TOPIC_TTS_HEARTBEAT, TTS_OPS, SayArgs, TtsSettings
+from personas.speech_services import TOPIC_AUDIO, TOPIC_SAY, TOPIC_TTS_HEARTBEAT, TTS_OPS, SayArgs, TtsSettings
 
 TICK_S = 0.1
 

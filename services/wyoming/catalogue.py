@@ -21,9 +21,9 @@ from wyoming.info import (
     TtsVoiceSpeaker,
 )
 
-from agents.config import Persona
 from model_client.aio import ManagerLink
 from model_client.errors import ModelManagerError
+from personas.config import Persona
 
 PROJECT = Attribution(name="ModelManagerAgent", url="")
 WHISPER = Attribution(name="OpenAI Whisper (faster-whisper)", url="https://github.com/SYSTRAN/faster-whisper")

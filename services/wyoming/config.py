@@ -8,9 +8,9 @@ from typing import Annotated
 
 import msgspec
 
-from agents.config import AgentsConfig, load_agents_config
 from daemonkit.settings import ConfigError, Section, convert, read_sections
 from model_client.security import is_loopback
+from personas.config import AgentsConfig, load_agents_config
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]  # 0: any free port (the daemon's --ports-file tells which)
 

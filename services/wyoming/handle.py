@@ -19,13 +19,12 @@ from wyoming.asr import Transcript
 from wyoming.event import Event
 from wyoming.handle import Handled, HandledChunk, HandledStart, HandledStop, NotHandled
 
-from agents.answer import UNSERVABLE, generation_request
-from agents.config import AgentsConfig, route
-from agents.history import Histories
-from agents.pieces import SpeechPieces
 from model_client.aio import ManagerLink
 from model_client.errors import ModelManagerError
-from model_client.results import TextChunk, Usage
+from model_client.results import Completion, TextChunk
+from personas.config import AgentsConfig, route
+from personas.history import Histories
+from personas.turn import PersonaTurn
 from services.wyoming.connection import Peer
 
 log = structlog.get_logger("wyoming")
@@ -75,61 +74,50 @@ class HandleHandler:
         chosen = route(text, agents.personas, agents.routing)
         name = chosen.persona if chosen.reason == "wake_word" else self.door.persona
         session_id = f"wyoming-{conversation}"  # its history file's name is made safe by Histories
-        histories = self.door.histories[name]
-        history = histories.get(session_id)
-        answered_by = name
-        try:
-            answer, usage = await self._answer(name, history, text, session_id, context)
-        except UNSERVABLE as exc:  # raised before any text (the model could not be loaded or placed)
-            fallback = agents.personas[name].fallback
-            if not fallback:
-                raise
-            log.warning("persona_fallback", persona=name, to=fallback, code=exc.code, message=exc.message)
-            answered_by = fallback
-            answer, usage = await self._answer(fallback, history, text, session_id, context)
-        answer = answer.strip()
-        histories.save(
-            session_id, [*history, {"role": "user", "content": text}, {"role": "assistant", "content": answer}]
-        )
-        await self.peer.send(Handled(text=answer, context=context).event())
+        words = agents.agents.first_piece_words
+        turn = PersonaTurn(agents.personas, self.door.histories[name], name, session_id, text, words)
+        while True:
+            try:
+                completion = await self._answer(turn, context)
+                break
+            except ModelManagerError as exc:
+                if not turn.fall_back(exc):
+                    raise
+                log.warning("persona_fallback", persona=name, to=turn.answering, code=exc.code, message=exc.message)
+        answer = turn.finish(completion)
+        await self.peer.send(Handled(text=answer.text, context=context).event())
         log.info(
             "turn",
             port_persona=self.door.persona,
             persona=name,
-            answered_by=answered_by,
+            answered_by=answer.answered_by,
             conversation_id=conversation,
             route=chosen.reason,
-            prompt_tokens=usage.prompt_tokens if usage else None,
-            cached_tokens=usage.cached_tokens if usage else None,
+            prompt_tokens=completion.usage.prompt_tokens,
+            cached_tokens=completion.usage.cached_tokens,
             ms=round((time.monotonic() - started) * 1000, 1),
         )
 
-    async def _answer(
-        self, name: str, history: list[dict[str, str]], text: str, session_id: str, context: dict[str, Any]
-    ) -> tuple[str, Usage | None]:
-        """The persona's reply, streamed to the peer a speakable piece at a time, and the usage the manager
-        reports. A chunk per piece, not per token: a text-to-speech stream downstream can start on each chunk
-        at once, and on two cores the hops a token would cost (this service, the peer, its TTS) are taken from
-        the decoding."""
-        persona = self.door.agents.personas[name]
-        op, args = generation_request(persona, history, text, f"{name}:{session_id}")
-        pieces = SpeechPieces(self.door.agents.agents.first_piece_words)
+    async def _answer(self, turn: PersonaTurn, context: dict[str, Any]) -> Completion:
+        """The answering persona's reply, streamed to the peer a speakable piece at a time. A chunk per piece, not
+        per token: a text-to-speech stream downstream can start on each chunk at once, and on two cores the hops a
+        token would cost (this service, the peer, its TTS) are taken from the decoding."""
+        op, args = turn.request()
         parts: list[str] = []
-        pending = ""
-        usage: Usage | None = None
+        completion: Completion | None = None
         async for item in self.link.generation(op, {**args, "stream": True}):
             if isinstance(item, TextChunk):
-                pending += item.text
-                if item.text and pieces.feed(item.text):  # a piece is complete: its text (as written) goes out
-                    await self._chunk(parts, pending, context)
-                    pending = ""
+                if turn.feed(item.text):  # a piece is complete: its text (as written) goes out
+                    await self._chunk(parts, turn.take_written(), context)
             else:
-                usage = item.usage
-        if pending.strip():
-            await self._chunk(parts, pending, context)
+                completion = item
+        turn.flush()
+        if (rest := turn.take_written()).strip():
+            await self._chunk(parts, rest, context)
         if parts:
             await self.peer.send(HandledStop().event())
-        return "".join(parts), usage
+        assert completion is not None
+        return completion
 
     async def _chunk(self, parts: list[str], text: str, context: dict[str, Any]) -> None:
         if not parts:

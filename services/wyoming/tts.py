@@ -14,9 +14,9 @@ from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.event import Event
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped, SynthesizeVoice
 
-from agents.pieces import SpeechPieces
 from model_client.aio import ManagerLink
 from model_client.errors import BadRequest, ModelManagerError
+from personas.pieces import SpeechPieces
 from services.wyoming.catalogue import Catalogue
 from services.wyoming.config import WyomingSettings
 from services.wyoming.connection import Peer

@@ -8,8 +8,8 @@ from typing import Any
 
 import msgspec
 
-from agents.config import Persona
 from model_client.errors import InsufficientMemory, ModelFailed, ModelLoadFailed, ModelNotFound
+from personas.config import Persona
 
 UNSERVABLE = (ModelLoadFailed, InsufficientMemory, ModelNotFound, ModelFailed)  # the fallback persona answers
 TRANSCRIPT_STOPS = ["\nQuestion:", "\n\n"]

@@ -1,0 +1,99 @@
+"""One persona turn without a transport: what to ask the manager, which text is ready to speak, who answers when a
+model cannot be served, and what the session keeps. Every door drives it the same way (the persona agents over
+ZeroMQ, the Wyoming handle ports over asyncio, the gateway's voice sessions):
+
+    turn = PersonaTurn(personas, histories, "jarvis", session_id, text, first_piece_words)
+    while True:
+        op, args = turn.request()
+        try:
+            for each streamed piece of the generation: speak what turn.feed(piece.text) returns
+            break
+        except an error: if not turn.fall_back(error): raise
+    speak turn.flush(); answer = turn.finish(completion)   # the history is saved
+
+A persona whose model cannot be served (not found, not loadable, out of memory, failed) hands the turn to its
+``fallback`` persona, once, as long as nothing was said yet; the answer says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from model_client.errors import ModelManagerError
+from model_client.results import Completion
+from personas.answer import UNSERVABLE, generation_request
+from personas.config import Persona
+from personas.history import Histories
+from personas.pieces import SpeechPieces
+
+
+@dataclass
+class Answer:
+    answered_by: str
+    text: str
+    completion: Completion
+    parts: int  # speakable pieces
+    fallback: dict[str, Any] | None  # {from, to, code, message} when another persona answered
+
+
+class PersonaTurn:
+    def __init__(
+        self,
+        personas: dict[str, Persona],
+        histories: Histories,
+        name: str,
+        session_id: str,
+        text: str,
+        first_piece_words: int,
+    ) -> None:
+        self.personas, self.histories = personas, histories
+        self.name = self.answering = name
+        self.session_id, self.text = session_id, text
+        self.first_piece_words = first_piece_words
+        self.history = histories.get(session_id)
+        self.pieces = SpeechPieces(first_piece_words)
+        self.written = ""  # the streamed text since the last complete piece, as the model wrote it
+        self.fallback: dict[str, Any] | None = None
+
+    @property
+    def persona(self) -> Persona:
+        """The persona answering now (the fallback, after ``fall_back``)."""
+        return self.personas[self.answering]
+
+    def request(self) -> tuple[str, dict[str, Any]]:
+        """The manager op and its arguments; the conversation id is the answering persona's and the session's, so
+        the manager keeps that conversation's KV cache."""
+        self.pieces, self.written = SpeechPieces(self.first_piece_words), ""
+        return generation_request(self.persona, self.history, self.text, f"{self.answering}:{self.session_id}")
+
+    def feed(self, text: str) -> list[str]:
+        """A streamed piece of the reply in; the speakable pieces it completed out."""
+        self.written += text
+        return self.pieces.feed(text)
+
+    def take_written(self) -> str:
+        """The text as written since the last call (for doors that pass the model's own text on, piece by piece)."""
+        written, self.written = self.written, ""
+        return written
+
+    def flush(self) -> str | None:
+        """The last speakable piece, when the stream has ended."""
+        return self.pieces.flush()
+
+    def fall_back(self, error: ModelManagerError) -> bool:
+        """True when the fallback persona now answers instead (ask again with ``request``); False: the error stands
+        (not an unservable model, already fallen back, something was said, or no fallback)."""
+        fallback = self.persona.fallback
+        if not isinstance(error, UNSERVABLE) or self.fallback is not None or self.pieces.count or not fallback:
+            return False
+        self.fallback = {"from": self.answering, "to": fallback, "code": error.code, "message": error.message}
+        self.answering = fallback
+        return True
+
+    def finish(self, completion: Completion) -> Answer:
+        """The answer; the session's history keeps the question and it."""
+        text = completion.text.strip()
+        turn = [{"role": "user", "content": self.text}, {"role": "assistant", "content": text}]
+        self.histories.save(self.session_id, [*self.history, *turn])
+        return Answer(self.answering, text, completion, self.pieces.count, self.fallback)
