@@ -3,6 +3,7 @@ people point at it (the official ``openai`` and ``ollama`` packages; ``httpx`` f
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import shutil
@@ -56,11 +57,12 @@ def start_gateway(manager: ManagerProcess, config_path: Path, name: str = "gatew
     return gateway, f"http://127.0.0.1:{gateway.wait_ports(ports_file)['http']}"
 
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
+@contextlib.contextmanager
+def running_stack(gateway_settings: dict) -> Iterator[Stack]:
+    """The manager (the test catalogue, with a ``parallel: 4`` SmolLM2) and a gateway with ``gateway_settings``."""
     run_dir = Path(tempfile.mkdtemp(prefix="mm-"))
     config = base_config(run_dir)
-    config["gateway"] = {"port": 0}
+    config["gateway"] = {"port": 0, **gateway_settings}
     config["models"]["smollm2-batched"] = {**config["models"]["smollm2"], "parallel": 4}
     manager = ManagerProcess(run_dir, config)
     gateway: DaemonProcess | None = None
@@ -74,6 +76,12 @@ def stack() -> Iterator[Stack]:
             gateway.stop(timeout=10)
         manager.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    with running_stack({}) as running:
+        yield running
 
 
 # ----- OpenAI ---------------------------------------------------------------------------------------------------

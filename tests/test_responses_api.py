@@ -5,8 +5,6 @@ function calls, and what is refused."""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +14,7 @@ import openai
 import pytest
 
 from gateway.response_store import ResponseStore, StoredResponse
-from tests.conftest import ManagerProcess, base_config
-from tests.test_gateway import WEATHER, Stack, start_gateway
+from tests.test_gateway import WEATHER, Stack, running_stack, start_gateway
 
 GREEDY = {"temperature": 0, "max_output_tokens": 24}
 WEATHER_TOOL = {
@@ -29,22 +26,9 @@ WEATHER_TOOL = {
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
-    run_dir = Path(tempfile.mkdtemp(prefix="mm-"))
-    config = base_config(run_dir)
-    config["gateway"] = {"port": 0, "responses_dir": str(run_dir / "responses")}
-    manager = ManagerProcess(run_dir, config)
-    gateway = None
-    try:
-        manager.start()
-        gateway, url = start_gateway(manager, manager.config_path)
-        assert gateway.proc is not None
-        yield Stack(manager, url, gateway.proc)
-    finally:
-        if gateway is not None:
-            gateway.stop(timeout=10)
-        manager.stop()
-        shutil.rmtree(run_dir, ignore_errors=True)
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with running_stack({"responses_dir": str(tmp_path_factory.mktemp("responses"))}) as running:
+        yield running
 
 
 def test_a_response_continues_by_its_id_on_the_cached_conversation(stack: Stack) -> None:
