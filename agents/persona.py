@@ -234,14 +234,13 @@ class PersonaAgent:
         stream = self.client.generate(op, args, stream=True)
         assert isinstance(stream, Stream)
         first_say_ms = None
-        for piece in stream:
-            for spoken in turn.feed(piece):
+        for text in stream:
+            for piece in turn.feed(text):
                 first_say_ms = first_say_ms or round((time.monotonic() - started) * 1000, 2)
-                self._say(turn.persona, turn.session_id, turn_id, turn.pieces.count - 1, spoken)
-        rest = turn.flush()
-        if rest:
+                self._say(turn.persona, turn.session_id, turn_id, piece.number, piece.text)
+        if (rest := turn.flush()) is not None:
             first_say_ms = first_say_ms or round((time.monotonic() - started) * 1000, 2)
-            self._say(turn.persona, turn.session_id, turn_id, turn.pieces.count - 1, rest)
+            self._say(turn.persona, turn.session_id, turn_id, rest.number, rest.text)
         assert stream.result is not None
         return stream.result, first_say_ms
 

@@ -6,7 +6,7 @@ ZeroMQ, the Wyoming handle ports over asyncio, the gateway's voice sessions):
     while True:
         op, args = turn.request()
         try:
-            for each streamed piece of the generation: speak what turn.feed(piece.text) returns
+            for each streamed chunk of the generation: speak the pieces turn.feed(chunk.text) returns
             break
         except an error: if not turn.fall_back(error): raise
     speak turn.flush(); answer = turn.finish(completion)   # the history is saved
@@ -26,6 +26,14 @@ from personas.answer import UNSERVABLE, generation_request
 from personas.config import Persona
 from personas.history import Histories
 from personas.pieces import SpeechPieces
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A speakable piece of the reply, numbered from 0 in the order it is to be spoken."""
+
+    number: int
+    text: str
 
 
 @dataclass
@@ -67,19 +75,23 @@ class PersonaTurn:
         self.pieces, self.written = SpeechPieces(self.first_piece_words), ""
         return generation_request(self.persona, self.history, self.text, f"{self.answering}:{self.session_id}")
 
-    def feed(self, text: str) -> list[str]:
-        """A streamed piece of the reply in; the speakable pieces it completed out."""
+    def feed(self, text: str) -> list[Piece]:
+        """A streamed piece of the reply in; the speakable pieces it completed out (one chunk of text can complete
+        several: a chunk carries every token since the last one)."""
         self.written += text
-        return self.pieces.feed(text)
+        spoken = self.pieces.feed(text)
+        first = self.pieces.count - len(spoken)
+        return [Piece(first + i, piece) for i, piece in enumerate(spoken)]
 
     def take_written(self) -> str:
         """The text as written since the last call (for doors that pass the model's own text on, piece by piece)."""
         written, self.written = self.written, ""
         return written
 
-    def flush(self) -> str | None:
+    def flush(self) -> Piece | None:
         """The last speakable piece, when the stream has ended."""
-        return self.pieces.flush()
+        rest = self.pieces.flush()
+        return Piece(self.pieces.count - 1, rest) if rest is not None else None
 
     def fall_back(self, error: ModelManagerError) -> bool:
         """True when the fallback persona now answers instead (ask again with ``request``); False: the error stands

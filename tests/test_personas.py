@@ -12,7 +12,7 @@ from model_client.results import Completion, Timings, Usage
 from personas.config import Persona, Routing, load_agents_config, route
 from personas.history import Histories
 from personas.pieces import SpeechPieces
-from personas.turn import PersonaTurn
+from personas.turn import PersonaTurn, Piece
 from tests.conftest import SHIPPED_CONFIG
 
 PERSONAS = {
@@ -109,11 +109,11 @@ def test_a_turn_speaks_as_it_streams_and_the_session_keeps_it(tmp_path: Path) ->
     turn = PersonaTurn(config.personas, histories, "jarvis", "kitchen", "What is the capital of France?", 4)
     op, args = turn.request()
     assert op == "chat" and args["model"] == "smollm2" and args["conversation_id"] == "jarvis:kitchen"
-    assert turn.feed("The capital of France, ") == ["The capital of France,"], "the first piece ends early"
+    assert turn.feed("The capital of France, ") == [Piece(0, "The capital of France,")], "the first ends early"
     assert turn.take_written() == "The capital of France, "
-    assert turn.feed("as you know, is Paris. ") == ["as you know, is Paris."], "later ones at a sentence's end"
+    assert turn.feed("as you know, is Paris. ") == [Piece(1, "as you know, is Paris.")], "later ones: sentences"
     assert turn.feed("Bye") == [] and turn.take_written() == "as you know, is Paris. Bye"
-    assert turn.flush() == "Bye"
+    assert turn.flush() == Piece(2, "Bye")
     answer = turn.finish(completion(" The capital of France, as you know, is Paris. Bye ", "smollm2"))
     assert (answer.answered_by, answer.parts, answer.fallback) == ("jarvis", 3, None)
     assert Histories(tmp_path, 24, "jarvis").get("kitchen")[-2:] == [
@@ -122,6 +122,16 @@ def test_a_turn_speaks_as_it_streams_and_the_session_keeps_it(tmp_path: Path) ->
     ]
     again = PersonaTurn(config.personas, histories, "jarvis", "kitchen", "And Germany?", 4)
     assert again.request()[1]["messages"][-3]["content"] == "What is the capital of France?", "turn 2 has turn 1"
+
+
+def test_one_chunk_that_completes_several_pieces_numbers_each(tmp_path: Path) -> None:
+    """A chunk carries every token since the last one: it can end two sentences, each spoken as its own part."""
+    config = load_agents_config(SHIPPED_CONFIG)
+    turn = PersonaTurn(config.personas, Histories(tmp_path, 24, "jarvis"), "jarvis", "s", "Hi", 4)
+    turn.request()
+    pieces = turn.feed("Hello there, my friend. How are you today? I am fine. ")
+    assert [p.number for p in pieces] == [0, 1, 2] and pieces[-1].text == "I am fine."
+    assert turn.flush() is None and turn.feed("Good. ") == [Piece(3, "Good.")]
 
 
 def test_an_unservable_model_hands_the_turn_to_the_fallback_once_and_only_before_speech(tmp_path: Path) -> None:
