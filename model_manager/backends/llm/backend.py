@@ -52,10 +52,12 @@ Chunk = tuple[str, TextChunk]  # (request id, chunk)
 
 def flash_attention(gpu_layers: int, exact: bool) -> int:
     """llama.cpp's flash attention setting: on where layers run on a GPU (its CUDA kernels, and less memory for
-    long contexts), off on a CPU: measured with bench/kv_cache.py (SmolLM2, 2 cores, a KV stream per sequence),
-    turn 10's time to first token 407 -> 322 ms without it, turn 1's 245 -> 203, and 76 prompt tokens after 1,183
-    cells 337-368 -> 297-299 ms. Never in exact mode: with it, a greedy third turn with reuse differed from the
-    same turn evaluated afresh."""
+    long contexts), off on a CPU, where prompts are what a person waits for: measured with bench/kv_cache.py
+    (SmolLM2, 2 cores, a KV stream per sequence), turn 10's time to first token 407 -> 322 ms without it, turn 1's
+    245 -> 203, and 76 prompt tokens after 1,183 cells 337-368 -> 297-299 ms. The price: a decode step of 4
+    sequences with short histories (64 cells) takes 29-31 ms instead of 20-23 (one sequence, or histories of 1,000
+    cells: alike either way). Never in exact mode: with it, a greedy third turn with reuse differed from the same
+    turn evaluated afresh."""
     if exact or gpu_layers == 0:
         return llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     return llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
