@@ -30,8 +30,10 @@ class ManagerLink:
         curve: CurveClient | None = None,
         connect_timeout_s: float = 2.0,
         max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
+        priority: int | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.priority = priority  # every request's (None: the manager's default); 80 and up: a voice request
         # The manager's limit: ZeroMQ drops a larger message unanswered, so it is refused here, at once.
         self.max_message_bytes = max_message_bytes
         self.timeout_s = timeout_s
@@ -47,7 +49,8 @@ class ManagerLink:
         fails the request within ``connect_timeout_s`` (the socket queues only to a connected peer), not after
         ``timeout_s``."""
         timeout_s = timeout_s or self.timeout_s
-        request = protocol.Request(op=op, args=args, payloads=payloads, deadline_ms=round(timeout_s * 1000, 1))
+        deadline_ms = round(timeout_s * 1000, 1)
+        request = protocol.Request(op=op, args=args, payloads=payloads, deadline_ms=deadline_ms, priority=self.priority)
         frames = protocol.encode_request(request)
         if (too_large := protocol.oversized([b"", *frames], self.max_message_bytes)) is not None:
             raise too_large

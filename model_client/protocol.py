@@ -182,6 +182,17 @@ IDEMPOTENT_OPS = frozenset({"ping", "status", "models", "load", "unload", "conve
 PRIORITY_BATCH = 10  # background work
 PRIORITY_NORMAL = 50  # the default
 PRIORITY_INTERACTIVE = 80  # a person is waiting: personas, voice turns
+LATENCY_CLASSES = ("voice", "chat", "batch")
+
+
+def latency_class(priority: int) -> str:
+    """What a request's priority says of who waits: ``voice`` (80 and up: a person listening; an LLM keeps
+    sequences for it beyond ``parallel``), ``batch`` (10 and below), else ``chat``."""
+    if priority >= PRIORITY_INTERACTIVE:
+        return "voice"
+    return "batch" if priority <= PRIORITY_BATCH else "chat"
+
+
 MAX_DEADLINE_MS = 86_400_000
 MAX_FRAMES = 32  # in one message, routing frames included
 DEFAULT_MAX_MESSAGE_BYTES = 16 * MIB  # the manager's limits.max_message_bytes unless the YAML says otherwise

@@ -154,6 +154,9 @@ class ModelSpec(Section):
     # llm: requests served at once (continuous batching; each sequence holds n_ctx, the KV memory is n_ctx x parallel);
     # 1 serves one at a time, bit-exact with and without conversation reuse
     parallel: Annotated[int, msgspec.Meta(ge=1, le=64)] | None = None
+    # llm with parallel > 1: sequences kept beyond `parallel` for voice requests (priority 80 and up), so that a
+    # spoken question never waits for a chat stream to end; each holds n_ctx of KV memory too. 0: none kept.
+    voice_sequences: Annotated[int, msgspec.Meta(ge=0, le=8)] = 1
     pinned: bool = False  # never evicted
     preload: bool = False  # loaded and warmed up when the manager starts
     description: str = ""
@@ -197,6 +200,12 @@ class Config(Section, rename={"enable_legacy_models": "ENABLE_LEGACY_MODELS"}):
     agents: dict[str, Any] = {}
     personas: dict[str, Any] = {}
     routing: dict[str, Any] = {}
+
+
+def sequences(spec: ModelSpec) -> int:
+    """An LLM's sequences: ``parallel``, and the voice sequences beside them (none in exact mode, ``parallel: 1``)."""
+    parallel = spec.parallel or 1
+    return parallel + (spec.voice_sequences if parallel > 1 else 0)
 
 
 def _resolve_model(spec: ModelSpec, defaults: Defaults, base_dir: Path) -> ModelSpec:

@@ -215,7 +215,7 @@ class Lifecycle(WorkerEvents):
                 self.schedule()
         elif slot.state is ModelState.READY:
             assert slot.worker is not None
-            while slot.queue and len(slot.running) < slot.capacity:
+            while slot.queue and slot.may_start(slot.queue.first()):
                 job = slot.queue.popleft()
                 job.started_at = time.monotonic()
                 slot.running[job.key] = job

@@ -14,7 +14,7 @@ import msgspec
 import structlog
 
 from model_client.errors import ModelLoadFailed
-from model_manager.config import MIB, Config, ModelSpec
+from model_manager.config import MIB, Config, ModelSpec, sequences
 from model_manager.devices import HOST, Device, open_inventory, process_rss
 from model_manager.footprint import DEFAULT_WORKER_BASE, FootprintStore, estimate_gguf, estimate_speech
 from model_manager.policy import Decision, DeviceView, PlacementRequest, Resident, device_views, plan_placement
@@ -70,7 +70,7 @@ class MemoryAccounting:
         where = f"gpu:{spec.n_gpu_layers}" if on_gpu else "cpu"
         if spec.kind != "llm":
             return f"{file_key}|{spec.kind}|{spec.compute_type}|batch={spec.batch_size}|{where}"
-        parallel = f"|parallel={spec.parallel}" if (spec.parallel or 1) > 1 else ""
+        parallel = f"|parallel={sequences(spec)}" if (spec.parallel or 1) > 1 else ""
         return f"{file_key}|ctx={spec.n_ctx}|batch={spec.n_batch}{parallel}|{where}"
 
     def needs(self, slot: ModelSlot, spec: ModelSpec | None = None) -> tuple[int, int] | None:
@@ -93,7 +93,7 @@ class MemoryAccounting:
         context = self.config.devices.cuda_context_mib * MIB
         simulated = self.inventory.mode == "simulated"
         on_gpu = spec.wants_gpu and not simulated
-        n_ctx = spec.n_ctx * (spec.parallel or 1)  # the KV pool of every sequence
+        n_ctx = spec.n_ctx * sequences(spec)  # the KV pool of every sequence, the voice ones included
         est_cpu = estimate_gguf(facts, n_ctx, spec.n_batch, False, 0, self.worker_base)
         est_gpu = estimate_gguf(facts, n_ctx, spec.n_batch, True, spec.n_gpu_layers, context)
         slot.estimate = est_gpu if on_gpu else est_cpu

@@ -40,6 +40,13 @@ class ManagerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.class_wait = Histogram(
+            "mm_class_wait_seconds",
+            "Time a request waited for its model, by latency class (voice, chat, batch: from its priority)",
+            ["model", "latency_class"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.ttft = Histogram(
             "mm_time_to_first_token_seconds",
             "Generation: evaluation start to first token",
@@ -117,7 +124,7 @@ class ManagerMetrics:
                 self.model_bytes.labels(slot.name, device).set(slot.placements.get(device, 0))
             self.conversations.labels(slot.name).set(slot.kv_stats.get("conversations", 0))
             self.conversation_bytes.labels(slot.name).set(slot.kv_stats.get("bytes", 0))
-            self.parallel.labels(slot.name).set(slot.capacity)
+            self.parallel.labels(slot.name).set(slot.spec.parallel or 1 if slot.spec.kind == "llm" else slot.capacity)
             loaded = slot.state.value == "ready"
             batching = slot.batching if loaded else {}
             self.sequences_busy.labels(slot.name).set(batching.get("sequences_busy", 0))

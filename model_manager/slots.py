@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from model_manager.config import ModelSpec
+from model_client.protocol import latency_class
+from model_manager.config import ModelSpec, sequences
 from model_manager.footprint import Estimate
 from model_manager.policy import Decision
 from model_manager.pool import WorkerHandle
@@ -69,6 +70,24 @@ class Job:
         return bool(getattr(self.args, "stream", False))
 
 
+@dataclass
+class ClassWaits:
+    """How long the requests of one latency class waited for their model: what ``status`` shows."""
+
+    count: int = 0
+    total_s: float = 0.0
+    max_s: float = 0.0
+
+    def add(self, waited_s: float) -> None:
+        self.count += 1
+        self.total_s += waited_s
+        self.max_s = max(self.max_s, waited_s)
+
+    def report(self) -> dict[str, float]:
+        mean = self.total_s / self.count if self.count else 0.0
+        return {"count": self.count, "mean_ms": round(mean * 1000, 1), "max_ms": round(self.max_s * 1000, 1)}
+
+
 class JobQueue:
     """A model's waiting requests: highest priority first, first come first served within a priority."""
 
@@ -83,6 +102,9 @@ class JobQueue:
 
     def popleft(self) -> Job:
         return self._jobs.pop(0)
+
+    def first(self) -> Job:
+        return self._jobs[0]
 
     def expired(self, now: float) -> list[Job]:
         """Take out the jobs whose client has given up waiting."""
@@ -149,6 +171,7 @@ class ModelSlot:
     measured: int | None = None
     kv_stats: dict[str, int] = field(default_factory=dict)  # the worker's saved conversation states
     batching: dict[str, float] = field(default_factory=dict)  # a batching worker's last figures
+    waits: dict[str, ClassWaits] = field(default_factory=dict)  # by latency class, since the manager started
     plan: Decision | None = None  # the scheduler's last answer while the model waits for memory
     keep_alive_s: float | None = None  # the last request's keep-alive, until the model unloads (None: the YAML's)
     pending_since: float | None = None
@@ -182,10 +205,20 @@ class ModelSlot:
 
     @property
     def capacity(self) -> int:
-        """Requests the worker may hold at once: Whisper's batch size, an LLM's parallel sequences, else one."""
+        """Requests the worker may hold at once: Whisper's batch size, an LLM's sequences (its voice ones
+        included), else one."""
         if self.spec.kind == "stt":
             return self.spec.batch_size
-        return (self.spec.parallel or 1) if self.spec.kind == "llm" else 1
+        return sequences(self.spec) if self.spec.kind == "llm" else 1
+
+    def may_start(self, job: Job) -> bool:
+        """A free place for ``job``: a voice request may take any sequence, others only ``parallel`` of them."""
+        if len(self.running) >= self.capacity:
+            return False
+        if self.spec.kind != "llm" or latency_class(job.priority) == "voice":
+            return True
+        others = sum(1 for j in self.running.values() if latency_class(j.priority) != "voice")
+        return others < (self.spec.parallel or 1)
 
     def idle_for(self, now: float) -> float | None:
         return None if self.last_used is None or self.busy else max(0.0, now - self.last_used)

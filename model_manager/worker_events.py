@@ -21,7 +21,7 @@ from model_manager.config import Config
 from model_manager.memory import MemoryAccounting
 from model_manager.metrics import ManagerMetrics
 from model_manager.pool import WorkerHandle
-from model_manager.slots import Job, ModelSlot, ModelState, Waiter
+from model_manager.slots import ClassWaits, Job, ModelSlot, ModelState, Waiter
 from model_manager.status import model_entry
 
 SPARE_RESTART_BACKOFF_S = 5.0
@@ -196,7 +196,11 @@ class WorkerEvents:
         self.metrics.requests.labels(job.op, slot.name, outcome).inc()
         self.metrics.latency.labels(job.op, slot.name).observe(now - job.received_at)
         if job.started_at is not None:
-            self.metrics.queue_wait.labels(job.op, slot.name).observe(job.started_at - job.received_at)
+            waited = job.started_at - job.received_at
+            self.metrics.queue_wait.labels(job.op, slot.name).observe(waited)
+            kind = protocol.latency_class(job.priority)
+            self.metrics.class_wait.labels(slot.name, kind).observe(waited)
+            slot.waits.setdefault(kind, ClassWaits()).add(waited)
         log.info(
             "request_done",
             id=job.request_id,

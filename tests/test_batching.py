@@ -113,6 +113,34 @@ def test_a_short_request_is_answered_while_long_ones_run(batching: ManagerProces
     streams.stop()
 
 
+def test_a_voice_request_is_answered_on_its_kept_sequence_while_a_chat_one_waits(batching: ManagerProcess) -> None:
+    """x2: parallel 2 and one voice sequence. Two long streams fill the chat sequences: a chat request waits for
+    one of them to end, a voice request (priority 80) is answered beside them."""
+    streams = Streams(batching, "x2", 2, max_tokens=400).start()
+    for started in streams.started:
+        assert started.wait(60)
+    chat: dict = {}
+
+    def ask_as_chat() -> None:
+        with batching.client(timeout=120) as client:
+            chat["reply"] = client.chat("x2", [{"role": "user", "content": "Say no."}], max_tokens=4, **GREEDY)
+
+    waiting = threading.Thread(target=ask_as_chat, daemon=True)
+    waiting.start()
+    with batching.client(timeout=60) as client:
+        wait_for(lambda: model_status(client, "x2")["queued"] == 1, timeout=10)
+    with batching.client(timeout=60, priority=protocol.PRIORITY_INTERACTIVE) as voice:
+        reply = voice.chat("x2", [{"role": "user", "content": "Say yes."}], max_tokens=4, **GREEDY)
+        entry = model_status(voice, "x2")
+    assert reply.usage.completion_tokens >= 1 and reply.timings.queue_ms is not None
+    assert not any(ended.is_set() for ended in streams.ended), "the voice request waited for a stream to end"
+    assert "reply" not in chat and entry["queued"] == 1, "the chat request still waits for a chat sequence"
+    assert (entry["parallel"], entry["voice_sequences"]) == (2, 1) and entry["waits"]["voice"]["count"] >= 1
+    streams.stop()
+    waiting.join(timeout=120)
+    assert chat["reply"].timings.queue_ms > reply.timings.queue_ms
+
+
 def test_a_client_gone_frees_its_sequence_for_the_next_request(batching: ManagerProcess) -> None:
     streams = Streams(batching, "x2", 2, max_tokens=400)
     streams.abandon.add(0)

@@ -146,12 +146,15 @@ class Bench:
     def slot(self, name: str = "a"):
         return self.life.slots[name]
 
-    def ask(self, client: bytes, model: str = "a", request_id: str | None = None, **args: Any) -> Job:
+    def ask(
+        self, client: bytes, model: str = "a", request_id: str | None = None, priority: int = 50, **args: Any
+    ) -> Job:
         self.requests += 1
         request_id = request_id or f"r{self.requests}"
         job = Job(
             route=[client, b""], request_id=request_id, op="synthesize", args=wire.SynthesizeRun(text="hi", **args)
         )
+        job.priority = priority
         self.life.enqueue(self.slot(model), job)
         return job
 
@@ -519,3 +522,34 @@ def test_the_cores_left_by_fixed_shares_are_split_among_the_computing_llms(
 ) -> None:
     users = [threads.Computing(name, held or 1, adjustable=held == 0) for name, held in computing]
     assert threads.shares(budget, users) == expected
+
+
+def test_a_voice_request_takes_a_kept_sequence_while_chat_streams_fill_the_others(tmp_path: Path) -> None:
+    """parallel 2 and one voice sequence: two chats run, a third waits; a voice request starts at once beside them,
+    a second voice request waits for a place; the waits per latency class are in status."""
+    bench = Bench(tmp_path, llms=chat_model(parallel=2, voice_sequences=1), cpu_threads="2")
+    chats = [bench.ask(b"c1", "chat"), bench.ask(b"c2", "chat")]
+    chat = load_with_facts(bench, "chat")
+    waiting = bench.ask(b"c3", "chat")
+    spoken = bench.ask(b"v1", "chat", priority=protocol.PRIORITY_INTERACTIVE)
+    assert runs(bench.workers, chat) == [chats[0].key, chats[1].key, spoken.key], "the voice request went ahead"
+    second = bench.ask(b"v2", "chat", priority=90)
+    assert runs(bench.workers, chat)[-1] == spoken.key, "three sequences, three requests: the next one waits"
+    bench.say(chat, wire.Done(rid=chats[0].key, result={}))
+    assert runs(bench.workers, chat)[-1] == second.key, "a freed sequence goes to the voice request first"
+    assert len(bench.slot("chat").running) == 3 and len(bench.slot("chat").queue) == 1, "the chat still waits"
+    bench.say(chat, wire.Done(rid=spoken.key, result={}))
+    assert runs(bench.workers, chat)[-1] == waiting.key, "one chat and one voice running: a chat may start"
+    entry = model_entry(bench.slot("chat"), time.time())
+    assert (entry["parallel"], entry["voice_sequences"]) == (2, 1)
+    assert entry["waits"]["voice"]["count"] == 1 and entry["waits"]["chat"]["count"] == 1, "the requests answered"
+
+
+def test_without_voice_sequences_a_voice_request_waits_like_any_other(tmp_path: Path) -> None:
+    bench = Bench(tmp_path, llms=chat_model(parallel=2, voice_sequences=0), cpu_threads="2")
+    chats = [bench.ask(b"c1", "chat"), bench.ask(b"c2", "chat")]
+    chat = load_with_facts(bench, "chat")
+    spoken = bench.ask(b"v1", "chat", priority=protocol.PRIORITY_INTERACTIVE)
+    assert runs(bench.workers, chat) == [c.key for c in chats]
+    bench.say(chat, wire.Done(rid=chats[0].key, result={}))
+    assert runs(bench.workers, chat)[-1] == spoken.key

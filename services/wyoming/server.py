@@ -15,6 +15,7 @@ import structlog
 from wyoming.event import Event
 
 from daemonkit.listening import bound_port, listen_tcp, write_ports_file
+from model_client import protocol
 from model_client.aio import ManagerLink
 from services.wyoming.asr import AsrHandler
 from services.wyoming.catalogue import ASR_PROGRAM, TTS_PROGRAM, Catalogue
@@ -40,7 +41,9 @@ class WyomingService:
     def __init__(self, config: WyomingConfig, manager_endpoint: str) -> None:
         self.config = config
         self.settings = config.settings
-        self.link = ManagerLink(manager_endpoint, self.settings.manager_timeout_s)
+        # Everything here is a voice turn (Home Assistant's satellites): it goes ahead of chat and batch work.
+        priority = protocol.PRIORITY_INTERACTIVE
+        self.link = ManagerLink(manager_endpoint, self.settings.manager_timeout_s, priority=priority)
         self.catalogue = Catalogue(self.link, config.agents.personas, self.settings.catalogue_refresh_s)
         self.connections = 0
         self.servers: list[asyncio.Server] = []

@@ -42,7 +42,7 @@ from model_manager.backends.llm.prompt import (
 )
 from model_manager.backends.llm.state import Job, Sampling
 from model_manager.backends.llm.text import Detokenizer, StopText, decode_complete_utf8
-from model_manager.config import MIB, KvCacheSettings, Limits, ModelSpec
+from model_manager.config import MIB, KvCacheSettings, Limits, ModelSpec, sequences
 from model_manager.kvcache import ConversationStore
 from model_manager.worker_protocol import ChatRun, CompleteRun, DropRun, EmbedRun, GenerationRun, RunArgs, op_of
 
@@ -109,7 +109,7 @@ class GGUFBackend:
         if not os.path.isfile(spec.path):
             raise ModelLoadFailed(f"model file not found: {spec.path}", path=spec.path)
         started = time.perf_counter()
-        self.parallel, self.n_ctx = spec.parallel or 4, spec.n_ctx or 2048
+        self.parallel, self.n_ctx = sequences(spec), spec.n_ctx or 2048  # the voice sequences included
         step_tokens = spec.n_batch or 512
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = spec.n_gpu_layers if spec.n_gpu_layers is not None else 0
@@ -127,7 +127,7 @@ class GGUFBackend:
         # conversation's cells moved a reply's log-probabilities by up to 0.19), and no sequence can crowd out
         # the others.
         ctx_params.kv_unified = False
-        exact = self.parallel == 1
+        exact = (spec.parallel or 1) == 1
         ctx_params.flash_attn_type = flash_attention(model_params.n_gpu_layers, exact)
         ctx_params.n_threads = ctx_params.n_threads_batch = self.threads = threads
         set_verbose(False)  # llama.cpp's own log lines (each state restore, ...) only for errors
