@@ -193,7 +193,7 @@ class Worker:
         backend: Any = self.backend
         rid = run.rid
         try:
-            backend.submit(rid, run.args)
+            backend.submit(rid, run.args, voice=run.voice)
         except ModelManagerError as exc:
             self.send(wire.Failed(rid=rid, error=exc.to_wire()))
             return

@@ -73,6 +73,7 @@ class Run(ToWorker, tag="run", kw_only=True):
     rid: str
     args: RunArgs
     deadline_s: float | None = None  # the client stops waiting after this many seconds: stop generating
+    voice: bool = False  # latency class voice: an LLM evaluates its prompt ahead of the others'
 
     @property
     def op(self) -> str:

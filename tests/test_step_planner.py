@@ -112,7 +112,7 @@ def violations(sequences: list[Sequence], plan: Plan, budget: int, after_prompts
             found.append(f"sequence {sequence.seq_id}: logits asked for the wrong tokens")
     running = [s for s in sequences if s.job is not None and s.job.finish_reason is None]
     generating = [s for s in running if not s.job.prefilling and s.job.pending_token is not None]  # type: ignore[union-attr]
-    prompts = sorted((s for s in running if s.job.prefilling), key=lambda s: s.job.started)  # type: ignore[union-attr]
+    prompts = sorted((s for s in running if s.job.prefilling), key=lambda s: (not s.job.voice, s.job.started))  # type: ignore[union-attr]
     prompt_turn = bool(prompts) and not (after_prompts and generating)
     if prompt_turn:
         left = sum(len(s.job.prompt) - s.job.evaluated for s in prompts)  # type: ignore[union-attr]
@@ -122,7 +122,7 @@ def violations(sequences: list[Sequence], plan: Plan, budget: int, after_prompts
         found.append("a generating sequence waits on its turn")
     for older, younger in zip(prompts, prompts[1:], strict=False):
         if younger.seq_id in got and got.get(older.seq_id, 0) < len(older.job.prompt) - older.job.evaluated:  # type: ignore[union-attr]
-            found.append("a younger prompt went ahead of an older one")
+            found.append("a younger prompt, or a chat one, went ahead of an older one, or a voice one")
     return found
 
 
@@ -134,6 +134,7 @@ def random_state(rng: random.Random) -> tuple[list[Sequence], int]:
         if kind != "idle":
             prompt = [rng.randint(1, 99) for _ in range(rng.randint(1, 80))]
             current = job(f"r{seq_id}", prompt, started=rng.random())
+            current.voice = rng.random() < 0.3
             current.evaluated = rng.randint(0, len(prompt) - 1) if kind == "prefill" else len(prompt)
             sequence.cells = prompt[: current.evaluated] + [
                 rng.randint(1, 99) for _ in range(rng.randint(0, 5) * (kind != "prefill"))
@@ -186,14 +187,36 @@ def decodes_cancelled(sequences: list[Sequence], budget: int) -> Plan:
     return plan
 
 
-@pytest.mark.parametrize("planted", [over_budget, decodes_cancelled])
+def voice_waits(sequences: list[Sequence], budget: int) -> Plan:
+    """A planted mistake: prompts in arrival order, a voice request's behind a chat one's."""
+    chat, voice = sorted((s for s in sequences if s.job and s.job.prefilling), key=lambda s: s.job.started)  # type: ignore[union-attr]
+    plan = Plan()
+    for sequence in (chat, voice):
+        job_ = sequence.job
+        assert job_ is not None
+        take = min(budget - len(plan.tokens), len(job_.prompt) - job_.evaluated)
+        if take <= 0:
+            break
+        first = len(plan.tokens)
+        plan.tokens.extend(job_.prompt[job_.evaluated : job_.evaluated + take])
+        plan.positions.extend(range(len(sequence.cells), len(sequence.cells) + take))
+        plan.seq_ids.extend([sequence.seq_id] * take)
+        last = job_.evaluated + take == len(job_.prompt)
+        plan.logits.extend([False] * (take - 1) + [last])
+        plan.rows.append(Row(sequence, first, take, first + take - 1 if last else -1, True))
+    return plan
+
+
+@pytest.mark.parametrize("planted", [over_budget, decodes_cancelled, voice_waits])
 def test_the_rules_catch_a_planted_mistake(planted: Callable[[list[Sequence], int], Plan]) -> None:
     running = Sequence(0, cells=[1, 2, 3], job=job("a", [1, 2, 3], started=0.0))
     running.job.evaluated, running.job.pending_token = 3, 9  # type: ignore[union-attr]
     waiting = Sequence(1, job=job("b", list(range(1, 41)), started=1.0))
     cancelled = Sequence(2, cells=[5, 6], job=job("c", [5, 6], started=0.5))
     cancelled.job.evaluated, cancelled.job.pending_token, cancelled.job.finish_reason = 2, 8, "cancelled"  # type: ignore[union-attr]
-    sequences, budget = [running, waiting, cancelled], 16
+    spoken = Sequence(3, job=job("d", list(range(1, 9)), started=2.0))
+    spoken.job.voice = True  # type: ignore[union-attr]
+    sequences, budget = [running, waiting, cancelled, spoken], 16
     for after_prompts in (False, True):  # a prompt step, then a decode step
         assert violations(sequences, plan_step(sequences, budget, after_prompts), budget, after_prompts) == []
     assert violations(sequences, planted(sequences, budget), budget) != []

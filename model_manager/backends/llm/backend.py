@@ -187,7 +187,7 @@ class GGUFBackend:
             return self._embedder().embed(texts, args.normalize)
         raise BadRequest(f"op {op!r} is served by submit and step, not run")
 
-    def submit(self, rid: str, args: RunArgs) -> None:
+    def submit(self, rid: str, args: RunArgs, voice: bool = False) -> None:
         """Start ``rid`` on a free sequence; raises the typed error that refuses it at once."""
         assert self.engine is not None and self.model is not None and self.spec is not None
         assert self.conversations is not None
@@ -219,6 +219,7 @@ class GGUFBackend:
             sampler=make_sampler(self.model, sampling, grammar),
             on_token=lambda token: self._on_token(request, token),
             prompt_into_sampler=grammar is None,
+            voice=voice,
         )
         request.job = job
         sequence = self.conversations.sequence_for(job, conversation_id, reuse)

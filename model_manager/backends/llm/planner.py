@@ -1,14 +1,15 @@
 """Which tokens the next ``llama_decode`` carries: a pure function of the sequences, no llama.cpp in sight.
 
 A step carries either one token of every generating sequence (its last sampled token) or chunks of waiting
-prompts, oldest request first, under the step's token budget; never both. Each sequence has its own KV stream,
-and llama.cpp splits a batch over separate streams into micro-batches of equal tokens per sequence: a prompt beside
-decode tokens became two passes over the weights in one step (measured on Gemma 3 270M with three streams: a
-12-token prompt's first token after 68 ms mixed, 37 ms alone). So waiting prompts go first (their first token is
-what a person waits for), and after a prompt step the streams get the next one: a long prompt's chunks alternate
-with decode steps, and no stream stalls for more than one chunk (chunked prefill). A prompt asks for logits on its
-last token only. A job whose ``finish_reason`` is set (ended, cancelled) gets nothing. Keeping this apart from
-execution is what lets tests check every rule against hand-made states (as vLLM's scheduler tests do).
+prompts, voice requests first, then the oldest first, under the step's token budget; never both. Each sequence
+has its own KV stream, and llama.cpp splits a batch over separate streams into micro-batches of equal tokens per
+sequence: a prompt beside decode tokens became two passes over the weights in one step (measured on Gemma 3 270M
+with three streams: a 12-token prompt's first token after 68 ms mixed, 37 ms alone). So waiting prompts go first
+(their first token is what a person waits for), and after a prompt step the streams get the next one: a long
+prompt's chunks alternate with decode steps, and no stream stalls for more than one chunk (chunked prefill). A
+prompt asks for logits on its last token only. A job whose ``finish_reason`` is set (ended, cancelled) gets
+nothing. Keeping this apart from execution is what lets tests check every rule against hand-made states (as
+vLLM's scheduler tests do).
 """
 
 from __future__ import annotations
@@ -73,9 +74,15 @@ def _decode_step(generating: list[Sequence], budget: int) -> Plan:
     return plan
 
 
+def _turn_order(sequence: Sequence) -> tuple[bool, float]:
+    job = sequence.job
+    assert job is not None
+    return not job.voice, job.started
+
+
 def _prompt_step(prompts: list[Sequence], budget: int) -> Plan:
     plan = Plan()
-    prompts.sort(key=lambda s: s.job.started if s.job else 0.0)
+    prompts.sort(key=_turn_order)
     for sequence in prompts:
         room = budget - len(plan.tokens)
         if room <= 0:

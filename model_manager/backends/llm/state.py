@@ -34,6 +34,7 @@ class Job:
     cached: int = 0  # of which reused from an earlier request
     generated: list[int] = field(default_factory=list)
     pending_token: int | None = None  # sampled, not yet decoded
+    voice: bool = False  # a person is listening (latency class voice): its prompt goes ahead of the others'
     prompt_into_sampler: bool = True  # the repeat penalty sees the prompt; not with a grammar, which is for the reply
     finish_reason: str | None = None  # set: the job ends; the planner gives it no more tokens
     started: float = field(default_factory=time.perf_counter)
