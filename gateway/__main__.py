@@ -9,17 +9,17 @@ import uvicorn
 from daemonkit.listening import bound_port, listen_tcp, write_ports_file
 from daemonkit.startup import start_daemon
 from gateway.app import build_app
-from gateway.config import SHUTDOWN_GRACE_S, load_gateway_settings
+from gateway.config import SHUTDOWN_GRACE_S, load_gateway_settings, load_voice_personas
 
 
 def main(argv: list[str] | None = None) -> None:
-    (settings, ports_file), manager, _curve = start_daemon(
+    (settings, agents, ports_file), manager, _curve = start_daemon(
         "gateway",
         "The HTTP gateway: OpenAI- and Ollama-compatible APIs.",
         argv,
-        lambda a: (load_gateway_settings(a.config), a.ports_file),
+        lambda a: (load_gateway_settings(a.config), load_voice_personas(a.config), a.ports_file),
     )
-    app = build_app(settings, manager)
+    app = build_app(settings, manager, agents)
     sock = listen_tcp(settings.host, settings.port)  # bound here: port 0 takes any free port, reported below
     port = bound_port(sock)
     config = uvicorn.Config(

@@ -13,19 +13,23 @@ import structlog
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
-from gateway.config import GatewaySettings
+from gateway.config import GatewaySettings, no_personas
 from gateway.errors import HttpError, from_manager, ollama_error, openai_error
 from gateway.ollama_api import Ollama
 from gateway.openai_api import OpenAI
 from gateway.openai_audio import OpenAIAudio
+from gateway.realtime import realtime_endpoint
 from gateway.response_store import ResponseStore
 from gateway.responses_api import Responses
 from gateway.watch import CLIENT_CLOSED
+from model_client import protocol
 from model_client.aio import ManagerLink
 from model_client.errors import ModelManagerError
+from personas.config import AgentsConfig
 
 log = structlog.get_logger("gateway")
 
@@ -60,6 +64,10 @@ class Guard:
         self.max_body = settings.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":  # the Realtime API: the same keys, checked before the handshake
+            if self.keys and not self._authorized(dict(scope["headers"]).get(b"authorization", b"")):
+                await send({"type": "websocket.close", "code": 1008})
+                return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -91,8 +99,20 @@ class Guard:
         return scheme.lower() == b"bearer" and any(hmac.compare_digest(key.strip(), k) for k in self.keys)
 
 
-def build_app(settings: GatewaySettings, manager_endpoint: str) -> Starlette:
+def build_app(settings: GatewaySettings, manager_endpoint: str, agents: AgentsConfig | None = None) -> Starlette:
     link = ManagerLink(manager_endpoint, settings.request_timeout_s, max_message_bytes=settings.max_body_bytes)
+    # A Realtime session is a voice turn: its requests go ahead of chat and batch work.
+    voice_link = ManagerLink(
+        manager_endpoint,
+        settings.request_timeout_s,
+        max_message_bytes=settings.max_body_bytes,
+        priority=protocol.PRIORITY_INTERACTIVE,
+    )
+    agents = agents or no_personas()
+
+    async def realtime(ws: WebSocket) -> None:
+        await realtime_endpoint(ws, voice_link, agents)
+
     openai, audio, ollama = OpenAI(link), OpenAIAudio(link), Ollama(link)
     directory = Path(settings.responses_dir) if settings.responses_dir else None
     responses = Responses(link, ResponseStore(directory, settings.max_stored_responses))
@@ -107,6 +127,7 @@ def build_app(settings: GatewaySettings, manager_endpoint: str) -> Starlette:
         Route("/v1/chat/completions", openai.chat_completions, methods=["POST"]),
         Route("/v1/completions", openai.completions, methods=["POST"]),
         Route("/v1/embeddings", openai.embeddings, methods=["POST"]),
+        WebSocketRoute("/v1/realtime", realtime),
         Route("/v1/responses", responses.create, methods=["POST"]),
         Route("/v1/responses/{response_id}", responses.retrieve, methods=["GET"]),
         Route("/v1/responses/{response_id}", responses.delete, methods=["DELETE"]),
@@ -126,6 +147,7 @@ def build_app(settings: GatewaySettings, manager_endpoint: str) -> Starlette:
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         yield
         link.close()
+        voice_link.close()
 
     app = Starlette(
         routes=routes,

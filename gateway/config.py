@@ -10,6 +10,7 @@ import msgspec
 from daemonkit.settings import ConfigError, Section, convert, read_sections, resolve_path
 from model_client.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from model_client.security import is_loopback
+from personas.config import AgentsConfig, AgentSettings, Routing, load_agents_config
 
 SHUTDOWN_GRACE_S = 3.0  # SIGTERM: what open requests get before the gateway ends them
 
@@ -25,6 +26,17 @@ class GatewaySettings(Section):
     # restarts; relative to the YAML. null: in memory only.
     responses_dir: str | None = None
     max_stored_responses: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+
+
+def no_personas() -> AgentsConfig:
+    """For a YAML without personas: the Realtime API then serves chat models only."""
+    return AgentsConfig(agents=AgentSettings(history_dir=None), personas={}, routing=Routing(default=""))
+
+
+def load_voice_personas(path: Path) -> AgentsConfig:
+    """The personas a Realtime session may talk to (the YAML's agents, personas and routing), if it has any."""
+    data, _base_dir = read_sections(path)
+    return load_agents_config(path) if data.get("personas") else no_personas()
 
 
 def load_gateway_settings(path: Path) -> GatewaySettings:

@@ -103,6 +103,12 @@ class PersonaTurn:
         self.answering = fallback
         return True
 
+    def interrupted(self, spoken: str) -> None:
+        """The person spoke over the answer: the history keeps only what was said of it (nothing: no turn)."""
+        if spoken.strip():
+            turn = [{"role": "user", "content": self.text}, {"role": "assistant", "content": spoken.strip()}]
+            self.histories.save(self.session_id, [*self.history, *turn])
+
     def finish(self, completion: Completion) -> Answer:
         """The answer; the session's history keeps the question and it."""
         text = completion.text.strip()

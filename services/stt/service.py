@@ -27,6 +27,7 @@ from daemonkit.publisher import HEARTBEAT_S, EventPublisher, Heartbeat
 from daemonkit.request_socket import MAX_CLIP_BYTES, RequestSocket
 from model_client import protocol
 from model_client.errors import BadRequest, Busy, ModelManagerError
+from personas.segmenter import Segmenter
 from personas.speech_services import (
     STT_OPS,
     TOPIC_STT_HEARTBEAT,
@@ -36,7 +37,6 @@ from personas.speech_services import (
     StreamStartArgs,
     SttSettings,
 )
-from services.stt.segmenter import Segmenter
 
 TICK_S = 0.1
 # Live streams open at once, and sessions whose clip numbers are remembered: any producer may open them.

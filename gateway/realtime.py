@@ -1,0 +1,393 @@
+"""OpenAI's Realtime API over a WebSocket, ``/v1/realtime?model=NAME`` (a persona of the YAML, or a chat model):
+audio in while it is spoken, the server's voice activity detection, the transcript, and the answer out as text and
+audio deltas, on the shared models.
+
+A session is one persona conversation (``personas.turn``): Whisper for each utterance, the persona's model on the
+session's ``conversation_id`` (its KV cache kept across turns), Piper a speakable piece at a time, so the first
+audio goes out as soon as the first piece can be spoken. Every request is a voice request (priority 80): it goes
+ahead of chat and batch work. Speech during an answer cancels it (barge-in); ``response.cancel`` too.
+
+Audio is pcm16 mono at 24 kHz both ways (Piper's rate is converted). Served events: client ``session.update``,
+``input_audio_buffer.append`` / ``commit`` / ``clear``, ``conversation.item.create`` (a user text message),
+``response.create`` / ``cancel``; server ``session.created`` / ``updated``, ``input_audio_buffer.speech_started`` /
+``speech_stopped`` / ``committed`` / ``cleared``, ``conversation.item.added``,
+``conversation.item.input_audio_transcription.completed``, ``response.created``, ``response.output_item.added``,
+``response.content_part.added``, ``response.output_audio_transcript.delta`` / ``response.output_text.delta``,
+``response.output_audio.delta``, their ``.done`` events, ``response.done`` with usage, and ``error``. A malformed
+or unknown event, or audio over the limits, is answered with an ``error`` event and the session goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import uuid
+from typing import Any
+
+import msgspec
+import structlog
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from gateway.audio_codecs import OPENAI_PCM_RATE, resample
+from model_client.aio import ManagerLink
+from model_client.errors import ModelManagerError
+from model_client.results import Completion
+from personas.config import AgentsConfig, Persona
+from personas.history import Histories
+from personas.segmenter import Segmenter
+from personas.speech_services import Segmenter as SegmenterSettings
+from personas.turn import PersonaTurn
+
+log = structlog.get_logger("gateway")
+
+BYTES_PER_SECOND = OPENAI_PCM_RATE * 2
+MAX_APPEND_BYTES = 2 * 1024 * 1024  # one append: voice agents send 20-100 ms at a time
+MAX_BUFFER_S = 60.0  # audio held before a commit
+DEFAULT_VAD = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:20]}"
+
+
+class RealtimeError(Exception):
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.param = code, message, param
+
+
+class RealtimeSession:
+    def __init__(self, ws: WebSocket, link: ManagerLink, agents: AgentsConfig, model: str, voices: list[str]) -> None:
+        self.ws, self.link, self.agents = ws, link, agents
+        self.id = _id("sess")
+        self.personas = dict(agents.personas)
+        if model not in self.personas:  # a chat model of the catalogue: a persona with the session's instructions
+            self.personas[model] = Persona(model=model, system_prompt="You are a helpful voice assistant.")
+        self.name, self.voices = model, voices
+        self.instructions: str | None = None
+        self.voice: str | None = None
+        self.modalities = ["audio"]
+        self.vad: dict[str, Any] | None = dict(DEFAULT_VAD)
+        self.segmenter = self._segmenter()
+        self.buffer = bytearray()
+        self.histories = Histories(None, agents.agents.max_history_messages, f"realtime-{model}")
+        self.pending_text: list[str] = []
+        self.item_id: str | None = None  # the user item the speech in progress becomes
+        self.responding: asyncio.Task | None = None
+
+    # ----- the connection -----------------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        await self.ws.accept()
+        await self.send("session.created", session=self._session())
+        try:
+            while True:
+                raw = await self.ws.receive_text()
+                try:
+                    await self._on_event(raw)
+                except RealtimeError as exc:
+                    await self.send(
+                        "error",
+                        error={
+                            "type": "invalid_request_error",
+                            "code": exc.code,
+                            "message": exc.message,
+                            "param": exc.param,
+                        },
+                    )
+        except WebSocketDisconnect:
+            pass
+        finally:
+            if self.responding is not None:
+                self.responding.cancel()
+
+    async def send(self, kind: str, **fields: Any) -> None:
+        await self.ws.send_text(json.dumps({"type": kind, "event_id": _id("event"), **fields}))
+
+    async def _on_event(self, raw: str) -> None:
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            raise RealtimeError("invalid_json", "the event is not valid JSON") from None
+        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+            raise RealtimeError("invalid_event", "an event is a JSON object with a string type", "type")
+        handler = getattr(self, "_on_" + event["type"].replace(".", "_"), None)
+        if handler is None:
+            raise RealtimeError("unknown_event", f"events of type {event['type']!r} are not served", "type")
+        await handler(event)
+
+    # ----- client events ------------------------------------------------------------------------------------
+
+    async def _on_session_update(self, event: dict[str, Any]) -> None:
+        session = event.get("session")
+        if not isinstance(session, dict):
+            raise RealtimeError("invalid_value", "session.update needs a session object", "session")
+        if isinstance(session.get("instructions"), str):
+            self.instructions = session["instructions"]
+        if isinstance(session.get("output_modalities"), list):
+            self.modalities = ["text"] if session["output_modalities"] == ["text"] else ["audio"]
+        audio = session.get("audio") if isinstance(session.get("audio"), dict) else {}
+        output, source = audio.get("output") or {}, audio.get("input") or {}
+        voice = output.get("voice") if isinstance(output, dict) else None
+        if isinstance(voice, str):
+            self.voice = voice if voice in self.voices else None  # OpenAI's names take the persona's voice
+        if isinstance(source, dict) and "turn_detection" in source:
+            detection = source["turn_detection"]
+            self.vad = {**DEFAULT_VAD, **detection} if isinstance(detection, dict) else None
+            self.segmenter = self._segmenter()
+        await self.send("session.updated", session=self._session())
+
+    async def _on_input_audio_buffer_append(self, event: dict[str, Any]) -> None:
+        data = event.get("audio")
+        if not isinstance(data, str):
+            raise RealtimeError("invalid_value", "audio must be base64 pcm16", "audio")
+        if len(data) > MAX_APPEND_BYTES * 4 // 3 + 4:
+            raise RealtimeError("audio_too_large", f"one append carries at most {MAX_APPEND_BYTES} bytes", "audio")
+        try:
+            pcm = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise RealtimeError("invalid_value", "audio is not valid base64", "audio") from None
+        if len(self.buffer) + len(pcm) > MAX_BUFFER_S * BYTES_PER_SECOND:
+            raise RealtimeError("buffer_full", f"the input buffer holds at most {MAX_BUFFER_S:.0f} s: commit it")
+        if self.segmenter is None:
+            self.buffer += pcm
+            return
+        speaking = self.segmenter.in_utterance
+        utterances = self.segmenter.feed(pcm)
+        if not speaking and (self.segmenter.in_utterance or utterances):
+            await self._speech_started()
+        for utterance in utterances:
+            await self.send("input_audio_buffer.speech_stopped", item_id=self.item_id)
+            await self._commit(utterance, respond=True)
+
+    async def _on_input_audio_buffer_commit(self, event: dict[str, Any]) -> None:
+        audio = bytes(self.buffer) or (self.segmenter.flush() if self.segmenter else None) or b""
+        if not audio:
+            raise RealtimeError("input_audio_buffer_commit_empty", "the input audio buffer is empty")
+        await self._commit(audio, respond=False)
+
+    async def _on_input_audio_buffer_clear(self, event: dict[str, Any]) -> None:
+        self.buffer.clear()
+        self.segmenter = self._segmenter()
+        await self.send("input_audio_buffer.cleared")
+
+    async def _on_conversation_item_create(self, event: dict[str, Any]) -> None:
+        item = event.get("item")
+        if not isinstance(item, dict) or item.get("type", "message") != "message" or item.get("role") != "user":
+            raise RealtimeError("invalid_value", "only user messages are served as items", "item")
+        parts = item.get("content") if isinstance(item.get("content"), list) else []
+        text = "".join(str(p.get("text") or "") for p in parts if isinstance(p, dict) and p.get("type") == "input_text")
+        if not text.strip():
+            raise RealtimeError("invalid_value", "a user message needs input_text content", "item.content")
+        self.pending_text.append(text)
+        item_id = item.get("id") if isinstance(item.get("id"), str) else _id("item")
+        await self.send("conversation.item.added", item={**item, "id": item_id, "status": "completed"})
+
+    async def _on_response_create(self, event: dict[str, Any]) -> None:
+        if self.responding is not None and not self.responding.done():
+            raise RealtimeError("conversation_already_has_active_response", "a response is in progress")
+        text, self.pending_text = " ".join(self.pending_text).strip(), []
+        if not text:
+            raise RealtimeError("invalid_value", "nothing to answer: add an item or speak first")
+        self.responding = asyncio.create_task(self._respond(text))
+
+    async def _on_response_cancel(self, event: dict[str, Any]) -> None:
+        await self._cancel()
+
+    # ----- a turn -------------------------------------------------------------------------------------------
+
+    async def _speech_started(self) -> None:
+        self.item_id = _id("item")
+        await self.send("input_audio_buffer.speech_started", item_id=self.item_id)
+        await self._cancel()  # barge-in: the person speaks, the answer stops
+
+    async def _cancel(self) -> None:
+        if self.responding is not None and not self.responding.done():
+            self.responding.cancel()
+            await asyncio.gather(self.responding, return_exceptions=True)
+
+    async def _commit(self, pcm: bytes, respond: bool) -> None:
+        self.buffer.clear()
+        item_id = self.item_id or _id("item")
+        self.item_id = None
+        await self.send("input_audio_buffer.committed", item_id=item_id)
+        item = {
+            "id": item_id,
+            "type": "message",
+            "role": "user",
+            "status": "completed",
+            "content": [{"type": "input_audio", "transcript": None}],
+        }
+        await self.send("conversation.item.added", item=item)
+        args = {"format": "pcm", "sample_rate": OPENAI_PCM_RATE, "language": "en", "vad_filter": True}
+        try:
+            result = await self.link.request("transcribe", args, payloads=(pcm,))
+        except ModelManagerError as exc:
+            raise RealtimeError(exc.code, exc.message) from None
+        text = str(result.get("text") or "").strip()
+        await self.send(
+            "conversation.item.input_audio_transcription.completed", item_id=item_id, content_index=0, transcript=text
+        )
+        if not text:
+            return
+        if respond:
+            await self._cancel()
+            self.responding = asyncio.create_task(self._respond(text))
+        else:
+            self.pending_text.append(text)
+
+    async def _respond(self, text: str) -> None:
+        """One answer: the persona's reply streamed as transcript (or text) deltas, its speech a piece at a time."""
+        response_id, item_id = _id("resp"), _id("item")
+        audio = self.modalities == ["audio"]
+        where = {"response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0}
+        await self.send(
+            "response.created",
+            response={"id": response_id, "object": "realtime.response", "status": "in_progress", "output": []},
+        )
+        item = {"id": item_id, "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+        await self.send("response.output_item.added", response_id=response_id, output_index=0, item=item)
+        part = {"type": "output_audio" if audio else "output_text", "transcript" if audio else "text": ""}
+        await self.send("response.content_part.added", **where, part=part)
+        persona = self.personas[self.name]
+        if self.instructions:
+            persona = msgspec.structs.replace(persona, system_prompt=self.instructions)
+        turn = PersonaTurn(
+            {**self.personas, self.name: persona},
+            self.histories,
+            self.name,
+            self.id,
+            text,
+            self.agents.agents.first_piece_words,
+        )
+        status, completion, said = "completed", None, []
+        try:
+            op, args = turn.request()
+            async for chunk in self.link.generation(op, {**args, "stream": True}):
+                if isinstance(chunk, Completion):
+                    completion = chunk
+                    continue
+                delta = "response.output_audio_transcript.delta" if audio else "response.output_text.delta"
+                await self.send(delta, **where, delta=chunk.text)
+                if audio:
+                    for piece in turn.feed(chunk.text):
+                        await self._speak(piece.text, turn.persona, where)
+                        said.append(piece.text)
+            if audio and (rest := turn.flush()) is not None:
+                await self._speak(rest.text, turn.persona, where)
+        except asyncio.CancelledError:
+            status = "cancelled"
+            turn.interrupted(" ".join(said))  # barge-in: the history keeps what was spoken
+        except ModelManagerError as exc:
+            status = "failed"
+            await self.send("error", error={"type": "server_error", "code": exc.code, "message": exc.message})
+        text_out = completion.text.strip() if completion else ""
+        if completion is not None and status == "completed":
+            turn.finish(completion)
+            if audio:
+                await self.send("response.output_audio.done", **where)
+                await self.send("response.output_audio_transcript.done", **where, transcript=text_out)
+            else:
+                await self.send("response.output_text.done", **where, text=text_out)
+            part[("transcript" if audio else "text")] = text_out
+            await self.send("response.content_part.done", **where, part=part)
+            item = {**item, "status": "completed", "content": [part]}
+            await self.send("response.output_item.done", response_id=response_id, output_index=0, item=item)
+        await self.send(
+            "response.done",
+            response={
+                "id": response_id,
+                "object": "realtime.response",
+                "status": status,
+                "output": [item] if status == "completed" else [],
+                "usage": _usage(completion),
+            },
+        )
+
+    async def _speak(self, text: str, persona: Persona, where: dict[str, Any]) -> None:
+        args = {
+            "text": text,
+            "voice": self.voice or persona.voice,
+            "speed": persona.speed,
+            "format": "pcm",
+            "stream": True,
+        }
+        async for reply in self.link.replies("synthesize", args):
+            if reply.payloads and reply.payloads[0]:
+                rate = int(reply.body.get("sample_rate") or OPENAI_PCM_RATE)
+                pcm = await asyncio.to_thread(resample, reply.payloads[0], rate, OPENAI_PCM_RATE)
+                await self.send("response.output_audio.delta", **where, delta=base64.b64encode(pcm).decode())
+
+    # ----- what the session says of itself ------------------------------------------------------------------
+
+    def _segmenter(self) -> Segmenter | None:
+        if self.vad is None:
+            return None
+        threshold = float(self.vad.get("threshold") or 0.5)
+        settings = SegmenterSettings(
+            threshold_dbfs=-70.0 + 50.0 * min(1.0, max(0.0, threshold)),
+            min_silence_ms=max(30, int(self.vad.get("silence_duration_ms") or 500)),
+            pre_roll_ms=max(0, int(self.vad.get("prefix_padding_ms") or 300)),
+        )
+        return Segmenter(settings, OPENAI_PCM_RATE)
+
+    def _session(self) -> dict[str, Any]:
+        persona = self.personas[self.name]
+        pcm = {"type": "audio/pcm", "rate": OPENAI_PCM_RATE}
+        return {
+            "type": "realtime",
+            "id": self.id,
+            "object": "realtime.session",
+            "model": self.name,
+            "output_modalities": self.modalities,
+            "instructions": self.instructions or persona.system_prompt,
+            "audio": {
+                "input": {"format": pcm, "turn_detection": self.vad, "transcription": {"model": "whisper"}},
+                "output": {"format": pcm, "voice": self.voice or persona.voice},
+            },
+            "tools": [],
+        }
+
+
+def _usage(completion: Completion | None) -> dict[str, Any] | None:
+    if completion is None:
+        return None
+    usage = completion.usage
+    return {
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "input_tokens": usage.prompt_tokens,
+        "output_tokens": usage.completion_tokens,
+        "input_token_details": {
+            "cached_tokens": usage.cached_tokens,
+            "text_tokens": usage.prompt_tokens,
+            "audio_tokens": 0,
+        },
+        "output_token_details": {"text_tokens": usage.completion_tokens, "audio_tokens": 0},
+    }
+
+
+async def realtime_endpoint(ws: WebSocket, link: ManagerLink, agents: AgentsConfig) -> None:
+    """A session on ``?model=``: a persona of the YAML, or a chat model of the catalogue."""
+    model = ws.query_params.get("model") or ""
+    try:
+        catalogue = (await link.request("models", {}, timeout_s=5.0))["models"]
+    except ModelManagerError as exc:
+        await ws.close(code=1011, reason=exc.message[:120])
+        return
+    chat_models = {m["name"] for m in catalogue if m["kind"] == "llm"}
+    voices = [m["name"] for m in catalogue if m["kind"] == "tts"]
+    if model not in agents.personas and model not in chat_models:
+        await ws.accept()
+        error = {
+            "type": "invalid_request_error",
+            "code": "model_not_found",
+            "param": "model",
+            "message": f"no persona or chat model {model!r}: {sorted(agents.personas) + sorted(chat_models)}",
+        }
+        await ws.send_text(json.dumps({"type": "error", "event_id": _id("event"), "error": error}))
+        await ws.close(code=1008)
+        return
+    log.info("realtime_session", model=model)
+    await RealtimeSession(ws, link, agents, model, voices).serve()

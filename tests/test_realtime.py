@@ -1,0 +1,161 @@
+"""OpenAI's Realtime API through the gateway, real end to end: the `openai` package's realtime client against the
+manager's models (Whisper, the persona's LLM, Piper), and raw WebSocket peers for what that client cannot send."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from websockets.sync.client import connect
+
+from gateway.audio_codecs import OPENAI_PCM_RATE, resample
+from tests.conftest import ManagerProcess, stack_config
+from tests.test_gateway import Stack, start_gateway
+
+QUESTION = "What is the capital of France?"
+SILENCE_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    run_dir = Path(tempfile.mkdtemp(prefix="mm-"))
+    manager = ManagerProcess(run_dir, stack_config(run_dir))
+    gateway = None
+    try:
+        manager.start()
+        gateway, url = start_gateway(manager, manager.config_path)
+        assert gateway.proc is not None
+        yield Stack(manager, url, gateway.proc)
+    finally:
+        if gateway is not None:
+            gateway.stop(timeout=10)
+        manager.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def until(conn, kind: str, limit: int = 5000) -> list:
+    """Every event up to and including the first of type ``kind``."""
+    events = []
+    for _ in range(limit):
+        event = conn.recv()
+        events.append(event)
+        if event.type == kind:
+            return events
+    raise AssertionError(f"no {kind} in {[e.type for e in events][-20:]}")
+
+
+def spoken(stack: Stack, text: str) -> bytes:
+    """``text`` in Piper's voice as 24 kHz pcm16, then a second of silence (the end of the utterance)."""
+    with stack.client() as client:
+        speech = client.synthesize(text, format="pcm")
+    pcm = resample(speech.audio.pcm, speech.audio.sample_rate, OPENAI_PCM_RATE)
+    return pcm + b"\0\0" * int(OPENAI_PCM_RATE * SILENCE_S)
+
+
+def heard(stack: Stack, pcm: bytes) -> str:
+    with stack.client() as client:
+        return client.transcribe(pcm, format="pcm", sample_rate=OPENAI_PCM_RATE, language="en").text
+
+
+def test_a_typed_question_is_answered_in_speech_and_the_next_turn_reuses_the_cache(stack: Stack) -> None:
+    with stack.openai.realtime.connect(model="jarvis") as conn:
+        assert conn.recv().type == "session.created"
+        conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+        until(conn, "session.updated")
+        usage = []
+        for text in (QUESTION, "And the capital of Spain?"):
+            item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+            conn.conversation.item.create(item=item)
+            conn.response.create()
+            events = until(conn, "response.done")
+            kinds = [e.type for e in events]
+            assert "response.created" in kinds and "response.output_audio.done" in kinds, kinds
+            transcript = "".join(e.delta for e in events if e.type == "response.output_audio_transcript.delta")
+            audio = b"".join(base64.b64decode(e.delta) for e in events if e.type == "response.output_audio.delta")
+            done = events[-1].response
+            assert done.status == "completed" and transcript.strip(), kinds
+            assert len(audio) > OPENAI_PCM_RATE, "at least half a second of speech"
+            said = heard(stack, audio).lower()
+            assert set(said.split()) & set(transcript.lower().split()), (said, transcript)
+            usage.append(done.usage)
+        assert usage[1].input_token_details.cached_tokens >= usage[0].input_tokens, "turn 1 stayed in the cache"
+
+
+def test_a_spoken_question_is_heard_transcribed_and_answered(stack: Stack) -> None:
+    pcm = spoken(stack, QUESTION)
+    chunk = OPENAI_PCM_RATE * 2 * 40 // 1000  # 40 ms
+    with stack.openai.realtime.connect(model="jarvis") as conn:
+        assert conn.recv().type == "session.created"
+        for start in range(0, len(pcm), chunk):
+            conn.input_audio_buffer.append(audio=base64.b64encode(pcm[start : start + chunk]).decode())
+        events = until(conn, "response.done")
+    kinds = [e.type for e in events]
+    for kind in ("input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "response.created"):
+        assert kind in kinds, kinds
+    assert kinds.index("input_audio_buffer.speech_started") < kinds.index("input_audio_buffer.speech_stopped")
+    [transcript] = [e.transcript for e in events if e.type == "conversation.item.input_audio_transcription.completed"]
+    assert "capital" in transcript.lower() and "france" in transcript.lower(), transcript
+    assert any(e.type == "response.output_audio.delta" for e in events)
+
+
+def test_bad_events_get_error_events_and_the_session_goes_on(stack: Stack) -> None:
+    url = stack.url.replace("http://", "ws://") + "/v1/realtime?model=jarvis"
+    with connect(url, max_size=None) as ws:
+        assert json.loads(ws.recv())["type"] == "session.created"
+        big = base64.b64encode(b"\0" * 10_000_000).decode()
+        sent = [
+            "not json",
+            json.dumps({"type": "no.such.event"}),
+            json.dumps([1, 2]),
+            json.dumps({"type": "input_audio_buffer.append", "audio": big}),
+            json.dumps({"type": "input_audio_buffer.append", "audio": "%%%"}),
+            json.dumps({"type": "response.create"}),
+        ]
+        codes = []
+        for message in sent:
+            ws.send(message)
+            event = json.loads(ws.recv())
+            assert event["type"] == "error", event
+            codes.append(event["error"]["code"])
+        assert codes == [
+            "invalid_json",
+            "unknown_event",
+            "invalid_event",
+            "audio_too_large",
+            "invalid_value",
+            "invalid_value",
+        ]
+        ws.send(json.dumps({"type": "session.update", "session": {"instructions": "Be brief."}}))
+        assert json.loads(ws.recv())["type"] == "session.updated", "the session went on"
+    with connect(stack.url.replace("http://", "ws://") + "/v1/realtime?model=nobody") as ws:
+        event = json.loads(ws.recv())
+        assert event["type"] == "error" and event["error"]["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        stack.openai.responses.retrieve("resp_" + "0" * 32)  # the gateway keeps serving HTTP
+
+
+def test_speech_over_an_answer_stops_it(stack: Stack) -> None:
+    """Barge-in: the person speaks while the answer plays; its audio stops and the response ends cancelled."""
+    pcm = spoken(stack, "Stop, please.")
+    chunk = OPENAI_PCM_RATE * 2 * 40 // 1000
+    with stack.openai.realtime.connect(model="jarvis") as conn:
+        assert conn.recv().type == "session.created"
+        story = "Tell me a long story about a dragon who learns to cook, with many details."
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": story}]}
+        conn.conversation.item.create(item=item)
+        conn.response.create()
+        until(conn, "response.output_audio.delta")
+        for start in range(0, len(pcm) // 2, chunk):  # the first half: enough to be speech
+            conn.input_audio_buffer.append(audio=base64.b64encode(pcm[start : start + chunk]).decode())
+        events = until(conn, "response.done")
+    kinds = [e.type for e in events]
+    assert "input_audio_buffer.speech_started" in kinds, kinds
+    after = kinds[kinds.index("input_audio_buffer.speech_started") :]
+    assert after.count("response.output_audio.delta") <= 1, "the audio went on after the person spoke"
+    assert events[-1].response.status == "cancelled"
