@@ -20,6 +20,7 @@ import ollama
 import openai
 import pytest
 from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
 
 from daemonkit.settings import ConfigError
 from gateway.app import build_app
@@ -321,6 +322,11 @@ def test_api_keys_guard_every_route(stack: Stack) -> None:
         answer = web.get("/api/tags")
         assert answer.status_code == 401 and "error" in answer.json()
         assert web.get("/v1/models", headers={"Authorization": "Bearer " + "k" * 32}).status_code == 200
+        with pytest.raises(WebSocketDisconnect) as refused, web.websocket_connect("/v1/realtime?model=smollm2"):
+            pass
+        assert refused.value.code == 1008, "the Realtime API's WebSocket needs the key too"
+        with web.websocket_connect("/v1/realtime?model=smollm2", headers={"Authorization": "Bearer " + "k" * 32}) as ws:
+            assert ws.receive_json()["type"] == "session.created"
     with pytest.raises(ConfigError, match="api_keys"):
         path = stack.manager.run_dir / "open.yaml"
         path.write_text("gateway: {host: 0.0.0.0}\n")
