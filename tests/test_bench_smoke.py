@@ -22,6 +22,7 @@ TINY = {  # the longest first (measured alone: 11, 8, 9, 11, 11, 10, 10, 8, 6, 5
     "cpu_share.py": ["--rounds", "1", "--prompt-words", "40", "--only", "handed out"],
     "kv_cache.py": ["--conversations", "1", "--turns", "2", "--threads", "1", "--max-tokens", "8"],
     "voice_turn.py": ["--turns", "1"],
+    "realtime.py": ["--turns", "1", "--streams", "1"],
     "swap.py": ["--rounds", "1", "--threads", "1"],
     "load.py": ["--levels", "2", "--requests", "4", "--budget", "30", "--soak", "0"],
     "speech.py": ["--rounds", "1", "--threads", "1", "--clips", "2"],
