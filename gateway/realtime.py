@@ -26,19 +26,17 @@ import json
 import uuid
 from typing import Any
 
-import msgspec
 import structlog
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from gateway.audio_codecs import OPENAI_PCM_RATE, resample
+from gateway.audio_codecs import OPENAI_PCM_RATE
+from gateway.realtime_answer import respond
 from model_client.aio import ManagerLink
 from model_client.errors import ModelManagerError
-from model_client.results import Completion
 from personas.config import AgentsConfig, Persona
 from personas.history import Histories
 from personas.segmenter import Segmenter
 from personas.speech_services import Segmenter as SegmenterSettings
-from personas.turn import PersonaTurn
 
 log = structlog.get_logger("gateway")
 
@@ -74,6 +72,10 @@ class RealtimeSession:
         self.buffer = bytearray()
         self.histories = Histories(None, agents.agents.max_history_messages, f"realtime-{model}")
         self.pending_text: list[str] = []
+        self.pending_results: list[dict[str, Any]] = []  # function outputs for the next response
+        self.tools: list[dict[str, Any]] = []  # as the Realtime API writes them (flat)
+        self.call_names: dict[str, str] = {}  # call id -> function name
+        self.tool_choice: str | dict[str, Any] = "auto"
         self.item_id: str | None = None  # the user item the speech in progress becomes
         self.responding: asyncio.Task | None = None
 
@@ -97,6 +99,12 @@ class RealtimeSession:
                             "param": exc.param,
                         },
                     )
+                except (WebSocketDisconnect, asyncio.CancelledError):
+                    raise
+                except Exception as exc:  # a fault of ours: said as an event, logged, and the session goes on
+                    log.exception("realtime_event_failed", model=self.name)
+                    error = {"type": "server_error", "code": "internal", "message": f"{type(exc).__name__}: {exc}"}
+                    await self.send("error", error=error)
         except WebSocketDisconnect:
             pass
         finally:
@@ -126,6 +134,14 @@ class RealtimeSession:
             raise RealtimeError("invalid_value", "session.update needs a session object", "session")
         if isinstance(session.get("instructions"), str):
             self.instructions = session["instructions"]
+        if isinstance(session.get("tools"), list):
+            tools = session["tools"]
+            if not all(isinstance(t, dict) and t.get("type") == "function" and t.get("name") for t in tools):
+                raise RealtimeError("invalid_value", "only function tools with a name are served", "session.tools")
+            self.tools = tools
+        choice = session.get("tool_choice")
+        if choice in ("auto", "none", "required") or (isinstance(choice, dict) and isinstance(choice.get("name"), str)):
+            self.tool_choice = choice
         if isinstance(session.get("output_modalities"), list):
             self.modalities = ["text"] if session["output_modalities"] == ["text"] else ["audio"]
         audio = session.get("audio") if isinstance(session.get("audio"), dict) else {}
@@ -160,13 +176,13 @@ class RealtimeSession:
             await self._speech_started()
         for utterance in utterances:
             await self.send("input_audio_buffer.speech_stopped", item_id=self.item_id)
-            await self._commit(utterance, respond=True)
+            await self._commit(utterance, answer=True)
 
     async def _on_input_audio_buffer_commit(self, event: dict[str, Any]) -> None:
         audio = bytes(self.buffer) or (self.segmenter.flush() if self.segmenter else None) or b""
         if not audio:
             raise RealtimeError("input_audio_buffer_commit_empty", "the input audio buffer is empty")
-        await self._commit(audio, respond=False)
+        await self._commit(audio, answer=False)
 
     async def _on_input_audio_buffer_clear(self, event: dict[str, Any]) -> None:
         self.buffer.clear()
@@ -175,8 +191,19 @@ class RealtimeSession:
 
     async def _on_conversation_item_create(self, event: dict[str, Any]) -> None:
         item = event.get("item")
+        if isinstance(item, dict) and item.get("type") == "function_call_output":
+            call_id, output = item.get("call_id"), item.get("output")
+            if not isinstance(call_id, str) or not isinstance(output, str):
+                raise RealtimeError("invalid_value", "a function_call_output needs call_id and output", "item")
+            result = {"role": "tool", "content": output, "tool_call_id": call_id}
+            if call_id in self.call_names:
+                result["name"] = self.call_names[call_id]
+            self.pending_results.append(result)
+            item_id = item.get("id") if isinstance(item.get("id"), str) else _id("item")
+            await self.send("conversation.item.added", item={**item, "id": item_id, "status": "completed"})
+            return
         if not isinstance(item, dict) or item.get("type", "message") != "message" or item.get("role") != "user":
-            raise RealtimeError("invalid_value", "only user messages are served as items", "item")
+            raise RealtimeError("invalid_value", "only user messages and function outputs are served", "item")
         parts = item.get("content") if isinstance(item.get("content"), list) else []
         text = "".join(str(p.get("text") or "") for p in parts if isinstance(p, dict) and p.get("type") == "input_text")
         if not text.strip():
@@ -189,9 +216,10 @@ class RealtimeSession:
         if self.responding is not None and not self.responding.done():
             raise RealtimeError("conversation_already_has_active_response", "a response is in progress")
         text, self.pending_text = " ".join(self.pending_text).strip(), []
-        if not text:
+        results, self.pending_results = self.pending_results, []
+        if not text and not results:
             raise RealtimeError("invalid_value", "nothing to answer: add an item or speak first")
-        self.responding = asyncio.create_task(self._respond(text))
+        self.responding = asyncio.create_task(respond(self, text, results))
 
     async def _on_response_cancel(self, event: dict[str, Any]) -> None:
         await self._cancel()
@@ -208,7 +236,7 @@ class RealtimeSession:
             self.responding.cancel()
             await asyncio.gather(self.responding, return_exceptions=True)
 
-    async def _commit(self, pcm: bytes, respond: bool) -> None:
+    async def _commit(self, pcm: bytes, answer: bool) -> None:
         self.buffer.clear()
         item_id = self.item_id or _id("item")
         self.item_id = None
@@ -232,93 +260,11 @@ class RealtimeSession:
         )
         if not text:
             return
-        if respond:
+        if answer:
             await self._cancel()
-            self.responding = asyncio.create_task(self._respond(text))
+            self.responding = asyncio.create_task(respond(self, text, []))
         else:
             self.pending_text.append(text)
-
-    async def _respond(self, text: str) -> None:
-        """One answer: the persona's reply streamed as transcript (or text) deltas, its speech a piece at a time."""
-        response_id, item_id = _id("resp"), _id("item")
-        audio = self.modalities == ["audio"]
-        where = {"response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0}
-        await self.send(
-            "response.created",
-            response={"id": response_id, "object": "realtime.response", "status": "in_progress", "output": []},
-        )
-        item = {"id": item_id, "type": "message", "role": "assistant", "status": "in_progress", "content": []}
-        await self.send("response.output_item.added", response_id=response_id, output_index=0, item=item)
-        part = {"type": "output_audio" if audio else "output_text", "transcript" if audio else "text": ""}
-        await self.send("response.content_part.added", **where, part=part)
-        persona = self.personas[self.name]
-        if self.instructions:
-            persona = msgspec.structs.replace(persona, system_prompt=self.instructions)
-        turn = PersonaTurn(
-            {**self.personas, self.name: persona},
-            self.histories,
-            self.name,
-            self.id,
-            text,
-            self.agents.agents.first_piece_words,
-        )
-        status, completion, said = "completed", None, []
-        try:
-            op, args = turn.request()
-            async for chunk in self.link.generation(op, {**args, "stream": True}):
-                if isinstance(chunk, Completion):
-                    completion = chunk
-                    continue
-                delta = "response.output_audio_transcript.delta" if audio else "response.output_text.delta"
-                await self.send(delta, **where, delta=chunk.text)
-                if audio:
-                    for piece in turn.feed(chunk.text):
-                        await self._speak(piece.text, turn.persona, where)
-                        said.append(piece.text)
-            if audio and (rest := turn.flush()) is not None:
-                await self._speak(rest.text, turn.persona, where)
-        except asyncio.CancelledError:
-            status = "cancelled"
-            turn.interrupted(" ".join(said))  # barge-in: the history keeps what was spoken
-        except ModelManagerError as exc:
-            status = "failed"
-            await self.send("error", error={"type": "server_error", "code": exc.code, "message": exc.message})
-        text_out = completion.text.strip() if completion else ""
-        if completion is not None and status == "completed":
-            turn.finish(completion)
-            if audio:
-                await self.send("response.output_audio.done", **where)
-                await self.send("response.output_audio_transcript.done", **where, transcript=text_out)
-            else:
-                await self.send("response.output_text.done", **where, text=text_out)
-            part[("transcript" if audio else "text")] = text_out
-            await self.send("response.content_part.done", **where, part=part)
-            item = {**item, "status": "completed", "content": [part]}
-            await self.send("response.output_item.done", response_id=response_id, output_index=0, item=item)
-        await self.send(
-            "response.done",
-            response={
-                "id": response_id,
-                "object": "realtime.response",
-                "status": status,
-                "output": [item] if status == "completed" else [],
-                "usage": _usage(completion),
-            },
-        )
-
-    async def _speak(self, text: str, persona: Persona, where: dict[str, Any]) -> None:
-        args = {
-            "text": text,
-            "voice": self.voice or persona.voice,
-            "speed": persona.speed,
-            "format": "pcm",
-            "stream": True,
-        }
-        async for reply in self.link.replies("synthesize", args):
-            if reply.payloads and reply.payloads[0]:
-                rate = int(reply.body.get("sample_rate") or OPENAI_PCM_RATE)
-                pcm = await asyncio.to_thread(resample, reply.payloads[0], rate, OPENAI_PCM_RATE)
-                await self.send("response.output_audio.delta", **where, delta=base64.b64encode(pcm).decode())
 
     # ----- what the session says of itself ------------------------------------------------------------------
 
@@ -347,25 +293,9 @@ class RealtimeSession:
                 "input": {"format": pcm, "turn_detection": self.vad, "transcription": {"model": "whisper"}},
                 "output": {"format": pcm, "voice": self.voice or persona.voice},
             },
-            "tools": [],
+            "tools": self.tools,
+            "tool_choice": self.tool_choice,
         }
-
-
-def _usage(completion: Completion | None) -> dict[str, Any] | None:
-    if completion is None:
-        return None
-    usage = completion.usage
-    return {
-        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-        "input_tokens": usage.prompt_tokens,
-        "output_tokens": usage.completion_tokens,
-        "input_token_details": {
-            "cached_tokens": usage.cached_tokens,
-            "text_tokens": usage.prompt_tokens,
-            "audio_tokens": 0,
-        },
-        "output_token_details": {"text_tokens": usage.completion_tokens, "audio_tokens": 0},
-    }
 
 
 async def realtime_endpoint(ws: WebSocket, link: ManagerLink, agents: AgentsConfig) -> None:

@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from model_client.errors import ModelManagerError
 from model_client.results import Completion
 from personas.answer import UNSERVABLE, generation_request
@@ -54,7 +56,13 @@ class PersonaTurn:
         session_id: str,
         text: str,
         first_piece_words: int,
+        tools: list[dict[str, Any]] | None = None,
+        tool_results: list[dict[str, Any]] | None = None,
     ) -> None:
+        """``tools``: functions the model may call (chat-style personas); ``tool_results``: the ``tool`` messages
+        answering its last calls, which this turn adds after ``text`` (empty when the turn only hands results
+        back)."""
+        self.tools, self.tool_results = tools, tool_results or []
         self.personas, self.histories = personas, histories
         self.name = self.answering = name
         self.session_id, self.text = session_id, text
@@ -73,7 +81,13 @@ class PersonaTurn:
         """The manager op and its arguments; the conversation id is the answering persona's and the session's, so
         the manager keeps that conversation's KV cache."""
         self.pieces, self.written = SpeechPieces(self.first_piece_words), ""
-        return generation_request(self.persona, self.history, self.text, f"{self.answering}:{self.session_id}")
+        op, args = generation_request(self.persona, self.history, self.text, f"{self.answering}:{self.session_id}")
+        if op == "chat" and (self.tools or self.tool_results):
+            asked = [{"role": "user", "content": self.text}] if self.text else []
+            args["messages"] = [*args["messages"][:-1], *asked, *self.tool_results]
+            if self.tools:
+                args["tools"] = self.tools
+        return op, args
 
     def feed(self, text: str) -> list[Piece]:
         """A streamed piece of the reply in; the speakable pieces it completed out (one chunk of text can complete
@@ -103,15 +117,21 @@ class PersonaTurn:
         self.answering = fallback
         return True
 
+    def _asked(self) -> list[dict[str, Any]]:
+        return [*([{"role": "user", "content": self.text}] if self.text else []), *self.tool_results]
+
     def interrupted(self, spoken: str) -> None:
         """The person spoke over the answer: the history keeps only what was said of it (nothing: no turn)."""
         if spoken.strip():
-            turn = [{"role": "user", "content": self.text}, {"role": "assistant", "content": spoken.strip()}]
-            self.histories.save(self.session_id, [*self.history, *turn])
+            self.histories.save(
+                self.session_id, [*self.history, *self._asked(), {"role": "assistant", "content": spoken.strip()}]
+            )
 
     def finish(self, completion: Completion) -> Answer:
         """The answer; the session's history keeps the question and it."""
         text = completion.text.strip()
-        turn = [{"role": "user", "content": self.text}, {"role": "assistant", "content": text}]
-        self.histories.save(self.session_id, [*self.history, *turn])
+        reply: dict[str, Any] = {"role": "assistant", "content": text}
+        if completion.tool_calls:
+            reply["tool_calls"] = [msgspec.to_builtins(call) for call in completion.tool_calls]
+        self.histories.save(self.session_id, [*self.history, *self._asked(), reply])
         return Answer(self.answering, text, completion, self.pieces.count, self.fallback)

@@ -10,13 +10,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import jsonschema
 import openai
 import pytest
 from websockets.sync.client import connect
 
 from gateway.audio_codecs import OPENAI_PCM_RATE, resample
 from tests.conftest import ManagerProcess, stack_config
-from tests.test_gateway import Stack, start_gateway
+from tests.test_gateway import WEATHER, Stack, start_gateway
 
 QUESTION = "What is the capital of France?"
 SILENCE_S = 1.0
@@ -159,3 +160,29 @@ def test_speech_over_an_answer_stops_it(stack: Stack) -> None:
     after = kinds[kinds.index("input_audio_buffer.speech_started") :]
     assert after.count("response.output_audio.delta") <= 1, "the audio went on after the person spoke"
     assert events[-1].response.status == "cancelled"
+
+
+def test_a_function_call_goes_out_and_its_output_comes_back(stack: Stack) -> None:
+    tool = {"type": "function", "name": "get_weather", "description": "The weather in a city.", "parameters": WEATHER}
+    with stack.openai.realtime.connect(model="jarvis") as conn:
+        assert conn.recv().type == "session.created"
+        session = {"type": "realtime", "output_modalities": ["text"], "tools": [tool], "tool_choice": "required"}
+        conn.session.update(session=session)
+        until(conn, "session.updated")
+        ask = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]}
+        conn.conversation.item.create(item=ask)
+        conn.response.create()
+        events = until(conn, "response.done")
+        [call] = events[-1].response.output
+        assert call.type == "function_call" and call.name == "get_weather", events[-1].response
+        jsonschema.validate(json.loads(call.arguments), WEATHER)
+        kinds = [e.type for e in events]
+        assert "response.function_call_arguments.done" in kinds, kinds
+        conn.session.update(session={"type": "realtime", "tool_choice": "none"})
+        until(conn, "session.updated")
+        output = {"type": "function_call_output", "call_id": call.call_id, "output": '{"sky": "sunny", "celsius": 21}'}
+        conn.conversation.item.create(item=output)
+        conn.response.create()
+        done = until(conn, "response.done")[-1].response
+    assert done.status == "completed" and done.output[0].type == "message" and done.output[0].content[0].text
+    assert done.usage.input_token_details.cached_tokens > 0, "the call's turn stayed in the cache"
