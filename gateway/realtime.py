@@ -86,9 +86,13 @@ class RealtimeSession:
         await self.send("session.created", session=self._session())
         try:
             while True:
-                raw = await self.ws.receive_text()
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
                 try:
-                    await self._on_event(raw)
+                    if message.get("text") is None:
+                        raise RealtimeError("invalid_event", "events are JSON text frames, not binary ones")
+                    await self._on_event(message["text"])
                 except RealtimeError as exc:
                     await self.send(
                         "error",

@@ -186,3 +186,26 @@ def test_a_function_call_goes_out_and_its_output_comes_back(stack: Stack) -> Non
         done = until(conn, "response.done")[-1].response
     assert done.status == "completed" and done.output[0].type == "message" and done.output[0].content[0].text
     assert done.usage.input_token_details.cached_tokens > 0, "the call's turn stayed in the cache"
+
+
+def test_binary_frames_and_any_text_get_an_answer_and_the_session_stays(stack: Stack) -> None:
+    url = stack.url.replace("http://", "ws://") + "/v1/realtime?model=jarvis"
+    junk: list[str | bytes] = [
+        b"\x00\xff" * 50,
+        "",
+        "{}",
+        '{"type": 5}',
+        '{"type": "session.update"}',
+        '{"type": "conversation.item.create", "item": {"type": "function_call_output"}}',
+        '{"type": "input_audio_buffer.commit"}',
+        json.dumps({"type": "x" * 10_000}),
+    ]
+    with connect(url, max_size=None) as ws:
+        assert json.loads(ws.recv())["type"] == "session.created"
+        for message in junk:
+            ws.send(message)
+            assert json.loads(ws.recv())["type"] == "error", message[:80]
+        ws.send(json.dumps({"type": "session.update", "session": {"instructions": "Be brief."}}))
+        assert json.loads(ws.recv())["type"] == "session.updated"
+    log = (stack.manager.run_dir / "gateway.log").read_text()
+    assert "Traceback" not in log and "realtime_event_failed" not in log
