@@ -151,3 +151,19 @@ def test_an_unservable_model_hands_the_turn_to_the_fallback_once_and_only_before
     spoke.request()
     spoke.feed("Hello there. ")
     assert not spoke.fall_back(ModelFailed("died mid-answer")), "no second voice after the first has spoken"
+
+
+def test_an_answer_spoken_over_keeps_only_what_was_said(tmp_path: Path) -> None:
+    config = load_agents_config(SHIPPED_CONFIG)
+    histories = Histories(tmp_path, 24, "jarvis")
+    turn = PersonaTurn(config.personas, histories, "jarvis", "s", "Tell me a story.", 4)
+    turn.request()
+    said = [p.text for p in turn.feed("Once upon a time, there was a dragon. It liked to cook. ")]
+    turn.interrupted(" ".join(said[:1]))  # the person spoke after the first piece
+    assert histories.get("s")[-2:] == [
+        {"role": "user", "content": "Tell me a story."},
+        {"role": "assistant", "content": "Once upon a time,"},
+    ]
+    silent = PersonaTurn(config.personas, histories, "jarvis", "t", "Hello?", 4)
+    silent.interrupted("")
+    assert histories.get("t") == [], "nothing said: no turn kept"
