@@ -9,7 +9,7 @@ import json
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import av
@@ -59,10 +59,11 @@ def start_gateway(manager: ManagerProcess, config_path: Path, name: str = "gatew
 
 
 @contextlib.contextmanager
-def running_stack(gateway_settings: dict) -> Iterator[Stack]:
-    """The manager (the test catalogue, with a ``parallel: 4`` SmolLM2) and a gateway with ``gateway_settings``."""
+def running_stack(gateway_settings: dict, make_config: Callable[[Path], dict] = base_config) -> Iterator[Stack]:
+    """The manager (``make_config``'s catalogue, with a ``parallel: 4`` SmolLM2) and a gateway with
+    ``gateway_settings``."""
     run_dir = Path(tempfile.mkdtemp(prefix="mm-"))
-    config = base_config(run_dir)
+    config = make_config(run_dir)
     config["gateway"] = {"port": 0, **gateway_settings}
     config["models"]["smollm2-batched"] = {**config["models"]["smollm2"], "parallel": 4}
     manager = ManagerProcess(run_dir, config)

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import jsonschema
 import openai
@@ -16,8 +13,8 @@ import pytest
 from websockets.sync.client import connect
 
 from gateway.audio_codecs import OPENAI_PCM_RATE, resample
-from tests.conftest import ManagerProcess, stack_config
-from tests.test_gateway import WEATHER, Stack, start_gateway
+from tests.conftest import stack_config
+from tests.test_gateway import WEATHER, Stack, running_stack
 
 QUESTION = "What is the capital of France?"
 SILENCE_S = 1.0
@@ -25,19 +22,8 @@ SILENCE_S = 1.0
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    run_dir = Path(tempfile.mkdtemp(prefix="mm-"))
-    manager = ManagerProcess(run_dir, stack_config(run_dir))
-    gateway = None
-    try:
-        manager.start()
-        gateway, url = start_gateway(manager, manager.config_path)
-        assert gateway.proc is not None
-        yield Stack(manager, url, gateway.proc)
-    finally:
-        if gateway is not None:
-            gateway.stop(timeout=10)
-        manager.stop()
-        shutil.rmtree(run_dir, ignore_errors=True)
+    with running_stack({}, stack_config) as running:  # the shipped personas: Jarvis answers
+        yield running
 
 
 def until(conn, kind: str, limit: int = 5000) -> list:
