@@ -153,7 +153,7 @@ def relay_one(frame: bytes) -> list[list[bytes]]:
     """The manager's CPU work for one worker message: decode it, encode each client's reply."""
     message = wire.decode_from_worker(frame)
     if isinstance(message, wire.Chunks):
-        return [protocol.encode_encoded_chunk(item.rid, item.chunk) for item in message.items]
+        return [protocol.encode_chunk(item.rid, item.chunk) for item in message.items]
     assert isinstance(message, wire.Generated)
     return [protocol.encode_result(message.rid, message.result)]
 

@@ -23,14 +23,13 @@ import asyncio
 import base64
 import binascii
 import json
-import uuid
 from typing import Any
 
 import structlog
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gateway.audio_codecs import OPENAI_PCM_RATE
-from gateway.realtime_answer import respond
+from gateway.realtime_answer import new_id, respond
 from model_client.aio import ManagerLink
 from model_client.errors import ModelManagerError
 from personas.config import AgentsConfig, Persona
@@ -46,10 +45,6 @@ MAX_BUFFER_S = 60.0  # audio held before a commit
 DEFAULT_VAD = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}
 
 
-def _id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:20]}"
-
-
 class RealtimeError(Exception):
     def __init__(self, code: str, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -59,7 +54,7 @@ class RealtimeError(Exception):
 class RealtimeSession:
     def __init__(self, ws: WebSocket, link: ManagerLink, agents: AgentsConfig, model: str, voices: list[str]) -> None:
         self.ws, self.link, self.agents = ws, link, agents
-        self.id = _id("sess")
+        self.id = new_id("sess")
         self.personas = dict(agents.personas)
         if model not in self.personas:  # a chat model of the catalogue: a persona with the session's instructions
             self.personas[model] = Persona(model=model, system_prompt="You are a helpful voice assistant.")
@@ -116,7 +111,7 @@ class RealtimeSession:
                 self.responding.cancel()
 
     async def send(self, kind: str, **fields: Any) -> None:
-        await self.ws.send_text(json.dumps({"type": kind, "event_id": _id("event"), **fields}))
+        await self.ws.send_text(json.dumps({"type": kind, "event_id": new_id("event"), **fields}))
 
     async def _on_event(self, raw: str) -> None:
         try:
@@ -203,7 +198,7 @@ class RealtimeSession:
             if call_id in self.call_names:
                 result["name"] = self.call_names[call_id]
             self.pending_results.append(result)
-            item_id = item.get("id") if isinstance(item.get("id"), str) else _id("item")
+            item_id = item.get("id") if isinstance(item.get("id"), str) else new_id("item")
             await self.send("conversation.item.added", item={**item, "id": item_id, "status": "completed"})
             return
         if not isinstance(item, dict) or item.get("type", "message") != "message" or item.get("role") != "user":
@@ -213,7 +208,7 @@ class RealtimeSession:
         if not text.strip():
             raise RealtimeError("invalid_value", "a user message needs input_text content", "item.content")
         self.pending_text.append(text)
-        item_id = item.get("id") if isinstance(item.get("id"), str) else _id("item")
+        item_id = item.get("id") if isinstance(item.get("id"), str) else new_id("item")
         await self.send("conversation.item.added", item={**item, "id": item_id, "status": "completed"})
 
     async def _on_response_create(self, event: dict[str, Any]) -> None:
@@ -231,7 +226,7 @@ class RealtimeSession:
     # ----- a turn -------------------------------------------------------------------------------------------
 
     async def _speech_started(self) -> None:
-        self.item_id = _id("item")
+        self.item_id = new_id("item")
         await self.send("input_audio_buffer.speech_started", item_id=self.item_id)
         await self._cancel()  # barge-in: the person speaks, the answer stops
 
@@ -242,7 +237,7 @@ class RealtimeSession:
 
     async def _commit(self, pcm: bytes, answer: bool) -> None:
         self.buffer.clear()
-        item_id = self.item_id or _id("item")
+        item_id = self.item_id or new_id("item")
         self.item_id = None
         await self.send("input_audio_buffer.committed", item_id=item_id)
         item = {
@@ -320,7 +315,7 @@ async def realtime_endpoint(ws: WebSocket, link: ManagerLink, agents: AgentsConf
             "param": "model",
             "message": f"no persona or chat model {model!r}: {sorted(agents.personas) + sorted(chat_models)}",
         }
-        await ws.send_text(json.dumps({"type": "error", "event_id": _id("event"), "error": error}))
+        await ws.send_text(json.dumps({"type": "error", "event_id": new_id("event"), "error": error}))
         await ws.close(code=1008)
         return
     log.info("realtime_session", model=model)

@@ -21,13 +21,14 @@ from personas.config import Persona
 from personas.turn import PersonaTurn
 
 
-def _id(prefix: str) -> str:
+def new_id(prefix: str) -> str:
+    """A Realtime API id (``resp_...``, ``item_...``, ``event_...``)."""
     return f"{prefix}_{uuid.uuid4().hex[:20]}"
 
 
 async def respond(session: Any, text: str, results: list[dict[str, Any]]) -> None:
     """``text``: what the person said (may be empty when only ``results``, function outputs, are handed back)."""
-    response_id, item_id = _id("resp"), _id("item")
+    response_id, item_id = new_id("resp"), new_id("item")
     audio = session.modalities == ["audio"]
     where = {"response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0}
     header = {"id": response_id, "object": "realtime.response", "status": "in_progress", "output": []}
@@ -121,7 +122,7 @@ async def _calls(session: Any, response_id: str, completion: Completion) -> list
     for index, call in enumerate(completion.tool_calls):
         session.call_names[call.id] = call.function.name
         item = {
-            "id": _id("item"),
+            "id": new_id("item"),
             "type": "function_call",
             "status": "completed",
             "call_id": call.id,

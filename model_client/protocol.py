@@ -182,7 +182,6 @@ IDEMPOTENT_OPS = frozenset({"ping", "status", "models", "load", "unload", "conve
 PRIORITY_BATCH = 10  # background work
 PRIORITY_NORMAL = 50  # the default
 PRIORITY_INTERACTIVE = 80  # a person is waiting: personas, voice turns
-LATENCY_CLASSES = ("voice", "chat", "batch")
 
 
 def latency_class(priority: int) -> str:
@@ -331,10 +330,6 @@ def parse_args(op: str, args: dict[str, Any], ops: dict[str, type[OpArgs]] | Non
         raise BadRequest(f"invalid arguments for {op!r}: {exc}") from None
 
 
-def args_to_dict(args: OpArgs) -> dict[str, Any]:
-    return msgspec.to_builtins(args)
-
-
 def encode_result(request_id: str | None, result: Any, payloads: tuple[bytes, ...] = ()) -> list[bytes]:
     """``result``: a map, or a typed result (``model_client.results``), which goes as the same map."""
     envelope = {"v": PROTOCOL_VERSION, "id": request_id, "type": REPLY_RESULT, "result": result}
@@ -342,15 +337,12 @@ def encode_result(request_id: str | None, result: Any, payloads: tuple[bytes, ..
 
 
 def encode_chunk(request_id: str, chunk: Any, payloads: tuple[bytes, ...] = ()) -> list[bytes]:
+    """``chunk``: a map, a typed chunk, or a ``msgspec.Raw`` already encoded (a worker's streamed text, which the
+    manager puts into the envelope as it is)."""
     return [
         _raw_encoder.encode({"v": PROTOCOL_VERSION, "id": request_id, "type": REPLY_CHUNK, "chunk": chunk}),
         *payloads,
     ]
-
-
-def encode_encoded_chunk(request_id: str, chunk: msgspec.Raw) -> list[bytes]:
-    """A chunk that arrived already encoded (a worker's streamed text): put in the envelope as it is."""
-    return [_raw_encoder.encode({"v": PROTOCOL_VERSION, "id": request_id, "type": REPLY_CHUNK, "chunk": chunk})]
 
 
 _raw_encoder = msgspec.msgpack.Encoder()

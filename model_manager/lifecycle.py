@@ -221,7 +221,7 @@ class Lifecycle(WorkerEvents):
                 slot.running[job.key] = job
                 if len(slot.running) == 1:
                     self._hand_out_threads()  # before the run: its worker steps with its new share
-                run = wire.Run(rid=job.key, args=job.args, voice=protocol.latency_class(job.priority) == "voice")
+                run = wire.Run(rid=job.key, args=job.args, voice=job.latency_class == "voice")
                 if job.deadline is not None and not job.stream:
                     # The client waits this much longer for the one reply: the worker stops past it. (A stream's
                     # client waits per chunk; if it goes away, the failed send of a chunk cancels the request.)

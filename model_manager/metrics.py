@@ -124,7 +124,7 @@ class ManagerMetrics:
                 self.model_bytes.labels(slot.name, device).set(slot.placements.get(device, 0))
             self.conversations.labels(slot.name).set(slot.kv_stats.get("conversations", 0))
             self.conversation_bytes.labels(slot.name).set(slot.kv_stats.get("bytes", 0))
-            self.parallel.labels(slot.name).set(slot.spec.parallel or 1 if slot.spec.kind == "llm" else slot.capacity)
+            self.parallel.labels(slot.name).set(slot.capacity - slot.voice_sequences)
             loaded = slot.state.value == "ready"
             batching = slot.batching if loaded else {}
             self.sequences_busy.labels(slot.name).set(batching.get("sequences_busy", 0))

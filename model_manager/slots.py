@@ -69,6 +69,15 @@ class Job:
     def stream(self) -> bool:
         return bool(getattr(self.args, "stream", False))
 
+    @property
+    def latency_class(self) -> str:
+        return latency_class(self.priority)
+
+    @property
+    def queue_wait_s(self) -> float:
+        """From the manager's receiving it to its start (0 while it waits)."""
+        return 0.0 if self.started_at is None else self.started_at - self.received_at
+
 
 @dataclass
 class ClassWaits:
@@ -211,14 +220,19 @@ class ModelSlot:
             return self.spec.batch_size
         return sequences(self.spec) if self.spec.kind == "llm" else 1
 
+    @property
+    def voice_sequences(self) -> int:
+        """An LLM's sequences kept for voice requests beyond ``parallel``."""
+        return sequences(self.spec) - (self.spec.parallel or 1) if self.spec.kind == "llm" else 0
+
     def may_start(self, job: Job) -> bool:
         """A free place for ``job``: a voice request may take any sequence, others only ``parallel`` of them."""
         if len(self.running) >= self.capacity:
             return False
-        if self.spec.kind != "llm" or latency_class(job.priority) == "voice":
+        if self.spec.kind != "llm" or job.latency_class == "voice":
             return True
-        others = sum(1 for j in self.running.values() if latency_class(j.priority) != "voice")
-        return others < (self.spec.parallel or 1)
+        others = sum(1 for j in self.running.values() if j.latency_class != "voice")
+        return others < self.capacity - self.voice_sequences
 
     def idle_for(self, now: float) -> float | None:
         return None if self.last_used is None or self.busy else max(0.0, now - self.last_used)

@@ -39,7 +39,6 @@ def model_entry(slot: ModelSlot, now: float) -> dict[str, Any]:
     if idle is not None and loaded and ttl >= 0 and not slot.spec.pinned:
         ttl_left = round(max(0.0, ttl - idle), 1)
     waiting = slot.plan.reason if slot.plan is not None and slot.state is ModelState.UNLOADED else None
-    voice = slot.capacity - (slot.spec.parallel or 1) if slot.spec.kind == "llm" else 0
     return {
         "name": slot.name,
         "kind": slot.spec.kind,
@@ -66,8 +65,8 @@ def model_entry(slot: ModelSlot, now: float) -> dict[str, Any]:
         "ttl_s": ttl,
         "ttl_left_s": ttl_left,
         "waiting_for": waiting,
-        "parallel": slot.capacity - voice,
-        "voice_sequences": voice,
+        "parallel": slot.capacity - slot.voice_sequences,
+        "voice_sequences": slot.voice_sequences,
         "waits": {kind: waits.report() for kind, waits in slot.waits.items()},
         "batching": slot.batching or None if loaded else None,
         "kv_cache": slot.kv_stats or None,

@@ -137,7 +137,7 @@ class WorkerEvents:
         for item in items:
             job = slot.running.get(item.rid)
             if job is not None and job.stream and not job.cancelled:
-                self._relay(slot, job, protocol.encode_encoded_chunk(job.request_id, item.chunk))
+                self._relay(slot, job, protocol.encode_chunk(job.request_id, item.chunk))
 
     def _relay(self, slot: ModelSlot, job: Job, frames: list[bytes]) -> None:
         """A streamed piece to its client; a client that cannot take it is gone: its request is cancelled."""
@@ -179,7 +179,7 @@ class WorkerEvents:
         """The worker's result with the manager's figures: the model's name, the queue wait."""
         assert job.started_at is not None
         result.model = slot.name
-        result.timings.queue_ms = round((job.started_at - job.received_at) * 1000, 2)
+        result.timings.queue_ms = round(job.queue_wait_s * 1000, 2)
         self.metrics.ttft.labels(slot.name).observe(result.timings.ttft_ms / 1000)
         return result
 
@@ -188,7 +188,7 @@ class WorkerEvents:
         assert job.started_at is not None
         result["model"] = slot.name
         if isinstance(result.get("timings"), dict):
-            result["timings"]["queue_ms"] = round((job.started_at - job.received_at) * 1000, 2)
+            result["timings"]["queue_ms"] = round(job.queue_wait_s * 1000, 2)
         return result
 
     def _log_request(self, slot: ModelSlot, job: Job, outcome: str) -> None:
@@ -196,11 +196,10 @@ class WorkerEvents:
         self.metrics.requests.labels(job.op, slot.name, outcome).inc()
         self.metrics.latency.labels(job.op, slot.name).observe(now - job.received_at)
         if job.started_at is not None:
-            waited = job.started_at - job.received_at
+            waited = job.queue_wait_s
             self.metrics.queue_wait.labels(job.op, slot.name).observe(waited)
-            kind = protocol.latency_class(job.priority)
-            self.metrics.class_wait.labels(slot.name, kind).observe(waited)
-            slot.waits.setdefault(kind, ClassWaits()).add(waited)
+            self.metrics.class_wait.labels(slot.name, job.latency_class).observe(waited)
+            slot.waits.setdefault(job.latency_class, ClassWaits()).add(waited)
         log.info(
             "request_done",
             id=job.request_id,
