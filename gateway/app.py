@@ -137,6 +137,8 @@ def build_app(settings: GatewaySettings, manager_endpoint: str, agents: AgentsCo
         Route("/api/ps", ollama.ps, methods=["GET"]),
         Route("/api/show", ollama.show, methods=["POST"]),
         Route("/api/pull", ollama.pull, methods=["POST"]),
+        Route("/api/delete", ollama.delete, methods=["DELETE"]),
+        Route("/api/copy", ollama.copy, methods=["POST"]),
         Route("/api/chat", ollama.chat, methods=["POST"]),
         Route("/api/generate", ollama.generate, methods=["POST"]),
         Route("/api/embed", ollama.embed, methods=["POST"]),

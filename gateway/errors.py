@@ -19,6 +19,7 @@ STATUS: dict[str, tuple[int, str | None]] = {
     "model_not_found": (404, "model_not_found"),
     "busy": (429, "rate_limit_exceeded"),
     "insufficient_memory": (503, "insufficient_memory"),
+    "pull_failed": (400, "pull_failed"),
     "model_load_failed": (503, "model_load_failed"),
     "model_failed": (503, "model_failed"),
     "timeout": (504, "timeout"),

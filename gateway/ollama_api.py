@@ -17,6 +17,7 @@ from gateway.body import decode, refuse_unserved
 from gateway.errors import HttpError
 from gateway.ollama_schema import (
     ChatBody,
+    CopyBody,
     EmbedBody,
     GenerateBody,
     Generation,
@@ -140,29 +141,60 @@ class Ollama:
 
     async def show(self, request: Request) -> Response:
         name = (await decode(request, ModelBody)).chosen
-        entry = next((m for m in await self._llms() if m["name"] == name), None)
-        if entry is None:
+        entry = await self.link.request("show", {"model": name}, timeout_s=10.0)
+        if entry["kind"] != "llm":
             raise HttpError(404, f"model '{name}' not found")
-        architecture = entry.get("architecture") or "llama"
+        header = entry.get("gguf") or {}
+        architecture = header.get("general.architecture") or "llama"
+        info = {k: v for k, v in header.items() if k != "tokenizer.chat_template" and isinstance(v, int | float | str)}
+        info.setdefault(f"{architecture}.context_length", entry["n_ctx"])
+        parameters = [f"num_ctx {entry['n_ctx']}"] + [f"stop {s}" for s in entry.get("stop") or []]
         return JSONResponse(
             {
-                "modelfile": "",
-                "parameters": "",
-                "template": "",
+                "modelfile": f"FROM {entry['path']}\n",
+                "parameters": "\n".join(parameters),
+                "template": header.get("tokenizer.chat_template") or "",
                 "details": _details(entry),
-                "model_info": {"general.architecture": architecture, f"{architecture}.context_length": entry["n_ctx"]},
+                "model_info": info,
                 "capabilities": ["completion", "tools", "embedding"],
                 "modified_at": _now(),
             }
         )
 
     async def pull(self, request: Request) -> Response:
+        """Fetch a model by reference (``hf.co/ORG/REPO:QUANT``, ``hf://``, a URL) through the manager, with
+        progress in Ollama's shape; a name already in the catalogue answers ``success`` at once."""
         body = await decode(request, PullBody)
-        if body.chosen not in {m["name"] for m in await self._llms()}:
-            raise HttpError(404, "pull model manifest: file does not exist (this server never downloads models)")
-        if body.stream:
-            return StreamingResponse(_lines([{"status": "success"}]), media_type="application/x-ndjson")
-        return JSONResponse({"status": "success"})
+        name = body.chosen
+        if name in {m["name"] for m in (await self.link.request("models", {}, timeout_s=5.0))["models"]}:
+            lines = [{"status": "pulling manifest"}, {"status": "success"}]
+            return (
+                StreamingResponse(_lines(lines), media_type="application/x-ndjson")
+                if body.stream
+                else JSONResponse(lines[-1])
+            )
+        if not name.startswith(PULLABLE):
+            raise HttpError(
+                404,
+                f"pull model manifest: {name!r} is not in the catalogue, and only hf.co/ORG/REPO:QUANT, "
+                "hf://ORG/REPO/FILE and https:// references are pulled here (no Ollama registry)",
+            )
+        replies = self.link.replies("pull", {"ref": name, "stream": True}, timeout_s=PULL_QUIET_S)
+        first = await anext(replies)  # a refused reference is an HTTP error, before any line is sent
+        if not body.stream:
+            async for _ in replies:
+                pass
+            return JSONResponse({"status": "success"})
+        return StreamingResponse(_pull_lines(first.body, replies), media_type="application/x-ndjson")
+
+    async def delete(self, request: Request) -> Response:
+        await self.link.request("remove", {"model": (await decode(request, ModelBody)).chosen}, timeout_s=60.0)
+        return Response(status_code=200)
+
+    async def copy(self, request: Request) -> Response:
+        body = await decode(request, CopyBody)
+        await self.link.request("copy", {"source": name_of(body.source), "destination": body.destination})
+        return Response(status_code=200)
 
     async def chat(self, request: Request) -> Response:
         body = await decode(request, ChatBody)
@@ -299,6 +331,43 @@ def _final(model: str, result: Completion, started: int, field: str, text: str) 
         "eval_count": usage.completion_tokens,
         "eval_duration": int(max(0.0, total_ms - first_ms) * 1e6),
     }
+
+
+PULLABLE = ("hf.co/", "huggingface.co/", "hf://", "https://", "http://")
+PULL_QUIET_S = 600.0  # the longest a pull may go without a word (its progress comes every quarter second)
+
+
+def _ollama_progress(chunk: dict[str, Any]) -> dict[str, Any] | None:
+    """A manager pull chunk as Ollama's pull progress line (None: nothing to say in that shape)."""
+    status = chunk.get("status")
+    if status in ("resolving", "resolved"):
+        return {"status": "pulling manifest"}
+    if status == "fit":
+        where = f"on {chunk['device']}" if chunk.get("fits") else f"nowhere now ({chunk.get('reason')})"
+        evicting = f", evicting {', '.join(chunk['evicts'])}" if chunk.get("evicts") else ""
+        return {"status": f"fits {where}{evicting}", "total": chunk.get("total")}
+    if status == "downloading":
+        file = chunk.get("file", "")
+        return {"status": f"pulling {file}", "digest": file, "total": chunk["total"], "completed": chunk["completed"]}
+    if status == "verified":
+        return {"status": "verifying sha256 digest", "digest": f"sha256:{chunk['sha256']}"}
+    return None
+
+
+async def _pull_lines(first: dict[str, Any], rest: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+    try:
+        if (line := _ollama_progress(first)) is not None:
+            yield _line(line)
+        async for reply in rest:
+            if reply.is_final:
+                yield _line({"status": "writing manifest"})
+                yield _line({"status": "success"})
+            elif (line := _ollama_progress(reply.body)) is not None:
+                yield _line(line)
+    except Exception as exc:
+        yield _line({"error": getattr(exc, "message", str(exc))})
+    finally:
+        await rest.aclose()
 
 
 def _line(data: dict[str, Any]) -> bytes:

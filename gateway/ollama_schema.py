@@ -99,6 +99,12 @@ class LegacyEmbedBody(msgspec.Struct, kw_only=True):
 
 class PullBody(ModelBody):
     stream: bool = True
+    insecure: bool = False  # Ollama's flag for registries without TLS; pulls here take http:// URLs as given
+
+
+class CopyBody(msgspec.Struct):
+    source: str
+    destination: str
 
 
 def name_of(model: str) -> str:

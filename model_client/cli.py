@@ -10,6 +10,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from model_client import catalogue_commands
 from model_client.client import Conversation, ModelClient
 from model_client.errors import BadRequest, ModelManagerError
 from model_client.security import make_keys
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     say.add_argument("-o", "--output", type=Path, default=Path("say.wav"), help="WAV file to write (say.wav)")
     say.add_argument("--voice", help="a tts model of the catalogue (default: the first)")
     say.add_argument("--speed", type=float, default=1.0)
+    catalogue_commands.add_arguments(sub)
     added = _added_commands()
     for name, command in added.items():
         command.add_arguments(sub.add_parser(name, help=command.HELP))
@@ -233,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{result['name']}: {result['state']}")
             elif args.command == "chat":
                 _chat(client, args.model, args.system, args.max_tokens)
+            elif args.command in catalogue_commands.COMMANDS:
+                return catalogue_commands.run(client, args)
             elif args.command in added:
                 added[args.command].run(args)
             elif args.command == "transcribe":

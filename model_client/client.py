@@ -232,6 +232,31 @@ class ModelClient:
     def unload(self, model: str) -> dict[str, Any]:
         return self.request("unload", {"model": model})
 
+    def pull(self, ref: str, name: str | None = None, check: bool = False, **options: Any) -> Iterator[dict[str, Any]]:
+        """Fetch a model into the catalogue (``hf.co/ORG/REPO:QUANT``, ``hf://ORG/REPO/FILE``, an https URL): yields
+        the progress maps (``status``: resolved, fit, downloading, verified, success), the last one the result
+        (``model``, ``fit``, ``files``). ``check``: the fit only, nothing downloaded. ``timeout`` bounds the wait for
+        each piece of progress, not the whole pull."""
+        timeout = float(options.pop("timeout", self.timeout))
+        args = {"ref": ref, "name": name, "check": check, **options}
+        for reply in self._replies("pull", args, timeout):
+            yield {**reply.body, "final": reply.is_final}
+
+    def remove(self, model: str) -> dict[str, Any]:
+        """Take a pulled model (and its files) or an alias out of the catalogue; a model in use is ``busy``."""
+        return self.request("remove", {"model": model})
+
+    def copy(self, source: str, destination: str) -> dict[str, Any]:
+        """A second name for a model (an alias: the same weights, loaded once)."""
+        return self.request("copy", {"source": source, "destination": destination})
+
+    def show(self, model: str) -> dict[str, Any]:
+        return self.request("show", {"model": model})
+
+    def reload(self) -> dict[str, Any]:
+        """Take the catalogue fragments as they are on disk now (what SIGHUP does)."""
+        return self.request("reload")
+
     def drop_conversation(self, model: str, conversation_id: str) -> bool:
         """Forget a conversation's cached state (in RAM and on disk); True if there was one."""
         return self.request("conversation.drop", {"model": model, "conversation_id": conversation_id})["dropped"]

@@ -81,6 +81,13 @@ class Busy(ModelManagerError):
     code = "busy"
 
 
+class PullFailed(ModelManagerError):
+    """A model could not be pulled; ``details.reason`` says why: ``not_found``, ``ambiguous``, ``unsupported``,
+    ``network``, ``no_ranges``, ``disk``, ``hash_mismatch``, ``invalid_model``, ``exists`` or ``cancelled``."""
+
+    code = "pull_failed"
+
+
 class Timeout(ModelManagerError):
     """The manager did not answer in time (client side) or the request ran past its limit (manager side)."""
 
@@ -104,6 +111,7 @@ ERRORS_BY_CODE: dict[str, type[ModelManagerError]] = {
         ContextOverflow,
         InsufficientMemory,
         Busy,
+        PullFailed,
         Timeout,
         InternalError,
     )

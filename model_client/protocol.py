@@ -161,6 +161,22 @@ class SynthesizeArgs(OpArgs, kw_only=True):
     stream: bool = False
 
 
+class PullArgs(OpArgs, kw_only=True):
+    """Fetch a model by reference (``hf.co/ORG/REPO:QUANT``, ``hf://ORG/REPO/FILE``, an https URL) into the
+    catalogue. Streamed (DEALER, ``stream``): progress chunks, the first real one the fit check; then the result."""
+
+    ref: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+    name: str | None = None  # the catalogue name; default: an hf.co reference as given, else the file's name
+    check: bool = False  # only say where it would go (reads the GGUF header by range requests), download nothing
+    allow_no_fit: bool = False  # download even when no device could hold it now
+    stream: bool = False
+
+
+class CopyArgs(OpArgs, kw_only=True):
+    source: str
+    destination: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+
+
 OP_ARGS: dict[str, type[OpArgs]] = {
     "ping": NoArgs,
     "status": NoArgs,
@@ -173,10 +189,17 @@ OP_ARGS: dict[str, type[OpArgs]] = {
     "conversation.drop": ConversationArgs,
     "transcribe": TranscribeArgs,
     "synthesize": SynthesizeArgs,
+    "pull": PullArgs,
+    "remove": ModelArgs,
+    "copy": CopyArgs,
+    "show": ModelArgs,
+    "reload": NoArgs,
 }
 OPS: tuple[str, ...] = tuple(OP_ARGS)
 # Ops a client may send again after a timeout without changing anything twice (Lazy Pirate retries).
-IDEMPOTENT_OPS = frozenset({"ping", "status", "models", "load", "unload", "conversation.drop", "transcribe", "embed"})
+IDEMPOTENT_OPS = frozenset(
+    {"ping", "status", "models", "load", "unload", "conversation.drop", "transcribe", "embed", "show", "reload"}
+)
 
 
 PRIORITY_BATCH = 10  # background work
@@ -365,6 +388,9 @@ EVENT_MODEL_LOADED = "model.loaded"
 EVENT_MODEL_UNLOADED = "model.unloaded"
 EVENT_MODEL_FAILED = "model.failed"
 EVENT_HEARTBEAT = "manager.heartbeat"
+EVENT_MODEL_ADDED = "model.added"
+EVENT_MODEL_REMOVED = "model.removed"
+EVENT_MODEL_PULL = "model.pull"
 
 
 def encode_event(topic: str, body: dict[str, Any], now: float, payloads: tuple[bytes, ...] = ()) -> list[bytes]:

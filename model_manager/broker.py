@@ -25,13 +25,16 @@ from model_client import protocol
 from model_client.errors import BadRequest, Busy, InternalError, ModelManagerError
 from model_manager import status
 from model_manager import worker_protocol as wire
-from model_manager.config import Config
+from model_manager.config import Config, ModelSpec
+from model_manager.footprint import GgufFacts
 from model_manager.gatekeeper import WORKERS_DOMAIN, Gatekeeper
 from model_manager.lifecycle import Lifecycle
+from model_manager.live_catalogue import LiveCatalogue
 from model_manager.memory import MemoryAccounting
 from model_manager.metrics import ManagerMetrics
 from model_manager.ops import Ops
 from model_manager.pool import WorkerPool
+from model_manager.pulls.tracker import Pulls
 from model_manager.ratelimit import RateLimiter
 
 VERSION = "0.1.0"
@@ -98,7 +101,11 @@ class ModelManagerAgent:
         self.metrics = ManagerMetrics(config.metrics)
         self.lifecycle = Lifecycle(config, self.pool, self.memory, self.metrics, self)
         self.slots = self.lifecycle.slots
-        self.ops = Ops(config, self.lifecycle, self, self.status)
+        self.catalogue = LiveCatalogue(config, self.lifecycle, self)
+        self.pulls = Pulls(config, self, self._fit, self.catalogue, self._watch_fd)
+        self.pulls.gpus = any(device.kind == "gpu" for device in self.memory.devices())
+        self.ops = Ops(config, self.lifecycle, self, self.status, self.catalogue, self.pulls)
+        self._reload_asked = False
         self.rejected: Counter[str] = Counter()  # requests refused before any op ran, by reason
         self.rate = RateLimiter(config.limits.requests_per_second, config.limits.burst)
         self.metrics.start()
@@ -116,9 +123,23 @@ class ModelManagerAgent:
 
     # ----- the loop -------------------------------------------------------------------------------------------
 
+    def _fit(self, spec: ModelSpec, facts: GgufFacts | None, size: int | None) -> dict[str, Any]:
+        return self.memory.fit(spec, list(self.slots.values()), time.monotonic(), facts, size)
+
+    def _watch_fd(self, fd: int, watch: bool) -> None:
+        if watch:
+            self.poller.register(fd, zmq.POLLIN)
+        else:
+            self.poller.unregister(fd)
+
+    def _ask_reload(self, _signum: int, _frame: Any) -> None:
+        self._reload_asked = True  # taken in the loop: a signal handler changes nothing itself
+
     def serve(self) -> None:
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
+        signal.signal(signal.SIGHUP, self._ask_reload)
+        self.catalogue.reload()
         log.info(
             "manager_started",
             pid=os.getpid(),
@@ -142,8 +163,14 @@ class ModelManagerAgent:
                 self._drain(self.frontend, self._on_client_message, copy=False)
             if self.events.sock in ready:
                 self.events.on_readable()
-            if any(isinstance(fd, int) for fd in ready):
-                self.lifecycle.reap()  # a worker's pidfd: it has exited
+            exited = False
+            for fd in [fd for fd in ready if isinstance(fd, int)]:
+                if fd in self.pulls.by_fd:
+                    self.pulls.on_readable(fd)  # a pull's progress
+                else:
+                    exited = True  # a worker's pidfd: it has exited
+            if exited:
+                self.lifecycle.reap()
             now = time.monotonic()
             if now >= self._next_tick:
                 self._next_tick = now + TICK_S
@@ -169,6 +196,10 @@ class ModelManagerAgent:
 
     def _housekeeping(self, now: float) -> None:
         self.lifecycle.tick(now)
+        if self._reload_asked:
+            self._reload_asked = False
+            self.catalogue.reload()
+        self.catalogue.tick(now)
         if self.metrics.url is not None and now >= self._next_metrics:
             self._next_metrics = now + 1.0
             slots = list(self.slots.values())
@@ -176,6 +207,7 @@ class ModelManagerAgent:
         self.events.tick(now)
 
     def _shutdown(self) -> None:
+        self.pulls.shutdown()
         self.lifecycle.shutdown()
         self.memory.close()
         self.metrics.close()
@@ -297,13 +329,14 @@ class ModelManagerAgent:
             "metrics": self.metrics.url,
             "refused": self.refused(),
         }
-        return status.manager_report(
+        report = status.manager_report(
             manager=manager,
             inventory=self.memory.inventory.describe(),
             views=self.memory.views(slots),
             slots=slots,
             now=now,
         )
+        return {**report, "pulls": self.pulls.report(), "catalogue": self.catalogue.status()}
 
     def refused(self) -> dict[str, Any]:
         """What hostile or broken peers were refused since start: failed handshakes (on the workers socket, and

@@ -18,7 +18,8 @@ from model_client.endpoints import resolve_endpoint
 from model_client.protocol import DEFAULT_MAX_MESSAGE_BYTES, MIB
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
-ModelName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
+# A pulled Hugging Face model keeps the name it was pulled by (``hf.co/ORG/REPO:QUANT``, as Ollama names it).
+ModelName = Annotated[str, msgspec.Meta(pattern=r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
 
 
 __all__ = ["MIB", "Config", "ConfigError", "ModelSpec", "load_config", "parse_config"]
@@ -172,6 +173,17 @@ class ModelSpec(Section):
         return self.n_gpu_layers != 0 if self.kind == "llm" else self.device == "cuda"
 
 
+class CatalogueSettings(Section):
+    """Models added while the manager runs: pulled (``mm pull``, ``/api/pull``) or written by hand, one YAML
+    fragment per model in ``dir``, taken on ``mm reload``, SIGHUP, or when the directory changes."""
+
+    dir: str = "models.d"  # relative to this YAML's directory
+    models_dir: str = "../models/pulled"  # where pulls put their files, one folder per model
+    watch_s: Annotated[float, msgspec.Meta(ge=0)] = 2.0  # look for changed fragments this often; 0: only when told
+    keep_free_mib: Annotated[int, msgspec.Meta(ge=0)] = 1024  # a pull that would leave less disk free is refused
+    max_pulls: Annotated[int, msgspec.Meta(ge=1, le=16)] = 2  # pulls running at once; more get `busy`
+
+
 class Metrics(Section):
     """A Prometheus endpoint (HTTP), on loopback unless ``allow_remote``."""
 
@@ -192,6 +204,7 @@ class Config(Section, rename={"enable_legacy_models": "ENABLE_LEGACY_MODELS"}):
     kv_cache: KvCacheSettings = msgspec.field(default_factory=KvCacheSettings)
     security: Security = msgspec.field(default_factory=Security)
     metrics: Metrics = msgspec.field(default_factory=Metrics)
+    catalogue: CatalogueSettings = msgspec.field(default_factory=CatalogueSettings)
     models: dict[ModelName, ModelSpec] = {}
     # Sections read by the other daemons (services, agents); each validates its own.
     services: dict[str, Any] = {}
@@ -266,22 +279,43 @@ def config_from_sections(data: dict[str, Any], base_dir: Path, source: str) -> C
     )
     models = {name: _resolve_model(spec, config.defaults, base_dir) for name, spec in config.models.items()}
     for name, spec in models.items():
-        if not spec.path:
-            raise ConfigError(f"{source}: a model needs `path` (or, an llm, `variants`) - at `$.models.{name}`")
-        if spec.kind == "llm" and not spec.quantization:
-            raise ConfigError(f"{source}: an llm needs `quantization` (as its GGUF header says) - at `$.models.{name}`")
-        labels = [v.quantization for v in spec.variants]
-        if spec.variants and spec.kind != "llm":
-            raise ConfigError(f"{source}: only an llm has `variants` - at `$.models.{name}.variants`")
-        if len(labels) != len(set(labels)):
-            raise ConfigError(f"{source}: two variants share a quantization label - at `$.models.{name}.variants`")
-        if spec.variant is not None and spec.variant not in labels:
-            raise ConfigError(
-                f"{source}: variant {spec.variant!r} is not one of the variants {labels} - at `$.models.{name}.variant`"
-            )
-    return msgspec.structs.replace(
-        config, endpoints=endpoints, models=models, manager=manager, kv_cache=kv_cache, security=security
+        check_model(spec, source, f"$.models.{name}")
+    catalogue = msgspec.structs.replace(
+        config.catalogue,
+        dir=str(resolve_path(config.catalogue.dir, base_dir)),
+        models_dir=str(resolve_path(config.catalogue.models_dir, base_dir)),
     )
+    return msgspec.structs.replace(
+        config,
+        endpoints=endpoints,
+        models=models,
+        manager=manager,
+        kv_cache=kv_cache,
+        security=security,
+        catalogue=catalogue,
+    )
+
+
+def resolve_model(spec: ModelSpec, defaults: Defaults, base_dir: Path, source: str, at: str) -> ModelSpec:
+    """One catalogue entry with the defaults filled in and its paths made absolute, checked as the YAML's are."""
+    spec = _resolve_model(spec, defaults, base_dir)
+    check_model(spec, source, at)
+    return spec
+
+
+def check_model(spec: ModelSpec, source: str, at: str) -> None:
+    """What the struct alone cannot say of an entry: its path, an llm's quantization, its variants."""
+    if not spec.path:
+        raise ConfigError(f"{source}: a model needs `path` (or, an llm, `variants`) - at `{at}`")
+    if spec.kind == "llm" and not spec.quantization:
+        raise ConfigError(f"{source}: an llm needs `quantization` (as its GGUF header says) - at `{at}`")
+    labels = [v.quantization for v in spec.variants]
+    if spec.variants and spec.kind != "llm":
+        raise ConfigError(f"{source}: only an llm has `variants` - at `{at}.variants`")
+    if len(labels) != len(set(labels)):
+        raise ConfigError(f"{source}: two variants share a quantization label - at `{at}.variants`")
+    if spec.variant is not None and spec.variant not in labels:
+        raise ConfigError(f"{source}: variant {spec.variant!r} is not one of the variants {labels} - at `{at}.variant`")
 
 
 def load_config(path: str | Path) -> Config:

@@ -107,7 +107,7 @@ class _Header:
         raise ValueError(f"unknown GGUF value type {kind}")
 
     def read(self) -> tuple[dict[str, Any], int]:
-        """The key/value fields, and the bytes of all tensors."""
+        """The key/value fields, and the bytes of all tensors (the tensors' own bytes are never read)."""
         if self.fh.read(4) != b"GGUF":
             raise ValueError("not a GGUF file (bad magic)")
         version = self._unpack("<I")
@@ -140,10 +140,39 @@ class _Counted:
         return self.length
 
 
+def read_gguf_fields(fh: BinaryIO) -> tuple[dict[str, Any], int]:
+    """A GGUF header's key/value fields (long arrays only counted) and its tensors' bytes, from any seekable
+    binary file: a local file, or a remote one read by HTTP ranges (``pulls.remote``)."""
+    return _Header(fh).read()
+
+
 def read_gguf_facts(path: str) -> GgufFacts:
     """The facts of a GGUF file's header that its memory estimate needs."""
     with open(path, "rb") as fh:
-        fields, tensor_bytes = _Header(io.BufferedReader(fh, 1 << 16)).read()
+        return facts_from_fields(*read_gguf_fields(io.BufferedReader(fh, 1 << 16)))
+
+
+def gguf_metadata(path: str) -> dict[str, Any]:
+    """The header's scalar and string fields (the chat template among them), long arrays left out."""
+    with open(path, "rb") as fh:
+        fields, _ = read_gguf_fields(io.BufferedReader(fh, 1 << 16))
+    return {key: value for key, value in fields.items() if not isinstance(value, _Counted | list)}
+
+
+def quantization_label(file_type: int | None) -> str:
+    """The GGUF ``general.file_type`` as llama.cpp names it (``Q4_1``, ``Q4_K_M``, ``F16``)."""
+    if file_type is None:
+        return "unknown"
+    import gguf
+
+    try:
+        return gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_")
+    except ValueError:
+        return f"file_type_{file_type}"
+
+
+def facts_from_fields(fields: dict[str, Any], tensor_bytes: int) -> GgufFacts:
+    """The estimate's facts out of a header's fields."""
 
     def field(name: str, default=None):
         return fields.get(name, default)
@@ -224,8 +253,8 @@ def files_bytes(path: str) -> int:
     return root.stat().st_size
 
 
-def estimate_speech(kind: str, path: str, compute_type: str, on_gpu: bool, process_overhead: int) -> Estimate:
-    size = files_bytes(path)
+def estimate_speech(kind: str, size: int, compute_type: str, on_gpu: bool, process_overhead: int) -> Estimate:
+    """``size``: the bytes of the model's files."""
     if kind == "stt":
         # "default" keeps float16 on a GPU and becomes float32 on a CPU.
         factor = WEIGHT_FACTOR.get(compute_type, 1.0 if on_gpu else 2.0)

@@ -37,9 +37,14 @@ class SavedState:
         return len(self.state) + 4 * len(self.tokens)
 
 
+def model_folder(model: str) -> str:
+    """A model's folder name: a pulled ``hf.co/ORG/REPO:QUANT`` name holds slashes."""
+    return model.replace("/", "--")
+
+
 def spill_path(spill_dir: str | Path, model: str, conversation_id: str) -> Path:
     digest = hashlib.sha256(conversation_id.encode()).hexdigest()[:40]
-    return Path(spill_dir) / model / f"{digest}{SPILL_SUFFIX}"
+    return Path(spill_dir) / model_folder(model) / f"{digest}{SPILL_SUFFIX}"
 
 
 class ConversationStore:
@@ -60,7 +65,7 @@ class ConversationStore:
         self.disk_ttl_s = disk_ttl_s
         self.states: OrderedDict[str, SavedState] = OrderedDict()
         if self.spill_dir is not None:
-            (self.spill_dir / model).mkdir(parents=True, exist_ok=True)
+            (self.spill_dir / model_folder(model)).mkdir(parents=True, exist_ok=True)
 
     @property
     def nbytes(self) -> int:
@@ -100,7 +105,7 @@ class ConversationStore:
                 self._evict(conversation_id, "ttl")
         if self.spill_dir is not None:
             cutoff = time.time() - self.disk_ttl_s
-            for path in (self.spill_dir / self.model).glob(f"*{SPILL_SUFFIX}"):
+            for path in (self.spill_dir / model_folder(self.model)).glob(f"*{SPILL_SUFFIX}"):
                 if path.stat().st_mtime < cutoff:
                     path.unlink(missing_ok=True)
 
@@ -113,7 +118,7 @@ class ConversationStore:
     def stats(self) -> dict[str, int]:
         spilled = 0
         if self.spill_dir is not None:
-            spilled = sum(1 for _ in (self.spill_dir / self.model).glob(f"*{SPILL_SUFFIX}"))
+            spilled = sum(1 for _ in (self.spill_dir / model_folder(self.model)).glob(f"*{SPILL_SUFFIX}"))
         return {"conversations": len(self.states), "bytes": self.nbytes, "spilled": spilled}
 
     def _fit_budget(self, keep: str) -> None:

@@ -117,6 +117,40 @@ class Lifecycle(WorkerEvents):
         else:
             self._reply(waiter, self._drop_spilled(slot, job.args.conversation_id))
 
+    # ----- the catalogue changing at run time ------------------------------------------------------------------
+
+    def add_model(self, name: str, spec: ModelSpec) -> ModelSlot:
+        slot = self.slots[name] = ModelSlot(name=name, spec=spec)
+        return slot
+
+    def at_rest(self, slot: ModelSlot) -> bool:
+        """No worker, nothing queued or running, nobody waiting: the model can be changed or removed."""
+        return (
+            slot.worker is None
+            and not slot.busy
+            and not slot.load_waiters
+            and not slot.unload_waiters
+            and not slot.drop_waiters
+            and slot.state in (ModelState.UNLOADED, ModelState.FAILED)
+        )
+
+    def retire(self, name: str, reason: str) -> bool:
+        """Take a model out of the catalogue once it is at rest (True); until then, unload it when idle."""
+        slot = self.slots[name]
+        if self.at_rest(slot):
+            del self.slots[name]
+            return True
+        self._maybe_unload(slot, reason=reason)
+        return False
+
+    def respec(self, name: str, spec: ModelSpec) -> bool:
+        """Give a model its edited entry once it is at rest (True); a loaded one keeps serving as it was."""
+        slot = self.slots[name]
+        if not self.at_rest(slot):
+            return False
+        slot.spec, slot.load_spec, slot.estimate, slot.measured = spec, None, None, None
+        return True
+
     # ----- answers --------------------------------------------------------------------------------------------
 
     def _reply(self, waiter: Waiter | Job, result: Any, payloads: tuple[bytes, ...] = ()) -> None:

@@ -16,7 +16,14 @@ import structlog
 from model_client.errors import ModelLoadFailed
 from model_manager.config import MIB, Config, ModelSpec, sequences
 from model_manager.devices import HOST, Device, open_inventory, process_rss
-from model_manager.footprint import DEFAULT_WORKER_BASE, FootprintStore, estimate_gguf, estimate_speech
+from model_manager.footprint import (
+    DEFAULT_WORKER_BASE,
+    FootprintStore,
+    GgufFacts,
+    estimate_gguf,
+    estimate_speech,
+    files_bytes,
+)
 from model_manager.policy import Decision, DeviceView, PlacementRequest, Resident, device_views, plan_placement
 from model_manager.pool import WorkerPool
 from model_manager.slots import ModelSlot, ModelState
@@ -90,6 +97,15 @@ class MemoryAccounting:
             if failure:
                 raise ModelLoadFailed(f"cannot read the GGUF header of {spec.path}: {failure}", path=spec.path)
             return None
+        needs = self.llm_needs(slot, spec, facts)
+        slot.measured = self.store.measured(
+            self.measured_key(spec, spec.wants_gpu and self.inventory.mode != "simulated")
+        )
+        return needs
+
+    def llm_needs(self, slot: ModelSlot, spec: ModelSpec, facts: GgufFacts) -> tuple[int, int]:
+        """(GPU bytes, CPU bytes) of an LLM from its header's facts: a local file's, or a remote one's before it is
+        downloaded (the measured size of an earlier load of the same file replaces the estimate)."""
         context = self.config.devices.cuda_context_mib * MIB
         simulated = self.inventory.mode == "simulated"
         on_gpu = spec.wants_gpu and not simulated
@@ -108,20 +124,22 @@ class MemoryAccounting:
             if simulated:
                 slot.host_share = min(slot.host_share, cpu)
                 gpu = cpu - slot.host_share
-        slot.measured = self.store.measured(self.measured_key(spec, on_gpu))
         return gpu, cpu
 
-    def _speech_needs(self, slot: ModelSlot) -> tuple[int, int]:
+    def _speech_needs(self, slot: ModelSlot, size: int | None = None) -> tuple[int, int]:
+        """A speech model's needs from its files' size (``size``: of files not downloaded yet)."""
         spec = slot.spec
-        exists = os.path.isdir(spec.path) if spec.kind == "stt" else os.path.isfile(spec.path)
-        if not exists:
-            what = "model directory" if spec.kind == "stt" else "voice file"
-            raise ModelLoadFailed(f"{what} not found: {spec.path}", path=spec.path)
+        if size is None:
+            exists = os.path.isdir(spec.path) if spec.kind == "stt" else os.path.isfile(spec.path)
+            if not exists:
+                what = "model directory" if spec.kind == "stt" else "voice file"
+                raise ModelLoadFailed(f"{what} not found: {spec.path}", path=spec.path)
+            size = files_bytes(spec.path)
         simulated = self.inventory.mode == "simulated"
         on_gpu = spec.wants_gpu and not simulated
         context = self.config.devices.cuda_context_mib * MIB
-        est_cpu = estimate_speech(spec.kind, spec.path, spec.compute_type, False, self.worker_base)
-        est_gpu = estimate_speech(spec.kind, spec.path, spec.compute_type, True, context)
+        est_cpu = estimate_speech(spec.kind, size, spec.compute_type, False, self.worker_base)
+        est_gpu = estimate_speech(spec.kind, size, spec.compute_type, True, context)
         slot.estimate = est_gpu if on_gpu else est_cpu
         cpu = self.store.measured(self.measured_key(spec, False)) or est_cpu.total
         gpu = cpu if simulated else self.store.measured(self.measured_key(spec, True)) or est_gpu.total
@@ -195,6 +213,27 @@ class MemoryAccounting:
         return plan_placement(
             request, self.devices(), self.residents(slots), self.config.devices, self.config.scheduler, now
         )
+
+    def fit(
+        self, spec: ModelSpec, slots: list[ModelSlot], now: float, facts: GgufFacts | None, size: int | None
+    ) -> dict:
+        """Where a model not downloaded yet would go now, and what it would push out: the placement a load would
+        get, from its remote header's facts (an LLM) or its files' size (speech)."""
+        probe = ModelSlot(name="(pull)", spec=spec)
+        needs = self.llm_needs(probe, spec, facts) if facts is not None else self._speech_needs(probe, size)
+        decision = self.plan(probe, slots, needs, now)
+        device = decision.device_ids[0] if decision.device_ids else None
+        return {
+            "fits": decision.action != "fail",
+            "action": decision.action,  # place, evict, wait (memory held by busy models) or fail
+            "device": "+".join(decision.device_ids) or None,
+            "variant": spec.quantization,
+            "needs_bytes": needs[0] if device is not None and device != HOST else needs[1],
+            "estimate": {k: v for k, v in vars(probe.estimate).items()} if probe.estimate else None,
+            "evicts": list(decision.evict),
+            "reason": decision.reason or None,
+            "free_bytes": dict(decision.free),
+        }
 
     def place(
         self, slot: ModelSlot, decision: Decision, needs: tuple[int, int], spec: ModelSpec | None = None

@@ -14,21 +14,34 @@ from model_client import protocol
 from model_client.errors import BadRequest, InvalidAudio, ModelNotFound
 from model_manager import worker_protocol as wire
 from model_manager.config import Config
+from model_manager.footprint import gguf_metadata
 from model_manager.lifecycle import Lifecycle
+from model_manager.live_catalogue import LiveCatalogue
+from model_manager.pulls.tracker import Pulls, PullWaiter
 from model_manager.slots import Job, ModelSlot, Waiter
-from model_manager.status import catalogue_entry
 from model_manager.worker_events import Outbox
 
 Handler = Callable[[list[bytes], protocol.Request, Any], None]
 
 
 class Ops:
-    def __init__(self, config: Config, lifecycle: Lifecycle, outbox: Outbox, status: Callable[[], dict]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        lifecycle: Lifecycle,
+        outbox: Outbox,
+        status: Callable[[], dict],
+        catalogue: LiveCatalogue,
+        pulls: Pulls,
+    ) -> None:
         self.config = config
         self.lifecycle = lifecycle
         self.slots = lifecycle.slots
         self.outbox = outbox
         self.status = status
+        self.catalogue = catalogue
+        self.pulls = pulls
+        self._metadata: dict[str, dict[str, Any]] = {}  # GGUF header fields by file identity, for `show`
         self.handlers: dict[str, Handler] = {
             "ping": self.ping,
             "status": self.report_status,
@@ -41,6 +54,11 @@ class Ops:
             "embed": self.embed,
             "transcribe": self.transcribe,
             "synthesize": self.synthesize,
+            "pull": self.pull,
+            "remove": self.remove,
+            "copy": self.copy,
+            "show": self.show,
+            "reload": self.reload,
         }
 
     def run(self, route: list[bytes], request: protocol.Request, args: Any) -> None:
@@ -59,7 +77,40 @@ class Ops:
         self._reply(route, request, self.status())
 
     def models(self, route: list[bytes], request: protocol.Request, _args: Any) -> None:
-        self._reply(route, request, {"models": [catalogue_entry(slot) for slot in self.slots.values()]})
+        self._reply(route, request, {"models": self.catalogue.entries()})
+
+    # ----- the catalogue --------------------------------------------------------------------------------------
+
+    def pull(self, route: list[bytes], request: protocol.Request, args: protocol.PullArgs) -> None:
+        waiter = PullWaiter(route, request.id, stream=args.stream)
+        self.pulls.start(waiter, args.ref, args.name, args.check, args.allow_no_fit)
+
+    def remove(self, route: list[bytes], request: protocol.Request, args: protocol.ModelArgs) -> None:
+        answer = self.catalogue.remove(args.model, Waiter(route, request.id))
+        if answer is not None:
+            self._reply(route, request, answer)
+
+    def copy(self, route: list[bytes], request: protocol.Request, args: protocol.CopyArgs) -> None:
+        self._reply(route, request, self.catalogue.copy(args.source, args.destination))
+
+    def reload(self, route: list[bytes], request: protocol.Request, _args: Any) -> None:
+        self._reply(route, request, self.catalogue.reload())
+
+    def show(self, route: list[bytes], request: protocol.Request, args: protocol.ModelArgs) -> None:
+        """A model's entry, where it came from, its aliases and, an LLM, its GGUF header's fields (chat template,
+        architecture, context length, ...), read once per file."""
+        slot = self.slot(args.model)
+        entry = next(e for e in self.catalogue.entries() if e["name"] == args.model)
+        entry["aliases"] = sorted(a for a, target in self.catalogue.aliases.items() if target == slot.name)
+        if slot.spec.kind == "llm" and os.path.isfile(slot.spec.path):
+            key = self.lifecycle.memory.store.file_key(slot.spec.path) or slot.spec.path
+            if key not in self._metadata:
+                try:
+                    self._metadata[key] = gguf_metadata(slot.spec.path)
+                except (OSError, ValueError) as exc:
+                    self._metadata[key] = {"error": str(exc)}
+            entry["gguf"] = self._metadata[key]
+        self._reply(route, request, entry)
 
     def load(self, route: list[bytes], request: protocol.Request, args: protocol.LoadArgs) -> None:
         self.lifecycle.load(self.slot(args.model), Waiter(route, request.id), args.keep_alive_s)
@@ -141,7 +192,7 @@ class Ops:
     # ----- which model ----------------------------------------------------------------------------------------
 
     def slot(self, name: str) -> ModelSlot:
-        slot = self.slots.get(name)
+        slot = self.slots.get(self.catalogue.resolve(name))
         if slot is None:
             raise ModelNotFound(f"model {name!r} is not in the catalogue", model=name, available=sorted(self.slots))
         return slot

@@ -76,6 +76,7 @@ def base_config(run_dir: Path) -> dict:
         # test_batching.py and test_batch_correctness.py.
         "defaults": {"parallel": 1},
         "kv_cache": {"spill_dir": str(run_dir / "kv")},
+        "catalogue": {"dir": str(run_dir / "models.d"), "models_dir": str(run_dir / "pulled"), "keep_free_mib": 0},
         "models": {
             "smollm2": smollm2,
             "gemma3-270m": {

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from model_manager.backends.llm.prompt import quantization_label
 from model_manager.config import load_config
-from model_manager.footprint import FootprintStore
+from model_manager.footprint import FootprintStore, quantization_label
 from tests.conftest import FACTS_CACHE, SHIPPED_CONFIG
 
 

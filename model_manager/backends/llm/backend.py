@@ -38,11 +38,11 @@ from model_manager.backends.llm.prompt import (
     check_prompt,
     compile_grammar,
     prompt_for,
-    quantization_label,
 )
 from model_manager.backends.llm.state import Job, Sampling
 from model_manager.backends.llm.text import Detokenizer, StopText, decode_complete_utf8
 from model_manager.config import MIB, KvCacheSettings, Limits, ModelSpec, sequences
+from model_manager.footprint import quantization_label
 from model_manager.kvcache import ConversationStore
 from model_manager.worker_protocol import ChatRun, CompleteRun, DropRun, EmbedRun, GenerationRun, RunArgs, op_of
 

@@ -10,7 +10,6 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import gguf
 import llama_cpp
 from llama_cpp import llama_chat_format
 from llama_cpp.llama_chat_format import ChatFormatter, Jinja2ChatFormatter
@@ -21,16 +20,6 @@ from model_manager.worker_protocol import ChatRun, GenerationRun
 
 # Used when a GGUF carries no chat template and the YAML names no ``chat_format`` (base models).
 FALLBACK_CHAT_FORMAT = "chatml"
-
-
-def quantization_label(file_type: int | None) -> str:
-    """The GGUF ``general.file_type`` as llama.cpp names it (``Q4_1``, ``Q4_K_M``, ``F16``)."""
-    if file_type is None:
-        return "unknown"
-    try:
-        return gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_")
-    except ValueError:
-        return f"file_type_{file_type}"
 
 
 def chat_formatter(model: Any, metadata: dict[str, str], chat_format: str | None) -> ChatFormatter:

@@ -1,0 +1,274 @@
+"""Where a reference's files are and what they must hash to, and a remote GGUF's header read by HTTP ranges.
+
+Hugging Face through ``huggingface_hub`` (its endpoint, ``HF_ENDPOINT``; its token, ``HF_TOKEN``; its HTTP session):
+the repo's file list with each file's size and the hub's hash (an LFS file's sha256, a small file's git blob id).
+A URL through the same session, without the hub's credentials.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import Any
+
+import msgspec
+
+from model_client.errors import PullFailed
+from model_manager.pulls.refs import Ref
+
+HEADER_BLOCK = 256 * 1024  # bytes per range request while reading a remote GGUF header
+RANGE_TRIES = 3
+_SKIPPED = re.compile(r"(^|/)(README\.md|\.gitattributes|.*\.md)$", re.IGNORECASE)
+_SPLIT = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
+DEFAULT_QUANT = "Q4_K_M"  # Ollama's choice when an hf.co reference names none
+
+
+class RemoteFile(msgspec.Struct, kw_only=True):
+    name: str  # where it goes, relative to the model's folder
+    url: str
+    size: int | None = None
+    sha256: str | None = None  # an LFS file's (or a URL's stated) sha256
+    git_sha1: str | None = None  # a small file's git blob id, as the hub lists it
+    hub: bool = False  # the hub's credentials go with it
+
+
+class Source(msgspec.Struct, kw_only=True):
+    kind: str  # llm, stt or tts
+    files: list[RemoteFile]
+    main: str  # the file the catalogue entry points at ("" for a speech model's folder)
+    repo: str | None = None
+    revision: str | None = None  # the commit the files were taken from
+
+    @property
+    def total(self) -> int | None:
+        sizes = [f.size for f in self.files]
+        return None if None in sizes else sum(sizes)  # type: ignore[arg-type]
+
+
+def hub_headers() -> dict[str, str]:
+    from huggingface_hub.utils import build_hf_headers
+
+    return {**build_hf_headers(), "Accept-Encoding": "identity"}
+
+
+def session() -> Any:
+    from huggingface_hub.utils import get_session
+
+    return get_session()
+
+
+def headers_for(file: RemoteFile) -> dict[str, str]:
+    return hub_headers() if file.hub else {"Accept-Encoding": "identity", "User-Agent": "model-manager-agent"}
+
+
+def resolve(ref: Ref) -> Source:
+    return _resolve_url(ref) if ref.url else _resolve_repo(ref)
+
+
+def _resolve_url(ref: Ref) -> Source:
+    assert ref.url is not None
+    leaf = ref.url.rsplit("/", 1)[-1].split("?", 1)[0]
+    main = RemoteFile(name=leaf, url=ref.url, sha256=ref.sha256, size=_remote_size(ref.url))
+    if leaf.endswith(".gguf"):
+        return Source(kind="llm", files=[main], main=leaf)
+    if leaf.endswith(".onnx"):
+        config = RemoteFile(name=leaf + ".json", url=ref.url + ".json", size=_remote_size(ref.url + ".json"))
+        return Source(kind="tts", files=[main, config], main=leaf)
+    raise PullFailed(f"{ref.text}: a URL must name a .gguf file or a Piper voice's .onnx", reason="unsupported")
+
+
+def _remote_size(url: str) -> int | None:
+    try:
+        response = session().head(url, headers=headers_for(RemoteFile(name="", url=url)), follow_redirects=True)
+    except Exception as exc:  # noqa: BLE001 - any transport failure is the same answer to the user
+        raise PullFailed(f"cannot reach {url}: {exc}", reason="network") from None
+    if response.status_code == 404:
+        raise PullFailed(f"{url} does not exist (404)", reason="not_found")
+    if response.status_code >= 400:
+        raise PullFailed(f"{url} answered {response.status_code}", reason="network", status=response.status_code)
+    length = response.headers.get("Content-Length")
+    return int(length) if length and length.isdigit() else None
+
+
+def _resolve_repo(ref: Ref) -> Source:
+    from huggingface_hub import HfApi, constants, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    assert ref.repo is not None
+    try:
+        info = HfApi(endpoint=constants.ENDPOINT).model_info(ref.repo, files_metadata=True)
+    except RepositoryNotFoundError:
+        raise PullFailed(f"{ref.repo} is not a repository on {constants.ENDPOINT}", reason="not_found") from None
+    except HfHubHTTPError as exc:
+        raise PullFailed(f"{constants.ENDPOINT}: {exc}", reason="network") from None
+    except Exception as exc:  # noqa: BLE001 - connection refused, DNS, TLS: all "cannot reach"
+        raise PullFailed(f"cannot reach {constants.ENDPOINT}: {exc}", reason="network") from None
+    revision = info.sha
+    listed = {s.rfilename: s for s in info.siblings or []}
+
+    def remote(name: str, as_name: str | None = None) -> RemoteFile:
+        sibling = listed[name]
+        return RemoteFile(
+            name=as_name or name,
+            url=hf_hub_url(ref.repo, name, revision=revision, endpoint=constants.ENDPOINT),
+            size=sibling.lfs.size if sibling.lfs else sibling.size,
+            sha256=sibling.lfs.sha256 if sibling.lfs else None,
+            git_sha1=None if sibling.lfs else sibling.blob_id,
+            hub=True,
+        )
+
+    def source(kind: str, files: list[RemoteFile], main: str) -> Source:
+        return Source(kind=kind, files=files, main=main, repo=ref.repo, revision=revision)
+
+    if ref.path is not None:
+        if ref.path not in listed:
+            raise PullFailed(f"{ref.repo} has no file {ref.path!r}", reason="not_found", files=sorted(listed)[:50])
+        leaf = ref.path.rsplit("/", 1)[-1]
+        if ref.path.endswith(".gguf"):
+            return source("llm", [remote(ref.path, leaf)], leaf)
+        if ref.path.endswith(".onnx") and ref.path + ".json" in listed:
+            return source("tts", [remote(ref.path, leaf), remote(ref.path + ".json", leaf + ".json")], leaf)
+        raise PullFailed(
+            f"{ref.text}: name a .gguf file, or a Piper voice's .onnx (with its .onnx.json beside it)",
+            reason="unsupported",
+        )
+    ggufs = [n for n in listed if n.endswith(".gguf") and "mmproj" not in n.lower()]
+    if ggufs:
+        name = _choose_gguf(ref, ggufs)
+        return source("llm", [remote(name, name.rsplit("/", 1)[-1])], name.rsplit("/", 1)[-1])
+    if ref.quant:
+        raise PullFailed(f"{ref.repo} has no GGUF file to take {ref.quant} from", reason="not_found")
+    if "model.bin" in listed and "config.json" in listed:  # a CTranslate2 (faster-whisper) model, taken whole
+        return source("stt", [remote(n) for n in sorted(listed) if not _SKIPPED.search(n)], "")
+    voices = [n for n in listed if n.endswith(".onnx") and n + ".json" in listed]
+    if len(voices) == 1:
+        leaf = voices[0].rsplit("/", 1)[-1]
+        return source("tts", [remote(voices[0], leaf), remote(voices[0] + ".json", leaf + ".json")], leaf)
+    if voices:
+        raise PullFailed(
+            f"{ref.repo} holds {len(voices)} voices: name one, hf://{ref.repo}/<voice>.onnx",
+            reason="ambiguous",
+            choices=sorted(voices)[:50],
+        )
+    raise PullFailed(
+        f"{ref.repo} holds no GGUF model, faster-whisper model or Piper voice",
+        reason="unsupported",
+        files=sorted(listed)[:50],
+    )
+
+
+def _quant_of(filename: str) -> str | None:
+    """The quantization a GGUF file's name says (``...-Q4_K_M.gguf``, ``...q8_0.gguf``), upper-cased."""
+    stem = filename.rsplit("/", 1)[-1].removesuffix(".gguf")
+    match = re.search(r"(?:^|[._-])((?:I?Q\d[A-Z0-9_]*)|F16|BF16|F32)$", stem, re.IGNORECASE)
+    return match[1].upper() if match else None
+
+
+def _choose_gguf(ref: Ref, ggufs: list[str]) -> str:
+    whole = [n for n in ggufs if not _SPLIT.search(n)]
+    by_quant: dict[str, list[str]] = {}
+    for name in whole:
+        if quant := _quant_of(name):
+            by_quant.setdefault(quant, []).append(name)
+    wanted = (ref.quant or "").upper()
+    if wanted:
+        if wanted not in by_quant:
+            raise PullFailed(
+                f"{ref.repo} has no single-file GGUF of quantization {ref.quant}",
+                reason="not_found",
+                quantizations=sorted(by_quant),
+            )
+        return sorted(by_quant[wanted])[0]
+    if len(whole) == 1:
+        return whole[0]
+    if DEFAULT_QUANT in by_quant:
+        return sorted(by_quant[DEFAULT_QUANT])[0]
+    raise PullFailed(
+        f"{ref.repo} holds several GGUF files: name one, hf.co/{ref.repo}:QUANT",
+        reason="ambiguous",
+        quantizations=sorted(by_quant),
+    )
+
+
+class RangeFile(io.RawIOBase):
+    """A remote file read through HTTP range requests, seekable, counting the bytes it fetched: a GGUF header is a
+    few MB at the front of a file of many GB, and its long arrays are stepped over without fetching them."""
+
+    def __init__(self, file: RemoteFile) -> None:
+        super().__init__()
+        self.file = file
+        self.headers = headers_for(file)
+        self.session = session()
+        self.position = 0
+        self.fetched = 0
+        self.requests = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            self.position = offset
+        elif whence == io.SEEK_CUR:
+            self.position += offset
+        else:
+            if self.file.size is None:
+                raise OSError("the remote file's size is unknown")
+            self.position = self.file.size + offset
+        return self.position
+
+    def readinto(self, buffer: Any) -> int:
+        wanted = len(buffer)
+        if wanted == 0 or (self.file.size is not None and self.position >= self.file.size):
+            return 0
+        for attempt in range(RANGE_TRIES):
+            try:
+                got = self._fetch_into(buffer, wanted)
+                break
+            except PullFailed:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a cut connection: ask for the range again
+                if attempt == RANGE_TRIES - 1:
+                    raise PullFailed(f"{self.file.url}: reading its header failed: {exc}", reason="network") from None
+        self.position += got
+        self.fetched += got
+        return got
+
+    def _fetch_into(self, buffer: Any, wanted: int) -> int:
+        headers = {**self.headers, "Range": f"bytes={self.position}-{self.position + wanted - 1}"}
+        self.requests += 1
+        with self.session.stream("GET", self.file.url, headers=headers, follow_redirects=True) as response:
+            if response.status_code == 416:
+                return 0
+            if response.status_code != 206:
+                raise PullFailed(
+                    f"{self.file.url} does not answer range requests (status {response.status_code}): its header "
+                    "cannot be read before the download",
+                    reason="no_ranges",
+                )
+            got = 0
+            for chunk in response.iter_bytes():
+                take = chunk[: wanted - got]
+                buffer[got : got + len(take)] = take
+                got += len(take)
+                if got >= wanted:
+                    break
+        return got
+
+
+def remote_gguf_fields(file: RemoteFile) -> tuple[dict[str, Any], int, RangeFile]:
+    """The header fields and tensor bytes of a remote GGUF, and the reader (its ``fetched`` bytes)."""
+    from model_manager.footprint import read_gguf_fields
+
+    raw = RangeFile(file)
+    try:
+        fields, tensor_bytes = read_gguf_fields(io.BufferedReader(raw, HEADER_BLOCK))
+    except ValueError as exc:
+        raise PullFailed(f"{file.url} is not a readable GGUF file: {exc}", reason="invalid_model") from None
+    return fields, tensor_bytes, raw
