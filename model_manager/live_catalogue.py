@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
 
 from model_client import protocol
 from model_client.errors import BadRequest, Busy, ModelNotFound
 from model_manager.catalogue import read_catalogue, signature, write_fragment
-from model_manager.config import Config, ModelSpec
+from model_manager.config import Config, ModelName, ModelSpec
 from model_manager.lifecycle import Lifecycle
 from model_manager.slots import Waiter
 from model_manager.status import catalogue_entry
@@ -195,6 +196,10 @@ class LiveCatalogue:
         target = self.resolve(source)
         if target not in self.lifecycle.slots:
             raise ModelNotFound(f"model {source!r} is not in the catalogue", model=source)
+        try:
+            msgspec.convert(destination, ModelName)
+        except msgspec.ValidationError:
+            raise BadRequest(f"{destination!r} is not a valid model name", field="destination") from None
         if destination in self.lifecycle.slots or destination in self.aliases:
             raise BadRequest(f"the name {destination!r} is taken", field="destination")
         write_fragment(self.folder, destination, {"alias_of": target}, comment=f"A second name for {target}.")

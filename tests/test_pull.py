@@ -199,6 +199,11 @@ def test_fragments_come_and_go_on_sighup_and_broken_ones_are_named(puller: Manag
     with puller.client(timeout=60) as client:
         assert "n_ctx" in client.status()["catalogue"]["problems"]["broken.yaml"]
         assert client.copy("by-hand", "by-hand-too") == {"model": "by-hand-too", "alias_of": "by-hand"}
+        before = sorted(folder.iterdir())
+        for hostile in ("../../etc/x", "a/../b", "", "x" * 200):
+            with pytest.raises(BadRequest):
+                client.copy("by-hand", hostile)
+        assert sorted(folder.iterdir()) == before, "a refused name writes no fragment"
         assert client.chat("by-hand-too", [{"role": "user", "content": "Hi"}], max_tokens=4).model == "by-hand"
         (folder / "by-hand.yaml").unlink()  # taken by the manager's own look at the folder
         wait_for(lambda: "by-hand" not in {m["name"] for m in client.models()}, timeout=10)
