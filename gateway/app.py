@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from gateway.config import GatewaySettings, no_personas
+from gateway.dashboard import Dashboard, refuse_page, ui_authorized
 from gateway.errors import HttpError, from_manager, ollama_error, openai_error
 from gateway.ollama_api import Ollama
 from gateway.openai_api import OpenAI
@@ -73,7 +74,16 @@ class Guard:
             return
         headers = dict(scope["headers"])
         openai = scope["path"].startswith("/v1/")
-        if self.keys and not self._authorized(headers.get(b"authorization", b"")):
+        path = scope["path"]
+        if (
+            self.keys
+            and not self._authorized(headers.get(b"authorization", b""))
+            and not ui_authorized(path, headers, self.keys)
+            and path != "/ui/login"
+        ):
+            if (page := refuse_page(path)) is not None:
+                await page(scope, receive, send)
+                return
             error = HttpError(401, "a valid API key is required (Authorization: Bearer KEY)", code="invalid_api_key")
             await (openai_error(error) if openai else ollama_error(error))(scope, receive, send)
             return
@@ -114,6 +124,7 @@ def build_app(settings: GatewaySettings, manager_endpoint: str, agents: AgentsCo
         await realtime_endpoint(ws, voice_link, agents)
 
     openai, audio, ollama = OpenAI(link), OpenAIAudio(link), Ollama(link)
+    ui = Dashboard(link, settings.api_keys)
     directory = Path(settings.responses_dir) if settings.responses_dir else None
     responses = Responses(link, ResponseStore(directory, settings.max_stored_responses))
     routes = [
@@ -131,6 +142,14 @@ def build_app(settings: GatewaySettings, manager_endpoint: str, agents: AgentsCo
         Route("/v1/responses", responses.create, methods=["POST"]),
         Route("/v1/responses/{response_id}", responses.retrieve, methods=["GET"]),
         Route("/v1/responses/{response_id}", responses.delete, methods=["DELETE"]),
+        Route("/ui", ui.page, methods=["GET"]),
+        Route("/ui/", ui.page, methods=["GET"]),
+        Route("/ui/static/{name}", ui.static, methods=["GET"]),
+        Route("/ui/login", ui.login, methods=["POST"]),
+        Route("/ui/api/status", ui.status, methods=["GET"]),
+        Route("/ui/api/events", ui.events, methods=["GET"]),
+        Route("/ui/api/pull", ui.pull, methods=["POST"]),
+        Route("/ui/api/models/{action}/{model:path}", ui.act, methods=["POST"]),
         Route("/", ollama.root, methods=["GET", "HEAD"]),
         Route("/api/version", ollama.version, methods=["GET"]),
         Route("/api/tags", ollama.tags, methods=["GET"]),

@@ -121,5 +121,23 @@ class ManagerLink:
                     return item
         raise Timeout("the model manager ended the reply without a result", endpoint=self.endpoint)
 
+    async def events(self, endpoint: str, topics: tuple[str, ...]) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """The manager's events of ``topics`` (prefixes) from its PUB socket at ``endpoint`` (``status`` names it),
+        through one SUB socket that lives as long as the iterator: a watcher that leaves closes it."""
+        sock = self.ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            connect_securely(sock, endpoint, self.curve)
+            for topic in topics:
+                sock.subscribe(topic)
+            while True:
+                frames = await sock.recv_multipart()
+                try:
+                    yield protocol.decode_event(frames)
+                except (ValueError, IndexError, UnicodeDecodeError, BadRequest):
+                    continue  # not an event of this protocol: skipped
+        finally:
+            sock.close(linger=0)
+
     def close(self) -> None:
         self.ctx.destroy(linger=0)

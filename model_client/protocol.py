@@ -172,6 +172,10 @@ class PullArgs(OpArgs, kw_only=True):
     stream: bool = False
 
 
+class PinArgs(ModelArgs, kw_only=True):
+    pinned: bool = True  # a pinned model is never evicted, nor unloaded when idle (until the manager restarts)
+
+
 class CopyArgs(OpArgs, kw_only=True):
     source: str
     destination: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -194,11 +198,12 @@ OP_ARGS: dict[str, type[OpArgs]] = {
     "copy": CopyArgs,
     "show": ModelArgs,
     "reload": NoArgs,
+    "pin": PinArgs,
 }
 OPS: tuple[str, ...] = tuple(OP_ARGS)
 # Ops a client may send again after a timeout without changing anything twice (Lazy Pirate retries).
 IDEMPOTENT_OPS = frozenset(
-    {"ping", "status", "models", "load", "unload", "conversation.drop", "transcribe", "embed", "show", "reload"}
+    {"ping", "status", "models", "load", "unload", "conversation.drop", "transcribe", "embed", "show", "reload", "pin"}
 )
 
 
@@ -391,6 +396,7 @@ EVENT_HEARTBEAT = "manager.heartbeat"
 EVENT_MODEL_ADDED = "model.added"
 EVENT_MODEL_REMOVED = "model.removed"
 EVENT_MODEL_PULL = "model.pull"
+EVENT_MODEL_PINNED = "model.pinned"
 
 
 def encode_event(topic: str, body: dict[str, Any], now: float, payloads: tuple[bytes, ...] = ()) -> list[bytes]:

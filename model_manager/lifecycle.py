@@ -367,7 +367,7 @@ class Lifecycle(WorkerEvents):
                 load_started=slot.load_started_at,
                 idle_s=slot.idle_for(wall),
                 idle_ttl_s=slot.idle_ttl_s,
-                pinned=slot.spec.pinned,
+                pinned=slot.pinned,
                 waiting=slot.wants_load,
             )
             for slot in self.slots.values()

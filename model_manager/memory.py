@@ -157,7 +157,7 @@ class MemoryAccounting:
                 name=slot.name,
                 placements=_with_kv_states(slot),
                 priority=slot.spec.priority,
-                pinned=slot.spec.pinned,
+                pinned=slot.pinned,
                 busy=slot.busy,
                 unloading=slot.state is ModelState.UNLOADING,
                 loading=slot.state is ModelState.LOADING,

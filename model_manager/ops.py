@@ -7,6 +7,7 @@ typed error raised to the broker, which answers it. Nothing here touches a socke
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ from model_manager.lifecycle import Lifecycle
 from model_manager.live_catalogue import LiveCatalogue
 from model_manager.pulls.tracker import Pulls, PullWaiter
 from model_manager.slots import Job, ModelSlot, Waiter
+from model_manager.status import model_entry
 from model_manager.worker_events import Outbox
 
 Handler = Callable[[list[bytes], protocol.Request, Any], None]
@@ -59,6 +61,7 @@ class Ops:
             "copy": self.copy,
             "show": self.show,
             "reload": self.reload,
+            "pin": self.pin,
         }
 
     def run(self, route: list[bytes], request: protocol.Request, args: Any) -> None:
@@ -78,6 +81,14 @@ class Ops:
 
     def models(self, route: list[bytes], request: protocol.Request, _args: Any) -> None:
         self._reply(route, request, {"models": self.catalogue.entries()})
+
+    def pin(self, route: list[bytes], request: protocol.Request, args: protocol.PinArgs) -> None:
+        """Pin (never evicted, never unloaded for idleness) or unpin a model while the manager runs; the YAML's
+        ``pinned`` comes back on a restart."""
+        slot = self.slot(args.model)
+        slot.pin = args.pinned
+        self.outbox.publish(protocol.EVENT_MODEL_PINNED, model=slot.name, pinned=args.pinned)
+        self._reply(route, request, model_entry(slot, time.time()))
 
     # ----- the catalogue --------------------------------------------------------------------------------------
 

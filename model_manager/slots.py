@@ -126,6 +126,13 @@ class JobQueue:
     def clear(self) -> None:
         self._jobs.clear()
 
+    def by_class(self) -> dict[str, int]:
+        """Waiting requests per latency class (voice, chat, batch), the classes with none left out."""
+        counts: dict[str, int] = {}
+        for job in self._jobs:
+            counts[job.latency_class] = counts.get(job.latency_class, 0) + 1
+        return counts
+
     def __len__(self) -> int:
         return len(self._jobs)
 
@@ -184,6 +191,7 @@ class ModelSlot:
     plan: Decision | None = None  # the scheduler's last answer while the model waits for memory
     keep_alive_s: float | None = None  # the last request's keep-alive, until the model unloads (None: the YAML's)
     pending_since: float | None = None
+    pin: bool | None = None  # set by the `pin` op while the manager runs; None: the catalogue's `pinned`
 
     def transition(self, to: ModelState) -> None:
         """The one way a model changes state, checked against ``TRANSITIONS``."""
@@ -199,6 +207,10 @@ class ModelSlot:
         if self.keep_alive_s is None:
             return self.spec.idle_ttl_s
         return -1.0 if self.keep_alive_s < 0 else self.keep_alive_s
+
+    @property
+    def pinned(self) -> bool:
+        return self.spec.pinned if self.pin is None else self.pin
 
     @property
     def busy(self) -> bool:

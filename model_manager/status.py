@@ -36,7 +36,7 @@ def model_entry(slot: ModelSlot, now: float) -> dict[str, Any]:
     ttl = slot.idle_ttl_s
     loaded = slot.state is ModelState.READY
     ttl_left = None
-    if idle is not None and loaded and ttl >= 0 and not slot.spec.pinned:
+    if idle is not None and loaded and ttl >= 0 and not slot.pinned:
         ttl_left = round(max(0.0, ttl - idle), 1)
     waiting = slot.plan.reason if slot.plan is not None and slot.state is ModelState.UNLOADED else None
     return {
@@ -55,10 +55,11 @@ def model_entry(slot: ModelSlot, now: float) -> dict[str, Any]:
         "estimated_bytes": slot.estimate.total if slot.estimate else None,
         "measured_bytes": slot.measured,
         "load_ms": slot.info.get("load_ms"),
-        "pinned": slot.spec.pinned,
+        "pinned": slot.pinned,
         "priority": slot.spec.priority,
         "in_flight": len(slot.running),
         "queued": len(slot.queue),
+        "queued_by_class": slot.queue.by_class(),
         "requests": slot.requests_served,
         "last_used": slot.last_used,
         "idle_s": round(idle, 1) if idle is not None and loaded else None,

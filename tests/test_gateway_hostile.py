@@ -259,10 +259,14 @@ ROUTES = [
     "/api/embeddings",
     "/api/show",
     "/api/pull",
+    "/api/copy",
+    "/ui/api/pull",
+    "/ui/login",
 ]
 FIELDS = ["model", "messages", "prompt", "input", "stream", "options", "seed", "max_tokens", "keep_alive", "tools"]
 FIELDS += ["format", "images", "response_format", "stop", "temperature", "voice", "logprobs", "content", "role"]
 FIELDS += ["instructions", "previous_response_id", "type", "call_id", "output", "arguments", "tool_choice"]
+FIELDS += ["ref", "key", "source", "destination"]
 JSON_VALUES = json_values(words=["smollm2", "user", "0", "-1", "5m", "json"], keys=FIELDS, size=4, max_leaves=12)
 BODIES = st.one_of(
     st.binary(max_size=300),
