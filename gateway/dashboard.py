@@ -41,7 +41,7 @@ ACTIONS = {
     "pin": ("pin", {"pinned": True}),
     "unpin": ("pin", {"pinned": False}),
 }
-TOPICS = ("model.", protocol.EVENT_HEARTBEAT)
+TOPICS = ("model.", "request.", protocol.EVENT_HEARTBEAT)
 
 log = structlog.get_logger("gateway.ui")
 

@@ -397,6 +397,7 @@ EVENT_MODEL_ADDED = "model.added"
 EVENT_MODEL_REMOVED = "model.removed"
 EVENT_MODEL_PULL = "model.pull"
 EVENT_MODEL_PINNED = "model.pinned"
+EVENT_REQUEST_SHED = "request.shed"
 
 
 def encode_event(topic: str, body: dict[str, Any], now: float, payloads: tuple[bytes, ...] = ()) -> list[bytes]:

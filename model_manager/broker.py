@@ -106,6 +106,8 @@ class ModelManagerAgent:
         self.pulls.gpus = any(device.kind == "gpu" for device in self.memory.devices())
         self.ops = Ops(config, self.lifecycle, self, self.status, self.catalogue, self.pulls)
         self._reload_asked = False
+        self._shed_at: dict[str, float] = {}  # when each model's last request.shed event went out
+        self._shed_counts: Counter[str] = Counter()  # refusals since then
         self.rejected: Counter[str] = Counter()  # requests refused before any op ran, by reason
         self.rate = RateLimiter(config.limits.requests_per_second, config.limits.burst)
         self.metrics.start()
@@ -290,9 +292,22 @@ class ModelManagerAgent:
             model = model if isinstance(model, str) and model in self.slots else "-"  # no label from strangers
             self.metrics.requests.labels(request.op, model, exc.code).inc()
             self._reply_error(route, request.id, exc)
+            if isinstance(exc, Busy) and model != "-":
+                self._shed(model, request.op, exc)
         except Exception as exc:  # a bug here must not take the daemon down with it
             log.exception("request_crashed", id=request.id, op=request.op)
             self._reply_error(route, request.id, InternalError(f"{type(exc).__name__}: {exc}"))
+
+    def _shed(self, model: str, op: str, exc: Busy) -> None:
+        """Say on the event stream why requests for ``model`` are refused: at most once a second per model (a
+        flood of refusals makes one event a second, with how many were refused since the last)."""
+        now = time.monotonic()
+        self._shed_counts[model] += 1
+        if now - self._shed_at.get(model, 0.0) < 1.0:
+            return
+        self._shed_at[model] = now
+        count, self._shed_counts[model] = self._shed_counts[model], 0
+        self.publish(protocol.EVENT_REQUEST_SHED, model=model, op=op, reason=exc.message, refused=count, **exc.details)
 
     def _on_worker_message(self, frames: list[bytes]) -> None:
         """Only workers this manager started get past the handshake; what one sends is still checked, since a

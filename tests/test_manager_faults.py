@@ -24,7 +24,7 @@ from model_client import (
     UnsupportedVersion,
     protocol,
 )
-from tests.conftest import GREEDY, ManagerProcess, model_status, wait_for
+from tests.conftest import GREEDY, ManagerProcess, collect_events, model_status, subscriber, wait_for
 
 QUESTION = [{"role": "user", "content": "Name a colour."}]
 
@@ -154,7 +154,9 @@ def test_oversize_messages_are_dropped_and_others_are_unaffected(manager: Manage
 
 
 def test_full_queue_answers_busy_at_once(manager: ManagerProcess, dealer) -> None:
-    """``smollm2-short-queue`` queues 2; of 8 requests sent at once, the overflow is refused immediately."""
+    """``smollm2-short-queue`` queues 2; of 8 requests sent at once, the overflow is refused immediately, and the
+    event stream says so once (at most one ``request.shed`` a second per model)."""
+    events = subscriber(manager.events_endpoint, "request.", heartbeat=protocol.EVENT_HEARTBEAT)
     sent_at = time.monotonic()
     for i in range(8):
         request = protocol.Request(
@@ -173,6 +175,10 @@ def test_full_queue_answers_busy_at_once(manager: ManagerProcess, dealer) -> Non
     assert list(codes.values()).count("ok") >= 2
     assert set(codes.values()) <= {"ok", "busy"}
     assert max(busy_within) < 2.0, "busy comes back at once, it is not a hang"
+    shed = [e for e in collect_events(events, time.monotonic() + 0.5) if e.get("event") == "request.shed"]
+    events.close()
+    assert shed and shed[0]["model"] == "smollm2-short-queue" and "queued" in shed[0]["reason"], shed
+    assert len(shed) <= 1 + (time.monotonic() - sent_at), "one event a second at most, however many are refused"
     outcomes: list = []
 
     def ask() -> None:

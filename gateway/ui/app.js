@@ -98,6 +98,10 @@ function listen() {
   for (const topic of ["model.loaded", "model.unloaded", "model.failed", "model.added", "model.removed", "model.pinned"]) {
     events.addEventListener(topic, (e) => { logEvent(topic, JSON.parse(e.data)); soon(); });
   }
+  events.addEventListener("request.shed", (e) => {
+    const body = JSON.parse(e.data);
+    logEvent("request.shed", { ...body, reason: `${body.refused} refused: ${body.reason}` });
+  });
   events.addEventListener("model.pull", (e) => {
     const body = JSON.parse(e.data);
     const last = pulls.get(body.model);
