@@ -40,6 +40,7 @@ from model_manager.ratelimit import RateLimiter
 VERSION = "0.1.0"
 TICK_S = 0.05
 SHUTDOWN_GRACE_S = 5.0
+SHEDDABLE_OPS = frozenset({"chat", "complete", "embed", "transcribe", "synthesize", "conversation.drop"})
 
 log = structlog.get_logger("model_manager")
 
@@ -292,7 +293,7 @@ class ModelManagerAgent:
             model = model if isinstance(model, str) and model in self.slots else "-"  # no label from strangers
             self.metrics.requests.labels(request.op, model, exc.code).inc()
             self._reply_error(route, request.id, exc)
-            if isinstance(exc, Busy) and model != "-":
+            if isinstance(exc, Busy) and model != "-" and request.op in SHEDDABLE_OPS:
                 self._shed(model, request.op, exc)
         except Exception as exc:  # a bug here must not take the daemon down with it
             log.exception("request_crashed", id=request.id, op=request.op)
@@ -307,7 +308,8 @@ class ModelManagerAgent:
             return
         self._shed_at[model] = now
         count, self._shed_counts[model] = self._shed_counts[model], 0
-        self.publish(protocol.EVENT_REQUEST_SHED, model=model, op=op, reason=exc.message, refused=count, **exc.details)
+        body = {**exc.details, "model": model, "op": op, "reason": exc.message, "refused": count}
+        self.publish(protocol.EVENT_REQUEST_SHED, **body)
 
     def _on_worker_message(self, frames: list[bytes]) -> None:
         """Only workers this manager started get past the handshake; what one sends is still checked, since a

@@ -119,12 +119,12 @@ class LiveCatalogue:
 
     def tick(self, now: float) -> None:
         """Finish deferred changes; with ``watch_s``, take fragments changed on disk."""
-        if self.waiting and any(self._at_rest(name) for name in self.waiting):
-            self.reload()
-        elif self.settings.watch_s and now >= self._next_look:
+        changed = False
+        if self.settings.watch_s and now >= self._next_look:
             self._next_look = now + self.settings.watch_s
-            if signature(self.folder) != self._signature:
-                self.reload()
+            changed = signature(self.folder) != self._signature
+        if changed or (self.waiting and any(self._at_rest(name) for name in self.waiting)):
+            self.reload()
 
     def _at_rest(self, name: str) -> bool:
         slot = self.lifecycle.slots.get(name)

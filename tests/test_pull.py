@@ -204,6 +204,10 @@ def test_fragments_come_and_go_on_sighup_and_broken_ones_are_named(puller: Manag
             with pytest.raises(BadRequest):
                 client.copy("by-hand", hostile)
         assert sorted(folder.iterdir()) == before, "a refused name writes no fragment"
+        for taken in ("by-hand-too", "smollm2"):  # an alias, a model of the main YAML
+            with pytest.raises(PullFailed) as refused:
+                pulled(client, f"hf://{SMOL_REPO}/{SMOL_FILE}", name=taken)
+            assert refused.value.details["reason"] == "exists"
         assert client.chat("by-hand-too", [{"role": "user", "content": "Hi"}], max_tokens=4).model == "by-hand"
         (folder / "by-hand.yaml").unlink()  # taken by the manager's own look at the folder
         wait_for(lambda: "by-hand" not in {m["name"] for m in client.models()}, timeout=10)

@@ -101,8 +101,9 @@ class Pulls:
             msgspec.convert(name, ModelName)
         except msgspec.ValidationError:
             raise BadRequest(f"{name!r} is not a valid model name: pass another name", field="name") from None
-        if name in self.catalogue.fixed:
-            raise PullFailed(f"{name!r} is a model of the main YAML already", reason="exists", model=name)
+        if name in self.catalogue.fixed or name in self.catalogue.aliases:
+            what = "an alias" if name in self.catalogue.aliases else "a model of the main YAML"
+            raise PullFailed(f"{name!r} is {what} already: pull with another name", reason="exists", model=name)
         if not check:
             for pull in self.by_fd.values():
                 if pull.name == name and not pull.check:
