@@ -24,7 +24,8 @@ import structlog
 
 from model_client import protocol
 from model_client.errors import BadRequest, Busy, InsufficientMemory, ModelManagerError, PullFailed, error_from_wire
-from model_manager.config import Config, ModelSpec
+from model_manager.catalogue import model_body
+from model_manager.config import Config, ModelName, ModelSpec, resolve_model
 from model_manager.footprint import GgufFacts
 from model_manager.kvcache import model_folder
 from model_manager.pulls.refs import Ref, parse_ref
@@ -95,8 +96,6 @@ class Pulls:
     def start(self, waiter: Waiter, ref_text: str, name: str | None, check: bool, allow_no_fit: bool) -> None:
         ref = parse_ref(ref_text)
         name = name or ref.default_name
-        from model_manager.config import ModelName
-
         try:
             msgspec.convert(name, ModelName)
         except msgspec.ValidationError:
@@ -205,8 +204,6 @@ class Pulls:
         )
 
     def _resolve(self, body: dict[str, Any]) -> ModelSpec:
-        from model_manager.config import resolve_model
-
         spec = msgspec.convert(body, ModelSpec)
         return resolve_model(spec, self.config.defaults, Path("/"), "pull", "$")
 
@@ -250,8 +247,6 @@ class Pulls:
         main = line["main"]
         path = str(Path(pull.dest) / main) if main else pull.dest
         spec = self._spec(pull, line, path)
-        from model_manager.catalogue import model_body
-
         model = {**model_body(spec), "description": f"pulled from {pull.ref.text}"}
         model = {
             k: v
