@@ -13,6 +13,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -52,6 +53,15 @@ def _peer_property(frame: zmq.Frame, name: str) -> str | None:
         return frame.get(name) or None
     except (zmq.ZMQError, KeyError):
         return None
+
+
+@dataclass
+class _Handling:
+    """The client message being handled: where an answer would go, and whether one went."""
+
+    route: list[bytes]
+    request_id: str | None = None
+    answered: bool = False
 
 
 class ModelManagerAgent:
@@ -110,6 +120,7 @@ class ModelManagerAgent:
         self._shed_at: dict[str, float] = {}  # when each model's last request.shed event went out
         self._shed_counts: Counter[str] = Counter()  # refusals since then
         self.rejected: Counter[str] = Counter()  # requests refused before any op ran, by reason
+        self._handling: _Handling | None = None  # the client message being handled, while it is
         self.rate = RateLimiter(config.limits.requests_per_second, config.limits.burst)
         self.metrics.start()
         self._next_metrics = 0.0
@@ -229,6 +240,8 @@ class ModelManagerAgent:
 
     def send(self, route: list[bytes], frames: list[bytes]) -> bool:
         """Send to a client; False when it is gone (or not reading), so the message could not go."""
+        if self._handling is not None and route[:1] == self._handling.route[:1]:
+            self._handling.answered = True
         try:
             self.frontend.send_multipart(route + frames, flags=zmq.NOBLOCK, copy=False)
             return True
@@ -249,6 +262,25 @@ class ModelManagerAgent:
     # ----- framing --------------------------------------------------------------------------------------------
 
     def _on_client_message(self, message: list[zmq.Frame]) -> None:
+        """One client message, behind a last guard: a fault anywhere in its handling, answering an error included,
+        is logged and answered ``internal`` if nothing was sent to the peer yet; the loop, and every other client,
+        goes on."""
+        self._handling = _Handling(route=[message[0].bytes, b""] if message else [])
+        try:
+            self._handle_client_message(message)
+        except Exception as exc:  # noqa: BLE001 - the daemon outlives any one message
+            self.rejected["crashed"] += 1
+            handling = self._handling
+            log.exception("client_message_crashed", id=handling.request_id, answered=handling.answered)
+            if not handling.answered and handling.route:
+                try:
+                    self._reply_error(handling.route, handling.request_id, InternalError(f"{type(exc).__name__}"))
+                except Exception:  # noqa: BLE001 - not even the apology could go: the peer gets nothing
+                    log.exception("client_message_unanswered", id=handling.request_id)
+        finally:
+            self._handling = None
+
+    def _handle_client_message(self, message: list[zmq.Frame]) -> None:
         """Framing first (the whole message's size, its frame count, the delimiter), then the envelope, the rate
         limit, the op's arguments; any failure is a typed error back to the peer's route."""
         frames = [frame.bytes for frame in message]
@@ -259,6 +291,8 @@ class ModelManagerAgent:
             self._reply_error(frames[:1] + [b""], None, BadRequest("missing the empty delimiter frame"))
             return
         route, body = frames[: delimiter + 1], frames[delimiter + 1 :]
+        assert self._handling is not None
+        self._handling.route = route
         too_large = protocol.oversized(frames, self.config.limits.max_message_bytes)
         if too_large is not None:
             self.rejected["too_large"] += 1
@@ -271,6 +305,7 @@ class ModelManagerAgent:
         allowed = not limited or self.rate.allow(user.encode() if user else route[0], time.monotonic())
         try:
             request = protocol.decode_request(body)
+            self._handling.request_id = request.id
             if not allowed:
                 self.metrics.rate_limited.inc()
                 limit = self.config.limits.requests_per_second

@@ -283,3 +283,30 @@ def test_a_request_past_its_time_limit_gets_timeout(run_dir) -> None:
     finally:
         code = manager.stop()
         assert code == 0, f"the manager ended with {code} (-9: it did not stop within 20 s)\n{manager.log_tail(80)}"
+
+
+def test_a_fault_while_answering_an_error_leaves_the_daemon_serving(run_dir) -> None:
+    """A bug in an error path (planted: answering the error raises) is answered ``internal``; the daemon, and the
+    client beside it, go on."""
+    from tests.conftest import base_config
+
+    manager = ManagerProcess(run_dir, base_config(run_dir))
+    manager.module = "tests.planted_fault_manager"
+    manager.start()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(manager.endpoint)
+    try:
+        for request_id in ("plant-1", "plant-2"):  # an unknown model's error, twice: the guard is not one-shot
+            request = protocol.Request(op="load", args={"model": "no-such-model"}, id=request_id)
+            reply = raw_exchange(sock, *protocol.encode_request(request))
+            assert reply.id == request_id
+            assert reply.type == protocol.REPLY_ERROR and reply.body["code"] == "internal", reply
+        assert manager.proc is not None and manager.proc.poll() is None, manager.log_tail()
+        with manager.client(timeout=60) as c, pytest.raises(ModelNotFound):
+            c.load("no-such-model")  # the same error path, unplanted, answers its own typed error
+        assert_still_serving(manager)
+        assert "client_message_crashed" in manager.log_path.read_text()
+    finally:
+        sock.close()
+        assert manager.stop() == 0, manager.log_tail(80)
