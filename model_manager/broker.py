@@ -8,6 +8,7 @@ decides; the broker only moves frames and keeps the clock.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import time
@@ -41,6 +42,7 @@ from model_manager.ratelimit import RateLimiter
 VERSION = "0.1.0"
 TICK_S = 0.05
 SHUTDOWN_GRACE_S = 5.0
+SHUTDOWN_SLACK_S = 3.0  # beyond the requests' grace and the workers' exit time: sockets, files, the log
 SHEDDABLE_OPS = frozenset({"chat", "complete", "embed", "transcribe", "synthesize", "conversation.drop"})
 
 log = structlog.get_logger("model_manager")
@@ -198,7 +200,15 @@ class ModelManagerAgent:
     def _request_stop(self, signum: int, _frame: Any) -> None:
         if not self.stopping:
             log.info("manager_stopping", signal=signal.Signals(signum).name)
+            # A bound on the whole shutdown, kept by a thread of faulthandler's own: should anything hang past the
+            # requests' grace and the workers' exit time, every thread's stack goes to the log and the process
+            # ends (its workers with it: they die with their parent).
+            faulthandler.dump_traceback_later(self.shutdown_bound_s, exit=True)
         self.stopping = self.lifecycle.stopping = True
+
+    @property
+    def shutdown_bound_s(self) -> float:
+        return SHUTDOWN_GRACE_S + self.config.manager.unload_timeout_s + SHUTDOWN_SLACK_S
 
     @staticmethod
     def _drain(sock: zmq.Socket, handle: Callable[[list[Any]], None], limit: int = 256, copy: bool = True) -> None:

@@ -11,12 +11,17 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+import structlog
 import zmq
 
 from model_client.endpoints import REPO_ROOT
 from model_manager import native
 from model_manager import worker_protocol as wire
 from model_manager.gatekeeper import SECRET_ENV, Gatekeeper, new_secret
+
+KILL_WAIT_S = 2.0  # how long shutdown waits for a killed worker to be gone
+
+log = structlog.get_logger("model_manager.pool")
 
 
 @dataclass
@@ -141,8 +146,8 @@ class WorkerPool:
         for handle in list(self.by_id.values()):
             code = handle.exited()
             if code is None and handle.exit_deadline is not None and now > handle.exit_deadline:
-                handle.kill()
-                code = handle.proc.wait()
+                handle.kill()  # not waited for here: a process stuck in the kernel would stop the loop with it
+                code = handle.exited()
             if code is not None:
                 del self.by_id[handle.id]
                 self.gatekeeper.forget_worker(handle.id)
@@ -165,6 +170,8 @@ class WorkerPool:
             handle.pidfd = None
 
     def close(self, grace_s: float) -> None:
+        """End every worker within ``grace_s``, then kill the rest; bounded even if one will not die (it dies with
+        the manager all the same: each worker asks the kernel for SIGKILL when its parent goes)."""
         for handle in self.by_id.values():
             self.end(handle, grace_s)
         deadline = time.monotonic() + grace_s
@@ -173,7 +180,10 @@ class WorkerPool:
                 handle.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 handle.kill()
-                handle.proc.wait()
+                try:
+                    handle.proc.wait(timeout=KILL_WAIT_S)
+                except subprocess.TimeoutExpired:
+                    log.warning("worker_not_gone", worker=handle.id, pid=handle.pid)
             self._forget_pidfd(handle)
             self._forget_report(handle)
             self.gatekeeper.forget_worker(handle.id)
