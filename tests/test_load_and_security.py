@@ -272,7 +272,7 @@ def test_metrics_count_requests_errors_loads_and_memory(manager: ManagerProcess,
         samples = scrape(url)
         return samples if samples.get('mm_cached_conversations{model="smollm2"}', 0) >= 1 else {}
 
-    samples = wait_for(ready, timeout=5)
+    samples = wait_for(ready, timeout=60)
     assert samples['mm_requests_total{code="ok",model="smollm2",op="chat"}'] >= 1
     assert samples['mm_requests_total{code="model_not_found",model="-",op="chat"}'] >= 1
     assert samples['mm_requests_total{code="bad_request",model="smollm2",op="chat"}'] >= 1

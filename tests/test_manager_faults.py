@@ -255,7 +255,7 @@ def test_sigterm_lets_the_request_in_flight_finish(fresh_manager: ManagerProcess
             target=lambda: result.append(_try(lambda: fresh_manager.client().chat("smollm2", QUESTION, max_tokens=64)))
         )
         thread.start()
-        wait_for(lambda: model_status(c, "smollm2")["in_flight"] == 1, timeout=10, interval=0.01)
+        wait_for(lambda: model_status(c, "smollm2")["in_flight"] == 1, timeout=60, interval=0.01)
     fresh_manager.proc.send_signal(signal.SIGTERM)
     thread.join(30)
     assert result and not isinstance(result[0], Exception), result
