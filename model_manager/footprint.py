@@ -61,6 +61,15 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _STRING, _ARRAY = 8, 9
 _MAX_STRING = 16 * MIB  # a chat template is a few KiB; more is a corrupt length
 _KEPT_ARRAY_LEN = 4096  # per-layer arrays are kept; longer ones (the vocabulary) only counted
+# Hard caps, far above any real model's header, so that a corrupt or hostile header (one that declares 2^60 keys,
+# tensors or array items) is refused after a few bytes instead of being read to the end of the file: a header is
+# also read from a remote file, a range request at a time.
+MAX_KEYS = 1 << 16  # a model's header holds a few dozen
+MAX_TENSORS = 1 << 16  # a few thousand in the largest mixtures of experts
+MAX_ARRAY = 1 << 24  # the longest, a vocabulary's merges, hold a few hundred thousand
+MAX_DIMS = 8  # ggml's tensors have at most 4
+MAX_HEADER_BYTES = 64 * MIB  # a 256k-entry vocabulary with its merges takes about 10 MiB
+_CHECK_EVERY = 4096  # array items between two looks at how far the header has gone
 
 
 class _Header:
@@ -87,16 +96,28 @@ class _Header:
             raise ValueError(f"a GGUF header string of {length} bytes: the file is corrupt")
         return self.fh.read(length).decode("utf-8", "replace")
 
+    def _within(self) -> None:
+        if (at := self.fh.tell()) > MAX_HEADER_BYTES:
+            raise ValueError(f"the GGUF header runs past {at} bytes (at most {MAX_HEADER_BYTES} are read)")
+
+    @staticmethod
+    def _capped(count: int, cap: int, what: str) -> int:
+        if count > cap:
+            raise ValueError(f"the GGUF header declares {count} {what} (at most {cap} are read): the file is corrupt")
+        return count
+
     def _value(self, kind: int) -> Any:
         if kind in _SCALARS:
             return self._unpack(_SCALARS[kind])
         if kind == _STRING:
             return self._string()
         if kind == _ARRAY:
-            item, count = self._unpack("<I"), self._unpack("<Q")
+            item, count = self._unpack("<I"), self._capped(self._unpack("<Q"), MAX_ARRAY, "array items")
             if item == _STRING:  # stepped over, not decoded
-                for _ in range(count):
+                for i in range(count):
                     self.fh.seek(self._unpack("<Q"), io.SEEK_CUR)
+                    if i % _CHECK_EVERY == 0:
+                        self._within()
                 return _Counted(count)
             if item not in _SCALARS:
                 raise ValueError(f"GGUF array of value type {item} is not supported")
@@ -113,20 +134,27 @@ class _Header:
         version = self._unpack("<I")
         if version < 2:
             raise ValueError(f"GGUF version {version} is too old")
-        n_tensors, n_fields = self._unpack("<Q"), self._unpack("<Q")
+        n_tensors = self._capped(self._unpack("<Q"), MAX_TENSORS, "tensors")
+        n_fields = self._capped(self._unpack("<Q"), MAX_KEYS, "keys")
         fields = {}
         for _ in range(n_fields):
             key = self._string()
             fields[key] = self._value(self._unpack("<I"))
+            self._within()
         from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
         tensor_bytes = 0
         for _ in range(n_tensors):
             self._string()
-            dims = [self._unpack("<Q") for _ in range(self._unpack("<I"))]
-            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(self._unpack("<I"))]
+            dims = [self._unpack("<Q") for _ in range(self._capped(self._unpack("<I"), MAX_DIMS, "dimensions"))]
+            kind = self._unpack("<I")
+            try:
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+            except (KeyError, ValueError):
+                raise ValueError(f"a GGUF tensor of unknown type {kind}") from None
             self._unpack("<Q")  # the tensor's offset in the data section
             tensor_bytes += math.prod(dims) // block * type_size
+            self._within()
         return fields, tensor_bytes
 
 
