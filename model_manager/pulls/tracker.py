@@ -3,8 +3,10 @@ pipe in the broker's poll loop, relayed to the clients that asked as stream chun
 ``model.pull`` events; the fit check answered between the header and the download; the catalogue fragment written
 only after every file is verified.
 
-Two requests for the same model share one pull (the second sees its progress from then on). A ``check`` runs a
-pull process of its own that stops after the header. A client that goes away does not stop a pull.
+Two requests for the same model share one pull (the second sees its progress from then on), as long as that pull
+has not answered: a request that comes after a pull failed starts a pull of its own, even while the failed one's
+process is still ending. A ``check`` runs a pull process of its own that stops after the header. A client that goes
+away does not stop a pull.
 """
 
 from __future__ import annotations
@@ -103,14 +105,17 @@ class Pulls:
         if name in self.catalogue.fixed or name in self.catalogue.aliases:
             what = "an alias" if name in self.catalogue.aliases else "a model of the main YAML"
             raise PullFailed(f"{name!r} is {what} already: pull with another name", reason="exists", model=name)
+        # A pull already answered (failed, or done) is only waiting for its process to end: a new request never
+        # joins it, or it would get that pull's last chunk and no answer of its own.
+        running = [pull for pull in self.by_fd.values() if not pull.answered]
         if not check:
-            for pull in self.by_fd.values():
+            for pull in running:
                 if pull.name == name and not pull.check:
                     pull.waiters.append(waiter)
                     self._chunk(waiter, {"status": pull.status, "completed": pull.completed, "total": pull.total})
                     return
-        if len(self.by_fd) >= self.settings.max_pulls:
-            raise Busy(f"{len(self.by_fd)} pulls are running (catalogue.max_pulls)", retry_after_ms=5000)
+        if len(running) >= self.settings.max_pulls:
+            raise Busy(f"{len(running)} pulls are running (catalogue.max_pulls)", retry_after_ms=5000)
         dest = Path(self.settings.models_dir) / model_folder(name).replace(":", "_")
         process = subprocess.Popen(
             [
