@@ -7,11 +7,17 @@ the disk never touch the manager's loop, and a pull that hangs or crashes is onl
 2. ``facts`` (a GGUF: its header, read by range requests) or ``sizes`` (speech), then it waits for the manager's
    word on standard input: ``go`` (download) or ``stop`` (a check only, or the model would fit nowhere);
 3. ``progress`` lines, ``verifying``; then ``done`` with the files, or ``error`` with a typed error at any step.
+
+Nothing is written before ``go``: every file name is checked to stay inside ``--dest`` first (``paths``), and a
+check, or a pull refused before its download, leaves no folder. A download that fails (or a SIGTERM from the
+manager) has what it left empty removed before the ``error`` line is written, so that when the manager answers, the
+folder is as the next pull of the name will find it: parts with bytes kept to resume, nothing empty.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -21,7 +27,7 @@ from typing import Any
 import msgspec
 
 from model_client.errors import ModelManagerError, PullFailed
-from model_manager.pulls.download import check_disk, fetch
+from model_manager.pulls.download import check_disk, fetch, tidy
 from model_manager.pulls.refs import parse_ref
 from model_manager.pulls.remote import Source, remote_gguf_fields, resolve
 
@@ -61,6 +67,14 @@ def pull(ref_text: str, dest: Path, keep_free: int) -> None:
         emit("sizes", total=source.total)
     if sys.stdin.readline().strip() != "go":
         return
+    try:
+        download(source, dest, missing, quantization)
+    except BaseException:
+        tidy(dest)
+        raise
+
+
+def download(source: Source, dest: Path, missing: int, quantization: str | None) -> None:
     total, before, last = source.total, 0, 0.0
     emit("progress", file=source.files[0].name, completed=0, total=total, missing=missing)
     hashes = {}
@@ -95,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dest", required=True, type=Path)
     parser.add_argument("--keep-free", type=int, default=0)
     args = parser.parse_args(argv)
+
+    def stopped(_signal: int, _frame: object) -> None:
+        raise PullFailed("the pull was stopped", reason="cancelled")
+
+    signal.signal(signal.SIGTERM, stopped)  # the manager's stop: tidied and answered like any failure
     try:
         pull(args.ref, args.dest, args.keep_free)
     except ModelManagerError as exc:

@@ -2,7 +2,8 @@
 
 Hugging Face through ``huggingface_hub`` (its endpoint, ``HF_ENDPOINT``; its token, ``HF_TOKEN``; its HTTP session):
 the repo's file list with each file's size and the hub's hash (an LFS file's sha256, a small file's git blob id).
-A URL through the same session, without the hub's credentials.
+A URL through the same session, without the hub's credentials. Every request is made through ``transport`` (a stall
+limit, retries, honest reasons); every file name a source gives is checked by ``paths`` before the pull goes on.
 """
 
 from __future__ import annotations
@@ -14,10 +15,21 @@ from typing import Any
 import msgspec
 
 from model_client.errors import PullFailed
+from model_manager.pulls.paths import check_names
 from model_manager.pulls.refs import Ref
+from model_manager.pulls.transport import (
+    STALL_S,
+    denied,
+    dropped,
+    refusal,
+    retried,
+    session,
+    streamed,
+    token_set,
+    transport_errors,
+)
 
 HEADER_BLOCK = 256 * 1024  # bytes per range request while reading a remote GGUF header
-RANGE_TRIES = 3
 _SKIPPED = re.compile(r"(^|/)(README\.md|\.gitattributes|.*\.md)$", re.IGNORECASE)
 _SPLIT = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
 DEFAULT_QUANT = "Q4_K_M"  # Ollama's choice when an hf.co reference names none
@@ -30,6 +42,7 @@ class RemoteFile(msgspec.Struct, kw_only=True):
     sha256: str | None = None  # an LFS file's (or a URL's stated) sha256
     git_sha1: str | None = None  # a small file's git blob id, as the hub lists it
     hub: bool = False  # the hub's credentials go with it
+    repo: str | None = None  # the hub repo it is from
 
 
 class Source(msgspec.Struct, kw_only=True):
@@ -51,18 +64,15 @@ def hub_headers() -> dict[str, str]:
     return {**build_hf_headers(), "Accept-Encoding": "identity"}
 
 
-def session() -> Any:
-    from huggingface_hub.utils import get_session
-
-    return get_session()
-
-
 def headers_for(file: RemoteFile) -> dict[str, str]:
     return hub_headers() if file.hub else {"Accept-Encoding": "identity", "User-Agent": "model-manager-agent"}
 
 
 def resolve(ref: Ref) -> Source:
-    return _resolve_url(ref) if ref.url else _resolve_repo(ref)
+    """Where ``ref``'s files are; ``unsafe_path`` if a name the source gives could lead out of the model's folder."""
+    source = _resolve_url(ref) if ref.url else _resolve_repo(ref)
+    check_names(f.name for f in source.files)
+    return source
 
 
 def _resolve_url(ref: Ref) -> Source:
@@ -78,31 +88,44 @@ def _resolve_url(ref: Ref) -> Source:
 
 
 def _remote_size(url: str) -> int | None:
-    try:
-        response = session().head(url, headers=headers_for(RemoteFile(name="", url=url)), follow_redirects=True)
-    except Exception as exc:  # noqa: BLE001 - any transport failure is the same answer to the user
-        raise PullFailed(f"cannot reach {url}: {exc}", reason="network") from None
-    if response.status_code == 404:
-        raise PullFailed(f"{url} does not exist (404)", reason="not_found")
-    if response.status_code >= 400:
-        raise PullFailed(f"{url} answered {response.status_code}", reason="network", status=response.status_code)
-    length = response.headers.get("Content-Length")
+    def attempt() -> Any:
+        headers = headers_for(RemoteFile(name="", url=url))
+        try:
+            response = session().head(url, headers=headers, follow_redirects=True, timeout=STALL_S)
+        except transport_errors() as exc:
+            raise dropped(exc, url) from None
+        if response.status_code >= 400:
+            raise refusal(response.status_code, response.headers, url, hub=False)
+        return response
+
+    length = retried(attempt).headers.get("Content-Length")
     return int(length) if length and length.isdigit() else None
 
 
 def _resolve_repo(ref: Ref) -> Source:
     from huggingface_hub import HfApi, constants, hf_hub_url
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
     assert ref.repo is not None
-    try:
-        info = HfApi(endpoint=constants.ENDPOINT).model_info(ref.repo, files_metadata=True)
-    except RepositoryNotFoundError:
-        raise PullFailed(f"{ref.repo} is not a repository on {constants.ENDPOINT}", reason="not_found") from None
-    except HfHubHTTPError as exc:
-        raise PullFailed(f"{constants.ENDPOINT}: {exc}", reason="network") from None
-    except Exception as exc:  # noqa: BLE001 - connection refused, DNS, TLS: all "cannot reach"
-        raise PullFailed(f"cannot reach {constants.ENDPOINT}: {exc}", reason="network") from None
+    repo = ref.repo
+
+    def listing() -> Any:
+        try:
+            return HfApi(endpoint=constants.ENDPOINT).model_info(repo, files_metadata=True, timeout=STALL_S)
+        except GatedRepoError:
+            raise denied(401, "GatedRepo", repo, hub=True) from None
+        except RepositoryNotFoundError:
+            private = "" if token_set() else " (or it is private, and no HF_TOKEN is set in the manager's environment)"
+            where = f"{repo} is not a repository on {constants.ENDPOINT}"
+            raise PullFailed(where + private, reason="not_found") from None
+        except HfHubHTTPError as exc:
+            if exc.response is None:
+                raise PullFailed(f"{constants.ENDPOINT}: {exc}", reason="network") from None
+            raise refusal(exc.response.status_code, exc.response.headers, constants.ENDPOINT, True, repo=repo) from None
+        except transport_errors() as exc:
+            raise dropped(exc, constants.ENDPOINT) from None
+
+    info = retried(listing)
     revision = info.sha
     listed = {s.rfilename: s for s in info.siblings or []}
 
@@ -115,6 +138,7 @@ def _resolve_repo(ref: Ref) -> Source:
             sha256=sibling.lfs.sha256 if sibling.lfs else None,
             git_sha1=None if sibling.lfs else sibling.blob_id,
             hub=True,
+            repo=ref.repo,
         )
 
     def source(kind: str, files: list[RemoteFile], main: str) -> Source:
@@ -192,13 +216,13 @@ def _choose_gguf(ref: Ref, ggufs: list[str]) -> str:
 
 class RangeFile(io.RawIOBase):
     """A remote file read through HTTP range requests, seekable, counting the bytes it fetched: a GGUF header is a
-    few MB at the front of a file of many GB, and its long arrays are stepped over without fetching them."""
+    few MB at the front of a file of many GB, and its long arrays are stepped over without fetching them. A range
+    that fails for a while (a 5xx, a 429, a stall) is asked again (``transport``)."""
 
     def __init__(self, file: RemoteFile) -> None:
         super().__init__()
         self.file = file
         self.headers = headers_for(file)
-        self.session = session()
         self.position = 0
         self.fetched = 0
         self.requests = 0
@@ -227,15 +251,7 @@ class RangeFile(io.RawIOBase):
         wanted = len(buffer)
         if wanted == 0 or (self.file.size is not None and self.position >= self.file.size):
             return 0
-        for attempt in range(RANGE_TRIES):
-            try:
-                got = self._fetch_into(buffer, wanted)
-                break
-            except PullFailed:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a cut connection: ask for the range again
-                if attempt == RANGE_TRIES - 1:
-                    raise PullFailed(f"{self.file.url}: reading its header failed: {exc}", reason="network") from None
+        got = retried(lambda: self._fetch_into(buffer, wanted))
         self.position += got
         self.fetched += got
         return got
@@ -243,13 +259,13 @@ class RangeFile(io.RawIOBase):
     def _fetch_into(self, buffer: Any, wanted: int) -> int:
         headers = {**self.headers, "Range": f"bytes={self.position}-{self.position + wanted - 1}"}
         self.requests += 1
-        with self.session.stream("GET", self.file.url, headers=headers, follow_redirects=True) as response:
+        with streamed(self.file, headers, (200, 206, 416)) as response:
             if response.status_code == 416:
                 return 0
-            if response.status_code != 206:
+            if response.status_code == 200:
                 raise PullFailed(
-                    f"{self.file.url} does not answer range requests (status {response.status_code}): its header "
-                    "cannot be read before the download",
+                    f"{self.file.url} does not answer range requests (it sent the whole file): its header cannot "
+                    "be read before the download",
                     reason="no_ranges",
                 )
             got = 0
