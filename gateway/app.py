@@ -1,5 +1,6 @@
 """The gateway's ASGI app: the OpenAI routes under ``/v1``, Ollama's under ``/`` and ``/api``, errors in each
-family's own shape, bearer keys off loopback, and a cap on request bodies."""
+family's own shape, requests from other web pages and rebound host names refused, bearer keys off loopback, and a
+cap on request bodies."""
 
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ from typing import Any
 import structlog
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from gateway.config import GatewaySettings, no_personas
-from gateway.dashboard import Dashboard, refuse_page, ui_authorized
+from gateway.dashboard import SIGN_IN_PATHS, Dashboard, refuse_page, throttled, ui_authorized
 from gateway.errors import HttpError, from_manager, ollama_error, openai_error
 from gateway.ollama_api import Ollama
 from gateway.openai_api import OpenAI
@@ -26,6 +27,8 @@ from gateway.openai_audio import OpenAIAudio
 from gateway.realtime import realtime_endpoint
 from gateway.response_store import ResponseStore
 from gateway.responses_api import Responses
+from gateway.signin import Sessions, Throttle
+from gateway.trust import build_trust, refusal
 from gateway.watch import CLIENT_CLOSED
 from model_client import protocol
 from model_client.aio import ManagerLink
@@ -57,40 +60,43 @@ async def on_manager_error(request: Request, exc: Exception) -> Response:
 
 
 class Guard:
-    """Bearer keys (when configured) and the body cap, before any route reads the request."""
+    """Before any route reads a request: who may send it (the ``Host`` and ``Origin`` rules of gateway/trust.py,
+    for every route and the Realtime WebSocket's handshake), the API keys when configured (a bearer key, or the
+    page's session cookie; wrong keys throttled per client address), and the body cap."""
 
-    def __init__(self, app: ASGIApp, settings: GatewaySettings) -> None:
+    def __init__(self, app: ASGIApp, settings: GatewaySettings, sessions: Sessions, throttle: Throttle) -> None:
         self.app = app
         self.keys = [key.encode() for key in settings.api_keys]
         self.max_body = settings.max_body_bytes
+        self.trust = build_trust(settings.host, settings.allowed_hosts, settings.allowed_origins)
+        self.sessions, self.throttle = sessions, throttle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":  # the Realtime API: the same keys, checked before the handshake
-            if self.keys and not self._authorized(dict(scope["headers"]).get(b"authorization", b"")):
-                await send({"type": "websocket.close", "code": 1008})
-                return
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        openai = scope["path"].startswith("/v1/")
         path = scope["path"]
-        if (
-            self.keys
-            and not self._authorized(headers.get(b"authorization", b""))
-            and not ui_authorized(path, headers, self.keys)
-            and path != "/ui/login"
-        ):
-            if (page := refuse_page(path)) is not None:
-                await page(scope, receive, send)
+        refused = refusal(self.trust, scope.get("method", "GET"), headers)
+        if refused is not None:
+            log.info("request_refused", path=path[:200], code=refused.code, client=_client(scope))
+            await self._refuse(scope, receive, send, HttpError(refused.status, refused.message, code=refused.code))
+            return
+        if self.keys and not self._signed_in(path, headers) and path not in SIGN_IN_PATHS:
+            error = self._check_key(scope, headers)
+            if error is not None:
+                if scope["type"] == "http" and error.status == 401 and (page := refuse_page(path)) is not None:
+                    await page(scope, receive, send)
+                else:
+                    await self._refuse(scope, receive, send, error)
                 return
-            error = HttpError(401, "a valid API key is required (Authorization: Bearer KEY)", code="invalid_api_key")
-            await (openai_error(error) if openai else ollama_error(error))(scope, receive, send)
+        if scope["type"] == "websocket":
+            await self.app(scope, receive, send)
             return
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
             error = HttpError(413, f"the request body is larger than {self.max_body} bytes", code="body_too_large")
-            await (openai_error(error) if openai else ollama_error(error))(scope, receive, send)
+            await self._refuse(scope, receive, send, error)
             return
         seen = 0
 
@@ -104,9 +110,49 @@ class Guard:
 
         await self.app(scope, capped, send)
 
+    def _signed_in(self, path: str, headers: dict[bytes, bytes]) -> bool:
+        return ui_authorized(path, headers, self.sessions)
+
+    def _check_key(self, scope: Scope, headers: dict[bytes, bytes]) -> HttpError | None:
+        """None for a valid bearer key; else the refusal: 429 while the client is throttled, whatever key it
+        sends, 401 for a wrong key (counted) or none (not counted: a client without a key is not guessing)."""
+        header = headers.get(b"authorization")
+        if header is None:
+            return HttpError(401, "a valid API key is required (Authorization: Bearer KEY)", code="invalid_api_key")
+        client = _client(scope)
+        wait_s = self.throttle.retry_after_s(client)
+        if wait_s is not None:
+            log.info("key_throttled", client=client, retry_after_s=wait_s)
+            return throttled(wait_s)
+        if self._authorized(header):
+            return None
+        self.throttle.failed(client)
+        log.info("key_refused", client=client, path=scope["path"][:200])
+        return HttpError(401, "a valid API key is required (Authorization: Bearer KEY)", code="invalid_api_key")
+
     def _authorized(self, header: bytes) -> bool:
         scheme, _, key = header.partition(b" ")
         return scheme.lower() == b"bearer" and any(hmac.compare_digest(key.strip(), k) for k in self.keys)
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, error: HttpError) -> None:
+        """An HTTP refusal in the route family's own shape; a WebSocket is closed before its handshake (1008, which
+        the server answers with HTTP 403)."""
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": error.message[:120]})
+            return
+        response = openai_error(error) if scope["path"].startswith("/v1/") else ollama_error(error)
+        if error.status == 403 and scope["path"].startswith("/v1/"):
+            response = JSONResponse(
+                {"error": {"message": error.message, "type": "permission_error", "param": None, "code": error.code}},
+                status_code=403,
+            )
+        await response(scope, receive, send)
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
 
 
 def build_app(settings: GatewaySettings, manager_endpoint: str, agents: AgentsConfig | None = None) -> Starlette:
@@ -124,7 +170,9 @@ def build_app(settings: GatewaySettings, manager_endpoint: str, agents: AgentsCo
         await realtime_endpoint(ws, voice_link, agents)
 
     openai, audio, ollama = OpenAI(link), OpenAIAudio(link), Ollama(link)
-    ui = Dashboard(link, settings.api_keys)
+    sessions = Sessions(settings.ui_session_ttl_s)
+    throttle = Throttle(settings.auth_max_failures, settings.auth_window_s)
+    ui = Dashboard(link, settings, sessions, throttle)
     directory = Path(settings.responses_dir) if settings.responses_dir else None
     responses = Responses(link, ResponseStore(directory, settings.max_stored_responses))
     routes = [
@@ -146,6 +194,7 @@ def build_app(settings: GatewaySettings, manager_endpoint: str, agents: AgentsCo
         Route("/ui/", ui.page, methods=["GET"]),
         Route("/ui/static/{name}", ui.static, methods=["GET"]),
         Route("/ui/login", ui.login, methods=["POST"]),
+        Route("/ui/logout", ui.logout, methods=["POST"]),
         Route("/ui/api/status", ui.status, methods=["GET"]),
         Route("/ui/api/events", ui.events, methods=["GET"]),
         Route("/ui/api/pull", ui.pull, methods=["POST"]),
@@ -179,5 +228,5 @@ def build_app(settings: GatewaySettings, manager_endpoint: str, agents: AgentsCo
         },
         lifespan=lifespan,
     )
-    app.add_middleware(Guard, settings=settings)
+    app.add_middleware(Guard, settings=settings, sessions=sessions, throttle=throttle)
     return app

@@ -8,11 +8,13 @@ from typing import Annotated
 import msgspec
 
 from daemonkit.settings import ConfigError, Section, convert, read_sections, resolve_path
+from gateway.trust import HOST_PATTERN, ORIGIN_PATTERN
 from model_client.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from model_client.security import is_loopback
 from personas.config import AgentsConfig, AgentSettings, Routing, load_agents_config
 
 SHUTDOWN_GRACE_S = 3.0  # SIGTERM: what open requests get before the gateway ends them
+DEFAULT_HEARTBEAT_S = 5.0  # the manager's, when its YAML section does not say
 
 
 class GatewaySettings(Section):
@@ -26,6 +28,20 @@ class GatewaySettings(Section):
     # restarts; relative to the YAML. null: in memory only.
     responses_dir: str | None = None
     max_stored_responses: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+    # Who may talk to it (see gateway/trust.py): host names beyond loopback, the bind address and this machine's
+    # name ("*.example.com" for a domain's; "*": any, behind a proxy that checks names itself), and the web pages
+    # beyond the gateway's own that may call it ("http://localhost:3000", "https://app.example.com",
+    # "http://localhost:*" for any port; "*": any page, which gives every web page you visit the gateway).
+    allowed_hosts: list[Annotated[str, msgspec.Meta(pattern=HOST_PATTERN, max_length=253)]] = []
+    allowed_origins: list[Annotated[str, msgspec.Meta(pattern=ORIGIN_PATTERN, max_length=300)]] = []
+    # The page's sign-in (with api_keys): how long a session lasts; wrong keys a client address may send in a
+    # window before it is refused (429) until the window has passed.
+    ui_session_ttl_s: Annotated[float, msgspec.Meta(gt=0)] = 12 * 3600.0
+    auth_max_failures: Annotated[int, msgspec.Meta(ge=1)] = 5
+    auth_window_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    # How often the manager publishes its heartbeat; null: the YAML's manager.heartbeat_s (set it when the gateway
+    # reads another YAML than the manager's). The page says "manager unreachable" after two without one.
+    manager_heartbeat_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
 
 
 def no_personas() -> AgentsConfig:
@@ -45,6 +61,10 @@ def load_gateway_settings(path: Path) -> GatewaySettings:
     if settings.responses_dir is not None:
         directory = str(resolve_path(settings.responses_dir, base_dir))
         settings = msgspec.structs.replace(settings, responses_dir=directory)
+    if settings.manager_heartbeat_s is None:
+        beat = (data.get("manager") or {}).get("heartbeat_s", DEFAULT_HEARTBEAT_S)
+        beat = beat if isinstance(beat, (int, float)) and beat > 0 else DEFAULT_HEARTBEAT_S
+        settings = msgspec.structs.replace(settings, manager_heartbeat_s=float(beat))
     manager_limit = (data.get("limits") or {}).get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
     if isinstance(manager_limit, int) and manager_limit < settings.max_body_bytes:
         settings = msgspec.structs.replace(settings, max_body_bytes=manager_limit)

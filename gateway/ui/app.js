@@ -1,5 +1,7 @@
 // The manager's page: `status` rendered, refreshed when the manager's events (forwarded by the gateway as
-// server-sent events) say something changed, and on each heartbeat. No timer of its own.
+// server-sent events) say something changed, and on each heartbeat. Its one timer watches the stream itself: the
+// gateway sends something at least every two heartbeat intervals (an event, or `link` with state "down" while the
+// manager is silent), so 2.5 intervals of silence mean the stream is dead, and the page opens a new one.
 "use strict";
 const $ = (selector) => document.querySelector(selector);
 const esc = (text) => String(text ?? "").replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
@@ -8,6 +10,9 @@ const ago = (s) => (s == null ? "-" : s < 60 ? `${Math.round(s)}s` : s < 3600 ? 
 const pulls = new Map(); // model -> the last model.pull event
 let status = null;
 let pending = null;
+let events = null; // the EventSource
+let heartbeatS = 5; // the manager's heartbeat interval, as the gateway's `link` messages say
+let lastHeard = Date.now();
 
 async function api(path, options = {}) {
   const response = await fetch(path, { credentials: "same-origin", ...options });
@@ -90,25 +95,50 @@ function logEvent(topic, body) {
   while (log.children.length > 200) log.lastChild.remove();
 }
 
+function showLink(up, why) {
+  $("#live").className = up ? "live" : "live off";
+  $("#live").textContent = up ? "live" : why;
+}
+
 function listen() {
-  const events = new EventSource("/ui/api/events");
-  events.onopen = () => { $("#live").className = "live"; $("#live").textContent = "live"; };
-  events.onerror = () => { $("#live").className = "live off"; $("#live").textContent = "reconnecting"; };
-  events.addEventListener("manager.heartbeat", soon);
+  if (events) events.close();
+  lastHeard = Date.now();
+  events = new EventSource("/ui/api/events");
+  const on = (topic, handle) => events.addEventListener(topic, (e) => { lastHeard = Date.now(); handle(e); });
+  events.onerror = () => showLink(false, "reconnecting");
+  on("link", (e) => {
+    const body = JSON.parse(e.data);
+    heartbeatS = body.heartbeat_s || heartbeatS;
+    if (body.state === "up") {
+      showLink(true);
+      soon();
+    } else {
+      showLink(false, "manager unreachable");
+    }
+  });
+  on("manager.heartbeat", () => { showLink(true); soon(); });
   for (const topic of ["model.loaded", "model.unloaded", "model.failed", "model.added", "model.removed", "model.pinned"]) {
-    events.addEventListener(topic, (e) => { logEvent(topic, JSON.parse(e.data)); soon(); });
+    on(topic, (e) => { logEvent(topic, JSON.parse(e.data)); soon(); });
   }
-  events.addEventListener("request.shed", (e) => {
+  on("request.shed", (e) => {
     const body = JSON.parse(e.data);
     logEvent("request.shed", { ...body, reason: `${body.refused} refused: ${body.reason}` });
   });
-  events.addEventListener("model.pull", (e) => {
+  on("model.pull", (e) => {
     const body = JSON.parse(e.data);
     const last = pulls.get(body.model);
     pulls.set(body.model, body);
     if (!last || last.status !== body.status || body.error) logEvent("model.pull", body);
     renderPulls();
   });
+}
+
+function watchdog() {
+  if (Date.now() - lastHeard > 2500 * heartbeatS) {
+    showLink(false, "manager unreachable");
+    listen(); // a stream that failed for good (the gateway answered an error) is not retried by the browser
+  }
+  setTimeout(watchdog, Math.min(1000, 250 * heartbeatS));
 }
 
 document.addEventListener("click", async (e) => {
@@ -138,3 +168,4 @@ $("#pull-form").addEventListener("submit", async (e) => {
 
 listen();
 refresh();
+watchdog();
