@@ -41,6 +41,7 @@ from model_client import ModelClient  # noqa: E402
 CHUNK = OPENAI_PCM_RATE * 2 * 40 // 1000  # 40 ms of pcm16
 SILENCE = b"\0\0" * OPENAI_PCM_RATE  # a second: the server's VAD ends the utterance within it
 LONG = [{"role": "user", "content": "Count from 1 to 1000, one number a line: 1, 2, 3,"}]
+TURN_TIMEOUT_S = 400.0  # a bound for a busy machine (the suite runs this beside other work), not an expectation
 
 
 def realtime_first_audio(url: str, pcm: bytes) -> float:
@@ -58,7 +59,7 @@ def realtime_first_audio(url: str, pcm: bytes) -> float:
             )
         stopped = first = None
         while True:
-            event = json.loads(ws.recv(timeout=120))
+            event = json.loads(ws.recv(timeout=TURN_TIMEOUT_S))
             if event["type"] == "input_audio_buffer.speech_stopped":
                 stopped = time.perf_counter()
             elif event["type"] == "response.output_audio.delta" and first is None:
@@ -121,17 +122,21 @@ def main() -> None:
         for daemon in daemons:
             daemon.start(wait=False)
         for daemon in daemons:
-            daemon.wait_ready(timeout=60)
+            daemon.wait_ready(timeout=TURN_TIMEOUT_S)
         gateway.start(wait=False)
         url = f"http://127.0.0.1:{gateway.wait_ports(run / 'ports.json')['http']}".replace("http://", "ws://")
-        with ModelClient(endpoint, timeout=120) as client:
+        with ModelClient(endpoint, timeout=TURN_TIMEOUT_S) as client:
             speech = [client.synthesize(q, format="pcm").audio for q in QUESTIONS[: args.turns]]
         clips = [audio.to_wav() for audio in speech]
         streamed = [resample(a.pcm, a.sample_rate, OPENAI_PCM_RATE) + SILENCE for a in speech]
-        talk(clips[0], session_id="warm-up", config=config_path)  # loads every model once, not measured
+        talk(
+            clips[0], session_id="warm-up", timeout=TURN_TIMEOUT_S, config=config_path
+        )  # loads every model, not measured
         realtime_first_audio(url, streamed[0])
         for clip, pcm in zip(clips, streamed, strict=True):
-            talked = talk(clip, session_id="bench", config=config_path)["breakdown"]["first_audio_ms"]
+            talked = talk(clip, session_id="bench", timeout=TURN_TIMEOUT_S, config=config_path)["breakdown"][
+                "first_audio_ms"
+            ]
             rows.append({"talk_ms": talked, "realtime_ms": realtime_first_audio(url, pcm)})
         if args.streams:
             with ChatLoad(endpoint, "smollm2", args.streams):
