@@ -106,9 +106,11 @@ def main() -> None:
             daemon.wait_ready(timeout=60)
         with ModelClient(config["endpoints"]["requests"], timeout=120) as client:
             clips = [client.synthesize(q).audio.to_wav() for q in QUESTIONS[: args.turns]]
-        talk(clips[0], session_id="warm-up", config=config_path)  # loads the persona's model once, not measured
+        talk(
+            clips[0], session_id="warm-up", timeout=300, config=config_path
+        )  # loads the persona's model once, not measured
         for i, clip in enumerate(clips):
-            result = talk(clip, session_id="bench", config=config_path)
+            result = talk(clip, session_id="bench", timeout=300, config=config_path)
             rows.append({**result["breakdown"], "cached_tokens": (result.get("usage") or {}).get("cached_tokens")})
             if os.environ.get("VOICE_TURN_DEBUG"):
                 print("   ", result["breakdown"], result.get("usage"), result.get("stt_timings"), flush=True)

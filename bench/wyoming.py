@@ -158,7 +158,7 @@ def main() -> None:
         ports = wyoming.wait_ports(ports_file, timeout=60)
         with ModelClient(config["endpoints"]["requests"], timeout=120) as client:
             wavs = [client.synthesize(q).audio.to_wav() for q in QUESTIONS[: args.turns]]
-        talk(wavs[0], session_id="warm-up", config=config_path)  # loads the models once, not measured
+        talk(wavs[0], session_id="warm-up", timeout=300, config=config_path)  # loads the models once, not measured
         asyncio.run(wyoming_turn(ports, read_wav(wavs[0]), "warm-up"))
         for i, wav in enumerate(wavs * args.repeats):
             order = ("talk", "wyoming") if i % 2 == 0 else ("wyoming", "talk")
@@ -166,7 +166,7 @@ def main() -> None:
             row: dict = {}
             for path in order:
                 if path == "talk":
-                    result = talk(wav, session_id=session, config=config_path)
+                    result = talk(wav, session_id=session, timeout=300, config=config_path)
                     breakdown = result["breakdown"]
                     row.update(talk=breakdown["first_audio_ms"], talk_transcript=breakdown["stt_ms"])
                 else:
