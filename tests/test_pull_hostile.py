@@ -22,6 +22,7 @@ import pytest
 
 from model_client import ModelClient, PullFailed
 from model_manager.kvcache import model_folder
+from model_manager.pulls.paths import inside, unsafe_because
 from tests.conftest import ManagerProcess, base_config
 from tests.hf_mirror import COMMIT, Fault, Mirror
 
@@ -172,6 +173,20 @@ def tree(root: Path) -> set[str]:
     }
 
 
+def test_only_plain_relative_names_are_taken_as_paths(tmp_path: Path) -> None:
+    for name in ("model.bin", "en/en_US/joe/medium/en_US-joe-medium.onnx", "a..b.gguf", "...", "voix é.onnx"):
+        assert unsafe_because(name) is None, name
+        assert inside(tmp_path, name) == tmp_path / name
+    for name in [n for n in HOSTILE_NAMES if n != "ABSOLUTE"] + ["/etc/passwd", "x" * 2000, "a/" + "b" * 300]:
+        assert unsafe_because(name) is not None, name
+        with pytest.raises(PullFailed):
+            inside(tmp_path, name)
+    (tmp_path / "link").symlink_to(tmp_path.parent)
+    with pytest.raises(PullFailed) as refused:
+        inside(tmp_path, "link/x")
+    assert refused.value.details == {"reason": "unsafe_path", "file": "link/x"}
+
+
 def test_file_names_that_lead_out_of_the_models_folder_refuse_the_whole_pull(
     puller: ManagerProcess, mirror: Mirror, run_dir: Path
 ) -> None:
@@ -217,8 +232,11 @@ def test_a_500_and_a_429_with_retry_after_are_waited_out(puller: ManagerProcess,
     mirror.faults["/api/models/local/flaky-GGUF"] = [Fault(status=500)]
     mirror.faults[path] = [Fault(status=500, whole=False), Fault(status=429, headers={"Retry-After": "1"}, whole=True)]
     with puller.client(timeout=TIMEOUT) as client:
-        _, result = outcome(client, "hf.co/local/flaky-GGUF")
+        chunks, result = outcome(client, "hf.co/local/flaky-GGUF")
     assert isinstance(result, dict) and result["status"] == "success", result
+    retries = [(c["reason"], c["wait_s"]) for c in chunks if c["status"] == "retrying"]
+    assert [reason for reason, _ in retries] == ["server_error", "server_error", "rate_limited"], retries
+    assert retries[-1][1] == 1, "a client waiting on the pull is told of each wait"
     whole = [(at, wanted) for at, method, wanted in mirror.requests_of(path) if method == "GET" and wanted is None]
     assert len(whole) == 2 and whole[1][0] - whole[0][0] >= 0.95, "the second try waited the Retry-After second"
 

@@ -7,6 +7,7 @@ the disk never touch the manager's loop, and a pull that hangs or crashes is onl
 2. ``facts`` (a GGUF: its header, read by range requests) or ``sizes`` (speech), then it waits for the manager's
    word on standard input: ``go`` (download) or ``stop`` (a check only, or the model would fit nowhere);
 3. ``progress`` lines, ``verifying``; then ``done`` with the files, or ``error`` with a typed error at any step.
+   A request tried again (a 5xx, a 429, a stall) is said as a ``retrying`` line at any step.
 
 Nothing is written before ``go``: every file name is checked to stay inside ``--dest`` first (``paths``), and a
 check, or a pull refused before its download, leaves no folder. A download that fails (or a SIGTERM from the
@@ -30,6 +31,7 @@ from model_client.errors import ModelManagerError, PullFailed
 from model_manager.pulls.download import check_disk, fetch, tidy
 from model_manager.pulls.refs import parse_ref
 from model_manager.pulls.remote import Source, remote_gguf_fields, resolve
+from model_manager.pulls.transport import Transient, on_retry
 
 PROGRESS_EVERY_S = 0.25
 
@@ -37,6 +39,10 @@ PROGRESS_EVERY_S = 0.25
 def emit(event: str, **fields: Any) -> None:
     sys.stdout.buffer.write(msgspec.json.encode({"event": event, **fields}) + b"\n")
     sys.stdout.buffer.flush()
+
+
+def retrying(failure: Transient, tries: int, wait_s: float) -> None:
+    emit("retrying", reason=failure.reason, message=failure.message, tries=tries, wait_s=wait_s)
 
 
 def header_facts(source: Source) -> dict[str, Any]:
@@ -114,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         raise PullFailed("the pull was stopped", reason="cancelled")
 
     signal.signal(signal.SIGTERM, stopped)  # the manager's stop: tidied and answered like any failure
+    on_retry(retrying)
     try:
         pull(args.ref, args.dest, args.keep_free)
     except ModelManagerError as exc:

@@ -188,6 +188,9 @@ class Pulls:
                     "total": pull.total,
                 },
             )
+        elif event == "retrying":
+            keys = ("reason", "message", "tries", "wait_s")
+            self._progress(pull, {"status": "retrying", **{k: line[k] for k in keys}, "total": pull.total})
         elif event == "done":
             self._on_done(pull, line)
         elif event == "error":

@@ -45,6 +45,14 @@ TRIES = 6
 
 T = TypeVar("T")
 
+# Told of each try about to be made again (the failure, the try that failed, the wait): the pull process says it on
+# its standard output, so that a client waiting on the pull hears from it during a long wait.
+_on_retry: list[Callable[[Transient, int, float], None]] = []
+
+
+def on_retry(listener: Callable[[Transient, int, float], None]) -> None:
+    _on_retry.append(listener)
+
 
 def session() -> Any:
     from huggingface_hub.utils import get_session
@@ -83,6 +91,8 @@ def retried(attempt: Callable[[], T]) -> T:
                 wait = min(MAX_WAIT_S, BACKOFF_S * 2 ** (failures - 1))
             if failures >= TRIES or wait > MAX_WAIT_S:
                 raise failure.final(failures) from None
+            for listener in _on_retry:
+                listener(failure, failures, wait)
             time.sleep(wait)
 
 
