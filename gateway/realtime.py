@@ -25,16 +25,21 @@ import binascii
 import json
 from typing import Any
 
+import msgspec
 import structlog
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from anyio import BrokenResourceError, ClosedResourceError
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from daemonkit.json_limits import field_path, first_violation
 from gateway.audio_codecs import OPENAI_PCM_RATE
-from gateway.realtime_answer import new_id, respond
+from gateway.realtime_answer import Answer, ClientGone, new_id
+from gateway.realtime_items import AssistantItem, Items, rewrite_reply
+from gateway.realtime_settings import RealtimeError, Settings, updated
 from model_client.aio import ManagerLink
 from model_client.errors import ModelManagerError
 from personas.config import AgentsConfig, Persona
 from personas.history import Histories
-from personas.segmenter import Segmenter
+from personas.segmenter import FRAME_MS, Segmenter
 from personas.speech_services import Segmenter as SegmenterSettings
 
 log = structlog.get_logger("gateway")
@@ -42,13 +47,11 @@ log = structlog.get_logger("gateway")
 BYTES_PER_SECOND = OPENAI_PCM_RATE * 2
 MAX_APPEND_BYTES = 2 * 1024 * 1024  # one append: voice agents send 20-100 ms at a time
 MAX_BUFFER_S = 60.0  # audio held before a commit
-DEFAULT_VAD = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}
+MAX_DEPTH = 64  # as the HTTP bodies (gateway.body): tool schemas nest a handful of levels
+FRAME_BYTES = OPENAI_PCM_RATE * FRAME_MS // 1000 * 2
+GONE = (WebSocketDisconnect, ClosedResourceError, BrokenResourceError, OSError)
 
-
-class RealtimeError(Exception):
-    def __init__(self, code: str, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.code, self.message, self.param = code, message, param
+__all__ = ["RealtimeError", "RealtimeSession", "realtime_endpoint"]
 
 
 class RealtimeSession:
@@ -59,27 +62,49 @@ class RealtimeSession:
         if model not in self.personas:  # a chat model of the catalogue: a persona with the session's instructions
             self.personas[model] = Persona(model=model, system_prompt="You are a helpful voice assistant.")
         self.name, self.voices = model, voices
-        self.instructions: str | None = None
-        self.voice: str | None = None
-        self.modalities = ["audio"]
-        self.vad: dict[str, Any] | None = dict(DEFAULT_VAD)
+        self.settings = Settings()
         self.segmenter = self._segmenter()
         self.buffer = bytearray()
         self.histories = Histories(None, agents.agents.max_history_messages, f"realtime-{model}")
+        self.items = Items()
+        self.turns = 0  # answers started: the latest turn's number
         self.pending_text: list[str] = []
         self.pending_results: list[dict[str, Any]] = []  # function outputs for the next response
-        self.tools: list[dict[str, Any]] = []  # as the Realtime API writes them (flat)
         self.call_names: dict[str, str] = {}  # call id -> function name
-        self.tool_choice: str | dict[str, Any] = "auto"
         self.item_id: str | None = None  # the user item the speech in progress becomes
-        self.responding: asyncio.Task | None = None
+        self.heard_samples = 0  # every sample appended this session: speech events say where they are in it
+        self.fed = bytearray()  # appended audio not yet a whole segmenter frame
+        self.responding: Answer | None = None
+        self.closed = False
+
+    # the settings, as the answer reads them
+    @property
+    def instructions(self) -> str | None:
+        return self.settings.instructions
+
+    @property
+    def voice(self) -> str | None:
+        voice = self.settings.voice
+        return voice if voice in self.voices else None  # OpenAI's names take the persona's voice
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.settings.modalities)
+
+    @property
+    def tools(self) -> list[dict[str, Any]]:
+        return self.settings.tools
+
+    @property
+    def tool_choice(self) -> str | dict[str, Any]:
+        return self.settings.tool_choice
 
     # ----- the connection -----------------------------------------------------------------------------------
 
     async def serve(self) -> None:
         await self.ws.accept()
-        await self.send("session.created", session=self._session())
         try:
+            await self.send("session.created", session=self._session())
             while True:
                 message = await self.ws.receive()
                 if message["type"] == "websocket.disconnect":
@@ -98,60 +123,63 @@ class RealtimeSession:
                             "param": exc.param,
                         },
                     )
-                except (WebSocketDisconnect, asyncio.CancelledError):
+                except (ClientGone, asyncio.CancelledError, *GONE):
                     raise
                 except Exception as exc:  # a fault of ours: said as an event, logged, and the session goes on
                     log.exception("realtime_event_failed", model=self.name)
                     error = {"type": "server_error", "code": "internal", "message": f"{type(exc).__name__}: {exc}"}
                     await self.send("error", error=error)
-        except WebSocketDisconnect:
+        except (ClientGone, *GONE):
             pass
         finally:
-            if self.responding is not None:
-                self.responding.cancel()
+            self.closed = True
+            if await self._cancel("client_gone"):
+                log.info("client_gone", path="/v1/realtime", during="response")
 
     async def send(self, kind: str, **fields: Any) -> None:
-        await self.ws.send_text(json.dumps({"type": kind, "event_id": new_id("event"), **fields}))
+        """One server event; a client that has gone is ``ClientGone`` (said once, in the session's end)."""
+        if self.closed:
+            raise ClientGone
+        text = json.dumps({"type": kind, "event_id": new_id("event"), **fields})
+        try:
+            await self.ws.send_text(text)
+        except GONE:
+            self.closed = True
+            raise ClientGone from None
+        except RuntimeError:  # starlette's word for a socket already closed
+            if self.ws.application_state == WebSocketState.CONNECTED:
+                raise
+            self.closed = True
+            raise ClientGone from None
 
     async def _on_event(self, raw: str) -> None:
         try:
-            event = json.loads(raw)
-        except ValueError:
-            raise RealtimeError("invalid_json", "the event is not valid JSON") from None
+            event = msgspec.json.decode(raw)
+        except (msgspec.DecodeError, RecursionError):  # msgspec's own depth limit is a RecursionError
+            raise RealtimeError("invalid_json", "the event is not valid JSON (or nests too deep)") from None
+        found = first_violation(event, MAX_DEPTH)
+        if found is not None:
+            kind, path = found
+            if kind == "too_deep":
+                field = field_path(path[:1])[2:] or None
+                raise RealtimeError("invalid_json", f"the event nests deeper than {MAX_DEPTH} levels", field)
+            raise RealtimeError("invalid_value", "an integer is out of range", field_path(path)[2:] or None)
         if not isinstance(event, dict) or not isinstance(event.get("type"), str):
             raise RealtimeError("invalid_event", "an event is a JSON object with a string type", "type")
         handler = getattr(self, "_on_" + event["type"].replace(".", "_"), None)
         if handler is None:
-            raise RealtimeError("unknown_event", f"events of type {event['type']!r} are not served", "type")
+            raise RealtimeError("unknown_event", f"events of type {event['type'][:100]!r} are not served", "type")
         await handler(event)
 
     # ----- client events ------------------------------------------------------------------------------------
 
     async def _on_session_update(self, event: dict[str, Any]) -> None:
-        session = event.get("session")
-        if not isinstance(session, dict):
-            raise RealtimeError("invalid_value", "session.update needs a session object", "session")
-        if isinstance(session.get("instructions"), str):
-            self.instructions = session["instructions"]
-        if isinstance(session.get("tools"), list):
-            tools = session["tools"]
-            if not all(isinstance(t, dict) and t.get("type") == "function" and t.get("name") for t in tools):
-                raise RealtimeError("invalid_value", "only function tools with a name are served", "session.tools")
-            self.tools = tools
-        choice = session.get("tool_choice")
-        if choice in ("auto", "none", "required") or (isinstance(choice, dict) and isinstance(choice.get("name"), str)):
-            self.tool_choice = choice
-        if isinstance(session.get("output_modalities"), list):
-            self.modalities = ["text"] if session["output_modalities"] == ["text"] else ["audio"]
-        audio = session.get("audio") if isinstance(session.get("audio"), dict) else {}
-        output, source = audio.get("output") or {}, audio.get("input") or {}
-        voice = output.get("voice") if isinstance(output, dict) else None
-        if isinstance(voice, str):
-            self.voice = voice if voice in self.voices else None  # OpenAI's names take the persona's voice
-        if isinstance(source, dict) and "turn_detection" in source:
-            detection = source["turn_detection"]
-            self.vad = {**DEFAULT_VAD, **detection} if isinstance(detection, dict) else None
+        settings = updated(self.settings, event.get("session"), self.name)
+        vad_changed = settings.vad != self.settings.vad
+        self.settings = settings
+        if vad_changed:
             self.segmenter = self._segmenter()
+            self.fed.clear()
         await self.send("session.updated", session=self._session())
 
     async def _on_input_audio_buffer_append(self, event: dict[str, Any]) -> None:
@@ -168,14 +196,23 @@ class RealtimeSession:
             raise RealtimeError("buffer_full", f"the input buffer holds at most {MAX_BUFFER_S:.0f} s: commit it")
         if self.segmenter is None:
             self.buffer += pcm
+            self.heard_samples += len(pcm) // 2
             return
-        speaking = self.segmenter.in_utterance
-        utterances = self.segmenter.feed(pcm)
-        if not speaking and (self.segmenter.in_utterance or utterances):
-            await self._speech_started()
-        for utterance in utterances:
-            await self.send("input_audio_buffer.speech_stopped", item_id=self.item_id)
-            await self._commit(utterance, answer=True)
+        # A frame at a time, so each speech event knows where in the session's audio it happened.
+        self.fed += pcm
+        whole = len(self.fed) - len(self.fed) % FRAME_BYTES
+        frames, self.fed = bytes(self.fed[:whole]), self.fed[whole:]
+        for start in range(0, len(frames), FRAME_BYTES):
+            speaking = self.segmenter.in_utterance
+            utterances = self.segmenter.feed(frames[start : start + FRAME_BYTES])
+            self.heard_samples += FRAME_BYTES // 2
+            if not speaking and (self.segmenter.in_utterance or utterances):
+                began = self.heard_samples - (self.segmenter.utterance_samples or len(utterances[0]) // 2)
+                await self._speech_started(began)
+            for utterance in utterances:
+                self.item_id = self.item_id or new_id("item")
+                await self.send("input_audio_buffer.speech_stopped", item_id=self.item_id, audio_end_ms=self._ms())
+                await self._commit(utterance, answer=bool(self.vad and self.vad["create_response"]))
 
     async def _on_input_audio_buffer_commit(self, event: dict[str, Any]) -> None:
         audio = bytes(self.buffer) or (self.segmenter.flush() if self.segmenter else None) or b""
@@ -185,6 +222,7 @@ class RealtimeSession:
 
     async def _on_input_audio_buffer_clear(self, event: dict[str, Any]) -> None:
         self.buffer.clear()
+        self.fed.clear()
         self.segmenter = self._segmenter()
         await self.send("input_audio_buffer.cleared")
 
@@ -198,8 +236,7 @@ class RealtimeSession:
             if call_id in self.call_names:
                 result["name"] = self.call_names[call_id]
             self.pending_results.append(result)
-            item_id = item.get("id") if isinstance(item.get("id"), str) else new_id("item")
-            await self.send("conversation.item.added", item={**item, "id": item_id, "status": "completed"})
+            await self._added({**item, "id": self._item_id(item), "status": "completed"})
             return
         if not isinstance(item, dict) or item.get("type", "message") != "message" or item.get("role") != "user":
             raise RealtimeError("invalid_value", "only user messages and function outputs are served", "item")
@@ -208,32 +245,80 @@ class RealtimeSession:
         if not text.strip():
             raise RealtimeError("invalid_value", "a user message needs input_text content", "item.content")
         self.pending_text.append(text)
-        item_id = item.get("id") if isinstance(item.get("id"), str) else new_id("item")
-        await self.send("conversation.item.added", item={**item, "id": item_id, "status": "completed"})
+        await self._added({**item, "id": self._item_id(item), "status": "completed"})
+
+    async def _on_conversation_item_retrieve(self, event: dict[str, Any]) -> None:
+        item = self.items.as_sent(self._known_item(event))
+        await self.send("conversation.item.retrieved", item=item)
+
+    async def _on_conversation_item_truncate(self, event: dict[str, Any]) -> None:
+        """The client played ``audio_end_ms`` of an assistant item's audio: the item's transcript and the session's
+        history keep only the words that audio holds, so the model is never told it said what nobody heard."""
+        item_id = self._known_item(event)
+        item = self.items.get(item_id)
+        if not isinstance(item, AssistantItem):
+            raise RealtimeError(
+                "invalid_value", f"{item_id!r} is not an assistant message: only those are cut", "item_id"
+            )
+        if not item.audio:
+            raise RealtimeError("invalid_value", f"{item_id!r} has no audio to cut", "item_id")
+        if event.get("content_index", 0) != 0:
+            raise RealtimeError("invalid_value", "an assistant message has one content part: 0", "content_index")
+        end_ms = event.get("audio_end_ms")
+        if isinstance(end_ms, bool) or not isinstance(end_ms, int) or end_ms < 0:
+            raise RealtimeError("invalid_value", "audio_end_ms is a whole number of milliseconds", "audio_end_ms")
+        if end_ms > item.audio_ms + 1:
+            message = f"audio_end_ms {end_ms} is beyond the item's audio ({item.audio_ms:.0f} ms)"
+            raise RealtimeError("invalid_value", message, "audio_end_ms")
+        if self.responding is not None and self.responding.item is item and not self.responding.task.done():
+            await self._cancel("client_cancelled")  # the client stopped playing it: the rest need not be made
+        if end_ms < item.audio_ms - 1 or item.cut_ms is not None:
+            text = item.heard(end_ms)
+            rewrite_reply(self.histories, self.id, item, text, latest=item.turn == self.turns)
+            item.text, item.cut_ms, item.status = text, float(end_ms), "incomplete"
+        await self.send("conversation.item.truncated", item_id=item_id, content_index=0, audio_end_ms=end_ms)
 
     async def _on_response_create(self, event: dict[str, Any]) -> None:
-        if self.responding is not None and not self.responding.done():
+        if self.responding is not None and not self.responding.task.done():
             raise RealtimeError("conversation_already_has_active_response", "a response is in progress")
         text, self.pending_text = " ".join(self.pending_text).strip(), []
         results, self.pending_results = self.pending_results, []
         if not text and not results:
             raise RealtimeError("invalid_value", "nothing to answer: add an item or speak first")
-        self.responding = asyncio.create_task(respond(self, text, results))
+        await self._answer(text, results)
 
     async def _on_response_cancel(self, event: dict[str, Any]) -> None:
-        await self._cancel()
+        answer = self.responding
+        wanted = event.get("response_id")
+        if answer is None or answer.task.done() or (wanted is not None and wanted != answer.id):
+            raise RealtimeError("response_cancel_not_active", "there is no response in progress to cancel")
+        await self._cancel("client_cancelled")
 
     # ----- a turn -------------------------------------------------------------------------------------------
 
-    async def _speech_started(self) -> None:
+    async def _speech_started(self, began_samples: int) -> None:
         self.item_id = new_id("item")
-        await self.send("input_audio_buffer.speech_started", item_id=self.item_id)
-        await self._cancel()  # barge-in: the person speaks, the answer stops
+        start_ms = round(began_samples * 1000 / OPENAI_PCM_RATE)
+        await self.send("input_audio_buffer.speech_started", item_id=self.item_id, audio_start_ms=start_ms)
+        if self.vad and self.vad["interrupt_response"]:
+            await self._cancel("turn_detected")  # barge-in: the person speaks, the answer stops
 
-    async def _cancel(self) -> None:
-        if self.responding is not None and not self.responding.done():
-            self.responding.cancel()
-            await asyncio.gather(self.responding, return_exceptions=True)
+    async def _cancel(self, reason: str) -> bool:
+        """Stop the answer in progress, if any, and wait for it to say so; True when there was one."""
+        answer = self.responding
+        if answer is None or answer.task.done():
+            return False
+        answer.cancel(reason)
+        await asyncio.gather(answer.task, return_exceptions=True)
+        return True
+
+    async def _answer(self, text: str, results: list[dict[str, Any]]) -> None:
+        self.turns += 1
+        asked = [*([{"role": "user", "content": text}] if text else []), *results]
+        item = AssistantItem(new_id("item"), self.turns, asked, audio=self.modalities == ["audio"])
+        self.items.add(item)
+        self.responding = Answer(self, text, results, item)
+        await self.responding.started.wait()
 
     async def _commit(self, pcm: bytes, answer: bool) -> None:
         self.buffer.clear()
@@ -242,39 +327,61 @@ class RealtimeSession:
         await self.send("input_audio_buffer.committed", item_id=item_id)
         item = {
             "id": item_id,
+            "object": "realtime.item",
             "type": "message",
             "role": "user",
             "status": "completed",
             "content": [{"type": "input_audio", "transcript": None}],
         }
-        await self.send("conversation.item.added", item=item)
+        await self._added(item)
         args = {"format": "pcm", "sample_rate": OPENAI_PCM_RATE, "language": "en", "vad_filter": True}
         try:
             result = await self.link.request("transcribe", args, payloads=(pcm,))
         except ModelManagerError as exc:
             raise RealtimeError(exc.code, exc.message) from None
         text = str(result.get("text") or "").strip()
+        item["content"] = [{"type": "input_audio", "transcript": text}]
         await self.send(
             "conversation.item.input_audio_transcription.completed", item_id=item_id, content_index=0, transcript=text
         )
         if not text:
             return
         if answer:
-            await self._cancel()
-            self.responding = asyncio.create_task(respond(self, text, []))
+            await self._cancel("turn_detected")
+            await self._answer(text, [])
         else:
             self.pending_text.append(text)
 
+    async def _added(self, item: dict[str, Any]) -> None:
+        self.items.add(item)
+        await self.send("conversation.item.added", item=item)
+
+    def _item_id(self, item: dict[str, Any]) -> str:
+        given = item.get("id")
+        return given if isinstance(given, str) and 0 < len(given) <= 64 else new_id("item")
+
+    def _known_item(self, event: dict[str, Any]) -> str:
+        item_id = event.get("item_id")
+        if not isinstance(item_id, str) or self.items.get(item_id) is None:
+            raise RealtimeError("invalid_value", f"no item {str(item_id)[:80]!r} in this conversation", "item_id")
+        return item_id
+
     # ----- what the session says of itself ------------------------------------------------------------------
+
+    @property
+    def vad(self) -> dict[str, Any] | None:
+        return self.settings.vad
+
+    def _ms(self) -> int:
+        return round(self.heard_samples * 1000 / OPENAI_PCM_RATE)
 
     def _segmenter(self) -> Segmenter | None:
         if self.vad is None:
             return None
-        threshold = float(self.vad.get("threshold") or 0.5)
         settings = SegmenterSettings(
-            threshold_dbfs=-70.0 + 50.0 * min(1.0, max(0.0, threshold)),
-            min_silence_ms=max(30, int(self.vad.get("silence_duration_ms") or 500)),
-            pre_roll_ms=max(0, int(self.vad.get("prefix_padding_ms") or 300)),
+            threshold_dbfs=-70.0 + 50.0 * float(self.vad["threshold"]),
+            min_silence_ms=max(30, int(self.vad["silence_duration_ms"])),
+            pre_roll_ms=int(self.vad["prefix_padding_ms"]),
         )
         return Segmenter(settings, OPENAI_PCM_RATE)
 
@@ -290,10 +397,11 @@ class RealtimeSession:
             "instructions": self.instructions or persona.system_prompt,
             "audio": {
                 "input": {"format": pcm, "turn_detection": self.vad, "transcription": {"model": "whisper"}},
-                "output": {"format": pcm, "voice": self.voice or persona.voice},
+                "output": {"format": pcm, "voice": self.voice or persona.voice, "speed": self.settings.speed},
             },
             "tools": self.tools,
             "tool_choice": self.tool_choice,
+            "max_output_tokens": self.settings.max_output_tokens or "inf",
         }
 
 

@@ -47,6 +47,12 @@ class Segmenter:
                 done.append(utterance)
         return done
 
+    @property
+    def utterance_samples(self) -> int:
+        """Samples (one channel) of the utterance in progress, its pre-roll included; 0 between utterances. A caller
+        counting what it fed knows from it where in the stream the utterance began."""
+        return sum(len(frame) for frame in self._speech) if self.in_utterance else 0
+
     def flush(self) -> bytes | None:
         """The utterance in progress, if any (the stream has ended)."""
         if self._pending.size and self.in_utterance:
