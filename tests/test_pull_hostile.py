@@ -115,7 +115,7 @@ def mirror(run_dir: Path) -> Iterator[Mirror]:
     payload.write_text("written by the hub\n")
     whisper = {"model.bin": weights, "config.json": config}
     repos = {f"local/{name}-GGUF": {"tiny-F32.gguf": tiny} for name in ("tiny", "flaky", "down", "busy", "stall")}
-    repos.update({f"local/{name}-GGUF": {"tiny-F32.gguf": tiny} for name in ("silent", "gated", "private")})
+    repos.update({f"local/{name}-GGUF": {"tiny-F32.gguf": tiny} for name in ("silent", "gated", "private", "resume")})
     repos["local/gated-whisper"] = whisper
     for i, name in enumerate(HOSTILE_NAMES):
         name = str(run_dir / "victim.txt") if name == "ABSOLUTE" else name
@@ -270,6 +270,23 @@ def test_a_body_that_goes_silent_is_resumed_from_where_it_stopped(puller: Manage
         mirror.faults[silent] = [Fault(stall=True) for _ in range(20)]
         error = refused(client, "hf.co/local/silent-GGUF")
         assert error.details["reason"] == "stalled" and f"{STALL_S:g} s" in error.message, error
+
+
+def test_a_download_that_fails_keeps_its_bytes_for_the_next_pull(puller: ManagerProcess, mirror: Mirror) -> None:
+    path = file_path("local/resume-GGUF", "tiny-F32.gguf")
+    mirror.faults[path] = [Fault(stall=True, whole=True)] + [Fault(status=503) for _ in range(20)]
+    folder = folder_of(puller, "hf.co/local/resume-GGUF")
+    with puller.client(timeout=TIMEOUT) as client:
+        error = refused(client, "hf.co/local/resume-GGUF")
+        kept = error.details.get("kept_bytes", 0)
+        assert error.details["reason"] == "server_error" and kept > 0, error
+        assert [p.name for p in folder.iterdir()] == ["tiny-F32.gguf.part"], "the part with its bytes, nothing else"
+        assert (folder / "tiny-F32.gguf.part").stat().st_size == kept
+        mirror.faults[path].clear()
+        _, result = outcome(client, "hf.co/local/resume-GGUF")
+    assert isinstance(result, dict) and result["status"] == "success", result
+    last = [wanted for _, method, wanted in mirror.requests_of(path) if method == "GET"][-1]
+    assert last == f"bytes={kept}-", "the next pull asked only for what was missing"
 
 
 def test_a_gated_or_private_repo_says_so_and_names_hf_token(
