@@ -9,12 +9,13 @@ import re
 from collections.abc import Iterator
 
 import jsonschema
+import numpy as np
 import openai
 import pytest
 from websockets.sync.client import connect
 
 from gateway.audio_codecs import OPENAI_PCM_RATE, resample
-from tests.conftest import stack_config
+from tests.conftest import stack_config, wait_for
 from tests.test_gateway import WEATHER, Stack, running_stack
 
 QUESTION = "What is the capital of France?"
@@ -203,3 +204,157 @@ def test_binary_frames_and_any_text_get_an_answer_and_the_session_stays(stack: S
         assert json.loads(ws.recv())["type"] == "session.updated"
     log = (stack.manager.run_dir / "gateway.log").read_text()
     assert "Traceback" not in log and "realtime_event_failed" not in log
+
+
+def raw(stack: Stack, model: str = "jarvis"):
+    """A WebSocket peer that sends what the ``openai`` client would not."""
+    return connect(stack.url.replace("http://", "ws://") + f"/v1/realtime?model={model}", max_size=None)
+
+
+def next_of(ws, kind: str) -> dict:
+    """The next event of type ``kind`` (or an error, which ends the wait)."""
+    for _ in range(5000):
+        event = json.loads(ws.recv(timeout=120))
+        if event["type"] in (kind, "error"):
+            return event
+    raise AssertionError(f"no {kind}")
+
+
+def test_json_nested_at_any_depth_is_invalid_json_and_the_session_goes_on(stack: Stack) -> None:
+    with raw(stack) as ws:
+        assert json.loads(ws.recv())["type"] == "session.created"
+        for frame in (
+            "[" * 100_000 + "]" * 100_000,
+            '{"a":' * 100_000,
+            '{"type": "session.update", "x": ' + "[" * 65 + "]" * 65 + "}",
+        ):
+            ws.send(frame)
+            event = json.loads(ws.recv())
+            assert event["type"] == "error" and event["error"]["code"] == "invalid_json", event
+        ws.send(json.dumps({"type": "session.update", "session": {"instructions": "Be brief."}}))
+        assert json.loads(ws.recv())["type"] == "session.updated", "the session went on"
+    log = (stack.manager.run_dir / "gateway.log").read_text()
+    assert "RecursionError" not in log and "realtime_event_failed" not in log
+
+
+BAD_UPDATES = [
+    (
+        {"audio": {"input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": -500}}}},
+        "session.audio.input.turn_detection.silence_duration_ms",
+    ),
+    (
+        {"audio": {"input": {"turn_detection": {"type": "server_vad", "threshold": 7}}}},
+        "session.audio.input.turn_detection.threshold",
+    ),
+    (
+        {"audio": {"input": {"turn_detection": {"type": "server_vad", "prefix_padding_ms": "300"}}}},
+        "session.audio.input.turn_detection.prefix_padding_ms",
+    ),
+    ({"audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}}, "session.audio.input.turn_detection.type"),
+    ({"tool_choice": {"type": "function", "name": "no_such_tool"}}, "session.tool_choice"),
+    ({"tool_choice": "sometimes"}, "session.tool_choice"),
+    ({"tools": {"type": "function", "name": "f"}}, "session.tools"),
+    ({"tools": [{"type": "mcp", "name": "f"}]}, "session.tools[0].type"),
+    ({"output_modalities": ["video"]}, "session.output_modalities"),
+    ({"output_modalities": "audio"}, "session.output_modalities"),
+    ({"audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}}, "session.audio.input.format.rate"),
+    ({"audio": {"input": {"format": {"type": "audio/pcmu"}}}}, "session.audio.input.format.type"),
+    ({"audio": {"output": {"format": {"type": "audio/pcma"}}}}, "session.audio.output.format.type"),
+    ({"audio": {"output": {"voice": 5}}}, "session.audio.output.voice"),
+    ({"audio": {"output": {"speed": 9}}}, "session.audio.output.speed"),
+    ({"max_output_tokens": 0}, "session.max_output_tokens"),
+    ({"type": "transcription"}, "session.type"),
+    ({"model": "someone-else"}, "session.model"),
+    ({"instructions": 5}, "session.instructions"),
+]
+
+
+@pytest.mark.parametrize(("bad", "param"), BAD_UPDATES, ids=[p for _, p in BAD_UPDATES])
+def test_a_session_update_with_a_bad_field_is_refused_whole(stack: Stack, bad: dict, param: str) -> None:
+    """Each refusal names the field, and nothing of the update applies, not even its good fields."""
+    tool = {"type": "function", "name": "get_weather", "parameters": WEATHER}
+    with raw(stack) as ws:
+        created = json.loads(ws.recv())["session"]
+        update = {"type": "realtime", "instructions": "CHANGED", "output_modalities": ["text"], "tools": [tool]}
+        ws.send(json.dumps({"type": "session.update", "session": {**update, **bad}}))
+        event = json.loads(ws.recv())
+        assert event["type"] == "error", event
+        assert (event["error"]["code"], event["error"]["param"]) == ("invalid_value", param), event
+        ws.send(json.dumps({"type": "session.update", "session": {"type": "realtime"}}))
+        after = next_of(ws, "session.updated")
+        assert after["type"] == "session.updated", after
+        assert after["session"] == created, "the refused update changed the session"
+
+
+def test_an_unknown_session_field_is_refused_and_a_good_update_applies(stack: Stack) -> None:
+    with raw(stack) as ws:
+        created = json.loads(ws.recv())["session"]
+        ws.send(json.dumps({"type": "session.update", "session": {"instructions": "X", "voices": "alloy"}}))
+        event = json.loads(ws.recv())
+        assert (event["error"]["code"], event["error"]["param"]) == ("unknown_parameter", "session.voices"), event
+        vad = {"type": "server_vad", "threshold": 0.6, "silence_duration_ms": 400, "prefix_padding_ms": 200}
+        ws.send(json.dumps({"type": "session.update", "session": {"audio": {"input": {"turn_detection": vad}}}}))
+        session = next_of(ws, "session.updated")["session"]
+    assert session["instructions"] == created["instructions"]
+    detection = session["audio"]["input"]["turn_detection"]
+    assert {k: detection[k] for k in vad} == vad
+
+
+def test_cancel_with_nothing_running_is_an_error_and_the_session_goes_on(stack: Stack) -> None:
+    with stack.openai.realtime.connect(model="jarvis") as conn:
+        assert conn.recv().type == "session.created"
+        conn.response.cancel()
+        event = conn.recv()
+        assert event.type == "error" and event.error.code == "response_cancel_not_active", event
+        conn.session.update(session={"type": "realtime", "instructions": "Be brief."})
+        assert conn.recv().type == "session.updated"
+
+
+def test_clients_that_go_away_mid_answer_leave_one_line_each_and_no_traceback(stack: Stack) -> None:
+    log_path = stack.manager.run_dir / "gateway.log"
+    gone_before = log_path.read_text().count('"client_gone"')
+    ask = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me a story."}]}
+    for n in range(10):
+        with raw(stack) as ws:
+            assert json.loads(ws.recv())["type"] == "session.created"
+            ws.send(json.dumps({"type": "conversation.item.create", "item": ask}))
+            ws.send(json.dumps({"type": "response.create"}))
+            kind = "response.output_audio.delta" if n % 2 else "response.output_audio_transcript.delta"
+            assert next_of(ws, kind)["type"] == kind
+            if n % 3 == 0:
+                ws.socket.close()  # no closing handshake: the connection is just gone
+    wait_for(lambda: log_path.read_text().count('"client_gone"') >= gone_before + 10, timeout=300, interval=0.2)
+    text = log_path.read_text()
+    assert "Task exception was never retrieved" not in text and "Traceback" not in text, text[-3000:]
+    with stack.openai.realtime.connect(model="jarvis") as conn:  # and the gateway serves on
+        assert conn.recv().type == "session.created"
+
+
+def speech_bounds(pcm: bytes, rate: int = OPENAI_PCM_RATE) -> tuple[float, float]:
+    """Where the speech is in ``pcm``: the first and last 10 ms louder than -40 dBFS, in ms."""
+    samples = np.frombuffer(pcm, dtype=np.int16).astype(np.float32)
+    window = rate // 100
+    rms = np.sqrt(np.mean(samples[: len(samples) // window * window].reshape(-1, window) ** 2, axis=1))
+    loud = np.nonzero(rms > 32768 * 10 ** (-40 / 20))[0]
+    return loud[0] * 10.0, (loud[-1] + 1) * 10.0
+
+
+def test_speech_events_say_where_the_speech_is_in_the_sessions_audio(stack: Stack) -> None:
+    lead = b"\0\0" * (OPENAI_PCM_RATE * 3 // 2)  # 1.5 s of silence before the question
+    pcm = lead + spoken(stack, QUESTION)
+    onset, end = speech_bounds(pcm)
+    chunk = OPENAI_PCM_RATE * 2 * 50 // 1000
+    with stack.openai.realtime.connect(model="jarvis") as conn:
+        session = conn.recv().session
+        vad = session.audio.input.turn_detection
+        for start in range(0, len(pcm), chunk):
+            conn.input_audio_buffer.append(audio=base64.b64encode(pcm[start : start + chunk]).decode())
+        events = until(conn, "input_audio_buffer.committed")
+    [started] = [e for e in events if e.type == "input_audio_buffer.speech_started"]
+    [stopped] = [e for e in events if e.type == "input_audio_buffer.speech_stopped"]
+    assert started.item_id == stopped.item_id == events[-1].item_id
+    # The start includes prefix_padding_ms before the speech was detected; detection takes a few 30 ms frames.
+    assert onset - vad.prefix_padding_ms - 60 <= started.audio_start_ms <= onset + 200, (started, onset)
+    # The end includes silence_duration_ms after the speech.
+    assert end - 30 <= stopped.audio_end_ms <= end + vad.silence_duration_ms + 250, (stopped, end)
+    assert stopped.audio_end_ms <= len(pcm) * 1000 / (2 * OPENAI_PCM_RATE)
