@@ -234,11 +234,12 @@ def test_a_500_and_a_429_with_retry_after_are_waited_out(puller: ManagerProcess,
     with puller.client(timeout=TIMEOUT) as client:
         chunks, result = outcome(client, "hf.co/local/flaky-GGUF")
     assert isinstance(result, dict) and result["status"] == "success", result
-    retries = [(c["reason"], c["wait_s"]) for c in chunks if c["status"] == "retrying"]
+    # (A stall of a second on a machine far busier than this one would be one more retry, said as "stalled".)
+    retries = [(c["reason"], c["wait_s"]) for c in chunks if c["status"] == "retrying" and c["reason"] != "stalled"]
     assert [reason for reason, _ in retries] == ["server_error", "server_error", "rate_limited"], retries
     assert retries[-1][1] == 1, "a client waiting on the pull is told of each wait"
-    whole = [(at, wanted) for at, method, wanted in mirror.requests_of(path) if method == "GET" and wanted is None]
-    assert len(whole) == 2 and whole[1][0] - whole[0][0] >= 0.95, "the second try waited the Retry-After second"
+    whole = [at for at, method, wanted in mirror.requests_of(path) if method == "GET" and wanted is None]
+    assert len(whole) >= 2 and whole[1] - whole[0] >= 0.95, "the second try waited the Retry-After second"
 
 
 def test_a_server_that_keeps_failing_is_named_for_what_it_did(puller: ManagerProcess, mirror: Mirror) -> None:
