@@ -345,6 +345,12 @@ class Pulls:
         return [pull.report() for pull in self.by_fd.values()]
 
     def shutdown(self) -> None:
+        """Each pull is told to stop (its part is kept for the next pull) and given 5 s; one that does not end is
+        killed, so a pull stuck in the kernel never holds the manager's shutdown."""
         for pull in list(self.by_fd.values()):
             self._fail(pull, PullFailed("the model manager shut down during the pull", reason="cancelled"))
-            pull.process.wait(timeout=5)
+            try:
+                pull.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pull.process.kill()
+                log.warning("pull_killed", model=pull.name)
