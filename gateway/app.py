@@ -12,6 +12,7 @@ from typing import Any
 
 import structlog
 from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -82,7 +83,8 @@ class Guard:
             log.info("request_refused", path=path[:200], code=refused.code, client=_client(scope))
             await self._refuse(scope, receive, send, HttpError(refused.status, refused.message, code=refused.code))
             return
-        if self.keys and not self._signed_in(path, headers) and path not in SIGN_IN_PATHS:
+        preflight = scope.get("method") == "OPTIONS" and b"access-control-request-method" in headers
+        if self.keys and not preflight and not self._signed_in(path, headers) and path not in SIGN_IN_PATHS:
             error = self._check_key(scope, headers)
             if error is not None:
                 if scope["type"] == "http" and error.status == 401 and (page := refuse_page(path)) is not None:
@@ -228,5 +230,9 @@ def build_app(settings: GatewaySettings, manager_endpoint: str, agents: AgentsCo
         },
         lifespan=lifespan,
     )
+    # CORS for the pages of gateway.allowed_origins (a browser sends no key with a preflight): any origin that gets
+    # past the Guard, which is outside it and refuses every other, may read the answers. No credentials: the page's
+    # cookie is for /ui on the gateway's own origin.
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"], max_age=600)
     app.add_middleware(Guard, settings=settings, sessions=sessions, throttle=throttle)
     return app

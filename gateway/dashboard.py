@@ -213,11 +213,14 @@ class Dashboard:
     async def _pump(self, endpoint: str, arrived: asyncio.Queue) -> None:
         """The subscription, read in a task of its own: waiting on the queue with a timeout then cancels nothing
         but the wait (a cancelled read would end the subscription)."""
-        async with aclosing(self.link.events(endpoint, TOPICS)) as events:
-            async for item in events:
-                if arrived.full():  # a page that does not read: the oldest is dropped, the newest kept
-                    arrived.get_nowait()
-                arrived.put_nowait(item)
+        try:
+            async with aclosing(self.link.events(endpoint, TOPICS)) as events:
+                async for item in events:
+                    if arrived.full():  # a page that does not read: the oldest is dropped, the newest kept
+                        arrived.get_nowait()
+                    arrived.put_nowait(item)
+        except Exception as exc:  # noqa: BLE001 - the page hears "down" and opens a new stream in time
+            log.warning("ui_subscription_failed", endpoint=endpoint, error=str(exc))
 
 
 def link_event(state: str, heartbeat_s: float) -> bytes:

@@ -204,6 +204,13 @@ def test_the_rule_table_over_http(guarded: Stack) -> None:
         assert set(error) == {"message", "type", "param", "code"}, "OpenAI's shape"
         answer = httpx.post(f"{url}/api/chat", content=json.dumps(CHAT), headers={"Origin": origin}, timeout=10)
         assert answer.status_code == 403 and "gateway.allowed_origins" in answer.json()["error"], "Ollama's shape"
+    listed = {"Origin": "http://app.example:3000"}
+    assert httpx.get(f"{url}/api/tags", headers=listed, timeout=10).headers["access-control-allow-origin"] == "*"
+    ask = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type, authorization"}
+    preflight = httpx.options(f"{url}/v1/chat/completions", headers=listed | ask, timeout=10)
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"], preflight.headers
+    foreign = httpx.options(f"{url}/v1/chat/completions", headers={"Origin": "http://evil.example"} | ask, timeout=10)
+    assert foreign.status_code == 403 and "access-control-allow-origin" not in foreign.headers
     answer = httpx.get(f"{url}/api/ps", headers={"Host": f"evil.example:{port(guarded)}"}, timeout=10)
     assert answer.status_code == 403 and "gateway.allowed_hosts" in answer.json()["error"]
     answer = httpx.get(f"{url}/v1/models", headers={"Host": "evil.example"}, timeout=10)
@@ -247,6 +254,9 @@ def sign_in(http: httpx.Client, key: str = KEY) -> httpx.Response:
 
 def test_signing_in_gives_a_session_not_the_key_and_signing_out_ends_it(keyed: Stack) -> None:
     with httpx.Client(base_url=keyed.url, timeout=10) as http:
+        ask = {"Origin": keyed.url, "Access-Control-Request-Method": "GET"}
+        assert http.options("/v1/models", headers=ask).status_code == 200, "a preflight carries no key"
+        assert http.get("/v1/models", headers={"Origin": keyed.url}).status_code == 401
         answer = sign_in(http)
         assert answer.status_code == 303
         cookie = answer.headers["set-cookie"]
