@@ -190,7 +190,7 @@ def test_a_client_gone_mid_body_is_one_log_line(stack: Stack, http: httpx.Client
     address = urlsplit(stack.url)
     with socket.create_connection((address.hostname, address.port)) as raw:
         raw.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: 100000\r\n\r\n" + b'{"model": "smollm2", "messages": ['
         )
     wait_for(lambda: any(e.get("during") == "body" for e in gateway_log(stack) if e["event"] == "client_gone"))
@@ -285,5 +285,29 @@ def test_arbitrary_http_bodies_get_a_typed_answer_and_the_gateway_stays_quick(
     with httpx.Client(base_url=stack.url, timeout=60) as http:
         answer = http.post(route, content=body, headers={"content-type": "application/json"})
         assert answer.status_code < 500 or answer.status_code in (503, 504), (route, body[:200], answer.text)
+        assert_alive(http)
+    assert "Traceback" not in (stack.manager.run_dir / "gateway.log").read_text()
+
+
+HEADER_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=80)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    host=st.one_of(HEADER_TEXT, st.sampled_from(["localhost", "[::1]:1", "a" * 300, "evil.example.", "[zz]"])),
+    origin=st.one_of(st.none(), HEADER_TEXT, st.sampled_from(["null", "http://", "http://[::1", "x://*.y:*"])),
+    site=st.sampled_from([None, "cross-site", "same-site", "same-origin", "none", "\xff"]),
+)
+def test_any_host_and_origin_headers_get_a_typed_answer(stack: Stack, host: str, origin, site) -> None:  # noqa: F811
+    headers = {"Host": host.strip() or "x"}
+    if origin is not None:
+        headers["Origin"] = origin.strip() or "x"
+    if site is not None:
+        headers["Sec-Fetch-Site"] = site
+    with httpx.Client(base_url=stack.url, timeout=60) as http:
+        answer = http.get("/v1/models", headers={k: v.encode("latin-1") for k, v in headers.items()})  # type: ignore[misc]
+        assert answer.status_code in (200, 400, 403), (headers, answer.text)
+        if answer.status_code == 403:
+            assert "gateway.allowed_" in answer.json()["error"]["message"]
         assert_alive(http)
     assert "Traceback" not in (stack.manager.run_dir / "gateway.log").read_text()

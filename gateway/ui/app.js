@@ -1,7 +1,8 @@
 // The manager's page: `status` rendered, refreshed when the manager's events (forwarded by the gateway as
 // server-sent events) say something changed, and on each heartbeat. Its one timer watches the stream itself: the
 // gateway sends something at least every two heartbeat intervals (an event, or `link` with state "down" while the
-// manager is silent), so 2.5 intervals of silence mean the stream is dead, and the page opens a new one.
+// manager is silent), so 2.5 intervals of silence (10 s at least) mean the stream is dead, and the page opens a new
+// one.
 "use strict";
 const $ = (selector) => document.querySelector(selector);
 const esc = (text) => String(text ?? "").replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
@@ -134,7 +135,8 @@ function listen() {
 }
 
 function watchdog() {
-  if (Date.now() - lastHeard > 2500 * heartbeatS) {
+  // At least 10 s: a busy gateway is not a dead one, and each new stream is a new subscription.
+  if (Date.now() - lastHeard > Math.max(2500 * heartbeatS, 10000)) {
     showLink(false, "manager unreachable");
     listen(); // a stream that failed for good (the gateway answered an error) is not retried by the browser
   }
