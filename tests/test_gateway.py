@@ -317,16 +317,22 @@ def test_a_full_queue_is_a_429_with_retry_after(stack: Stack) -> None:
 
 def test_api_keys_guard_every_route(stack: Stack) -> None:
     keyed = GatewaySettings(api_keys=["k" * 32])
-    with TestClient(build_app(keyed, stack.manager.endpoint)) as web:
+    # On a loopback host name, as a local client names it (TestClient's own "testserver" is no host of ours).
+    with TestClient(build_app(keyed, stack.manager.endpoint), base_url="http://127.0.0.1") as web:
         assert web.get("/v1/models").status_code == 401
         assert web.get("/v1/models", headers={"Authorization": "Bearer " + "x" * 32}).status_code == 401
         answer = web.get("/api/tags")
         assert answer.status_code == 401 and "error" in answer.json()
         assert web.get("/v1/models", headers={"Authorization": "Bearer " + "k" * 32}).status_code == 200
-        with pytest.raises(WebSocketDisconnect) as refused, web.websocket_connect("/v1/realtime?model=smollm2"):
+        with (
+            pytest.raises(WebSocketDisconnect) as refused,
+            web.websocket_connect("ws://127.0.0.1/v1/realtime?model=smollm2"),
+        ):
             pass
         assert refused.value.code == 1008, "the Realtime API's WebSocket needs the key too"
-        with web.websocket_connect("/v1/realtime?model=smollm2", headers={"Authorization": "Bearer " + "k" * 32}) as ws:
+        with web.websocket_connect(
+            "ws://127.0.0.1/v1/realtime?model=smollm2", headers={"Authorization": "Bearer " + "k" * 32}
+        ) as ws:
             assert ws.receive_json()["type"] == "session.created"
     with pytest.raises(ConfigError, match="api_keys"):
         path = stack.manager.run_dir / "open.yaml"
