@@ -7,14 +7,19 @@ session's ``conversation_id`` (its KV cache kept across turns), Piper a speakabl
 audio goes out as soon as the first piece can be spoken. Every request is a voice request (priority 80): it goes
 ahead of chat and batch work. Speech during an answer cancels it (barge-in); ``response.cancel`` too.
 
-Audio is pcm16 mono at 24 kHz both ways (Piper's rate is converted). Served events: client ``session.update``,
-``input_audio_buffer.append`` / ``commit`` / ``clear``, ``conversation.item.create`` (a user text message),
-``response.create`` / ``cancel``; server ``session.created`` / ``updated``, ``input_audio_buffer.speech_started`` /
-``speech_stopped`` / ``committed`` / ``cleared``, ``conversation.item.added``,
+Audio is pcm16 mono at 24 kHz both ways (Piper's rate is converted). Served events: client ``session.update``
+(checked whole before any of it applies), ``input_audio_buffer.append`` / ``commit`` / ``clear``,
+``conversation.item.create`` (a user text message, a function output), ``conversation.item.retrieve`` /
+``truncate``, ``response.create`` / ``cancel``; server ``session.created`` / ``updated``,
+``input_audio_buffer.speech_started`` / ``speech_stopped`` (where in the session's audio) / ``committed`` /
+``cleared``, ``conversation.item.added`` / ``retrieved`` / ``truncated``,
 ``conversation.item.input_audio_transcription.completed``, ``response.created``, ``response.output_item.added``,
 ``response.content_part.added``, ``response.output_audio_transcript.delta`` / ``response.output_text.delta``,
 ``response.output_audio.delta``, their ``.done`` events, ``response.done`` with usage, and ``error``. A malformed
-or unknown event, or audio over the limits, is answered with an ``error`` event and the session goes on.
+or unknown event, or audio over the limits, is answered with an ``error`` event and the session goes on; a client
+that goes away ends its session and answer quietly (one log line).
+
+The history keeps what the person heard of an answer cut short, not what was sent (``gateway.realtime_items``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import asyncio
 import base64
 import binascii
 import json
+import time
 from typing import Any
 
 import msgspec
@@ -272,7 +278,7 @@ class RealtimeSession:
             raise RealtimeError("invalid_value", message, "audio_end_ms")
         if self.responding is not None and self.responding.item is item and not self.responding.task.done():
             await self._cancel("client_cancelled")  # the client stopped playing it: the rest need not be made
-        if end_ms < item.audio_ms - 1 or item.cut_ms is not None:
+        if end_ms < item.audio_ms - 1 or item.status != "completed":  # a stopped answer's history is an estimate
             text = item.heard(end_ms)
             rewrite_reply(self.histories, self.id, item, text, latest=item.turn == self.turns)
             item.text, item.cut_ms, item.status = text, float(end_ms), "incomplete"
@@ -301,7 +307,22 @@ class RealtimeSession:
         start_ms = round(began_samples * 1000 / OPENAI_PCM_RATE)
         await self.send("input_audio_buffer.speech_started", item_id=self.item_id, audio_start_ms=start_ms)
         if self.vad and self.vad["interrupt_response"]:
+            at = time.monotonic()
             await self._cancel("turn_detected")  # barge-in: the person speaks, the answer stops
+            self._cut_to_playback(at)
+
+    def _cut_to_playback(self, at: float) -> None:
+        """Speech over an answer that went out whole but is still playing (it was sent faster than real time): the
+        history keeps what real-time playback had reached, as for an answer stopped while it was being made."""
+        item = self.responding.item if self.responding is not None else None
+        if item is None or not item.audio or item.status != "completed" or not item.deltas:
+            return
+        played = item.played_ms(at)
+        if played >= item.audio_ms - 1:
+            return
+        text = item.heard(played)
+        rewrite_reply(self.histories, self.id, item, text, latest=item.turn == self.turns)
+        item.text, item.status = text, "incomplete"
 
     async def _cancel(self, reason: str) -> bool:
         """Stop the answer in progress, if any, and wait for it to say so; True when there was one."""

@@ -67,11 +67,6 @@ class Answer:
         audio = item.audio
         where = {"response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0}
         header = {"id": response_id, "object": "realtime.response", "status": "in_progress", "output": []}
-        status: str = "completed"
-        try:
-            await session.send("response.created", response=header)
-        except asyncio.CancelledError:
-            status = "cancelled"
         message = {"id": item_id, "type": "message", "role": "assistant", "status": "in_progress", "content": []}
         part = {"type": "output_audio" if audio else "output_text", "transcript" if audio else "text": ""}
         opened = False
@@ -97,10 +92,9 @@ class Answer:
             tools=tools,
             tool_results=self.results,
         )
-        completion, written = None, []
+        status, completion, written = "completed", None, []
         try:
-            if status == "cancelled":
-                raise asyncio.CancelledError
+            await session.send("response.created", response=header)
             op, args = turn.request()
             if session.settings.max_output_tokens is not None:
                 most = args.get("max_tokens") or DEFAULT_MAX_TOKENS
@@ -135,25 +129,35 @@ class Answer:
         except ModelManagerError as exc:
             status = "failed"
             await session.send("error", error={"type": "server_error", "code": exc.code, "message": exc.message})
-        output: list[dict[str, Any]] = []
-        if completion is not None and status == "completed":
-            answer = turn.finish(completion)
-            if completion.tool_calls:
-                session.items.drop(item.id)
-                output = await _calls(session, response_id, completion)
-            else:
-                item.text, item.status = answer.text, "completed"
-                item.in_history = answer.text
-                await open_message()
+
+        async def close() -> None:
+            output: list[dict[str, Any]] = []
+            if completion is not None and status == "completed":
+                answer = turn.finish(completion)
+                if completion.tool_calls:
+                    session.items.drop(item.id)
+                    output = await _calls(session, response_id, completion)
+                else:
+                    item.text, item.status = answer.text, "completed"
+                    item.in_history = answer.text
+                    await open_message()
+                    output = [await _finish_message(session, item, where, part)]
+            elif status == "cancelled" and opened:
                 output = [await _finish_message(session, item, where, part)]
-        elif status == "cancelled" and opened:
-            output = [await _finish_message(session, item, where, part)]
-        done: dict[str, Any] = {"id": response_id, "object": "realtime.response", "status": status, "output": output}
-        if status == "cancelled":
-            done["status_details"] = {"type": "cancelled", "reason": _reason(self.reason)}
-        elif status == "failed":
-            done["status_details"] = {"type": "failed"}
-        await session.send("response.done", response={**done, "usage": self._usage(completion)})
+            done: dict[str, Any] = {"id": response_id, "object": "realtime.response", "status": status}
+            if status == "cancelled":
+                done["status_details"] = {"type": "cancelled", "reason": _reason(self.reason)}
+            elif status == "failed":
+                done["status_details"] = {"type": "failed"}
+            usage = self._usage(completion)
+            await session.send("response.done", response={**done, "output": output, "usage": usage})
+
+        # An answer that has ended is closed whole, events and history, even if a cancel comes meanwhile.
+        closing = asyncio.ensure_future(close())
+        try:
+            await asyncio.shield(closing)
+        except asyncio.CancelledError:
+            await closing
 
     def _usage(self, completion: Completion | None) -> dict[str, Any]:
         """The manager's counts; for an answer stopped early, the tokens it streamed (its prompt's count comes only
