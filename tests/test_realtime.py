@@ -314,7 +314,7 @@ def test_clients_that_go_away_mid_answer_leave_one_line_each_and_no_traceback(st
     log_path = stack.manager.run_dir / "gateway.log"
     gone_before = log_path.read_text().count('"client_gone"')
     ask = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me a story."}]}
-    for n in range(10):
+    for n in range(4):  # each way of going: with a closing handshake or none, at a transcript or an audio delta
         with raw(stack) as ws:
             assert json.loads(ws.recv())["type"] == "session.created"
             ws.send(json.dumps({"type": "conversation.item.create", "item": ask}))
@@ -323,7 +323,7 @@ def test_clients_that_go_away_mid_answer_leave_one_line_each_and_no_traceback(st
             assert next_of(ws, kind)["type"] == kind
             if n % 3 == 0:
                 ws.socket.close()  # no closing handshake: the connection is just gone
-    wait_for(lambda: log_path.read_text().count('"client_gone"') >= gone_before + 10, timeout=300, interval=0.2)
+    wait_for(lambda: log_path.read_text().count('"client_gone"') >= gone_before + 4, timeout=300, interval=0.2)
     text = log_path.read_text()
     assert "Task exception was never retrieved" not in text and "Traceback" not in text, text[-3000:]
     with stack.openai.realtime.connect(model="jarvis") as conn:  # and the gateway serves on
