@@ -14,7 +14,7 @@ import structlog
 from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
@@ -81,7 +81,7 @@ class Guard:
         refused = refusal(self.trust, scope.get("method", "GET"), headers)
         if refused is not None:
             log.info("request_refused", path=path[:200], code=refused.code, client=_client(scope))
-            await self._refuse(scope, receive, send, HttpError(refused.status, refused.message, code=refused.code))
+            await self._refuse(scope, receive, send, refused)
             return
         preflight = scope.get("method") == "OPTIONS" and b"access-control-request-method" in headers
         if self.keys and not preflight and not self._signed_in(path, headers) and path not in SIGN_IN_PATHS:
@@ -144,11 +144,6 @@ class Guard:
             await send({"type": "websocket.close", "code": 1008, "reason": error.message[:120]})
             return
         response = openai_error(error) if scope["path"].startswith("/v1/") else ollama_error(error)
-        if error.status == 403 and scope["path"].startswith("/v1/"):
-            response = JSONResponse(
-                {"error": {"message": error.message, "type": "permission_error", "param": None, "code": error.code}},
-                status_code=403,
-            )
         await response(scope, receive, send)
 
 

@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 
 from gateway.body import decode
-from gateway.config import GatewaySettings
+from gateway.config import DEFAULT_HEARTBEAT_S, GatewaySettings
 from gateway.errors import HttpError
 from gateway.signin import Sessions, Throttle
 from model_client import protocol
@@ -65,9 +65,17 @@ def session_token(headers: dict[bytes, bytes]) -> str:
     return morsel.value if morsel else ""
 
 
+# The page is never framed by another site (its buttons would act for whoever framed it: clickjacking), nor cached.
+PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+}
+
+
 def login_page(status: int, message: str = "", headers: dict[str, str] | None = None) -> HTMLResponse:
     text = (UI / "login.html").read_text(encoding="utf-8").replace("{{message}}", message)
-    return HTMLResponse(text, status, headers=headers)
+    return HTMLResponse(text, status, headers=PAGE_HEADERS | (headers or {}))
 
 
 def throttled(wait_s: int) -> HttpError:
@@ -97,15 +105,13 @@ class Dashboard:
         self.keys = [key.encode() for key in settings.api_keys]
         self.sessions, self.throttle = sessions, throttle
         # The manager's heartbeat interval: two of them without any event and the page hears "down".
-        self.heartbeat_s = settings.manager_heartbeat_s or 5.0
+        self.heartbeat_s = settings.manager_heartbeat_s or DEFAULT_HEARTBEAT_S
         self.watchers = 0  # open pages, each with its own subscription
         self._pulls: set[asyncio.Task] = set()  # pulls started from a page, drained to their end
 
     async def page(self, request: Request) -> Response:
         text = (UI / "index.html").read_text(encoding="utf-8")
-        return HTMLResponse(
-            text.replace("<!--signout-->", SIGN_OUT if self.keys else ""), headers={"Cache-Control": "no-store"}
-        )
+        return HTMLResponse(text.replace("<!--signout-->", SIGN_OUT if self.keys else ""), headers=PAGE_HEADERS)
 
     async def static(self, request: Request) -> Response:
         name = request.path_params["name"]
@@ -198,6 +204,8 @@ class Dashboard:
                         log.info("ui_manager_silent", quiet_s=quiet_s)
                     up, last = False, time.monotonic()
                     yield link_event("down", self.heartbeat_s)
+                    if pump.done():  # the subscription itself is gone: the page opens a new stream, which subscribes
+                        return  # anew (on the events endpoint the manager's status gives then)
                     continue
                 if not up:
                     log.info("ui_manager_back")

@@ -58,9 +58,12 @@ def _headers(error: HttpError) -> dict[str, str]:
 
 
 def openai_error(error: HttpError) -> JSONResponse:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error"}.get(
-        error.status, "rate_limit_error" if error.status == 429 else "server_error"
-    )
+    kind = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "invalid_request_error",
+    }.get(error.status, "rate_limit_error" if error.status == 429 else "server_error")
     body: dict[str, Any] = {"message": error.message, "type": kind, "param": error.param, "code": error.code}
     return JSONResponse({"error": body}, status_code=error.status, headers=_headers(error))
 

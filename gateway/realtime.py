@@ -118,7 +118,7 @@ class RealtimeSession:
                 try:
                     if message.get("text") is None:
                         raise RealtimeError("invalid_event", "events are JSON text frames, not binary ones")
-                    await self._on_event(message["text"])
+                    await self._dispatch(message["text"])
                 except RealtimeError as exc:
                     await self.send(
                         "error",
@@ -139,8 +139,9 @@ class RealtimeSession:
             pass
         finally:
             self.closed = True
-            if await self._cancel("client_gone"):
-                log.info("client_gone", path="/v1/realtime", during="response")
+            cut_short = await self._cancel("client_gone")  # an answer still running when the client went...
+            if cut_short or (self.responding is not None and self.responding.reason == "client_gone"):  # ...or
+                log.info("client_gone", path="/v1/realtime", during="response")  # one that found it gone itself
 
     async def send(self, kind: str, **fields: Any) -> None:
         """One server event; a client that has gone is ``ClientGone`` (said once, in the session's end)."""
@@ -158,7 +159,8 @@ class RealtimeSession:
             self.closed = True
             raise ClientGone from None
 
-    async def _on_event(self, raw: str) -> None:
+    async def _dispatch(self, raw: str) -> None:
+        """One client event to its ``_on_<type>`` handler (every method so named is one, and nothing else is)."""
         try:
             event = msgspec.json.decode(raw)
         except (msgspec.DecodeError, RecursionError):  # msgspec's own depth limit is a RecursionError
@@ -198,6 +200,8 @@ class RealtimeSession:
             pcm = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError):
             raise RealtimeError("invalid_value", "audio is not valid base64", "audio") from None
+        if len(pcm) % 2:  # half a sample would shift every later one
+            raise RealtimeError("invalid_value", "audio is pcm16: a whole number of 2-byte samples", "audio")
         if len(self.buffer) + len(pcm) > MAX_BUFFER_S * BYTES_PER_SECOND:
             raise RealtimeError("buffer_full", f"the input buffer holds at most {MAX_BUFFER_S:.0f} s: commit it")
         if self.segmenter is None:

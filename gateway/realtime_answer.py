@@ -58,8 +58,8 @@ class Answer:
         self.started.set()
         try:
             await self._respond()
-        except ClientGone:
-            pass
+        except ClientGone:  # its own send found the client gone: the session's end says so, once
+            self.reason = self.reason or "client_gone"
 
     async def _respond(self) -> None:
         session, item = self.session, self.item

@@ -22,6 +22,8 @@ import re
 import socket
 from dataclasses import dataclass
 
+from gateway.errors import HttpError
+
 HOST_SETTING = "gateway.allowed_hosts"
 ORIGIN_SETTING = "gateway.allowed_origins"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -36,15 +38,6 @@ ORIGIN_PATTERN = rf"^(?:\*|[A-Za-z][A-Za-z0-9+.-]*://(?:(?:\*\.)?{_NAME}|{_IPV6}
 
 _HOST_HEADER = re.compile(rf"^({_NAME}\.?|{_IPV6})(?::([0-9]{{1,5}}))?\Z")
 _ORIGIN_HEADER = re.compile(rf"^([a-z][a-z0-9+.-]*)://({_NAME}|{_IPV6})(?::([0-9]{{1,5}}|\*))?\Z")
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """Why a request is refused: the HTTP status, a message naming the setting that would allow it, a code."""
-
-    status: int
-    message: str
-    code: str
 
 
 @dataclass(frozen=True)
@@ -160,16 +153,17 @@ def origin_listed(trust: Trust, origin: tuple[str, str, str | None]) -> bool:
     return False
 
 
-def refusal(trust: Trust, method: str, headers: dict[bytes, bytes]) -> Refusal | None:
-    """None if a request with these headers may be served; else why not."""
+def refusal(trust: Trust, method: str, headers: dict[bytes, bytes]) -> HttpError | None:
+    """None if a request with these headers may be served; else why not (a 403 naming the setting that would
+    allow it)."""
     raw_host = headers.get(b"host", b"").decode("latin-1")
     host = parse_host(raw_host) if raw_host else ("", None)
     if host is None or (raw_host and not host_allowed(trust, host[0])):
-        return Refusal(
+        return HttpError(
             403,
             f"the host name {raw_host[:100]!r} is not one of this gateway's (DNS rebinding?): "
             f"add it to {HOST_SETTING} to serve it",
-            "host_not_allowed",
+            code="host_not_allowed",
         )
     if trust.any_origin:
         return None
@@ -178,10 +172,10 @@ def refusal(trust: Trust, method: str, headers: dict[bytes, bytes]) -> Refusal |
         site = headers.get(b"sec-fetch-site", b"").lower()
         navigating = headers.get(b"sec-fetch-mode", b"").lower() == b"navigate" and method in ("GET", "HEAD")
         if site in (b"cross-site", b"same-site") and not navigating:
-            return Refusal(
+            return HttpError(
                 403,
                 f"a request from another web page is refused: add that page's origin to {ORIGIN_SETTING} to allow it",
-                "origin_not_allowed",
+                code="origin_not_allowed",
             )
         return None
     text = raw_origin.decode("latin-1")
@@ -189,8 +183,8 @@ def refusal(trust: Trust, method: str, headers: dict[bytes, bytes]) -> Refusal |
     if origin is not None and "*" not in (origin[2] or "") and not origin[1].startswith("*"):
         if (raw_host and same_origin(origin, host)) or origin_listed(trust, origin):
             return None
-    return Refusal(
+    return HttpError(
         403,
         f"requests from the web page at {text[:100]!r} are refused: add that origin to {ORIGIN_SETTING} to allow it",
-        "origin_not_allowed",
+        code="origin_not_allowed",
     )

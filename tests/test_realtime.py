@@ -194,6 +194,8 @@ def test_binary_frames_and_any_text_get_an_answer_and_the_session_stays(stack: S
         '{"type": "conversation.item.create", "item": {"type": "function_call_output"}}',
         '{"type": "input_audio_buffer.commit"}',
         json.dumps({"type": "x" * 10_000}),
+        '{"type": "event"}',  # names no client event, though a method of the session is called nearly that
+        json.dumps({"type": "input_audio_buffer.append", "audio": "AAAA"}),  # 3 bytes: not pcm16
     ]
     with connect(url, max_size=None) as ws:
         assert json.loads(ws.recv())["type"] == "session.created"
