@@ -83,8 +83,9 @@ class Busy(ModelManagerError):
 
 class PullFailed(ModelManagerError):
     """A model could not be pulled; ``details.reason`` says why: ``not_found``, ``ambiguous``, ``unsupported``,
-    ``unsafe_path``, ``network``, ``server_error``, ``rate_limited``, ``stalled``, ``gated``, ``unauthorized``,
-    ``no_ranges``, ``disk``, ``hash_mismatch``, ``invalid_model``, ``exists`` or ``cancelled`` (docs/protocol.md)."""
+    ``unsafe_path``, ``bad_listing``, ``network``, ``server_error``, ``rate_limited``, ``stalled``, ``gated``,
+    ``unauthorized``, ``no_ranges``, ``disk``, ``hash_mismatch``, ``invalid_model``, ``exists`` or ``cancelled``
+    (docs/protocol.md)."""
 
     code = "pull_failed"
 

@@ -63,6 +63,7 @@ class Mirror:
     cut_once: set[str] = field(default_factory=set)  # paths whose next whole-file GET stops halfway
     corrupt: set[str] = field(default_factory=set)  # paths served with one byte flipped
     listed_size: dict[str, int] = field(default_factory=dict)  # paths whose listing claims this size
+    listed: dict[str, dict] = field(default_factory=dict)  # paths whose listing entry has these fields instead
     faults: dict[str, list[Fault]] = field(default_factory=dict)  # path (or a prefix of it) -> faults in turn
     gated: set[str] = field(default_factory=set)  # repos listed to all, whose files need a token with access
     log: list[tuple[str, str, str | None]] = field(default_factory=list)
@@ -141,6 +142,7 @@ class Mirror:
                         )
                     else:
                         siblings.append({"rfilename": name, "size": size, "blobId": _git_sha1(local)})
+                    siblings[-1].update(mirror.listed.get(f"/{repo}/resolve/{COMMIT}/{name}", {}))
                 gated = "manual" if repo in mirror.gated else False
                 self.send_json(200, {"id": repo, "modelId": repo, "sha": COMMIT, "gated": gated, "siblings": siblings})
 

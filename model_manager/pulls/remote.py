@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from model_client.errors import PullFailed
+from model_manager.footprint import MAX_HEADER_BYTES
 from model_manager.pulls.paths import check_names
 from model_manager.pulls.refs import Ref
 from model_manager.pulls.transport import (
@@ -87,6 +88,22 @@ def _resolve_url(ref: Ref) -> Source:
     raise PullFailed(f"{ref.text}: a URL must name a .gguf file or a Piper voice's .onnx", reason="unsupported")
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_GIT_SHA1 = re.compile(r"[0-9a-f]{40}")
+
+
+def listing_problem(size: Any, sha256: Any, git_sha1: Any) -> str | None:
+    """What is wrong with a hub's word on a file, or None: a size (what the disk check and the download's end are
+    measured by) and the hash the bytes are checked against (an empty one would check nothing)."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return f"with no usable size ({str(size)[:40]!r})"
+    if sha256 is not None and not (isinstance(sha256, str) and _SHA256.fullmatch(sha256)):
+        return "with a sha256 that is not 64 hex digits"
+    if sha256 is None and not (isinstance(git_sha1, str) and _GIT_SHA1.fullmatch(git_sha1)):
+        return "with neither a sha256 nor a git blob id"
+    return None
+
+
 def _remote_size(url: str) -> int | None:
     def attempt() -> Any:
         headers = headers_for(RemoteFile(name="", url=url))
@@ -131,12 +148,18 @@ def _resolve_repo(ref: Ref) -> Source:
 
     def remote(name: str, as_name: str | None = None) -> RemoteFile:
         sibling = listed[name]
+        size = sibling.lfs.size if sibling.lfs else sibling.size
+        sha256 = sibling.lfs.sha256 if sibling.lfs else None
+        git_sha1 = None if sibling.lfs else sibling.blob_id
+        check_names([name])
+        if problem := listing_problem(size, sha256, git_sha1):
+            raise PullFailed(f"{repo} lists {name!r} {problem}: refused", reason="bad_listing", file=name[:200])
         return RemoteFile(
             name=as_name or name,
             url=hf_hub_url(ref.repo, name, revision=revision, endpoint=constants.ENDPOINT),
-            size=sibling.lfs.size if sibling.lfs else sibling.size,
-            sha256=sibling.lfs.sha256 if sibling.lfs else None,
-            git_sha1=None if sibling.lfs else sibling.blob_id,
+            size=size,
+            sha256=sha256,
+            git_sha1=git_sha1,
             hub=True,
             repo=ref.repo,
         )
@@ -251,6 +274,8 @@ class RangeFile(io.RawIOBase):
         wanted = len(buffer)
         if wanted == 0 or (self.file.size is not None and self.position >= self.file.size):
             return 0
+        if self.fetched >= MAX_HEADER_BYTES:  # skipping ahead is free to the parser, each block fetched is not
+            raise ValueError(f"its header takes more than {MAX_HEADER_BYTES} bytes to read")
         got = retried(lambda: self._fetch_into(buffer, wanted))
         self.position += got
         self.fetched += got
