@@ -64,6 +64,7 @@ class Mirror:
     corrupt: set[str] = field(default_factory=set)  # paths served with one byte flipped
     listed_size: dict[str, int] = field(default_factory=dict)  # paths whose listing claims this size
     listed: dict[str, dict] = field(default_factory=dict)  # paths whose listing entry has these fields instead
+    unsized: set[str] = field(default_factory=set)  # paths whose HEAD answers without a Content-Length
     faults: dict[str, list[Fault]] = field(default_factory=dict)  # path (or a prefix of it) -> faults in turn
     gated: set[str] = field(default_factory=set)  # repos listed to all, whose files need a token with access
     log: list[tuple[str, str, str | None]] = field(default_factory=list)
@@ -171,7 +172,8 @@ class Mirror:
                         return
                     status = 206
                 self.send_response(status)
-                self.send_header("Content-Length", str(end - start + 1))
+                if body or path not in mirror.unsized:
+                    self.send_header("Content-Length", str(end - start + 1))
                 self.send_header("Accept-Ranges", "bytes")
                 self.send_header("ETag", f'"{_sha256(local)}"')
                 self.send_header("X-Repo-Commit", COMMIT)

@@ -146,7 +146,9 @@ def mirror(run_dir: Path) -> Iterator[Mirror]:
         file_path(f"local/listed-{how}-GGUF", "tiny-F32.gguf"): {"lfs": {**lfs, "pointerSize": 134}}
         for how, lfs in LISTINGS.items()
     }
-    served = Mirror(repos=repos, gated={"local/gated-GGUF", "local/gated-whisper"}, listed=listed).start()
+    plain = {"unsized.gguf": tiny}
+    gated = {"local/gated-GGUF", "local/gated-whisper"}
+    served = Mirror(repos=repos, plain=plain, gated=gated, listed=listed, unsized={"/files/unsized.gguf"}).start()
     yield served
     served.stop()
 
@@ -278,6 +280,13 @@ def test_what_a_hub_lists_of_a_file_is_checked_before_it_is_used(puller: Manager
     assert error.details["reason"] == "bad_listing" and error.details["file"] == "tiny-F32.gguf", error
     assert mirror.served.get(file_path(repo, "tiny-F32.gguf"), 0) == 0, "nothing was fetched"
     assert not folder_of(puller, f"hf.co/{repo}").exists()
+
+
+def test_a_url_whose_server_gives_no_size_is_refused_before_its_bytes(puller: ManagerProcess, mirror: Mirror):
+    with puller.client(timeout=TIMEOUT) as client:
+        error = refused(client, f"{mirror.url}/files/unsized.gguf")
+    assert error.details["reason"] == "bad_listing" and "Content-Length" in error.message, error
+    assert [method for method, path, _ in mirror.log if path == "/files/unsized.gguf"] == ["HEAD"], "nothing fetched"
 
 
 def test_a_500_and_a_429_with_retry_after_are_waited_out(puller: ManagerProcess, mirror: Mirror) -> None:

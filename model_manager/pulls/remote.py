@@ -104,7 +104,9 @@ def listing_problem(size: Any, sha256: Any, git_sha1: Any) -> str | None:
     return None
 
 
-def _remote_size(url: str) -> int | None:
+def _remote_size(url: str) -> int:
+    """The file's size, as its server says it (a download with none would have nothing to stop it)."""
+
     def attempt() -> Any:
         headers = headers_for(RemoteFile(name="", url=url))
         try:
@@ -115,8 +117,10 @@ def _remote_size(url: str) -> int | None:
             raise refusal(response.status_code, response.headers, url, hub=False)
         return response
 
-    length = retried(attempt).headers.get("Content-Length")
-    return int(length) if length and length.isdigit() else None
+    length = retried(attempt).headers.get("Content-Length", "")
+    if not (length.isascii() and length.isdigit()):
+        raise PullFailed(f"{url} gives no size (Content-Length): refused", reason="bad_listing", file=url[:200])
+    return int(length)
 
 
 def _resolve_repo(ref: Ref) -> Source:
