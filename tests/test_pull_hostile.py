@@ -25,6 +25,7 @@ from model_manager.footprint import MAX_HEADER_BYTES
 from model_manager.kvcache import model_folder
 from model_manager.pulls.paths import inside, unsafe_because
 from model_manager.pulls.remote import HEADER_BLOCK
+from model_manager.pulls.transport import _retry_after
 from tests.conftest import ManagerProcess, base_config
 from tests.hf_mirror import COMMIT, Fault, Mirror
 
@@ -196,6 +197,11 @@ def tree(root: Path) -> set[str]:
         for p in root.rglob("*")
         if not p.name.endswith((".log", ".sock")) and not {"state", "kv"} & set(p.relative_to(root).parts)
     }
+
+
+@pytest.mark.parametrize(("header", "seconds"), [("3", 3.0), (" 7 ", 7.0), ("²", None), ("-1", None), ("soon", None)])
+def test_retry_after_is_read_as_seconds_or_a_date_and_nothing_else(header: str, seconds: float | None) -> None:
+    assert _retry_after(header) == seconds
 
 
 def test_only_plain_relative_names_are_taken_as_paths(tmp_path: Path) -> None:

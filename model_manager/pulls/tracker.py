@@ -42,6 +42,7 @@ class PullWaiter(Waiter):
 
 
 MAX_LINE = 1 << 20
+PULL_STOP_S = 5.0  # what the pulls get, together, to stop when the manager does
 
 log = structlog.get_logger("model_manager.pulls")
 
@@ -345,12 +346,15 @@ class Pulls:
         return [pull.report() for pull in self.by_fd.values()]
 
     def shutdown(self) -> None:
-        """Each pull is told to stop (its part is kept for the next pull) and given 5 s; one that does not end is
-        killed, so a pull stuck in the kernel never holds the manager's shutdown."""
-        for pull in list(self.by_fd.values()):
+        """Every pull is told to stop at once (its part is kept for the next pull) and all are given 5 s together;
+        one that has not ended by then is killed, so no pull holds the manager's shutdown."""
+        pulls = list(self.by_fd.values())
+        for pull in pulls:
             self._fail(pull, PullFailed("the model manager shut down during the pull", reason="cancelled"))
+        deadline = time.monotonic() + PULL_STOP_S
+        for pull in pulls:
             try:
-                pull.process.wait(timeout=5)
+                pull.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pull.process.kill()
                 log.warning("pull_killed", model=pull.name)
