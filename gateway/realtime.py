@@ -246,7 +246,9 @@ class RealtimeSession:
             if call_id in self.call_names:
                 result["name"] = self.call_names[call_id]
             self.pending_results.append(result)
-            await self._added({**item, "id": self._item_id(item), "status": "completed"})
+            # Kept and echoed as served, not as sent: a client's extra fields are neither stored nor sent back.
+            kept = {"type": "function_call_output", "call_id": call_id, "output": output}
+            await self._added({"id": self._item_id(item), **kept, "status": "completed"})
             return
         if not isinstance(item, dict) or item.get("type", "message") != "message" or item.get("role") != "user":
             raise RealtimeError("invalid_value", "only user messages and function outputs are served", "item")
@@ -255,7 +257,10 @@ class RealtimeSession:
         if not text.strip():
             raise RealtimeError("invalid_value", "a user message needs input_text content", "item.content")
         self.pending_text.append(text)
-        await self._added({**item, "id": self._item_id(item), "status": "completed"})
+        content = [{"type": "input_text", "text": text}]
+        await self._added(
+            {"id": self._item_id(item), "type": "message", "role": "user", "content": content, "status": "completed"}
+        )
 
     async def _on_conversation_item_retrieve(self, event: dict[str, Any]) -> None:
         item = self.items.as_sent(self._known_item(event))

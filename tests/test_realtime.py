@@ -332,6 +332,19 @@ def test_clients_that_go_away_mid_answer_leave_one_line_each_and_no_traceback(st
         assert conn.recv().type == "session.created"
 
 
+def test_an_item_is_kept_as_served_not_as_sent(stack: Stack) -> None:
+    """A client's extra fields are neither kept for the session's life nor sent back (a megabyte each would grow the
+    session by as much per item)."""
+    item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi."}], "x": "y" * 100_000}
+    with raw(stack) as ws:
+        assert json.loads(ws.recv())["type"] == "session.created"
+        ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
+        added = next_of(ws, "conversation.item.added")["item"]
+        ws.send(json.dumps({"type": "conversation.item.retrieve", "item_id": added["id"]}))
+        kept = next_of(ws, "conversation.item.retrieved")["item"]
+    assert "x" not in added and kept == added and kept["content"] == item["content"], kept
+
+
 def speech_bounds(pcm: bytes, rate: int = OPENAI_PCM_RATE) -> tuple[float, float]:
     """Where the speech is in ``pcm``: the first and last 10 ms louder than -40 dBFS, in ms."""
     samples = np.frombuffer(pcm, dtype=np.int16).astype(np.float32)
