@@ -37,9 +37,8 @@ MODELS = {"smollm2": (SMOLLM2, "Q4_1", None), "gemma3-270m": (GEMMA, "Q4_K_M", "
 def ceiling(path: Path, sequences: int, parallel: int, tokens: int, threads: int, gpu_layers: int = 0) -> float:
     """Aggregate tokens/s of raw llama_decode: ``sequences`` sequences, one token each a step."""
     import llama_cpp
-    from llama_cpp._internals import LlamaContext, LlamaModel
-    from llama_cpp._utils import suppress_stdout_stderr
 
+    from model_manager.backends.llama_cpp_api import LlamaContext, LlamaModel, suppress_stdout_stderr
     from model_manager.backends.llm.backend import flash_attention
 
     with suppress_stdout_stderr(disable=False):

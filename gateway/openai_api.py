@@ -60,6 +60,10 @@ class Sampling(msgspec.Struct, kw_only=True):
     temperature: Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None = None
     seed: int | None = None
+    # llama.cpp's sampling knobs, as llama-server and vLLM take them beside OpenAI's fields
+    top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    min_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+    repeat_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)] | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -114,7 +118,7 @@ def generation_args(body: Sampling, conversation_id: str | None) -> dict[str, An
     args: dict[str, Any] = {"model": body.model}
     if (limit := body.max_completion_tokens or body.max_tokens) is not None:
         args["max_tokens"] = limit
-    for name in ("temperature", "top_p", "seed"):
+    for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed"):
         if (value := getattr(body, name)) is not None:
             args[name] = value
     if body.stop:

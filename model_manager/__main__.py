@@ -13,6 +13,7 @@ from daemonkit.memory import return_freed_memory
 from model_client.endpoints import config_path
 from model_manager.broker import ModelManagerAgent
 from model_manager.config import ConfigError, load_config
+from model_manager.llama_version import WrongLlamaCpp, check_version
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     return_freed_memory()  # before any thread (ZeroMQ's I/O) allocates
+    try:
+        check_version()
+    except WrongLlamaCpp as exc:
+        print(f"model_manager: {exc}", file=sys.stderr)
+        return 2
     try:
         config = load_config(args.config)
     except ConfigError as exc:

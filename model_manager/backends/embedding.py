@@ -8,10 +8,9 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
-from llama_cpp._internals import LlamaContext, LlamaModel
-from llama_cpp._utils import suppress_stdout_stderr
 
 from model_client.errors import BadRequest
+from model_manager.backends.llama_cpp_api import LlamaContext, LlamaModel, suppress_stdout_stderr
 
 CONTEXT_TOKENS = 512  # the longest input, and the most tokens one decode takes
 SEQUENCES = 16  # inputs one decode takes

@@ -21,14 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp
-from llama_cpp._internals import LlamaContext, LlamaModel
-from llama_cpp._logger import set_verbose
-from llama_cpp._utils import suppress_stdout_stderr
 
 from model_client.errors import BadRequest, ContextOverflow, ModelLoadFailed, ModelManagerError
 from model_client.results import Completion, ContextReport, TextChunk, Timings, Usage
 from model_manager.backends import Emit, tools
 from model_manager.backends.embedding import Embedder
+from model_manager.backends.llama_cpp_api import LlamaContext, LlamaModel, set_verbose, suppress_stdout_stderr
 from model_manager.backends.llm.conversations import Conversations
 from model_manager.backends.llm.engine import BatchEngine
 from model_manager.backends.llm.executor import LlamaExecutor, make_sampler
@@ -44,6 +42,7 @@ from model_manager.backends.llm.text import Detokenizer, StopText, decode_comple
 from model_manager.config import MIB, KvCacheSettings, Limits, ModelSpec, sequences
 from model_manager.footprint import quantization_label
 from model_manager.kvcache import ConversationStore
+from model_manager.llama_version import WrongLlamaCpp, check_version
 from model_manager.worker_protocol import ChatRun, CompleteRun, DropRun, EmbedRun, GenerationRun, RunArgs, op_of
 
 STREAM_INTERVAL_S = 0.02  # a stream's chunks after its first: at most 50 a second, each with every token since
@@ -106,6 +105,10 @@ class GGUFBackend:
     def load(
         self, spec: ModelSpec, name: str = "model", kv: KvCacheSettings | None = None, limits: Limits | None = None
     ) -> dict[str, Any]:
+        try:
+            check_version()
+        except WrongLlamaCpp as exc:
+            raise ModelLoadFailed(str(exc), path=spec.path) from None
         if not os.path.isfile(spec.path):
             raise ModelLoadFailed(f"model file not found: {spec.path}", path=spec.path)
         started = time.perf_counter()

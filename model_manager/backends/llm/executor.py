@@ -12,8 +12,8 @@ from typing import Any, Protocol
 
 import llama_cpp
 import numpy as np
-from llama_cpp._internals import LlamaContext, LlamaModel, LlamaSampler
 
+from model_manager.backends.llama_cpp_api import LlamaContext, LlamaModel, LlamaSampler
 from model_manager.backends.llm.planner import Plan
 from model_manager.backends.llm.state import Sampling
 
