@@ -53,7 +53,7 @@ def ceiling(path: Path, sequences: int, parallel: int, tokens: int, threads: int
         ctx_params.n_ctx, ctx_params.n_seq_max, ctx_params.kv_unified = N_CTX * parallel, parallel, False
         ctx_params.n_batch, ctx_params.n_ubatch = size, 512
         ctx_params.n_threads = ctx_params.n_threads_batch = threads
-        ctx_params.flash_attn_type = flash_attention(gpu_layers, exact=parallel == 1)  # as the daemon's engine
+        ctx_params.flash_attn_type = flash_attention(exact=parallel == 1)  # as the daemon's engine
         ctx = LlamaContext(model=model, params=ctx_params, verbose=False)
     batch = llama_cpp.llama_batch_init(size, 0, 1)
     samplers = []

@@ -53,6 +53,9 @@ from model_client import ModelClient  # noqa: E402
 
 BUILD = REPO / "build" / "peers"
 MODELS = {"smollm2": (SMOLLM2, "Q4_1", None), "gemma3-270m": (GEMMA, "Q4_K_M", "gemma")}
+# Gemma 3 270M's GGUF (a base model) has no chat template: the manager is told the gemma turn format, so the peer is
+SIDES = ("gateway", "model_client", "llama-server")
+PEER_TEMPLATE = {GEMMA: ["--chat-template", "gemma"]}
 TOPICS = ["a lighthouse", "a bakery", "the moon", "a lost key", "a red bicycle", "a storm", "an old map", "a cat"]
 SYSTEM = "You are a friendly assistant in a kitchen. Answer in two or three sentences."
 # The Makefile's flags for a CPU that lists AMX (some virtual machines stop its first instruction): the same family
@@ -185,8 +188,9 @@ def llama_server(binary: Path, model: Path, slots: int, n_ctx: int, threads: int
     """``-np`` slots of ``n_ctx`` tokens each (one KV stream a slot, as ours), ``threads`` for prompts and decode."""
     port = free_port()
     command = [
-        str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
-        "-c", str(n_ctx * slots), "-t", str(threads), "-tb", str(threads), "-fa", flash, "--no-webui",
+        str(binary), "-m", str(model), *PEER_TEMPLATE.get(model, []), "--host", "127.0.0.1", "--port", str(port),
+        "-np", str(slots), "-c", str(n_ctx * slots), "-t", str(threads), "-tb", str(threads), "-fa", flash,
+        "--no-webui",
     ]  # fmt: skip
     log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -194,9 +198,10 @@ def llama_server(binary: Path, model: Path, slots: int, n_ctx: int, threads: int
     try:
         wait_healthy(url, process)
         yield Server("llama-server", url, model.stem, lambda: [process.pid])
-    except RuntimeError as exc:
+    except Exception:
         tail = Path(log.name).read_text(errors="replace").splitlines()[-15:]
-        raise RuntimeError(f"{exc}: {shlex.join(command)}\n" + "\n".join(tail)) from None
+        say(f"llama-server ({shlex.join(command)}) said last:\n" + "\n".join(tail))
+        raise
     finally:
         process.terminate()
         try:
@@ -218,11 +223,13 @@ def children(pid: int) -> list[int]:
 
 @contextmanager
 def ours(name: str, model: Path, quantization: str, chat_format: str | None, slots: int, n_ctx: int,
-         threads: int) -> Iterator[Server]:  # fmt: skip
+         threads: int, flash: str = "auto", voice_sequences: int = 0) -> Iterator[Server]:  # fmt: skip
     """The manager and its gateway, the model loaded with ``slots`` sequences of ``n_ctx`` tokens on ``threads``."""
     run_dir = Path(tempfile.mkdtemp(prefix="mm-peers-"))
     endpoints = {k: f"ipc://{run_dir}/{k}.sock" for k in ("requests", "events", "workers")}
-    entry = llm_entry(model, quantization, threads, parallel=slots, n_ctx=n_ctx)
+    entry = llm_entry(
+        model, quantization, threads, parallel=slots, n_ctx=n_ctx, flash_attn=flash, voice_sequences=voice_sequences
+    )
     if chat_format:
         entry["chat_format"] = chat_format
     config = {
@@ -275,12 +282,19 @@ class Reply:
     tokens: int
     prompt_ms_per_token: float | None = None  # llama.cpp's counters, where the side reports them
     decode_ms_per_token: float | None = None
+    evaluated: int | None = None  # prompt tokens evaluated (not taken from a cache)
 
 
 def sampling(temperature: float, seed: int) -> dict:
     """The same sampler chain on both sides: top_k, top_p, min_p, temperature; no penalties."""
     return {"temperature": temperature, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "seed": seed,
             "repeat_penalty": 1.0}  # fmt: skip
+
+
+def web(server: Server) -> httpx.Client:
+    """A new connection a request on both sides: llama-server closes one after a streamed answer, which a kept
+    connection finds only on its next request."""
+    return httpx.Client(base_url=server.url, timeout=600, limits=httpx.Limits(max_keepalive_connections=0))
 
 
 def over_http(http: httpx.Client, server: Server, messages: list[dict], max_tokens: int, temperature: float,
@@ -291,7 +305,7 @@ def over_http(http: httpx.Client, server: Server, messages: list[dict], max_toke
     if stream:
         body["stream_options"] = {"include_usage": True}
     started = time.perf_counter()
-    first, tokens, text, timings = None, 0, [], {}
+    first, tokens, text, timings, usage = None, 0, [], {}, {}
     if stream:
         with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as answer:
             answer.raise_for_status()
@@ -303,13 +317,15 @@ def over_http(http: httpx.Client, server: Server, messages: list[dict], max_toke
                     first = first or time.perf_counter()
                     text.append(chunk["choices"][0]["delta"]["content"])
                 if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
+                    usage = chunk["usage"]
+                    tokens = usage["completion_tokens"]
                 timings = chunk.get("timings") or timings
     else:
         answer = http.post("/v1/chat/completions", json=body, headers=headers)
         answer.raise_for_status()
         reply = answer.json()
-        tokens = reply["usage"]["completion_tokens"]
+        usage = reply["usage"]
+        tokens = usage["completion_tokens"]
         text.append(reply["choices"][0]["message"].get("content") or "")
         timings = reply.get("timings") or {}
     ended = time.perf_counter()
@@ -320,7 +336,15 @@ def over_http(http: httpx.Client, server: Server, messages: list[dict], max_toke
         tokens,
         timings.get("prompt_per_token_ms"),
         timings.get("predicted_per_token_ms"),
+        timings.get("prompt_n", evaluated_of(usage)),
     ), "".join(text)
+
+
+def evaluated_of(usage: dict) -> int | None:
+    """OpenAI's usage: the prompt tokens not counted as cached."""
+    if "prompt_tokens" not in usage:
+        return None
+    return usage["prompt_tokens"] - ((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
 
 
 def over_client(client: ModelClient, server: Server, messages: list[dict], max_tokens: int, temperature: float,
@@ -348,13 +372,16 @@ def over_client(client: ModelClient, server: Server, messages: list[dict], max_t
         usage.completion_tokens,
         timings.ttft_ms / evaluated if timings else None,
         1000 / timings.tokens_per_s if timings and timings.tokens_per_s else None,
+        usage.prompt_tokens - usage.cached_tokens,
     )
     return reply, result.text
 
 
-def chat_messages(client: int, chat: int) -> list[dict]:
+def chat_messages(level: str, client: int, chat: int) -> list[dict]:
+    """A prompt of its own for every request of the run (the same on both sides): llama-server keeps every prompt
+    it saw in RAM, so a prompt asked again at the next level would be answered from its cache."""
     topic = TOPICS[(client + chat) % len(TOPICS)]
-    return [{"role": "user", "content": f"Story {client}.{chat}: write a short story about {topic}."}]
+    return [{"role": "user", "content": f"Story {level}-{client}.{chat}: write a short story about {topic}."}]
 
 
 @dataclass
@@ -387,6 +414,8 @@ def chat_load(server: Server, side: str, clients: int, chats: int, max_tokens: i
               stream: bool) -> Level:  # fmt: skip
     """``clients`` clients at once, each sending ``chats`` chats one after another."""
     level = Level(side, clients, stream, temperature)
+    # one digit a side (the same token count on each), then the level
+    tag = f"{SIDES.index(side)}{clients}{'s' if stream else 'p'}{temperature:g}-{chats}x{max_tokens}"
     go = threading.Barrier(clients + 1)
     errors: list[BaseException] = []
 
@@ -396,14 +425,14 @@ def chat_load(server: Server, side: str, clients: int, chats: int, max_tokens: i
                 with ModelClient(server.endpoint, timeout=600) as client:
                     go.wait()
                     for chat in range(chats):
-                        reply, _ = over_client(client, server, chat_messages(index, chat), max_tokens, temperature,
+                        reply, _ = over_client(client, server, chat_messages(tag, index, chat), max_tokens, temperature,
                                                1000 * index + chat, stream)  # fmt: skip
                         level.replies.append(reply)
             else:
-                with httpx.Client(base_url=server.url, timeout=600) as http:
+                with web(server) as http:
                     go.wait()
                     for chat in range(chats):
-                        reply, _ = over_http(http, server, chat_messages(index, chat), max_tokens, temperature,
+                        reply, _ = over_http(http, server, chat_messages(tag, index, chat), max_tokens, temperature,
                                              1000 * index + chat, stream)  # fmt: skip
                         level.replies.append(reply)
         except BaseException as exc:  # noqa: BLE001 - reported after the level
@@ -437,10 +466,11 @@ def multi_turn(server: Server, side: str, conversations: int, turns: int, max_to
     """Round robin over the conversations, streamed, temperature 0: TTFT per turn (ms) and the run's seconds."""
     histories = [[{"role": "system", "content": SYSTEM}] for _ in range(conversations)]
     ttft: list[list[float]] = [[] for _ in range(turns)]
+    evaluated: list[list[int]] = [[] for _ in range(turns)]
     counters: list[float] = []
     started = time.perf_counter()
     with (
-        httpx.Client(base_url=server.url, timeout=600) as http,
+        web(server) as http,
         ModelClient(server.endpoint, timeout=600) if side == "model_client" else _nothing() as client,
     ):
         for turn in range(turns):
@@ -453,6 +483,8 @@ def multi_turn(server: Server, side: str, conversations: int, turns: int, max_to
                     conversation = f"{side}-{conv}" if side == "gateway" else None
                     reply, text = over_http(http, server, histories[conv], max_tokens, 0.0, 0, True, conversation)
                 ttft[turn].append(reply.ttft_ms)
+                if reply.evaluated is not None:
+                    evaluated[turn].append(reply.evaluated)
                 if reply.prompt_ms_per_token is not None:
                     counters.append(reply.prompt_ms_per_token)
                 histories[conv].append({"role": "assistant", "content": text})
@@ -460,6 +492,8 @@ def multi_turn(server: Server, side: str, conversations: int, turns: int, max_to
         "turn1_ttft_ms": statistics.median(ttft[0]),
         "last_ttft_ms": statistics.median(ttft[-1]),
         "seconds": time.perf_counter() - started,
+        "turn1_evaluated": statistics.median(evaluated[0]) if evaluated[0] else None,
+        "last_evaluated": statistics.median(evaluated[-1]) if evaluated[-1] else None,
         "prompt_ms_per_token": statistics.median(counters) if counters else None,
     }
 
@@ -506,7 +540,8 @@ def measure(args: argparse.Namespace, name: str, binary: Path | None) -> Measure
     """Ours, then llama-server: one after the other (two servers on two cores would each skew the other)."""
     path, quantization, chat_format = MODELS[name]
     measured = Measured()
-    with ours(name, path, quantization, chat_format, args.slots, args.n_ctx, args.threads) as server:
+    with ours(name, path, quantization, chat_format, args.slots, args.n_ctx, args.threads, args.our_flash,
+              args.voice_sequences) as server:  # fmt: skip
         for side in args.side_list:
             run_side(args, name, side, server, measured)
         measured.memory["ours"] = rss_mib(server.pids())
@@ -544,13 +579,17 @@ def report(args: argparse.Namespace, name: str, measured: Measured, figures: dic
             }
     if measured.turns:
         print(f"\n{name}: {args.conversations} conversations x {args.turns} turns, max_tokens {args.turn_tokens}")
-        print(f"{'side':<14}{'turn 1 TTFT':>12}{'last TTFT':>11}{'growth':>8}{'seconds':>9}{'prompt ms/t':>12}")
+        print(
+            f"{'side':<14}{'turn 1 TTFT':>12}{'last TTFT':>11}{'growth':>8}{'seconds':>9}{'prompt ms/t':>12}"
+            f"{'evaluated 1':>12}{'evaluated N':>12}"
+        )
         peer_turns = measured.turns.get("llama-server")
         for side, t in measured.turns.items():
             growth = t["last_ttft_ms"] / t["turn1_ttft_ms"]
             print(
                 f"{side:<14}{t['turn1_ttft_ms']:>12.0f}{t['last_ttft_ms']:>11.0f}{growth:>8.2f}{t['seconds']:>9.1f}"
-                f"{fmt(t['prompt_ms_per_token'], 2):>12}"
+                f"{fmt(t['prompt_ms_per_token'], 2):>12}{fmt(t['turn1_evaluated'], 0):>12}"
+                f"{fmt(t['last_evaluated'], 0):>12}"
             )
             figures[f"{name}_{side}_multiturn"] = {k: round(v, 2) for k, v in t.items() if v is not None}
             figures[f"{name}_{side}_multiturn"]["growth"] = round(growth, 3)
@@ -601,10 +640,14 @@ def main() -> None:
     parser.add_argument("--n-ctx", type=int, default=2048, help="tokens a sequence / slot")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--flash-attn", default="auto", help="llama-server's -fa (on, off, auto: its default)")
+    parser.add_argument("--our-flash-attn", dest="our_flash", default="auto", help="the model's flash_attn (ours)")
+    parser.add_argument(
+        "--voice-sequences", type=int, default=0, help="ours: sequences kept for voice beyond --slots (as the peer: 0)"
+    )
     parser.add_argument("--peer", help="a llama-server binary to use instead of building one")
     parser.add_argument("--if-built", action="store_true", help="no build: without a built peer, ours alone")
     args = parser.parse_args()
-    args.levels = [int(x) for x in args.clients.split(",")]
+    args.levels = [int(x) for x in args.clients.split(",") if int(x) > 0]  # 0: no chat levels
     args.temperature_list = [float(x) for x in args.temperatures.split(",")]
     args.stream_list = [s == "yes" for s in args.streams.split(",")]
     args.side_list = [s for s in args.sides.split(",") if s]
@@ -613,7 +656,9 @@ def main() -> None:
     binary, peer_note = peer_binary(args, pinned)
     print(
         f"llama-server: {peer_note}; -np {args.slots} -c {args.slots * args.n_ctx} -t {args.threads} "
-        f"-fa {args.flash_attn}\nours: parallel {args.slots}, n_ctx {args.n_ctx}, n_threads {args.threads}"
+        f"-fa {args.flash_attn}\nours: parallel {args.slots}, voice_sequences {args.voice_sequences}, "
+        f"n_ctx {args.n_ctx}, "
+        f"n_threads {args.threads}, flash_attn {args.our_flash}"
     )
     figures: dict = {
         "llama_cpp_python": pinned,

@@ -158,6 +158,9 @@ class ModelSpec(Section):
     # llm with parallel > 1: sequences kept beyond `parallel` for voice requests (priority 80 and up), so that a
     # spoken question never waits for a chat stream to end; each holds n_ctx of KV memory too. 0: none kept.
     voice_sequences: Annotated[int, msgspec.Meta(ge=0, le=8)] = 1
+    # llm: llama.cpp's flash attention: auto and on turn it on (see backends/llm/backend.py, flash_attention), off
+    # off; exact mode (parallel 1) is always without it
+    flash_attn: Literal["auto", "on", "off"] = "auto"
     pinned: bool = False  # never evicted
     preload: bool = False  # loaded and warmed up when the manager starts
     description: str = ""

@@ -49,15 +49,16 @@ STREAM_INTERVAL_S = 0.02  # a stream's chunks after its first: at most 50 a seco
 Chunk = tuple[str, TextChunk]  # (request id, chunk)
 
 
-def flash_attention(gpu_layers: int, exact: bool) -> int:
-    """llama.cpp's flash attention setting: on where layers run on a GPU (its CUDA kernels, and less memory for
-    long contexts), off on a CPU, where prompts are what a person waits for: measured with bench/kv_cache.py
-    (SmolLM2, 2 cores, a KV stream per sequence), turn 10's time to first token 407 -> 322 ms without it, turn 1's
-    245 -> 203, and 76 prompt tokens after 1,183 cells 337-368 -> 297-299 ms. The price: a decode step of 4
-    sequences with short histories (64 cells) takes 29-31 ms instead of 20-23 (one sequence, or histories of 1,000
-    cells: alike either way). Never in exact mode: with it, a greedy third turn with reuse differed from the same
-    turn evaluated afresh."""
-    if exact or gpu_layers == 0:
+def flash_attention(exact: bool, setting: str = "auto") -> int:
+    """llama.cpp's flash attention setting: on, on a GPU and on a CPU alike (llama-server's own ``-fa auto`` turns it
+    on wherever the device has the kernel). Measured with llama-cpp-python 0.3.36 (2 cores, a KV stream per
+    sequence, 44-token prompts): a decode step of SmolLM2 takes 12.5 ms instead of 15.1 for one sequence, 27.6
+    instead of 33.4 for four; of Gemma 3 270M 24.4 instead of 25.8, 38.5 instead of 41.7; and bench/peers.py's
+    8 conversations x 10 turns gave turn 10 its first token after 490 ms with it, 492 without (older releases were
+    slower with it on long histories' prompts, which made it off on a CPU until then). ``setting`` (the model's
+    ``flash_attn``) ``off`` turns it off. Never in exact mode: with it, a greedy third turn with reuse differed from
+    the same turn evaluated afresh."""
+    if exact or setting == "off":
         return llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     return llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
 
@@ -131,7 +132,7 @@ class GGUFBackend:
         # the others.
         ctx_params.kv_unified = False
         exact = (spec.parallel or 1) == 1
-        ctx_params.flash_attn_type = flash_attention(model_params.n_gpu_layers, exact)
+        ctx_params.flash_attn_type = flash_attention(exact, spec.flash_attn)
         ctx_params.n_threads = ctx_params.n_threads_batch = self.threads = threads
         set_verbose(False)  # llama.cpp's own log lines (each state restore, ...) only for errors
         try:
