@@ -15,6 +15,7 @@ import numpy as np
 
 from model_manager.backends.llama_cpp_api import LlamaContext, LlamaModel, LlamaSampler
 from model_manager.backends.llm.planner import Plan
+from model_manager.backends.llm.sampling import RowSampler
 from model_manager.backends.llm.state import Sampling
 
 PENALTY_LAST_N = 64  # as llama-cpp-python's Llama: the tokens a repeat penalty looks back on
@@ -65,6 +66,7 @@ class LlamaExecutor:
         self.batch.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
         self.vocab = model.vocab
         self.n_vocab = model.n_vocab()
+        self.row_type = ctypes.c_float * self.n_vocab
         self._eog: dict[int, bool] = {}
 
     def decode(self, plan: Plan) -> int:
@@ -76,9 +78,9 @@ class LlamaExecutor:
         self.batch.n_tokens = n
         return llama_cpp.llama_decode(self.ctx.ctx, self.batch)
 
-    def sample(self, sampler: LlamaSampler, index: int) -> int:
-        if getattr(sampler, "argmax", False):  # greedy, nothing else in the chain: the first largest logit
-            return int(self.logits_of(index).argmax())
+    def sample(self, sampler: LlamaSampler | RowSampler, index: int) -> int:
+        if isinstance(sampler, RowSampler):
+            return sampler.pick(self.logits_of(index))
         return sampler.sample(self.ctx, index)
 
     def is_eog(self, token: int) -> bool:
@@ -116,13 +118,25 @@ class LlamaExecutor:
         return bool(llama_cpp.llama_state_seq_set_data(self.ctx.ctx, pointer, len(state), seq_id))
 
     def logits_of(self, index: int) -> np.ndarray:
-        """The last step's logits for its ``index``-th token (a view: copy it before the next step)."""
-        pointer = llama_cpp.llama_get_logits_ith(self.ctx.ctx, index)
-        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+        """The last step's logits for its ``index``-th token (a view: copy it before the next step). Made from the
+        row's address with one ctypes type made once: ``np.ctypeslib.as_array`` makes a new type a call."""
+        address = ctypes.cast(llama_cpp.llama_get_logits_ith(self.ctx.ctx, index), ctypes.c_void_p).value
+        return np.frombuffer(self.row_type.from_address(address), np.float32)  # type: ignore[arg-type]
 
 
-def make_sampler(model: LlamaModel, sampling: Sampling, grammar: Any = None) -> LlamaSampler:
-    """The sampler chain of llama-cpp-python's ``Llama`` (its defaults are what users of it know)."""
+def make_sampler(
+    model: LlamaModel, sampling: Sampling, grammar: Any = None, force_chain: bool = False, force_rows: bool = False
+) -> LlamaSampler | RowSampler:
+    """The sampler chain of llama-cpp-python's ``Llama`` (its defaults are what users of it know), applied by
+    ``RowSampler`` to the tokens that can win where it can (sampling.py: the same tokens, a fraction of the time);
+    else by llama.cpp to the whole vocabulary (a small vocabulary, a repeat penalty or a grammar, top-k off).
+    Tests force either path to compare them."""
+    served = force_rows or (
+        not force_chain
+        and RowSampler.serves(sampling.temperature, sampling.top_k, sampling.repeat_penalty, grammar, model.n_vocab())
+    )
+    if served and sampling.temperature == 0.0:
+        return RowSampler(None, 0)
     sampler = LlamaSampler()
     if sampling.repeat_penalty != 1.0:  # 1.0 changes nothing, but would still see every prompt token
         sampler.add_penalties(model.n_vocab(), PENALTY_LAST_N, sampling.repeat_penalty, 0.0, 0.0)
@@ -130,10 +144,6 @@ def make_sampler(model: LlamaModel, sampling: Sampling, grammar: Any = None) -> 
         sampler.add_grammar(model, grammar)
     if sampling.temperature == 0.0:
         sampler.add_greedy()
-        # Greedy alone is an argmax over the logits, which the executor takes itself: llama.cpp's sampler would
-        # first copy the whole vocabulary into a candidate array (measured on a 32,000-token vocabulary: ~45 us a
-        # token, the largest cost outside the decode on a short step). Same token: both take the first maximum.
-        sampler.argmax = sampling.repeat_penalty == 1.0 and grammar is None  # type: ignore[attr-defined]
     else:
         sampler.add_top_k(sampling.top_k)
         sampler.add_typical(1.0, 1)
@@ -142,4 +152,4 @@ def make_sampler(model: LlamaModel, sampling: Sampling, grammar: Any = None) -> 
         sampler.add_temp(sampling.temperature)
         seed = sampling.seed if sampling.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
         sampler.add_dist(seed)
-    return sampler
+    return RowSampler(sampler, sampling.top_k) if served else sampler
