@@ -3,11 +3,12 @@ time to first token while long ones run.
 
 For each model and each N, N streams of ``--tokens`` tokens each go through the daemon (a model with ``parallel``
 = the largest N), measured at the clients as aggregate tokens per second; beside them, raw ``llama_decode`` in this
-process with N sequences in one context (one token of each a step, the same threads and context set-up): what the
-engine could do with no daemon around it. Then, with ``--long`` streams generating, a short chat's time to first
+process with N sequences in one context (one token of each a step, the same threads and context set-up, each
+sampled by the engine's own sampler from the logits read the engine's way): what the engine could do with no
+daemon around it. Both at every ``--temperatures`` value (0: greedy; 0.7: the default chain, seeded). Then, with ``--long`` streams generating, a short chat's time to first
 token, over the same request's time to first token on the idle model.
 
-    daemon_over_ceiling_N = daemon tokens/s / raw tokens/s      (the lower of the models)
+    daemon_over_ceiling_N[_tT] = daemon tokens/s / raw tokens/s      (the lower of the models; _t0.7: at 0.7)
     ttft_under_load_ratio = TTFT with the long streams running / TTFT idle      (the higher of the models)
 
 Prints a table, then one JSON line of figures. Run: ``.venv/bin/python bench/batching.py`` on a quiet machine.
@@ -34,12 +35,18 @@ N_CTX = 512
 MODELS = {"smollm2": (SMOLLM2, "Q4_1", None), "gemma3-270m": (GEMMA, "Q4_K_M", "gemma")}
 
 
-def ceiling(path: Path, sequences: int, parallel: int, tokens: int, threads: int, gpu_layers: int = 0) -> float:
-    """Aggregate tokens/s of raw llama_decode: ``sequences`` sequences, one token each a step."""
+def ceiling(
+    path: Path, sequences: int, parallel: int, tokens: int, threads: int, gpu_layers: int = 0, temperature: float = 0.0
+) -> float:
+    """Aggregate tokens/s of raw llama_decode: ``sequences`` sequences, one token each a step, each sampled as the
+    daemon's engine samples (its sampler for ``temperature``, read from the same logits the same way)."""
     import llama_cpp
 
     from model_manager.backends.llama_cpp_api import LlamaContext, LlamaModel, suppress_stdout_stderr
     from model_manager.backends.llm.backend import flash_attention
+    from model_manager.backends.llm.executor import LlamaExecutor, make_sampler
+    from model_manager.backends.llm.planner import Plan
+    from model_manager.backends.llm.state import Sampling
 
     with suppress_stdout_stderr(disable=False):
         params = llama_cpp.llama_model_default_params()
@@ -55,53 +62,52 @@ def ceiling(path: Path, sequences: int, parallel: int, tokens: int, threads: int
         ctx_params.n_threads = ctx_params.n_threads_batch = threads
         ctx_params.flash_attn_type = flash_attention(exact=parallel == 1)  # as the daemon's engine
         ctx = LlamaContext(model=model, params=ctx_params, verbose=False)
-    batch = llama_cpp.llama_batch_init(size, 0, 1)
-    samplers = []
+    executor = LlamaExecutor(model, ctx, size, parallel)  # the engine's batch filling and logits reading
+    samplers = [make_sampler(model, Sampling(temperature=temperature, seed=s)) for s in range(sequences)]
 
     def decode(entries: list[tuple[int, int, int, bool]]) -> None:
-        for i, (seq, token, pos, logits) in enumerate(entries):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
-            batch.seq_id[i][0], batch.logits[i] = seq, logits
-        batch.n_tokens = len(entries)
-        assert llama_cpp.llama_decode(ctx.ctx, batch) == 0
+        plan = Plan(
+            tokens=[t for _, t, _, _ in entries],
+            positions=[p for _, _, p, _ in entries],
+            seq_ids=[s for s, _, _, _ in entries],
+            logits=[w for _, _, _, w in entries],
+        )
+        assert executor.decode(plan) == 0
 
-    for _ in range(sequences):
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
-        samplers.append(chain)
     decode([(s, t, p, p == len(prompt) - 1) for s in range(sequences) for p, t in enumerate(prompt)])
-    last = [llama_cpp.llama_sampler_sample(samplers[s], ctx.ctx, (s + 1) * len(prompt) - 1) for s in range(sequences)]
+    last = [executor.sample(samplers[s], (s + 1) * len(prompt) - 1) for s in range(sequences)]
     started = time.perf_counter()
     for step in range(tokens - 1):
         decode([(s, last[s], len(prompt) + step, True) for s in range(sequences)])
-        last = [llama_cpp.llama_sampler_sample(samplers[s], ctx.ctx, s) for s in range(sequences)]
+        last = [executor.sample(samplers[s], s) for s in range(sequences)]
     elapsed = time.perf_counter() - started
-    for chain in samplers:
-        llama_cpp.llama_sampler_free(chain)
-    llama_cpp.llama_batch_free(batch)
+    for sampler in samplers:
+        sampler.close()
     ctx.close()
     model.close()
     return sequences * (tokens - 1) / elapsed
 
 
-def through_daemon(endpoint: str, model: str, sequences: int, tokens: int) -> float:
+def through_daemon(endpoint: str, model: str, sequences: int, tokens: int, temperature: float = 0.0) -> float:
     """Aggregate tokens/s of ``sequences`` concurrent streams while all of them are decoding: the tokens of the
     chunks received between the last stream's first chunk and the first stream's last, over that window. The
     ceiling is measured the same way: every sequence decoding, prompts already evaluated."""
     go = threading.Barrier(sequences)
     times: list[list[tuple[float, int]]] = []
 
-    def one() -> None:
+    def one(seed: int) -> None:
         with ModelClient(endpoint, timeout=300) as client:
             go.wait()
-            stream = client.complete(model, COUNTING, stream=True, max_tokens=tokens, temperature=0.0)
+            stream = client.complete(
+                model, COUNTING, stream=True, max_tokens=tokens, temperature=temperature, seed=seed
+            )
             stamps, seen = [], 0
             for _ in stream:
                 stamps.append((time.perf_counter(), stream.tokens - seen))
                 seen = stream.tokens
             times.append(stamps)
 
-    threads = [threading.Thread(target=one) for _ in range(sequences)]
+    threads = [threading.Thread(target=one, args=(seed,)) for seed in range(sequences)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -172,6 +178,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="raw and daemon runs per level, alternated (medians)")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--temperatures", default="0,0.7", help="sampling of both sides, one pass each")
     parser.add_argument("--gguf", help="another model, PATH[:QUANTIZATION] (named `custom`; e.g. the GPU kit's)")
     parser.add_argument("--gpu-layers", type=int, default=0, help="n_gpu_layers, raw and daemon (-1: all)")
     args = parser.parse_args()
@@ -179,6 +186,7 @@ def main() -> None:
         path, _, label = args.gguf.partition(":")
         MODELS["custom"] = (Path(path), label or "Q8_0", None)
     levels = [int(x) for x in args.levels.split(",")]
+    temperatures = [float(x) for x in args.temperatures.split(",")]
     parallel = max(max(levels), args.long + 1)
     names = args.models.split(",")
     config = {
@@ -196,37 +204,47 @@ def main() -> None:
         }
     }
     rows, figures = [], {"threads": args.threads, "tokens": args.tokens, "parallel": parallel}
-    ratios: dict[str, dict[int, float]] = {}
+    ratios: dict[tuple[str, float], dict[int, float]] = {}
     ttft_ratios = {}
     with running_daemon(config) as client:
         for name in names:
             client.load(name)
             through_daemon(client.endpoint, name, 1, 8)  # warm the worker's first request
-            for n in levels:
-                raws, serveds = [], []
-                for _ in range(args.repeats):  # alternated, so that the machine's drift hits both sides alike
-                    raws.append(ceiling(MODELS[name][0], n, parallel, args.tokens, args.threads, args.gpu_layers))
-                    serveds.append(through_daemon(client.endpoint, name, n, args.tokens))
-                raw, served = statistics.median(raws), statistics.median(serveds)
-                ratios.setdefault(name, {})[n] = served / raw
-                rows.append((name, n, raw, served))
+            for temperature in temperatures:
+                for n in levels:
+                    raws, serveds = [], []
+                    for _ in range(args.repeats):  # alternated, so that the machine's drift hits both sides alike
+                        raws.append(
+                            ceiling(
+                                MODELS[name][0], n, parallel, args.tokens, args.threads, args.gpu_layers, temperature
+                            )
+                        )
+                        serveds.append(through_daemon(client.endpoint, name, n, args.tokens, temperature))
+                    raw, served = statistics.median(raws), statistics.median(serveds)
+                    ratios.setdefault((name, temperature), {})[n] = served / raw
+                    rows.append((name, temperature, n, raw, served))
             idle, loaded = ttft_under_load(client.endpoint, name, args.long, args.tokens, args.rounds)
             ttft_ratios[name] = loaded / idle
             figures[f"{name}_ttft_idle_ms"] = round(idle, 1)
             figures[f"{name}_ttft_under_load_ms"] = round(loaded, 1)
             client.unload(name)
-    print(f"{'model':<14}{'streams':>8}{'raw tok/s':>12}{'daemon tok/s':>14}{'ratio':>8}")
-    for name, n, raw, served in rows:
-        print(f"{name:<14}{n:>8}{raw:>12.1f}{served:>14.1f}{served / raw:>8.3f}")
-        figures[f"{name}_raw_{n}_tok_s"] = round(raw, 1)
-        figures[f"{name}_daemon_{n}_tok_s"] = round(served, 1)
+    print(f"{'model':<14}{'temp':>6}{'streams':>8}{'raw tok/s':>12}{'daemon tok/s':>14}{'ratio':>8}")
+    for name, temperature, n, raw, served in rows:
+        print(f"{name:<14}{temperature:>6g}{n:>8}{raw:>12.1f}{served:>14.1f}{served / raw:>8.3f}")
+        suffix = "" if temperature == 0 else f"_t{temperature:g}"
+        figures[f"{name}_raw_{n}_tok_s{suffix}"] = round(raw, 1)
+        figures[f"{name}_daemon_{n}_tok_s{suffix}"] = round(served, 1)
     for name in names:
         print(
             f"{name}: short chat TTFT idle {figures[f'{name}_ttft_idle_ms']} ms, with {args.long} long streams "
             f"{figures[f'{name}_ttft_under_load_ms']} ms"
         )
     top = max(levels)
-    figures[f"daemon_over_ceiling_{top}"] = round(min(r[top] for r in ratios.values()), 3)
+    for temperature in temperatures:
+        suffix = "" if temperature == 0 else f"_t{temperature:g}"
+        figures[f"daemon_over_ceiling_{top}{suffix}"] = round(
+            min(r[top] for (_, t), r in ratios.items() if t == temperature), 3
+        )
     figures["ttft_under_load_ratio"] = round(max(ttft_ratios.values()), 3)
     print(json.dumps(figures))
 
