@@ -5,8 +5,9 @@ For each model and each N, N streams of ``--tokens`` tokens each go through the 
 = the largest N), measured at the clients as aggregate tokens per second; beside them, raw ``llama_decode`` in this
 process with N sequences in one context (one token of each a step, the same threads and context set-up, each
 sampled by the engine's own sampler from the logits read the engine's way): what the engine could do with no
-daemon around it. Both at every ``--temperatures`` value (0: greedy; 0.7: the default chain, seeded). Then, with ``--long`` streams generating, a short chat's time to first
-token, over the same request's time to first token on the idle model.
+daemon around it. Both at every ``--temperatures`` value (0: greedy; 0.7: the default chain, seeded). Then, with
+``--long`` streams generating, a short chat's time to first token, over the same request's time to first token
+on the idle model.
 
     daemon_over_ceiling_N[_tT] = daemon tokens/s / raw tokens/s      (the lower of the models; _t0.7: at 0.7)
     ttft_under_load_ratio = TTFT with the long streams running / TTFT idle      (the higher of the models)

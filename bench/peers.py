@@ -13,7 +13,8 @@ Workloads, each at every ``--clients`` level, streamed and not, at every ``--tem
   multi-turn  ``--conversations`` conversations x ``--turns`` turns, round robin, streamed at temperature 0; the
               manager gets each conversation's id, llama-server its slots' prompt cache (``cache_prompt``, its RAM
               cache): the median TTFT of turn 1 and of the last turn, and the run's time.
-Then the resident memory of each: llama-server's process; the manager's and its worker's (the gateway apart).
+Then the resident memory of each, after the workloads: llama-server's process; the manager's and its worker's (the
+gateway apart); RSS, and PSS (the pages the manager and its worker share, the interpreter's, counted once).
 llama.cpp's own counters are read from each side's answers: prompt and decode milliseconds a token.
 
     ratio = ours / llama-server (requests/s, tokens/s: higher is better for ours; TTFT, latency, memory: lower)
@@ -260,12 +261,14 @@ def ours(name: str, model: Path, quantization: str, chat_format: str | None, slo
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def rss_mib(pids: list[int]) -> float:
+def rss_mib(pids: list[int], field: str = "Rss") -> float:
+    """The processes' resident memory (``Pss``: each page shared between them, the interpreter's and the shared
+    libraries', counted once)."""
     total = 0
     for pid in pids:
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith(f"{field}:"):
                     total += int(line.split()[1])
         except OSError:
             pass
@@ -545,10 +548,12 @@ def measure(args: argparse.Namespace, name: str, binary: Path | None) -> Measure
         for side in args.side_list:
             run_side(args, name, side, server, measured)
         measured.memory["ours"] = rss_mib(server.pids())
+        measured.memory["ours_pss"] = rss_mib(server.pids(), "Pss")
     if binary is not None:
         with llama_server(binary, path, args.slots, args.n_ctx, args.threads, args.flash_attn) as server:
             run_side(args, name, "llama-server", server, measured)
             measured.memory["llama-server"] = rss_mib(server.pids())
+            measured.memory["llama-server_pss"] = rss_mib(server.pids(), "Pss")
     return measured
 
 
@@ -601,6 +606,7 @@ def report(args: argparse.Namespace, name: str, measured: Measured, figures: dic
     figures[f"{name}_rss_mib"] = {k: round(v) for k, v in measured.memory.items()}
     if "llama-server" in measured.memory:
         ratios[f"{name}_rss"] = round(measured.memory["ours"] / measured.memory["llama-server"], 3)
+        ratios[f"{name}_pss"] = round(measured.memory["ours_pss"] / measured.memory["llama-server_pss"], 3)
 
 
 def say(line: str) -> None:

@@ -107,3 +107,23 @@ def test_every_benchmark_runs_and_ends_with_its_json_line() -> None:
         outcomes = dict(zip(TINY, pool.map(run_tiny, TINY), strict=True))
     failures = {name: tail for name, tail in outcomes.items() if tail is not None}
     assert not failures, "\n\n".join(f"{name}\n{tail}" for name, tail in failures.items())
+
+
+def test_a_peer_that_cannot_be_built_is_a_clear_message(tmp_path, monkeypatch) -> None:
+    """bench/peers.py builds llama-server from the pinned release's source: a step that fails says which, and where
+    its log is, instead of a traceback from deep in the build."""
+    sys.path.insert(0, str(BENCH.parent))
+    from bench import peers
+
+    monkeypatch.setattr(peers, "BUILD", tmp_path)
+    said: list[str] = []
+    try:
+        peers.build_llama_server("0.0.0", [], said.append)  # no such release on the index
+    except peers.BuildFailed as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("a build of a release that does not exist went through")
+    assert message.startswith("fetching the source of llama-cpp-python==0.0.0 failed (exit ")
+    log = message.rsplit("log: ", 1)[1]
+    assert "llama-cpp-python==0.0.0" in open(log).read()
+    assert said == ["llama-server: fetching the source of llama-cpp-python==0.0.0"]
