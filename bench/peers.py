@@ -54,9 +54,11 @@ from model_client import ModelClient  # noqa: E402
 
 BUILD = REPO / "build" / "peers"
 MODELS = {"smollm2": (SMOLLM2, "Q4_1", None), "gemma3-270m": (GEMMA, "Q4_K_M", "gemma")}
-# Gemma 3 270M's GGUF (a base model) has no chat template: the manager is told the gemma turn format, so the peer is
 SIDES = ("gateway", "model_client", "llama-server")
-PEER_TEMPLATE = {GEMMA: ["--chat-template", "gemma"]}
+# Gemma 3 270M's GGUF (a base model) has no chat template: the manager is told the gemma turn format, the peer its
+# own built-in gemma template (a name it takes only without Jinja: with it, "gemma" is a template that says
+# "gemma"). Both write the same prompt, the system text at the head of the first user turn.
+PEER_TEMPLATE = {GEMMA: ["--no-jinja", "--chat-template", "gemma"]}
 TOPICS = ["a lighthouse", "a bakery", "the moon", "a lost key", "a red bicycle", "a storm", "an old map", "a cat"]
 SYSTEM = "You are a friendly assistant in a kitchen. Answer in two or three sentences."
 # The Makefile's flags for a CPU that lists AMX (some virtual machines stop its first instruction): the same family

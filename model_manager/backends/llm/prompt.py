@@ -34,7 +34,33 @@ def chat_formatter(model: Any, metadata: dict[str, str], chat_format: str | None
     formatter = getattr(llama_chat_format, "format_" + name.replace("-", "_"), None)
     if formatter is None:
         raise ModelLoadFailed(f"unknown chat_format {name!r}", chat_format=name)
-    return formatter
+    return formatter if keeps_system(formatter) else system_in_first_user_turn(formatter)
+
+
+SYSTEM_PROBE = "\x01system\x01"
+
+
+def keeps_system(formatter: ChatFormatter) -> bool:
+    """Whether the format writes a system message at all (llama-cpp-python's ``gemma`` drops it silently)."""
+    probe = [{"role": "system", "content": SYSTEM_PROBE}, {"role": "user", "content": "hi"}]
+    return SYSTEM_PROBE in formatter(messages=probe).prompt
+
+
+def system_in_first_user_turn(formatter: ChatFormatter) -> ChatFormatter:
+    """A format without a system role gets the system text at the head of the first user turn, a blank line
+    between, as llama.cpp's own templates for such models write it (Gemma's): a persona's prompt is never lost."""
+
+    def formatted(messages: list[dict[str, Any]], **kwargs: Any) -> Any:
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"])
+        turns = [dict(m) for m in messages if m["role"] != "system"]
+        first = next((t for t in turns if t["role"] == "user"), None)
+        if system and first is not None:
+            first["content"] = f"{system}\n\n{first['content']}"
+        elif system:
+            turns.insert(0, {"role": "user", "content": system})
+        return formatter(messages=turns, **kwargs)
+
+    return formatted
 
 
 def chat_prompt(
