@@ -222,7 +222,8 @@ class GGUFBackend:
             max_new=min(args.max_tokens, self.n_ctx - len(tokens)),
             sampler=make_sampler(self.model, sampling, grammar),
             on_token=lambda token: self._on_token(request, token),
-            prompt_into_sampler=grammar is None,
+            # only a repeat penalty looks back at the prompt (one ctypes call a token: 1-2 ms for a long history)
+            prompt_into_sampler=grammar is None and sampling.repeat_penalty != 1.0,
             voice=voice,
         )
         request.job = job

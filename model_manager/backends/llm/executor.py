@@ -128,9 +128,9 @@ def make_sampler(
     model: LlamaModel, sampling: Sampling, grammar: Any = None, force_chain: bool = False, force_rows: bool = False
 ) -> LlamaSampler | RowSampler:
     """The sampler chain of llama-cpp-python's ``Llama`` (its defaults are what users of it know), applied by
-    ``RowSampler`` to the tokens that can win where it can (sampling.py: the same tokens, a fraction of the time);
-    else by llama.cpp to the whole vocabulary (a small vocabulary, a repeat penalty or a grammar, top-k off).
-    Tests force either path to compare them."""
+    ``RowSampler`` to the tokens that can win where that measured faster (sampling.py: the same tokens); else by
+    llama.cpp to the whole vocabulary (a small vocabulary, a repeat penalty or a grammar, top-k off). Tests force
+    either path to compare them."""
     served = force_rows or (
         not force_chain
         and RowSampler.serves(sampling.temperature, sampling.top_k, sampling.repeat_penalty, grammar, model.n_vocab())
