@@ -159,8 +159,8 @@ class ModelSpec(Section):
     # spoken question never waits for a chat stream to end; each holds n_ctx of KV memory too. 0: none kept.
     voice_sequences: Annotated[int, msgspec.Meta(ge=0, le=8)] = 1
     # llm: llama.cpp's flash attention: auto and on turn it on (see backends/llm/backend.py, flash_attention), off
-    # off; exact mode (parallel 1) is always without it
-    flash_attn: Literal["auto", "on", "off"] = "auto"
+    # off; exact mode (parallel 1) is always without it. YAML reads a bare on / off as true / false: taken alike.
+    flash_attn: Literal["auto", "on", "off"] | bool = "auto"
     pinned: bool = False  # never evicted
     preload: bool = False  # loaded and warmed up when the manager starts
     description: str = ""

@@ -49,7 +49,7 @@ STREAM_INTERVAL_S = 0.02  # a stream's chunks after its first: at most 50 a seco
 Chunk = tuple[str, TextChunk]  # (request id, chunk)
 
 
-def flash_attention(exact: bool, setting: str = "auto") -> int:
+def flash_attention(exact: bool, setting: str | bool = "auto") -> int:
     """llama.cpp's flash attention setting: on, on a GPU and on a CPU alike (llama-server's own ``-fa auto`` turns it
     on wherever the device has the kernel). Measured with llama-cpp-python 0.3.36 (2 cores, a KV stream per
     sequence, 44-token prompts): a decode step of SmolLM2 takes 12.5 ms instead of 15.1 for one sequence, 27.6
@@ -58,7 +58,7 @@ def flash_attention(exact: bool, setting: str = "auto") -> int:
     slower with it on long histories' prompts, which made it off on a CPU until then). ``setting`` (the model's
     ``flash_attn``) ``off`` turns it off. Never in exact mode: with it, a greedy third turn with reuse differed from
     the same turn evaluated afresh."""
-    if exact or setting == "off":
+    if exact or setting in ("off", False):
         return llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     return llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
 
