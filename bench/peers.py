@@ -187,13 +187,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def llama_server(binary: Path, model: Path, slots: int, n_ctx: int, threads: int, flash: str) -> Iterator[Server]:
+def llama_server(
+    binary: Path, model: Path, slots: int, n_ctx: int, threads: int, flash: str, gpu_layers: int = 0
+) -> Iterator[Server]:
     """``-np`` slots of ``n_ctx`` tokens each (one KV stream a slot, as ours), ``threads`` for prompts and decode."""
     port = free_port()
     command = [
         str(binary), "-m", str(model), *PEER_TEMPLATE.get(model, []), "--host", "127.0.0.1", "--port", str(port),
         "-np", str(slots), "-c", str(n_ctx * slots), "-t", str(threads), "-tb", str(threads), "-fa", flash,
-        "--no-webui",
+        "--no-webui", "-ngl", str(gpu_layers if gpu_layers >= 0 else 999),
     ]  # fmt: skip
     log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -225,13 +227,20 @@ def children(pid: int) -> list[int]:
 
 
 @contextmanager
-def ours(name: str, model: Path, quantization: str, chat_format: str | None, slots: int, n_ctx: int,
-         threads: int, flash: str = "auto", voice_sequences: int = 0) -> Iterator[Server]:  # fmt: skip
+def ours(name: str, model: Path, quantization: str, chat_format: str | None, slots: int, n_ctx: int, threads: int,
+         flash: str = "auto", voice_sequences: int = 0, gpu_layers: int = 0) -> Iterator[Server]:  # fmt: skip
     """The manager and its gateway, the model loaded with ``slots`` sequences of ``n_ctx`` tokens on ``threads``."""
     run_dir = Path(tempfile.mkdtemp(prefix="mm-peers-"))
     endpoints = {k: f"ipc://{run_dir}/{k}.sock" for k in ("requests", "events", "workers")}
     entry = llm_entry(
-        model, quantization, threads, parallel=slots, n_ctx=n_ctx, flash_attn=flash, voice_sequences=voice_sequences
+        model,
+        quantization,
+        threads,
+        parallel=slots,
+        n_ctx=n_ctx,
+        flash_attn=flash,
+        voice_sequences=voice_sequences,
+        n_gpu_layers=gpu_layers,
     )
     if chat_format:
         entry["chat_format"] = chat_format
@@ -546,13 +555,14 @@ def measure(args: argparse.Namespace, name: str, binary: Path | None) -> Measure
     path, quantization, chat_format = MODELS[name]
     measured = Measured()
     with ours(name, path, quantization, chat_format, args.slots, args.n_ctx, args.threads, args.our_flash,
-              args.voice_sequences) as server:  # fmt: skip
+              args.voice_sequences, args.gpu_layers) as server:  # fmt: skip
         for side in args.side_list:
             run_side(args, name, side, server, measured)
         measured.memory["ours"] = rss_mib(server.pids())
         measured.memory["ours_pss"] = rss_mib(server.pids(), "Pss")
     if binary is not None:
-        with llama_server(binary, path, args.slots, args.n_ctx, args.threads, args.flash_attn) as server:
+        with llama_server(binary, path, args.slots, args.n_ctx, args.threads, args.flash_attn,
+                          args.gpu_layers) as server:  # fmt: skip
             run_side(args, name, "llama-server", server, measured)
             measured.memory["llama-server"] = rss_mib(server.pids())
             measured.memory["llama-server_pss"] = rss_mib(server.pids(), "Pss")
@@ -652,6 +662,7 @@ def main() -> None:
     parser.add_argument(
         "--voice-sequences", type=int, default=0, help="ours: sequences kept for voice beyond --slots (as the peer: 0)"
     )
+    parser.add_argument("--gpu-layers", type=int, default=0, help="layers on the GPU, both sides (-1: all)")
     parser.add_argument("--peer", help="a llama-server binary to use instead of building one")
     parser.add_argument("--if-built", action="store_true", help="no build: without a built peer, ours alone")
     args = parser.parse_args()
