@@ -66,21 +66,20 @@ def ceiling(
     executor = LlamaExecutor(model, ctx, size, parallel)  # the engine's batch filling and logits reading
     samplers = [make_sampler(model, Sampling(temperature=temperature, seed=s)) for s in range(sequences)]
 
-    def decode(entries: list[tuple[int, int, int, bool]]) -> None:
-        plan = Plan(
-            tokens=[t for _, t, _, _ in entries],
-            positions=[p for _, _, p, _ in entries],
-            seq_ids=[s for s, _, _, _ in entries],
-            logits=[w for _, _, _, w in entries],
-        )
-        assert executor.decode(plan) == 0
-
-    decode([(s, t, p, p == len(prompt) - 1) for s in range(sequences) for p, t in enumerate(prompt)])
-    last = [executor.sample(samplers[s], (s + 1) * len(prompt) - 1) for s in range(sequences)]
+    every = list(range(sequences))
+    prompts = Plan(
+        tokens=prompt * sequences,
+        positions=list(range(len(prompt))) * sequences,
+        seq_ids=[s for s in every for _ in prompt],
+        logits=[p == len(prompt) - 1 for _ in every for p in range(len(prompt))],
+    )
+    assert executor.decode(prompts) == 0
+    last = [executor.sample(samplers[s], (s + 1) * len(prompt) - 1) for s in every]
     started = time.perf_counter()
     for step in range(tokens - 1):
-        decode([(s, last[s], len(prompt) + step, True) for s in range(sequences)])
-        last = [executor.sample(samplers[s], s) for s in range(sequences)]
+        plan = Plan(tokens=last, positions=[len(prompt) + step] * sequences, seq_ids=every, logits=[True] * sequences)
+        assert executor.decode(plan) == 0
+        last = [executor.sample(samplers[s], s) for s in every]
     elapsed = time.perf_counter() - started
     for sampler in samplers:
         sampler.close()

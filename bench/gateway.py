@@ -17,20 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx  # noqa: E402
-import yaml  # noqa: E402
 
-from bench.daemon import SMOLLM2, llm_entry  # noqa: E402
-from daemonkit.process import DaemonProcess  # noqa: E402
+from bench.daemon import SMOLLM2, llm_entry, running_gateway  # noqa: E402
 from model_client import ModelClient  # noqa: E402
 
 COUNTING = "Request {}. Count from 1 to 200, separated by commas: 1, 2, 3,"
@@ -83,40 +79,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="the model's threads (default: the manager's share)")
     args = parser.parse_args()
 
-    run_dir = Path(tempfile.mkdtemp(prefix="mm-bench-"))
-    endpoints = {k: f"ipc://{run_dir}/{k}.sock" for k in ("requests", "events", "workers")}
     config = {
-        "endpoints": endpoints,
-        "manager": {"log_level": "warning", "state_dir": str(run_dir / "state"), "spare_workers": 0},
-        "metrics": {"port": 0},
-        "gateway": {"port": 0},  # any free port: the gateway's ports file says which
+        "manager": {"spare_workers": 0},
         "models": {"smollm2": llm_entry(SMOLLM2, "Q4_1", args.threads)},
     }
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    manager = DaemonProcess("model_manager", run_dir / "config.yaml", endpoints["requests"])
-    ports_file = run_dir / "gateway.ports.json"
-    gateway = DaemonProcess(
-        "gateway", run_dir / "config.yaml", endpoints["requests"], None, "--ports-file", str(ports_file)
-    )
-    try:
-        manager.start(timeout=60)
-        gateway.start(wait=False)
-        url = f"http://127.0.0.1:{gateway.wait_ports(ports_file)['http']}"
-        with ModelClient(endpoints["requests"], timeout=300) as client, httpx.Client(base_url=url, timeout=300) as web:
-            client.load("smollm2")
-            through_client(client, 8)  # the first request pays for buffers
-            through_gateway(web, 8)
-            direct, http, direct_ttft, http_ttft = [], [], [], []
-            for _ in range(args.rounds):  # alternated, so that drift hits both alike
-                direct.append(through_client(client, args.tokens))
-                http.append(through_gateway(web, args.tokens))
-                for _ in range(3):
-                    direct_ttft.append(through_client(client, 2, fixed=True)[0])
-                    http_ttft.append(through_gateway(web, 2, fixed=True)[0])
-    finally:
-        gateway.stop(timeout=10)
-        manager.stop(timeout=30)
-        shutil.rmtree(run_dir, ignore_errors=True)
+    with running_gateway(config) as stack, httpx.Client(base_url=stack.url, timeout=300) as web:
+        client = stack.client
+        client.load("smollm2")
+        through_client(client, 8)  # the first request pays for buffers
+        through_gateway(web, 8)
+        direct, http, direct_ttft, http_ttft = [], [], [], []
+        for _ in range(args.rounds):  # alternated, so that drift hits both alike
+            direct.append(through_client(client, args.tokens))
+            http.append(through_gateway(web, args.tokens))
+            for _ in range(3):
+                direct_ttft.append(through_client(client, 2, fixed=True)[0])
+                http_ttft.append(through_gateway(web, 2, fixed=True)[0])
 
     ttft = [statistics.median(side) for side in (direct_ttft, http_ttft)]
     rate = [statistics.median(r for _, r in side) for side in (direct, http)]

@@ -46,10 +46,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx  # noqa: E402
-import yaml  # noqa: E402
+import psutil  # noqa: E402
 
-from bench.daemon import GEMMA, REPO, SMOLLM2, llm_entry  # noqa: E402
-from daemonkit.process import DaemonProcess  # noqa: E402
+from bench.daemon import GEMMA, REPO, SMOLLM2, llm_entry, running_gateway  # noqa: E402
+from bench.kv_cache import SYSTEM, user_turn  # noqa: E402  (the same conversations)
 from model_client import ModelClient  # noqa: E402
 
 BUILD = REPO / "build" / "peers"
@@ -60,7 +60,6 @@ SIDES = ("gateway", "model_client", "llama-server")
 # "gemma"). Both write the same prompt, the system text at the head of the first user turn.
 PEER_TEMPLATE = {GEMMA: ["--no-jinja", "--chat-template", "gemma"]}
 TOPICS = ["a lighthouse", "a bakery", "the moon", "a lost key", "a red bicycle", "a storm", "an old map", "a cat"]
-SYSTEM = "You are a friendly assistant in a kitchen. Answer in two or three sentences."
 # The Makefile's flags for a CPU that lists AMX (some virtual machines stop its first instruction): the same family
 # without AMX; elsewhere llama.cpp's own -march=native.
 NO_AMX = (
@@ -216,22 +215,10 @@ def llama_server(
         os.unlink(log.name)
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(p) for p in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return found
-
-
 @contextmanager
 def ours(name: str, model: Path, quantization: str, chat_format: str | None, slots: int, n_ctx: int, threads: int,
          flash: str = "auto", voice_sequences: int = 0, gpu_layers: int = 0) -> Iterator[Server]:  # fmt: skip
     """The manager and its gateway, the model loaded with ``slots`` sequences of ``n_ctx`` tokens on ``threads``."""
-    run_dir = Path(tempfile.mkdtemp(prefix="mm-peers-"))
-    endpoints = {k: f"ipc://{run_dir}/{k}.sock" for k in ("requests", "events", "workers")}
     entry = llm_entry(
         model,
         quantization,
@@ -241,49 +228,21 @@ def ours(name: str, model: Path, quantization: str, chat_format: str | None, slo
         flash_attn=flash,
         voice_sequences=voice_sequences,
         n_gpu_layers=gpu_layers,
+        **({"chat_format": chat_format} if chat_format else {}),
     )
-    if chat_format:
-        entry["chat_format"] = chat_format
-    config = {
-        "endpoints": endpoints,
-        "manager": {"log_level": "warning", "state_dir": str(run_dir / "state"), "spare_workers": 0},
-        "metrics": {"port": 0},
-        "gateway": {"port": 0},
-        "kv_cache": {"spill_dir": None},
-        "models": {name: entry},
-    }
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    manager = DaemonProcess("model_manager", run_dir / "config.yaml", endpoints["requests"])
-    ports_file = run_dir / "gateway.ports.json"
-    gateway = DaemonProcess(
-        "gateway", run_dir / "config.yaml", endpoints["requests"], None, "--ports-file", str(ports_file)
-    )
-    try:
-        manager.start(timeout=60)
-        gateway.start(wait=False)
-        url = f"http://127.0.0.1:{gateway.wait_ports(ports_file)['http']}"
-        with ModelClient(endpoints["requests"], timeout=600) as client:
-            client.load(name)
-        pid = manager.proc.pid  # type: ignore[union-attr]
-        yield Server("ours", url, name, lambda: [pid, *children(pid)], endpoints["requests"])
-    finally:
-        gateway.stop(timeout=10)
-        manager.stop(timeout=30)
-        shutil.rmtree(run_dir, ignore_errors=True)
+    config = {"manager": {"spare_workers": 0}, "kv_cache": {"spill_dir": None}, "models": {name: entry}}
+    with running_gateway(config) as stack:
+        stack.client.load(name)
+        manager = psutil.Process(stack.manager_pid)
+        yield Server(
+            "ours", stack.url, name, lambda: [manager.pid, *(p.pid for p in manager.children())], stack.client.endpoint
+        )
 
 
-def rss_mib(pids: list[int], field: str = "Rss") -> float:
-    """The processes' resident memory (``Pss``: each page shared between them, the interpreter's and the shared
+def resident_mib(pids: list[int], field: str = "rss") -> float:
+    """The processes' resident memory (``pss``: each page shared between them, the interpreter's and the shared
     libraries', counted once)."""
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith(f"{field}:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total / 1024
+    return sum(getattr(psutil.Process(pid).memory_full_info(), field) for pid in pids) / 2**20
 
 
 # ----- requests -------------------------------------------------------------------------------------------------
@@ -377,18 +336,27 @@ def over_client(client: ModelClient, server: Server, messages: list[dict], max_t
     ended = time.perf_counter()
     assert result is not None
     usage, timings = result.usage, result.timings
-    evaluated = max(1, usage.prompt_tokens - usage.cached_tokens)
+    evaluated = usage.prompt_tokens - usage.cached_tokens
     # The engine's figures, defined as llama-server's per-slot ones: the prompt's time over the tokens evaluated,
     # and the reply's time a token after the first.
     reply = Reply(
         (ended - started) * 1000,
         ((first or ended) - started) * 1000,
         usage.completion_tokens,
-        timings.ttft_ms / evaluated if timings else None,
+        timings.ttft_ms / max(1, evaluated) if timings else None,
         1000 / timings.tokens_per_s if timings and timings.tokens_per_s else None,
-        usage.prompt_tokens - usage.cached_tokens,
+        evaluated,
     )
     return reply, result.text
+
+
+def connect(server: Server, side: str) -> ModelClient | httpx.Client:
+    return ModelClient(server.endpoint, timeout=600) if side == "model_client" else web(server)
+
+
+def ask(side: str) -> Callable[..., tuple[Reply, str]]:
+    """How a side is asked: ``over_client`` or ``over_http``, called alike."""
+    return over_client if side == "model_client" else over_http
 
 
 def chat_messages(level: str, client: int, chat: int) -> list[dict]:
@@ -435,20 +403,14 @@ def chat_load(server: Server, side: str, clients: int, chats: int, max_tokens: i
 
     def one(index: int) -> None:
         try:
-            if side == "model_client":
-                with ModelClient(server.endpoint, timeout=600) as client:
-                    go.wait()
-                    for chat in range(chats):
-                        reply, _ = over_client(client, server, chat_messages(tag, index, chat), max_tokens, temperature,
-                                               1000 * index + chat, stream)  # fmt: skip
-                        level.replies.append(reply)
-            else:
-                with web(server) as http:
-                    go.wait()
-                    for chat in range(chats):
-                        reply, _ = over_http(http, server, chat_messages(tag, index, chat), max_tokens, temperature,
-                                             1000 * index + chat, stream)  # fmt: skip
-                        level.replies.append(reply)
+            with connect(server, side) as connection:
+                go.wait()
+                for chat in range(chats):
+                    messages = chat_messages(tag, index, chat)
+                    reply, _ = ask(side)(
+                        connection, server, messages, max_tokens, temperature, 1000 * index + chat, stream
+                    )
+                    level.replies.append(reply)
         except BaseException as exc:  # noqa: BLE001 - reported after the level
             errors.append(exc)
             go.abort()
@@ -466,36 +428,22 @@ def chat_load(server: Server, side: str, clients: int, chats: int, max_tokens: i
     return level
 
 
-def user_turn(conversation: int, turn: int) -> str:
-    """About 60 tokens, different for every conversation and turn (bench/kv_cache.py's conversations)."""
-    topic = ["apricots", "bread", "coffee", "dumplings", "eggs", "fennel", "garlic", "honey"][conversation % 8]
-    return (
-        f"This is message {turn + 1} about {topic}. I am planning a dinner for six friends next Saturday and "
-        f"I would like to use {topic} in at least one of the dishes. One guest does not eat meat and another "
-        f"one cannot have nuts. What would you suggest for step {turn + 1} of the preparation, and why?"
-    )
-
-
 def multi_turn(server: Server, side: str, conversations: int, turns: int, max_tokens: int) -> dict:
     """Round robin over the conversations, streamed, temperature 0: TTFT per turn (ms) and the run's seconds."""
-    histories = [[{"role": "system", "content": SYSTEM}] for _ in range(conversations)]
+    # a system prompt of its own a side (the same token count): ours would otherwise find the other side's turns
+    system = f"{SYSTEM} Run {SIDES.index(side)}."
+    histories = [[{"role": "system", "content": system}] for _ in range(conversations)]
     ttft: list[list[float]] = [[] for _ in range(turns)]
     evaluated: list[list[int]] = [[] for _ in range(turns)]
     counters: list[float] = []
     started = time.perf_counter()
-    with (
-        web(server) as http,
-        ModelClient(server.endpoint, timeout=600) if side == "model_client" else _nothing() as client,
-    ):
+    with connect(server, side) as connection:
         for turn in range(turns):
             for conv in range(conversations):
                 histories[conv].append({"role": "user", "content": user_turn(conv, turn)})
-                if side == "model_client":
-                    reply, text = over_client(client, server, histories[conv], max_tokens, 0.0, 0, True,
-                                              conversation=f"{side}-{conv}")  # fmt: skip
-                else:  # llama-server: its slots' prompt cache; ours: the conversation's KV (X-Conversation-Id)
-                    conversation = f"{side}-{conv}" if side == "gateway" else None
-                    reply, text = over_http(http, server, histories[conv], max_tokens, 0.0, 0, True, conversation)
+                # ours: the conversation's id (X-Conversation-Id through the gateway); llama-server: its prompt cache
+                conversation = None if side == "llama-server" else f"{side}-{conv}"
+                reply, text = ask(side)(connection, server, histories[conv], max_tokens, 0.0, 0, True, conversation)
                 ttft[turn].append(reply.ttft_ms)
                 if reply.evaluated is not None:
                     evaluated[turn].append(reply.evaluated)
@@ -510,11 +458,6 @@ def multi_turn(server: Server, side: str, conversations: int, turns: int, max_to
         "last_evaluated": statistics.median(evaluated[-1]) if evaluated[-1] else None,
         "prompt_ms_per_token": statistics.median(counters) if counters else None,
     }
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield None
 
 
 # ----- the run --------------------------------------------------------------------------------------------------
@@ -558,14 +501,14 @@ def measure(args: argparse.Namespace, name: str, binary: Path | None) -> Measure
               args.voice_sequences, args.gpu_layers) as server:  # fmt: skip
         for side in args.side_list:
             run_side(args, name, side, server, measured)
-        measured.memory["ours"] = rss_mib(server.pids())
-        measured.memory["ours_pss"] = rss_mib(server.pids(), "Pss")
+        measured.memory["ours"] = resident_mib(server.pids())
+        measured.memory["ours_pss"] = resident_mib(server.pids(), "pss")
     if binary is not None:
         with llama_server(binary, path, args.slots, args.n_ctx, args.threads, args.flash_attn,
                           args.gpu_layers) as server:  # fmt: skip
             run_side(args, name, "llama-server", server, measured)
-            measured.memory["llama-server"] = rss_mib(server.pids())
-            measured.memory["llama-server_pss"] = rss_mib(server.pids(), "Pss")
+            measured.memory["llama-server"] = resident_mib(server.pids())
+            measured.memory["llama-server_pss"] = resident_mib(server.pids(), "pss")
     return measured
 
 

@@ -50,8 +50,8 @@ SETTINGS = [
 @pytest.mark.parametrize("scale", [0.5, 3.0, 8.0], ids=["flat", "spread", "peaked"])
 def test_the_numpy_sampler_draws_what_llama_cpp_draws(sampling: Sampling, scale: float) -> None:
     rows = np.random.default_rng(int(scale * 10) + sampling.seed).normal(0, scale, (300, VOCAB)).astype(np.float32)
-    chain = make_sampler(_Vocab(), sampling, force_chain=True)  # type: ignore[arg-type]
-    ours = make_sampler(_Vocab(), sampling, force_rows=True)  # type: ignore[arg-type]
+    chain = make_sampler(_Vocab(), sampling, rows=False)  # type: ignore[arg-type]
+    ours = make_sampler(_Vocab(), sampling, rows=True)  # type: ignore[arg-type]
     assert isinstance(ours, RowSampler)
     theirs = [chain_pick(chain, row) for row in rows]
     mine = [ours.pick(row) for row in rows]

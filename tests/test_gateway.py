@@ -108,6 +108,21 @@ def test_a_chat_at_temperature_zero_is_the_managers_own_reply(stack: Stack) -> N
     assert reply.usage.prompt_tokens == direct.usage.prompt_tokens and reply.usage.completion_tokens > 0
 
 
+def test_llama_cpps_sampling_fields_reach_the_engine(stack: Stack) -> None:
+    """top_k, min_p and repeat_penalty, as llama-server takes them: top_k 1 at temperature 1.5 is the greedy reply
+    (top_k 40, the default, would draw from 40 tokens); a value out of range is a 400 naming the field."""
+    greedy = stack.openai.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=16, temperature=0)
+    extra = {"top_k": 1, "min_p": 0.0, "repeat_penalty": 1.0}
+    hot = stack.openai.chat.completions.create(
+        model="smollm2", messages=QUESTION, max_tokens=16, temperature=1.5, seed=7, extra_body=extra
+    )
+    assert hot.choices[0].message.content == greedy.choices[0].message.content
+    for field, value in (("top_k", -1), ("min_p", 2.0), ("repeat_penalty", 0.0)):
+        with pytest.raises(openai.BadRequestError) as bad:
+            stack.openai.chat.completions.create(model="smollm2", messages=QUESTION, extra_body={field: value})
+        assert bad.value.body["param"] == field
+
+
 def test_a_stream_follows_openais_order_and_ends_with_usage(stack: Stack) -> None:
     stream = stack.openai.chat.completions.create(
         model="smollm2",

@@ -125,16 +125,17 @@ class LlamaExecutor:
 
 
 def make_sampler(
-    model: LlamaModel, sampling: Sampling, grammar: Any = None, force_chain: bool = False, force_rows: bool = False
+    model: LlamaModel, sampling: Sampling, grammar: Any = None, rows: bool | None = None
 ) -> LlamaSampler | RowSampler:
     """The sampler chain of llama-cpp-python's ``Llama`` (its defaults are what users of it know), applied by
     ``RowSampler`` to the tokens that can win where that measured faster (sampling.py: the same tokens); else by
-    llama.cpp to the whole vocabulary (a small vocabulary, a repeat penalty or a grammar, top-k off). Tests force
-    either path to compare them."""
-    served = force_rows or (
-        not force_chain
-        and RowSampler.serves(sampling.temperature, sampling.top_k, sampling.repeat_penalty, grammar, model.n_vocab())
-    )
+    llama.cpp to the whole vocabulary (a small vocabulary, a repeat penalty or a grammar, top-k off). ``rows``: that
+    path or the other whatever the rule says (tests compare them)."""
+    served = rows
+    if served is None:
+        served = RowSampler.serves(
+            sampling.temperature, sampling.top_k, sampling.repeat_penalty, grammar, model.n_vocab()
+        )
     if served and sampling.temperature == 0.0:
         return RowSampler(None, 0)
     sampler = LlamaSampler()
